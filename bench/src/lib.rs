@@ -1,0 +1,1 @@
+//! serin benchmarks (under construction).

@@ -1,0 +1,1 @@
+//! serin control plane (under construction).

@@ -1,0 +1,519 @@
+//! Outcome statistics for each upstream: a rolling window for the judge and
+//! cumulative totals for Prometheus.
+//!
+//! Every worker owns one [`WorkerStats`] and is its only writer. Recording is a
+//! handful of relaxed atomic adds into fixed-size arrays: it never locks, never
+//! allocates and never waits on a reader. Readers (the judge, `/status`,
+//! `/metrics`) merge all workers' data into owned snapshots on their own thread.
+//!
+//! Windows are rings of [`SLICES`] time slices. Time is always passed in as an
+//! argument (`now`), so the window logic is tested with a paused tokio clock.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::split::Target;
+
+/// Number of time slices in a rolling window. A window of 10 s moves in steps
+/// of 1 s; a slice older than the window is ignored by readers and reset by
+/// the writer before reuse.
+pub const SLICES: usize = 10;
+
+/// Sub-bucket resolution of the latency histogram: 2^5 = 32 buckets per power
+/// of two, so any recorded value is within ~3% of the reported one.
+const SUB_BITS: u32 = 5;
+const SUB: usize = 1 << SUB_BITS;
+/// Largest latency recorded exactly, in µs (2^32 µs ≈ 71 minutes); larger ones
+/// are clamped into the last bucket.
+const MAX_MICROS: u64 = (1 << 32) - 1;
+/// Number of histogram buckets: 32 exact ones, then 32 per power of two up to 2^32.
+pub const LATENCY_BUCKETS: usize = SUB + (32 - SUB_BITS as usize) * SUB;
+
+/// Upper bounds (seconds) of the cumulative Prometheus duration histogram.
+pub const DURATION_BOUNDS_SECONDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const DURATION_BOUNDS_MICROS: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Maps a latency in µs to its histogram bucket.
+#[inline]
+fn bucket_of(micros: u64) -> usize {
+    let v = micros.min(MAX_MICROS);
+    if v < SUB as u64 {
+        return v as usize;
+    }
+    let msb = 63 - v.leading_zeros();
+    let shift = msb - SUB_BITS;
+    let mantissa = (v >> shift) as usize - SUB;
+    SUB + shift as usize * SUB + mantissa
+}
+
+/// The range `[low, high]` of latencies (µs) that fall in bucket `index`.
+fn bucket_range(index: usize) -> (u64, u64) {
+    if index < SUB {
+        return (index as u64, index as u64);
+    }
+    let shift = ((index - SUB) / SUB) as u32;
+    let mantissa = ((index - SUB) % SUB + SUB) as u64;
+    let low = mantissa << shift;
+    (low, low + (1u64 << shift) - 1)
+}
+
+// === impl Slice ===
+
+/// One time slice of a window: counts and a latency histogram.
+struct Slice {
+    /// Which period this slice currently holds, plus one (0 = never used).
+    epoch: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    latency: Box<[AtomicU64]>,
+}
+
+impl Slice {
+    fn new() -> Self {
+        Self {
+            epoch: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Clears the slice for a new period. Only the writer calls this; a reader
+    /// that races with it sees a slice that is briefly partly cleared, which
+    /// costs at most one slice's worth of accuracy for one read.
+    fn reset(&self, epoch: u64) {
+        self.requests.store(0, Relaxed);
+        self.errors.store(0, Relaxed);
+        for b in self.latency.iter() {
+            b.store(0, Relaxed);
+        }
+        self.epoch.store(epoch, Relaxed);
+    }
+}
+
+// === impl Window ===
+
+/// A rolling window of request outcomes for one upstream on one worker.
+pub struct Window {
+    base: Instant,
+    slice_micros: u64,
+    slices: Box<[Slice]>,
+}
+
+impl Window {
+    /// A window of length `window` (split into [`SLICES`] slices), whose clock
+    /// starts at `base`.
+    pub fn new(window: Duration, base: Instant) -> Self {
+        let slice_micros = (window.as_micros() as u64 / SLICES as u64).max(1);
+        Self {
+            base,
+            slice_micros,
+            slices: (0..SLICES).map(|_| Slice::new()).collect(),
+        }
+    }
+
+    fn period(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_micros() as u64 / self.slice_micros
+    }
+
+    /// Records one outcome that completed at `now`.
+    #[inline]
+    pub fn record(&self, now: Instant, latency: Duration, error: bool) {
+        let period = self.period(now);
+        let slice = &self.slices[(period % SLICES as u64) as usize];
+        let epoch = period + 1;
+        if slice.epoch.load(Relaxed) != epoch {
+            slice.reset(epoch);
+        }
+        slice.requests.fetch_add(1, Relaxed);
+        if error {
+            slice.errors.fetch_add(1, Relaxed);
+        }
+        let micros = latency.as_micros().min(u128::from(MAX_MICROS)) as u64;
+        slice.latency[bucket_of(micros)].fetch_add(1, Relaxed);
+    }
+
+    /// Adds this window's slices that are still inside the window at `now`
+    /// into `into`.
+    pub fn add_to(&self, now: Instant, into: &mut WindowSnapshot) {
+        let current = self.period(now) + 1;
+        let oldest = current.saturating_sub(SLICES as u64 - 1);
+        for slice in self.slices.iter() {
+            let epoch = slice.epoch.load(Relaxed);
+            if epoch < oldest || epoch > current || epoch == 0 {
+                continue;
+            }
+            into.requests += slice.requests.load(Relaxed);
+            into.errors += slice.errors.load(Relaxed);
+            for (sum, b) in into.latency.iter_mut().zip(slice.latency.iter()) {
+                *sum += b.load(Relaxed);
+            }
+        }
+    }
+
+    /// A snapshot of this window alone.
+    pub fn snapshot(&self, now: Instant) -> WindowSnapshot {
+        let mut snap = WindowSnapshot::default();
+        self.add_to(now, &mut snap);
+        snap
+    }
+}
+
+// === impl WindowSnapshot ===
+
+/// An owned, merged copy of a window: what the judge and `/status` read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowSnapshot {
+    /// Requests that completed in the window.
+    pub requests: u64,
+    /// Of those, how many were classified as errors.
+    pub errors: u64,
+    latency: Vec<u64>,
+}
+
+impl Default for WindowSnapshot {
+    fn default() -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            latency: vec![0; LATENCY_BUCKETS],
+        }
+    }
+}
+
+impl WindowSnapshot {
+    /// Errors divided by requests; 0 when there were no requests.
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+
+    /// The latency below which a fraction `q` (0..=1) of requests fell;
+    /// zero when the window is empty. Accurate to about 3%.
+    pub fn quantile(&self, q: f64) -> Duration {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (index, count) in self.latency.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                let (low, high) = bucket_range(index);
+                return Duration::from_micros(low + (high - low) / 2);
+            }
+        }
+        Duration::from_micros(MAX_MICROS)
+    }
+
+    /// Adds another snapshot's counts into this one.
+    pub fn merge(&mut self, other: &WindowSnapshot) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (a, b) in self.latency.iter_mut().zip(other.latency.iter()) {
+            *a += b;
+        }
+    }
+}
+
+// === impl UpstreamStats ===
+
+/// Everything recorded about one upstream on one worker.
+pub struct UpstreamStats {
+    window: Window,
+    /// Errors in a row since the last success (reset to 0 by a success).
+    consecutive_errors: AtomicU32,
+    successes_total: AtomicU64,
+    errors_total: AtomicU64,
+    /// Non-cumulative counts per [`DURATION_BOUNDS_SECONDS`] bucket, plus +Inf.
+    duration_buckets: [AtomicU64; DURATION_BOUNDS_MICROS.len() + 1],
+    duration_sum_micros: AtomicU64,
+}
+
+impl UpstreamStats {
+    fn new(window: Duration, base: Instant) -> Self {
+        Self {
+            window: Window::new(window, base),
+            consecutive_errors: AtomicU32::new(0),
+            successes_total: AtomicU64::new(0),
+            errors_total: AtomicU64::new(0),
+            duration_buckets: Default::default(),
+            duration_sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one outcome. Wait-free: relaxed atomic adds only.
+    #[inline]
+    pub fn record(&self, now: Instant, latency: Duration, error: bool) {
+        self.window.record(now, latency, error);
+        if error {
+            self.errors_total.fetch_add(1, Relaxed);
+            self.consecutive_errors.fetch_add(1, Relaxed);
+        } else {
+            self.successes_total.fetch_add(1, Relaxed);
+            if self.consecutive_errors.load(Relaxed) != 0 {
+                self.consecutive_errors.store(0, Relaxed);
+            }
+        }
+        let micros = latency.as_micros().min(u128::from(u64::MAX)) as u64;
+        let bucket = DURATION_BOUNDS_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(DURATION_BOUNDS_MICROS.len());
+        self.duration_buckets[bucket].fetch_add(1, Relaxed);
+        self.duration_sum_micros.fetch_add(micros, Relaxed);
+    }
+}
+
+/// Cumulative totals for one upstream since start: what Prometheus reads.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Requests classified as successes.
+    pub successes: u64,
+    /// Requests classified as errors.
+    pub errors: u64,
+    /// Cumulative counts for each bound of [`DURATION_BOUNDS_SECONDS`]
+    /// (Prometheus `le` semantics), then the `+Inf` count.
+    pub duration_cumulative: Vec<u64>,
+    /// Sum of all recorded durations, in seconds.
+    pub duration_sum_seconds: f64,
+}
+
+// === impl WorkerStats ===
+
+/// One worker's stats: one [`UpstreamStats`] per [`Target`].
+pub struct WorkerStats {
+    upstreams: [UpstreamStats; 2],
+}
+
+impl WorkerStats {
+    fn new(window: Duration, base: Instant) -> Self {
+        Self {
+            upstreams: [
+                UpstreamStats::new(window, base),
+                UpstreamStats::new(window, base),
+            ],
+        }
+    }
+
+    /// The stats of one upstream.
+    #[inline]
+    pub fn upstream(&self, target: Target) -> &UpstreamStats {
+        &self.upstreams[target.index()]
+    }
+}
+
+// === impl Stats ===
+
+/// The read side: a handle on every worker's stats, cheap to clone.
+#[derive(Clone)]
+pub struct Stats {
+    workers: Arc<[Arc<WorkerStats>]>,
+    window: Duration,
+}
+
+impl Stats {
+    /// Stats for `workers` workers with a rolling window of `window`, whose
+    /// clock starts at `base`.
+    pub fn new(workers: usize, window: Duration, base: Instant) -> Self {
+        Self {
+            workers: (0..workers.max(1))
+                .map(|_| Arc::new(WorkerStats::new(window, base)))
+                .collect(),
+            window,
+        }
+    }
+
+    /// The length of the rolling window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The writer handle for worker `index`.
+    pub fn worker(&self, index: usize) -> Arc<WorkerStats> {
+        self.workers[index].clone()
+    }
+
+    /// The merged window of one upstream across all workers, as of `now`.
+    pub fn window_snapshot(&self, target: Target, now: Instant) -> WindowSnapshot {
+        let mut snap = WindowSnapshot::default();
+        for worker in self.workers.iter() {
+            worker.upstream(target).window.add_to(now, &mut snap);
+        }
+        snap
+    }
+
+    /// The longest current run of consecutive errors of one upstream on any
+    /// worker.
+    pub fn consecutive_errors(&self, target: Target) -> u32 {
+        self.workers
+            .iter()
+            .map(|w| w.upstream(target).consecutive_errors.load(Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Requests recorded for one upstream since start (successes plus errors),
+    /// summed over workers. Cheap: two loads per worker.
+    pub fn request_count(&self, target: Target) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| {
+                let u = w.upstream(target);
+                u.successes_total.load(Relaxed) + u.errors_total.load(Relaxed)
+            })
+            .sum()
+    }
+
+    /// Cumulative totals of one upstream, merged over workers.
+    pub fn totals(&self, target: Target) -> Totals {
+        let mut totals = Totals {
+            duration_cumulative: vec![0; DURATION_BOUNDS_MICROS.len() + 1],
+            ..Totals::default()
+        };
+        let mut sum_micros = 0u64;
+        for worker in self.workers.iter() {
+            let u = worker.upstream(target);
+            totals.successes += u.successes_total.load(Relaxed);
+            totals.errors += u.errors_total.load(Relaxed);
+            sum_micros += u.duration_sum_micros.load(Relaxed);
+            for (sum, b) in totals
+                .duration_cumulative
+                .iter_mut()
+                .zip(u.duration_buckets.iter())
+            {
+                *sum += b.load(Relaxed);
+            }
+        }
+        let mut running = 0;
+        for count in totals.duration_cumulative.iter_mut() {
+            running += *count;
+            *count = running;
+        }
+        totals.duration_sum_seconds = sum_micros as f64 / 1e6;
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_the_range_in_order() {
+        let mut last_high = None;
+        for index in 0..LATENCY_BUCKETS {
+            let (low, high) = bucket_range(index);
+            assert!(low <= high);
+            if let Some(prev) = last_high {
+                assert_eq!(low, prev + 1, "bucket {index} leaves a gap");
+            }
+            assert_eq!(bucket_of(low), index);
+            assert_eq!(bucket_of(high), index);
+            last_high = Some(high);
+        }
+        assert_eq!(last_high, Some(MAX_MICROS));
+        assert_eq!(bucket_of(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn buckets_are_within_three_percent() {
+        for v in [33u64, 100, 999, 12_345, 1_000_000, 987_654_321] {
+            let (low, high) = bucket_range(bucket_of(v));
+            assert!((high - low) as f64 / v as f64 <= 1.0 / 31.0, "{v}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_counts_errors_and_quantiles() {
+        let base = Instant::now();
+        let w = Window::new(Duration::from_secs(10), base);
+        for i in 0..100u64 {
+            // latencies 1..=100 ms, every 10th an error
+            w.record(Instant::now(), Duration::from_millis(i + 1), i % 10 == 0);
+        }
+        let s = w.snapshot(Instant::now());
+        assert_eq!(s.requests, 100);
+        assert_eq!(s.errors, 10);
+        assert!((s.error_rate() - 0.1).abs() < 1e-9);
+        let p50 = s.quantile(0.5).as_secs_f64() * 1000.0;
+        let p95 = s.quantile(0.95).as_secs_f64() * 1000.0;
+        let p99 = s.quantile(0.99).as_secs_f64() * 1000.0;
+        assert!((p50 - 50.0).abs() / 50.0 < 0.04, "p50 {p50}");
+        assert!((p95 - 95.0).abs() / 95.0 < 0.04, "p95 {p95}");
+        assert!((p99 - 99.0).abs() / 99.0 < 0.04, "p99 {p99}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_slices_leave_the_window() {
+        let base = Instant::now();
+        let w = Window::new(Duration::from_secs(10), base);
+        w.record(Instant::now(), Duration::from_millis(1), true);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        w.record(Instant::now(), Duration::from_millis(1), false);
+        assert_eq!(w.snapshot(Instant::now()).requests, 2);
+        // 9.5 s after the first record: it is still inside the 10 s window.
+        tokio::time::advance(Duration::from_millis(4_500)).await;
+        assert_eq!(w.snapshot(Instant::now()).requests, 2);
+        // 10.5 s after it: the first slice has aged out, the second remains.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let s = w.snapshot(Instant::now());
+        assert_eq!((s.requests, s.errors), (1, 0));
+        // A full window later everything is gone, and slots are reused cleanly.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(w.snapshot(Instant::now()).requests, 0);
+        w.record(Instant::now(), Duration::from_millis(1), true);
+        let s = w.snapshot(Instant::now());
+        assert_eq!((s.requests, s.errors), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_merge_workers_and_keep_totals() {
+        let stats = Stats::new(2, Duration::from_secs(10), Instant::now());
+        let now = Instant::now();
+        stats
+            .worker(0)
+            .upstream(Target::Canary)
+            .record(now, Duration::from_micros(300), true);
+        stats
+            .worker(1)
+            .upstream(Target::Canary)
+            .record(now, Duration::from_millis(30), true);
+        stats
+            .worker(1)
+            .upstream(Target::Stable)
+            .record(now, Duration::from_millis(2), false);
+        assert_eq!(stats.consecutive_errors(Target::Canary), 1);
+        let c = stats.window_snapshot(Target::Canary, now);
+        assert_eq!((c.requests, c.errors), (2, 2));
+        let t = stats.totals(Target::Canary);
+        assert_eq!((t.successes, t.errors), (0, 2));
+        // 300 µs ≤ 0.0005; 30 ms ≤ 0.05 (index 6); +Inf holds both.
+        assert_eq!(t.duration_cumulative[0], 1);
+        assert_eq!(t.duration_cumulative[5], 1);
+        assert_eq!(t.duration_cumulative[6], 2);
+        assert_eq!(*t.duration_cumulative.last().unwrap(), 2);
+        assert!((t.duration_sum_seconds - 0.0303).abs() < 1e-9);
+        assert_eq!(stats.request_count(Target::Stable), 1);
+        stats
+            .worker(0)
+            .upstream(Target::Canary)
+            .record(now, Duration::from_micros(300), false);
+        assert_eq!(
+            stats.consecutive_errors(Target::Canary),
+            1,
+            "worker 1 still has a run of 1"
+        );
+    }
+}
