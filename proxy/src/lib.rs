@@ -4,10 +4,267 @@
 //!
 //! It knows nothing of rollouts or judging. Its input is a [`Routes`] handle
 //! (the current canary weight) and its output is a [`Stats`] handle that the
-//! control plane reads.
+//! control plane reads. [`Proxy::start`] binds every listener before it
+//! returns, so a bad address fails at once and nothing half-starts.
 
+mod body;
+pub mod classify;
+pub mod forward;
+pub mod server;
 pub mod split;
 pub mod stats;
+pub mod tls;
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use body::ProxyBody;
+pub use classify::Classifier;
+pub use forward::{PoolSettings, Upstream, UpstreamProtocol, UpstreamUrlError};
+pub use server::rescue;
 pub use split::{RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
+
+/// Which headers serin adds or rewrites.
+#[derive(Clone, Debug)]
+pub struct HeaderPolicy {
+    /// Replace the client's `Host` with the upstream's `host:port` (default
+    /// false: the client's `Host` is preserved, as NGINX ingress does).
+    pub rewrite_host: bool,
+    /// Append `Via: 1.1 serin` to requests (default false).
+    pub via: bool,
+    /// Tell the client which upstream answered, in `x-serin-upstream`
+    /// (default true).
+    pub upstream_header: bool,
+}
+
+impl Default for HeaderPolicy {
+    fn default() -> Self {
+        Self {
+            rewrite_host: false,
+            via: false,
+            upstream_header: true,
+        }
+    }
+}
+
+/// TLS for the client-facing listener.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Everything the data plane needs, validated by the caller.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Client-facing listen address (default 127.0.0.1:8080 in the CLI).
+    pub listen: SocketAddr,
+    /// Worker threads, each with its own listener and pools (default 1).
+    pub workers: usize,
+    /// The stable upstream.
+    pub stable: Upstream,
+    /// The canary upstream.
+    pub canary: Upstream,
+    /// Override and sticky rules of the split.
+    pub split: SplitRules,
+    /// What counts as an error.
+    pub classifier: Classifier,
+    /// Upstream connection settings.
+    pub pool: PoolSettings,
+    /// Time allowed for an upstream's response headers (default 30 s) → 504.
+    pub response_timeout: Duration,
+    /// Time allowed for a client to send a request's headers (default 30 s).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (default 64 KiB) → 431.
+    pub max_header_bytes: usize,
+    /// Requests in flight per worker before serin answers 503 (default 10 000).
+    pub max_inflight: usize,
+    /// How long shutdown waits for in-flight requests (default 30 s).
+    pub drain_timeout: Duration,
+    /// Replay a failed bodiless GET/HEAD/OPTIONS from the canary on stable
+    /// (default true). The canary's failure is still recorded for the judge.
+    pub canary_fallback: bool,
+    /// Header rewrites.
+    pub headers: HeaderPolicy,
+    /// TLS on the listener (default none: plain HTTP and h2c).
+    pub tls: Option<TlsFiles>,
+    /// Length of the rolling stats window (default 10 s).
+    pub window: Duration,
+}
+
+impl ProxyConfig {
+    /// A config with every default, for these two upstreams.
+    pub fn new(listen: SocketAddr, stable: Upstream, canary: Upstream) -> Self {
+        Self {
+            listen,
+            workers: 1,
+            stable,
+            canary,
+            split: SplitRules::default(),
+            classifier: Classifier::default(),
+            pool: PoolSettings::default(),
+            response_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_inflight: 10_000,
+            drain_timeout: Duration::from_secs(30),
+            canary_fallback: true,
+            headers: HeaderPolicy::default(),
+            tls: None,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using it? pick another with --listen)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A worker thread could not be started.
+    #[error("cannot start worker thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Spawns hyper's background tasks (HTTP/2 streams and connections) on the
+/// worker's own thread.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+// === impl Proxy ===
+
+/// A running data plane.
+pub struct Proxy {
+    local_addr: SocketAddr,
+    stats: Stats,
+    routes: Routes,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Binds the listeners (one per worker, `SO_REUSEPORT`) and starts the
+    /// workers. Must be called from outside any worker thread.
+    pub fn start(config: ProxyConfig, routes: Routes) -> Result<Self, StartError> {
+        let tls = match &config.tls {
+            Some(files) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+                &files.cert,
+                &files.key,
+            )?)),
+            None => None,
+        };
+        let workers = config.workers.max(1);
+        let mut listeners = Vec::with_capacity(workers);
+        let mut addr = config.listen;
+        for _ in 0..workers {
+            let listener =
+                bind(addr, workers > 1).map_err(|source| StartError::Bind { addr, source })?;
+            // Port 0 picks a port for the first listener; the rest share it.
+            addr = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            listeners.push(listener);
+        }
+        let stats = Stats::new(workers, config.window, tokio::time::Instant::now());
+        let shared = Arc::new(server::Shared {
+            classifier: Arc::new(config.classifier.clone()),
+            config,
+            routes: routes.clone(),
+            tls,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut handles = Vec::with_capacity(workers);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let worker_stats = stats.worker(index);
+            let rx = shutdown_rx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("serin-worker-{index}"))
+                .spawn(move || {
+                    if let Err(e) = server::run_worker(index, listener, shared, worker_stats, rx) {
+                        tracing::error!(worker = index, error = %e, "worker stopped");
+                    }
+                })
+                .map_err(StartError::Spawn)?;
+            handles.push(handle);
+        }
+        Ok(Self {
+            local_addr: addr,
+            stats,
+            routes,
+            shutdown,
+            workers: handles,
+        })
+    }
+
+    /// The address the listeners are bound to (the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The stats handle the control plane reads.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The route table handle.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// Stops accepting and lets in-flight requests finish (up to the drain
+    /// timeout). Returns at once; [`Proxy::wait`] waits for the drain.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until every worker has drained and stopped.
+    pub async fn wait(self) {
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
+    }
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}

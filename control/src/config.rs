@@ -1,0 +1,884 @@
+//! Configuration: a TOML file, `SERIN_*` environment variables and flags,
+//! parsed once into a validated, typed [`Config`].
+//!
+//! Precedence is flags > environment > file > defaults (clap resolves the
+//! first two; [`Config::load`] lays them over the file). `serin check` and
+//! `serin run` share [`Config::load`], so a config that checks is a config
+//! that runs, and every error names the key at fault and says how to fix it.
+//! Nothing is bound or started here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serin_proxy::{
+    Classifier, HeaderPolicy, PoolSettings, ProxyConfig, SplitRules, StickyKey, TlsFiles, Upstream,
+    UpstreamProtocol,
+};
+
+/// A configuration problem, with the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrongly typed value.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is present but wrong.
+    #[error("`{key}` {message}")]
+    Invalid { key: &'static str, message: String },
+    /// A required value is missing.
+    #[error("`{key}` is required: {hint}")]
+    Missing {
+        key: &'static str,
+        hint: &'static str,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+// === raw (as written) ===
+
+/// The file as written. Every field is optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub workers: Option<usize>,
+    pub admin: Option<String>,
+    pub admin_token: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub canary_weight: Option<f64>,
+    pub log: Option<String>,
+    #[serde(default)]
+    pub stable: RawUpstream,
+    #[serde(default)]
+    pub canary: RawUpstream,
+    #[serde(default)]
+    pub split: RawSplit,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub headers: RawHeaders,
+    pub tls: Option<RawTls>,
+    #[serde(default)]
+    pub classify: RawClassify,
+    #[serde(default)]
+    pub judge: RawJudge,
+    #[serde(default)]
+    pub rollout: RawRollout,
+    #[serde(default)]
+    pub webhook: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: Option<String>,
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplit {
+    pub override_header: Option<String>,
+    pub override_cookie: Option<String>,
+    pub sticky_cookie: Option<String>,
+    pub sticky_header: Option<String>,
+    pub canary_fallback: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<String>,
+    pub response: Option<String>,
+    pub header_read: Option<String>,
+    pub upstream_idle: Option<String>,
+    pub drain: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_header_bytes: Option<usize>,
+    pub max_inflight: Option<usize>,
+    pub max_idle_per_upstream: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaders {
+    pub rewrite_host: Option<bool>,
+    pub via: Option<bool>,
+    pub upstream_header: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClassify {
+    pub error_statuses: Option<Vec<toml::Value>>,
+    pub grpc_error_codes: Option<Vec<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJudge {
+    pub window: Option<String>,
+    pub interval: Option<String>,
+    pub min_requests: Option<u64>,
+    pub max_error_rate: Option<f64>,
+    pub max_p95: Option<String>,
+    pub max_p95_ratio: Option<f64>,
+    pub confidence: Option<f64>,
+    pub max_consecutive_errors: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    pub steps: Option<Vec<f64>>,
+    pub hold: Option<String>,
+    pub min_requests_per_step: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    pub secret: Option<String>,
+    pub events: Option<Vec<String>>,
+}
+
+/// Values given on the command line or in the environment; they override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub stable: Option<String>,
+    pub canary: Option<String>,
+    pub canary_weight: Option<f64>,
+    pub admin: Option<String>,
+    pub admin_token: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub workers: Option<usize>,
+    pub max_error_rate: Option<f64>,
+    pub max_p95: Option<String>,
+}
+
+// === typed (validated) ===
+
+/// The judge's policy, validated. See DESIGN.md §3.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JudgeSettings {
+    /// Rolling window both upstreams are compared over (default 10 s).
+    pub window: Duration,
+    /// How often the judge looks (default 10 ms).
+    pub interval: Duration,
+    /// Canary requests needed in the window before any verdict (default 20).
+    pub min_requests: u64,
+    /// Absolute ceiling on the canary's error rate, 0..1 (default 0.05).
+    pub max_error_rate: f64,
+    /// Absolute ceiling on the canary's p95 latency (default 1000 ms).
+    pub max_p95: Duration,
+    /// Ceiling on canary p95 ÷ stable p95 (default 1.5).
+    pub max_p95_ratio: f64,
+    /// Confidence of the two-proportion test against stable (default 0.999).
+    pub confidence: f64,
+    /// Errors in a row that revert the canary at once (default 10; 0 = off).
+    pub max_consecutive_errors: u32,
+}
+
+impl Default for JudgeSettings {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(10),
+            interval: Duration::from_millis(10),
+            min_requests: 20,
+            max_error_rate: 0.05,
+            max_p95: Duration::from_millis(1000),
+            max_p95_ratio: 1.5,
+            confidence: 0.999,
+            max_consecutive_errors: 10,
+        }
+    }
+}
+
+/// Progressive rollout defaults, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RolloutSettings {
+    /// Canary weights in percent, strictly increasing (default 5, 25, 50, 100).
+    pub steps: Vec<f64>,
+    /// Minimum time on each step (default 60 s).
+    pub hold: Duration,
+    /// Canary requests each step must serve before advancing (default 100).
+    pub min_requests_per_step: u64,
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        Self {
+            steps: vec![5.0, 25.0, 50.0, 100.0],
+            hold: Duration::from_secs(60),
+            min_requests_per_step: 100,
+        }
+    }
+}
+
+/// One webhook receiver.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookSettings {
+    /// Where events are POSTed (http:// or https://).
+    pub url: String,
+    /// HMAC-SHA256 key for `X-Serin-Signature` (default none: unsigned).
+    pub secret: Option<String>,
+    /// Events sent (default all: rollback, promoted, step, paused, judge_blocked).
+    pub events: Vec<String>,
+}
+
+/// The control API's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdminSettings {
+    /// Listen address (default 127.0.0.1:9901).
+    pub listen: SocketAddr,
+    /// Bearer token for mutating calls (default none; required off loopback).
+    pub token: Option<String>,
+}
+
+/// The whole validated configuration of `serin run`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The data plane.
+    pub proxy: ProxyConfig,
+    /// Starting canary weight in basis points, used when no state is saved (default 0).
+    pub canary_weight_bp: u16,
+    /// The control API.
+    pub admin: AdminSettings,
+    /// Where state is persisted (default ./serin-state).
+    pub state_dir: PathBuf,
+    /// Log filter, tracing syntax (default "info").
+    pub log: String,
+    /// The judge.
+    pub judge: JudgeSettings,
+    /// Rollout defaults.
+    pub rollout: RolloutSettings,
+    /// Webhook receivers (default none).
+    pub webhooks: Vec<WebhookSettings>,
+}
+
+/// The event names a webhook may subscribe to.
+pub const WEBHOOK_EVENTS: [&str; 5] = ["rollback", "promoted", "step", "paused", "judge_blocked"];
+
+impl Config {
+    /// Reads `file` (if any), lays `overrides` over it and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let raw = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::parse_toml(&text, path)?
+            }
+            None => RawConfig::default(),
+        };
+        Self::from_raw(raw, overrides)
+    }
+
+    /// Parses TOML text (used by `load`, and by `demo` for its embedded config).
+    pub fn parse_toml(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Validates a raw config with overrides applied.
+    pub fn from_raw(raw: RawConfig, o: &Overrides) -> Result<Self, ConfigError> {
+        let listen = parse_addr(
+            "listen",
+            o.listen
+                .as_deref()
+                .or(raw.listen.as_deref())
+                .unwrap_or("127.0.0.1:8080"),
+        )?;
+        let workers = o.workers.or(raw.workers).unwrap_or(1);
+        if workers == 0 || workers > 256 {
+            return Err(ConfigError::invalid(
+                "workers",
+                format!("must be between 1 and 256 (got {workers})"),
+            ));
+        }
+        let stable = upstream(
+            "stable.url",
+            "stable.protocol",
+            o.stable.as_deref().or(raw.stable.url.as_deref()),
+            raw.stable.protocol.as_deref(),
+        )?;
+        let canary = upstream(
+            "canary.url",
+            "canary.protocol",
+            o.canary.as_deref().or(raw.canary.url.as_deref()),
+            raw.canary.protocol.as_deref(),
+        )?;
+        let weight = o.canary_weight.or(raw.canary_weight).unwrap_or(0.0);
+        let canary_weight_bp = percent_to_bp("canary_weight", weight)?;
+
+        let split = split_rules(&raw.split)?;
+        let classifier = classifier(&raw.classify)?;
+        let t = &raw.timeouts;
+        let pool = PoolSettings {
+            connect_timeout: duration_or(
+                "timeouts.connect",
+                t.connect.as_deref(),
+                Duration::from_secs(3),
+            )?,
+            idle_timeout: duration_or(
+                "timeouts.upstream_idle",
+                t.upstream_idle.as_deref(),
+                Duration::from_secs(60),
+            )?,
+            max_idle: raw.limits.max_idle_per_upstream.unwrap_or(256),
+        };
+        let max_header_bytes = raw.limits.max_header_bytes.unwrap_or(64 * 1024);
+        if !(8 * 1024..=1024 * 1024).contains(&max_header_bytes) {
+            return Err(ConfigError::invalid(
+                "limits.max_header_bytes",
+                format!("must be between 8192 and 1048576 (got {max_header_bytes})"),
+            ));
+        }
+        let max_inflight = raw.limits.max_inflight.unwrap_or(10_000);
+        if max_inflight == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_inflight",
+                "must be at least 1 (got 0)",
+            ));
+        }
+        let judge = judge_settings(&raw.judge, o)?;
+        let rollout = rollout_settings(&raw.rollout)?;
+
+        let proxy = ProxyConfig {
+            workers,
+            split,
+            classifier,
+            pool,
+            response_timeout: duration_or(
+                "timeouts.response",
+                t.response.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            header_read_timeout: duration_or(
+                "timeouts.header_read",
+                t.header_read.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            max_header_bytes,
+            max_inflight,
+            drain_timeout: duration_or(
+                "timeouts.drain",
+                t.drain.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            canary_fallback: raw.split.canary_fallback.unwrap_or(true),
+            headers: HeaderPolicy {
+                rewrite_host: raw.headers.rewrite_host.unwrap_or(false),
+                via: raw.headers.via.unwrap_or(false),
+                upstream_header: raw.headers.upstream_header.unwrap_or(true),
+            },
+            tls: raw.tls.map(|t| TlsFiles {
+                cert: t.cert,
+                key: t.key,
+            }),
+            window: judge.window,
+            ..ProxyConfig::new(listen, stable, canary)
+        };
+
+        let admin_listen = parse_addr(
+            "admin",
+            o.admin
+                .as_deref()
+                .or(raw.admin.as_deref())
+                .unwrap_or("127.0.0.1:9901"),
+        )?;
+        let token = o
+            .admin_token
+            .clone()
+            .or(raw.admin_token)
+            .filter(|t| !t.is_empty());
+        if !admin_listen.ip().is_loopback() && token.is_none() {
+            return Err(ConfigError::invalid(
+                "admin",
+                format!(
+                    "is {admin_listen}, which is reachable from other hosts, but no admin token is set; \
+                     set --admin-token (or SERIN_ADMIN_TOKEN) or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        let webhooks = raw
+            .webhook
+            .into_iter()
+            .map(webhook_settings)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            proxy,
+            canary_weight_bp,
+            admin: AdminSettings {
+                listen: admin_listen,
+                token,
+            },
+            state_dir: o
+                .state_dir
+                .clone()
+                .or(raw.state_dir)
+                .unwrap_or_else(|| PathBuf::from("./serin-state")),
+            log: raw.log.unwrap_or_else(|| "info".to_string()),
+            judge,
+            rollout,
+            webhooks,
+        })
+    }
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("must be an IP address and port such as 127.0.0.1:8080 (got {value:?})"),
+        )
+    })
+}
+
+fn upstream(
+    key: &'static str,
+    protocol_key: &'static str,
+    url: Option<&str>,
+    protocol: Option<&str>,
+) -> Result<Upstream, ConfigError> {
+    let url = url.ok_or(ConfigError::Missing {
+        key,
+        hint: "give the upstream's URL, e.g. --stable http://127.0.0.1:8081 --canary http://127.0.0.1:8082",
+    })?;
+    let protocol =
+        match protocol.unwrap_or("http1") {
+            "http1" => UpstreamProtocol::Http1,
+            "http2" | "h2c" => UpstreamProtocol::Http2,
+            other => return Err(ConfigError::invalid(
+                protocol_key,
+                format!(
+                    "must be \"http1\" or \"http2\" (got {other:?}); use http2 for gRPC upstreams"
+                ),
+            )),
+        };
+    Upstream::parse(url, protocol).map_err(|e| ConfigError::invalid(key, e.to_string()))
+}
+
+/// Percent (0..=100, e.g. 12.5) to basis points.
+pub fn percent_to_bp(key: &'static str, pct: f64) -> Result<u16, ConfigError> {
+    if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be a percentage between 0 and 100 (got {pct})"),
+        ));
+    }
+    Ok((pct * 100.0).round() as u16)
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1h` (or a bare number of seconds).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "us" | "µs" => n / 1e6,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+fn duration_or(
+    key: &'static str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => match parse_duration(v) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(ConfigError::invalid(
+                key,
+                format!(
+                    "must be a positive duration such as \"500ms\", \"10s\" or \"2m\" (got {v:?})"
+                ),
+            )),
+        },
+    }
+}
+
+fn split_rules(raw: &RawSplit) -> Result<SplitRules, ConfigError> {
+    let mut rules = SplitRules::default();
+    if let Some(h) = &raw.override_header {
+        rules.override_header = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+            ConfigError::invalid(
+                "split.override_header",
+                format!("is not a valid header name (got {h:?})"),
+            )
+        })?;
+    }
+    if let Some(c) = &raw.override_cookie {
+        rules.override_cookie = cookie_name("split.override_cookie", c)?;
+    }
+    rules.sticky = match (&raw.sticky_cookie, &raw.sticky_header) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                "split.sticky_cookie",
+                "and split.sticky_header are both set; choose one",
+            ))
+        }
+        (Some(c), None) => Some(StickyKey::Cookie(cookie_name("split.sticky_cookie", c)?)),
+        (None, Some(h)) => Some(StickyKey::Header(
+            http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                ConfigError::invalid(
+                    "split.sticky_header",
+                    format!("is not a valid header name (got {h:?})"),
+                )
+            })?,
+        )),
+        (None, None) => None,
+    };
+    Ok(rules)
+}
+
+fn cookie_name(key: &'static str, name: &str) -> Result<String, ConfigError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("is not a valid cookie name (got {name:?})"),
+        ))
+    }
+}
+
+fn classifier(raw: &RawClassify) -> Result<Classifier, ConfigError> {
+    let mut c = Classifier::none();
+    let key = "classify.error_statuses";
+    match &raw.error_statuses {
+        None => c.add_status_range(500, 599),
+        Some(list) => {
+            for item in list {
+                let (low, high) = match item {
+                    toml::Value::Integer(n) => (*n, *n),
+                    toml::Value::String(s) if s.len() == 3 && s.ends_with("xx") => {
+                        let class = s[..1].parse::<i64>().map_err(|_| ConfigError::invalid(key, format!("has a bad class {s:?}; write e.g. \"5xx\"")))?;
+                        (class * 100, class * 100 + 99)
+                    }
+                    toml::Value::String(s) => match s.split_once('-') {
+                        Some((a, b)) => (
+                            a.trim().parse().map_err(|_| ConfigError::invalid(key, format!("has a bad range {s:?}; write e.g. \"500-504\"")))?,
+                            b.trim().parse().map_err(|_| ConfigError::invalid(key, format!("has a bad range {s:?}; write e.g. \"500-504\"")))?,
+                        ),
+                        None => return Err(ConfigError::invalid(key, format!("has {s:?}; write a status (503), a class (\"5xx\") or a range (\"500-504\")"))),
+                    },
+                    other => return Err(ConfigError::invalid(key, format!("has {other}; write a status (503), a class (\"5xx\") or a range (\"500-504\")"))),
+                };
+                if !(100..=599).contains(&low) || !(100..=599).contains(&high) || low > high {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("has {low}-{high}, outside the HTTP statuses 100..599"),
+                    ));
+                }
+                c.add_status_range(low as u16, high as u16);
+            }
+        }
+    }
+    let codes = raw
+        .grpc_error_codes
+        .clone()
+        .unwrap_or_else(|| vec![2, 4, 13, 14]);
+    for code in codes {
+        if !(0..=16).contains(&code) {
+            return Err(ConfigError::invalid(
+                "classify.grpc_error_codes",
+                format!("has {code}; gRPC codes are 0..16"),
+            ));
+        }
+        c.add_grpc_code(code as u8);
+    }
+    Ok(c)
+}
+
+fn ratio(key: &'static str, value: f64) -> Result<f64, ConfigError> {
+    if value.is_finite() && (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("must be between 0 and 1 (got {value}); write 0.05 for 5%"),
+        ))
+    }
+}
+
+fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSettings, ConfigError> {
+    let d = JudgeSettings::default();
+    let window = duration_or("judge.window", raw.window.as_deref(), d.window)?;
+    if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
+        return Err(ConfigError::invalid(
+            "judge.window",
+            format!("must be between 1s and 1h (got {window:?})"),
+        ));
+    }
+    let interval = duration_or("judge.interval", raw.interval.as_deref(), d.interval)?;
+    if interval > window {
+        return Err(ConfigError::invalid(
+            "judge.interval",
+            "must be shorter than judge.window",
+        ));
+    }
+    let max_p95_ratio = raw.max_p95_ratio.unwrap_or(d.max_p95_ratio);
+    if !(max_p95_ratio.is_finite() && max_p95_ratio >= 1.0) {
+        return Err(ConfigError::invalid("judge.max_p95_ratio", format!("must be at least 1.0 (got {max_p95_ratio}); 1.5 allows a canary p95 50% above stable's")));
+    }
+    let confidence = raw.confidence.unwrap_or(d.confidence);
+    if !(confidence > 0.5 && confidence < 1.0) {
+        return Err(ConfigError::invalid(
+            "judge.confidence",
+            format!("must be above 0.5 and below 1 (got {confidence}); 0.999 is the default"),
+        ));
+    }
+    Ok(JudgeSettings {
+        window,
+        interval,
+        min_requests: raw.min_requests.unwrap_or(d.min_requests).max(1),
+        max_error_rate: ratio(
+            "judge.max_error_rate",
+            o.max_error_rate
+                .or(raw.max_error_rate)
+                .unwrap_or(d.max_error_rate),
+        )?,
+        max_p95: duration_or(
+            "judge.max_p95",
+            o.max_p95.as_deref().or(raw.max_p95.as_deref()),
+            d.max_p95,
+        )?,
+        max_p95_ratio,
+        confidence,
+        max_consecutive_errors: raw
+            .max_consecutive_errors
+            .unwrap_or(d.max_consecutive_errors),
+    })
+}
+
+/// Validates rollout steps: each in (0, 100], strictly increasing.
+pub fn validate_steps(key: &'static str, steps: &[f64]) -> Result<(), ConfigError> {
+    if steps.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            "must list at least one step, e.g. [5, 25, 50, 100]",
+        ));
+    }
+    for pair in steps.windows(2) {
+        if pair[1] <= pair[0] {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "must be strictly increasing (got {} then {})",
+                    pair[0], pair[1]
+                ),
+            ));
+        }
+    }
+    for &s in steps {
+        if !(s.is_finite() && s > 0.0 && s <= 100.0) {
+            return Err(ConfigError::invalid(
+                key,
+                format!("has {s}; each step is a percentage above 0 and at most 100"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn rollout_settings(raw: &RawRollout) -> Result<RolloutSettings, ConfigError> {
+    let d = RolloutSettings::default();
+    let steps = raw.steps.clone().unwrap_or(d.steps);
+    validate_steps("rollout.steps", &steps)?;
+    Ok(RolloutSettings {
+        steps,
+        hold: duration_or("rollout.hold", raw.hold.as_deref(), d.hold)?,
+        min_requests_per_step: raw.min_requests_per_step.unwrap_or(d.min_requests_per_step),
+    })
+}
+
+fn webhook_settings(raw: RawWebhook) -> Result<WebhookSettings, ConfigError> {
+    if !(raw.url.starts_with("http://") || raw.url.starts_with("https://"))
+        || raw.url.parse::<http::Uri>().is_err()
+    {
+        return Err(ConfigError::invalid(
+            "webhook.url",
+            format!("must be an http:// or https:// URL (got {:?})", raw.url),
+        ));
+    }
+    let events = match raw.events {
+        None => WEBHOOK_EVENTS.iter().map(|e| e.to_string()).collect(),
+        Some(events) => {
+            for e in &events {
+                if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                    return Err(ConfigError::invalid(
+                        "webhook.events",
+                        format!(
+                            "has unknown event {e:?}; known: {}",
+                            WEBHOOK_EVENTS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            events
+        }
+    };
+    Ok(WebhookSettings {
+        url: raw.url,
+        secret: raw.secret.filter(|s| !s.is_empty()),
+        events,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, o: &Overrides) -> Result<Config, ConfigError> {
+        Config::from_raw(Config::parse_toml(text, Path::new("test.toml"))?, o)
+    }
+
+    fn upstreams() -> Overrides {
+        Overrides {
+            stable: Some("http://127.0.0.1:1".into()),
+            canary: Some("http://127.0.0.1:2".into()),
+            ..Overrides::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = load("", &upstreams()).unwrap();
+        assert_eq!(c.proxy.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.canary_weight_bp, 0);
+        assert_eq!(c.judge, JudgeSettings::default());
+        assert_eq!(c.rollout, RolloutSettings::default());
+        assert_eq!(c.proxy.workers, 1);
+        assert!(c.proxy.canary_fallback);
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let text = "listen = \"127.0.0.1:7000\"\ncanary_weight = 10\n[stable]\nurl = \"http://10.0.0.1:80\"\n[canary]\nurl = \"http://10.0.0.2:80\"\n";
+        let c = load(text, &Overrides::default()).unwrap();
+        assert_eq!(c.canary_weight_bp, 1000);
+        assert_eq!(c.proxy.stable.url, "http://10.0.0.1:80");
+        let o = Overrides {
+            canary_weight: Some(12.5),
+            listen: Some("127.0.0.1:7001".into()),
+            ..upstreams()
+        };
+        let c = load(text, &o).unwrap();
+        assert_eq!(c.canary_weight_bp, 1250);
+        assert_eq!(c.proxy.listen.port(), 7001);
+        assert_eq!(c.proxy.stable.url, "http://127.0.0.1:1");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |text: &str| load(text, &upstreams()).unwrap_err().to_string();
+        assert!(err("[judge]\nmax_error_rate = 5\n")
+            .contains("`judge.max_error_rate` must be between 0 and 1 (got 5); write 0.05"));
+        assert!(err("canary_weight = 120\n").contains("`canary_weight`"));
+        assert!(err("[judge]\nmax_eror_rate = 0.1\n").contains("max_eror_rate"));
+        assert!(err("listen = \"nope\"\n").contains("`listen`"));
+        assert!(err("[timeouts]\nconnect = \"soon\"\n").contains("`timeouts.connect`"));
+        assert!(err("[rollout]\nsteps = [50, 25]\n")
+            .contains("`rollout.steps` must be strictly increasing"));
+        assert!(
+            err("[classify]\nerror_statuses = [\"9xx\"]\n").contains("`classify.error_statuses`")
+        );
+        assert!(err("admin = \"0.0.0.0:9901\"\n").contains("no admin token"));
+        assert!(err("[[webhook]]\nurl = \"ftp://x\"\n").contains("`webhook.url`"));
+        let missing = load("", &Overrides::default()).unwrap_err().to_string();
+        assert!(missing.contains("`stable.url` is required"), "{missing}");
+        let bad_url = load(
+            "",
+            &Overrides {
+                canary: Some("https://x".into()),
+                ..upstreams()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad_url.contains("`canary.url`"), "{bad_url}");
+    }
+
+    #[test]
+    fn admin_off_loopback_needs_a_token() {
+        let o = Overrides {
+            admin: Some("0.0.0.0:9901".into()),
+            admin_token: Some("s3cret".into()),
+            ..upstreams()
+        };
+        assert_eq!(load("", &o).unwrap().admin.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("ten"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+    }
+
+    #[test]
+    fn status_classes_and_ranges() {
+        let c = load(
+            "[classify]\nerror_statuses = [429, \"502-504\"]\ngrpc_error_codes = [14]\n",
+            &upstreams(),
+        )
+        .unwrap();
+        let cl = &c.proxy.classifier;
+        assert!(cl.is_error_status(http::StatusCode::TOO_MANY_REQUESTS));
+        assert!(cl.is_error_status(http::StatusCode::BAD_GATEWAY));
+        assert!(!cl.is_error_status(http::StatusCode::INTERNAL_SERVER_ERROR));
+    }
+}

@@ -1,0 +1,184 @@
+//! The response body serin streams back to the client.
+//!
+//! It is the upstream's body passed through frame by frame (never buffered),
+//! with two jobs attached at the end of the stream: hand an HTTP/1.1 upstream
+//! connection back to its pool, and, for gRPC responses whose status arrives
+//! in trailers, record the outcome once the trailers are seen. Responses that
+//! serin makes itself (errors) are a small fixed body.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::classify::{Classifier, Outcome};
+use crate::forward::Checkin;
+use crate::split::Target;
+use crate::stats::WorkerStats;
+
+/// An outcome whose recording waits for gRPC trailers.
+pub(crate) struct PendingGrpc {
+    pub(crate) stats: Arc<WorkerStats>,
+    pub(crate) classifier: Arc<Classifier>,
+    pub(crate) target: Target,
+    /// Time to response headers: what the judge compares.
+    pub(crate) latency: Duration,
+}
+
+impl PendingGrpc {
+    fn record(self, trailers: Option<&http::HeaderMap>) {
+        let error = self.classifier.classify_trailers(trailers) == Outcome::Error;
+        self.stats
+            .upstream(self.target)
+            .record(Instant::now(), self.latency, error);
+    }
+}
+
+/// The body of every response serin sends.
+pub struct ProxyBody {
+    kind: Kind,
+}
+
+enum Kind {
+    Upstream {
+        body: Incoming,
+        checkin: Option<Checkin>,
+        grpc: Option<PendingGrpc>,
+    },
+    Fixed(Option<Bytes>),
+}
+
+impl ProxyBody {
+    pub(crate) fn upstream(
+        body: Incoming,
+        checkin: Option<Checkin>,
+        grpc: Option<PendingGrpc>,
+    ) -> Self {
+        let mut this = Self {
+            kind: Kind::Upstream {
+                body,
+                checkin,
+                grpc,
+            },
+        };
+        // A body that is already complete (e.g. 204, or Content-Length: 0)
+        // frees its connection now.
+        this.finish_if_ended();
+        this
+    }
+
+    /// A complete body of these bytes.
+    pub fn fixed(bytes: impl Into<Bytes>) -> Self {
+        Self {
+            kind: Kind::Fixed(Some(bytes.into())),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self {
+            kind: Kind::Fixed(None),
+        }
+    }
+
+    fn finish_if_ended(&mut self) {
+        if let Kind::Upstream {
+            body,
+            checkin,
+            grpc,
+        } = &mut self.kind
+        {
+            if body.is_end_stream() {
+                if let Some(c) = checkin.take() {
+                    c.release();
+                }
+                if let Some(g) = grpc.take() {
+                    g.record(None);
+                }
+            }
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let Kind::Upstream {
+            body,
+            checkin,
+            grpc,
+        } = &mut this.kind
+        else {
+            let Kind::Fixed(bytes) = &mut this.kind else {
+                unreachable!()
+            };
+            return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))));
+        };
+        let frame = match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(frame) => frame,
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref() {
+                    if let Some(g) = grpc.take() {
+                        g.record(Some(trailers));
+                    }
+                }
+                if body.is_end_stream() {
+                    if let Some(c) = checkin.take() {
+                        c.release();
+                    }
+                    if let Some(g) = grpc.take() {
+                        g.record(None);
+                    }
+                }
+            }
+            None => {
+                // End of stream: the connection is reusable; a gRPC stream
+                // that ended without trailers is recorded as an error.
+                if let Some(c) = checkin.take() {
+                    c.release();
+                }
+                if let Some(g) = grpc.take() {
+                    g.record(None);
+                }
+            }
+            Some(Err(_)) => {
+                // A broken body: the connection is not reused (dropping the
+                // checkin closes it), and a pending gRPC outcome is an error.
+                checkin.take();
+                if let Some(g) = grpc.take() {
+                    g.record(None);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Fixed(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Fixed(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Fixed(None) => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,569 @@
+//! Workers, listeners and the per-request proxy logic.
+//!
+//! Serin runs N workers (default 1). Each is one OS thread with a
+//! current-thread tokio runtime, its own `SO_REUSEPORT` listener, its own
+//! upstream pools and its own stats: the shape of nginx workers and of
+//! pingora's no-steal runtime. Nothing on the request path is shared between
+//! workers except the route table (`ArcSwap`, one load per request) and the
+//! read-only configuration.
+//!
+//! A connection is served as HTTP/1.1 or HTTP/2 (prior knowledge, detected from
+//! the preface; or chosen by ALPN under TLS). Each request:
+//! split → rewrite headers → forward over the pool → classify → record →
+//! stream the response back. Failures are turned into responses by
+//! [`rescue`], the only place that picks an error status.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    VIA,
+};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::{PendingGrpc, ProxyBody};
+use crate::classify::{Classifier, Outcome};
+use crate::forward::{Checkin, Pool, RequestBody, UpstreamError, UpstreamProtocol};
+use crate::split::{FastRng, Target};
+use crate::stats::WorkerStats;
+use crate::{LocalExec, ProxyConfig, Routes};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_SERIN_UPSTREAM: HeaderName = HeaderName::from_static("x-serin-upstream");
+static X_SERIN_FALLBACK: HeaderName = HeaderName::from_static("x-serin-fallback");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// What every worker shares (read-only, or atomic).
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) routes: Routes,
+    pub(crate) classifier: Arc<Classifier>,
+    pub(crate) tls: Option<TlsAcceptor>,
+}
+
+/// One worker's request-path state. Lives on the worker's thread only.
+struct Worker {
+    shared: Arc<Shared>,
+    pools: [Rc<Pool>; 2],
+    stats: Arc<WorkerStats>,
+    rng: FastRng,
+    inflight: Cell<usize>,
+    request_seq: Cell<u64>,
+    request_prefix: u64,
+}
+
+/// Per-connection facts, computed once per connection.
+struct ConnMeta {
+    client_ip: HeaderValue,
+    proto: HeaderValue,
+}
+
+/// Runs one worker until `shutdown` fires and its connections have drained.
+pub(crate) fn run_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    stats: Arc<WorkerStats>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = TcpListener::from_std(listener)?;
+        let rng = FastRng::from_entropy(index as u64);
+        let request_prefix = rng.next_u64();
+        let pool_settings = shared.config.pool.clone();
+        let worker = Rc::new(Worker {
+            pools: [
+                Rc::new(Pool::new(
+                    shared.config.stable.clone(),
+                    pool_settings.clone(),
+                )),
+                Rc::new(Pool::new(shared.config.canary.clone(), pool_settings)),
+            ],
+            shared,
+            stats,
+            rng,
+            inflight: Cell::new(0),
+            request_seq: Cell::new(0),
+            request_prefix,
+        });
+        accept_loop(worker, listener, shutdown).await;
+        Ok(())
+    })
+}
+
+async fn accept_loop(
+    worker: Rc<Worker>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Rc::new(http_builder(&worker.shared.config));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::task::spawn_local(serve_connection(
+                        worker.clone(),
+                        builder.clone(),
+                        graceful.watcher(),
+                        stream,
+                        peer,
+                    ));
+                }
+                Err(e) => {
+                    // Usually EMFILE/ENFILE: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed; raise the open-file limit (ulimit -n) if this repeats");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let drain = worker.shared.config.drain_timeout;
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::debug!("worker drained"),
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!(?drain, "drain timeout: closing connections with requests still in flight");
+        }
+    }
+}
+
+fn http_builder(config: &ProxyConfig) -> auto::Builder<LocalExec> {
+    let mut builder = auto::Builder::new(LocalExec);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_bytes as u32)
+        .max_concurrent_streams(1024);
+    builder
+}
+
+async fn serve_connection(
+    worker: Rc<Worker>,
+    builder: Rc<auto::Builder<LocalExec>>,
+    watcher: Watcher,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let tls = worker.shared.tls.clone();
+    let meta = Rc::new(ConnMeta {
+        client_ip: HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        proto: HeaderValue::from_static(if tls.is_some() { "https" } else { "http" }),
+    });
+    let service = hyper::service::service_fn(move |req| proxy(worker.clone(), meta.clone(), req));
+    let result = match tls {
+        None => {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(conn.into_owned()).await
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+            let stream = match handshake.await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            watcher.watch(conn.into_owned()).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+// === the request path ===
+
+/// Decrements the worker's in-flight count when the request is done.
+struct InflightGuard(Rc<Worker>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.set(self.0.inflight.get() - 1);
+    }
+}
+
+/// Why serin answered a request itself.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// The upstream failed (connect, reset, timeout).
+    Upstream(Target, UpstreamError),
+    /// This worker has too many requests in flight.
+    Overloaded,
+}
+
+/// Maps a proxy error to the response the client sees: 502 for connect
+/// failure or reset, 504 for a timeout, 503 for overload. The only place that
+/// chooses these statuses.
+pub fn rescue(error: &ProxyError) -> Response<ProxyBody> {
+    let (status, text) = match error {
+        ProxyError::Overloaded => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "serin: overloaded, too many requests in flight; retry later\n",
+        ),
+        ProxyError::Upstream(_, e) => match e {
+            UpstreamError::Timeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "serin: upstream did not respond in time\n",
+            ),
+            UpstreamError::ConnectTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "serin: upstream connect timed out\n",
+            ),
+            UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
+                (StatusCode::BAD_GATEWAY, "serin: upstream connect failed\n")
+            }
+            UpstreamError::Broken { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "serin: upstream reset or closed the connection\n",
+            ),
+        },
+    };
+    let mut resp = Response::new(ProxyBody::fixed(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    if let ProxyError::Upstream(target, _) = error {
+        resp.headers_mut()
+            .insert(X_SERIN_UPSTREAM.clone(), upstream_value(*target));
+    }
+    resp
+}
+
+fn upstream_value(target: Target) -> HeaderValue {
+    HeaderValue::from_static(target.as_str())
+}
+
+async fn proxy(
+    worker: Rc<Worker>,
+    meta: Rc<ConnMeta>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let config = &worker.shared.config;
+    if worker.inflight.get() >= config.max_inflight {
+        return Ok(rescue(&ProxyError::Overloaded));
+    }
+    worker.inflight.set(worker.inflight.get() + 1);
+    let _inflight = InflightGuard(worker.clone());
+
+    let (target, _) = {
+        let table = worker.shared.routes.load();
+        config.split.decide(&table, req.headers(), &worker.rng)
+    };
+    let (mut parts, body) = req.into_parts();
+    let request_id = match parts.headers.get(&X_REQUEST_ID) {
+        Some(id) => id.clone(),
+        None => {
+            let id = worker.next_request_id();
+            parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+    let client_version = parts.version;
+    prepare_request(&mut parts.headers, &meta, config);
+
+    // A bodiless idempotent request to the canary can be replayed on stable
+    // if the canary fails it: the client never sees the canary's error.
+    let replay = (config.canary_fallback
+        && target == Target::Canary
+        && body.is_end_stream()
+        && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS))
+    .then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
+
+    let req = Request::from_parts(parts, RequestBody::Client(body));
+    let mut result = worker.forward(target, req).await;
+    let mut served_by = target;
+    let mut fell_back = false;
+
+    if let Some((method, uri, headers)) = replay {
+        let canary_failed = match &result {
+            Ok((resp, _)) => worker.shared.classifier.is_error_status(resp.status()),
+            Err(_) => true,
+        };
+        if canary_failed {
+            worker.record(Target::Canary, start, true);
+            let mut req = Request::new(RequestBody::Empty);
+            *req.method_mut() = method;
+            *req.uri_mut() = uri;
+            *req.headers_mut() = headers;
+            result = worker.forward(Target::Stable, req).await;
+            served_by = Target::Stable;
+            fell_back = true;
+        }
+    }
+
+    let mut resp = match result {
+        Ok((resp, checkin)) => worker.respond(served_by, start, resp, checkin),
+        Err(e) => {
+            worker.record(served_by, start, true);
+            tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
+            rescue(&ProxyError::Upstream(served_by, e))
+        }
+    };
+    *resp.version_mut() = client_version;
+    let headers = resp.headers_mut();
+    if config.headers.upstream_header {
+        headers.insert(X_SERIN_UPSTREAM.clone(), upstream_value(served_by));
+        if fell_back {
+            headers.insert(X_SERIN_FALLBACK.clone(), upstream_value(Target::Canary));
+        }
+    }
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), request_id);
+    }
+    Ok(resp)
+}
+
+impl Worker {
+    fn pool(&self, target: Target) -> &Rc<Pool> {
+        &self.pools[target.index()]
+    }
+
+    /// Sends a request to `target` under the response timeout, after the
+    /// upstream-specific rewrites (version, URI form, Host).
+    async fn forward(
+        &self,
+        target: Target,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), UpstreamError> {
+        let pool = self.pool(target);
+        let upstream = pool.upstream();
+        let config = &self.shared.config;
+        if config.headers.rewrite_host || !req.headers().contains_key(HOST) {
+            let host = match req.uri().authority() {
+                Some(a) if !config.headers.rewrite_host => {
+                    HeaderValue::from_str(a.as_str()).unwrap_or_else(|_| upstream.authority.clone())
+                }
+                _ => upstream.authority.clone(),
+            };
+            req.headers_mut().insert(HOST, host);
+        }
+        match upstream.protocol {
+            UpstreamProtocol::Http1 => {
+                *req.version_mut() = Version::HTTP_11;
+                if req.uri().authority().is_some() {
+                    let path = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    *req.uri_mut() = Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/"));
+                }
+            }
+            UpstreamProtocol::Http2 => {
+                *req.version_mut() = Version::HTTP_2;
+                if req.uri().authority().is_none() {
+                    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+                    let path = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    let absolute = format!("http://{}{}", host.unwrap_or("localhost"), path);
+                    if let Ok(uri) = Uri::try_from(absolute) {
+                        *req.uri_mut() = uri;
+                    }
+                }
+                // HTTP/2 carries the authority in the URI, not in Host.
+                req.headers_mut().remove(HOST);
+            }
+        }
+        let timeout = config.response_timeout;
+        match tokio::time::timeout(timeout, pool.send(req)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout {
+                url: upstream.url.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Classifies and records an upstream response, then prepares it for the client.
+    fn respond(
+        &self,
+        target: Target,
+        start: Instant,
+        resp: Response<Incoming>,
+        checkin: Option<Checkin>,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        let outcome = self
+            .shared
+            .classifier
+            .classify(parts.status, &parts.headers);
+        let grpc = match outcome {
+            Outcome::AwaitTrailers => Some(PendingGrpc {
+                stats: self.stats.clone(),
+                classifier: self.shared.classifier.clone(),
+                target,
+                latency: start.elapsed(),
+            }),
+            Outcome::Success | Outcome::Error => {
+                self.record(target, start, outcome == Outcome::Error);
+                None
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, ProxyBody::upstream(body, checkin, grpc))
+    }
+
+    /// Records an outcome for `target` with the latency since `start`.
+    #[inline]
+    fn record(&self, target: Target, start: Instant, error: bool) {
+        let now = Instant::now();
+        self.stats
+            .upstream(target)
+            .record(now, now.saturating_duration_since(start), error);
+    }
+
+    /// A request id unique across workers and restarts in practice:
+    /// a random per-worker prefix and a counter, 24 hex digits.
+    fn next_request_id(&self) -> HeaderValue {
+        let seq = self.request_seq.get().wrapping_add(1);
+        self.request_seq.set(seq);
+        let mut buf = [0u8; 24];
+        write_hex(&mut buf[..16], self.request_prefix);
+        write_hex(&mut buf[16..], seq);
+        HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    }
+}
+
+fn write_hex(out: &mut [u8], mut value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+/// The client-side rewrites of a request: hop-by-hop headers out,
+/// `X-Forwarded-*` and optional `Via` in.
+fn prepare_request(headers: &mut HeaderMap, meta: &ConnMeta, config: &ProxyConfig) {
+    // gRPC needs `te: trailers` end to end; any other TE is hop-by-hop.
+    let keep_te = headers
+        .get(TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(headers);
+    if keep_te {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    match headers.get(&X_FORWARDED_FOR) {
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), meta.client_ip.clone());
+        }
+        Some(existing) => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + meta.client_ip.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(meta.client_ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), meta.proto.clone());
+    if config.headers.via {
+        headers.append(VIA, HeaderValue::from_static("1.1 serin"));
+    }
+}
+
+/// Removes hop-by-hop headers: the fixed list of RFC 9110 §7.6.1 and any
+/// header named in `Connection`.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in [
+        &TRANSFER_ENCODING,
+        &TE,
+        &TRAILER,
+        &UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ] {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn request_ids_are_hex_and_distinct() {
+        let mut buf = [0u8; 8];
+        write_hex(&mut buf, 0xdead_beef);
+        assert_eq!(&buf, b"deadbeef");
+    }
+}
