@@ -478,17 +478,18 @@ fn upstream(
         key,
         hint: "give the upstream's URL, e.g. --stable http://127.0.0.1:8081 --canary http://127.0.0.1:8082",
     })?;
-    let protocol =
-        match protocol.unwrap_or("http1") {
-            "http1" => UpstreamProtocol::Http1,
-            "http2" | "h2c" => UpstreamProtocol::Http2,
-            other => return Err(ConfigError::invalid(
+    let protocol = match protocol.unwrap_or("http1") {
+        "http1" => UpstreamProtocol::Http1,
+        "http2" | "h2c" => UpstreamProtocol::Http2,
+        other => {
+            return Err(ConfigError::invalid(
                 protocol_key,
                 format!(
                     "must be \"http1\" or \"http2\" (got {other:?}); use http2 for gRPC upstreams"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     Upstream::parse(url, protocol).map_err(|e| ConfigError::invalid(key, e.to_string()))
 }
 
