@@ -23,45 +23,45 @@ fn invalid_config_exits_non_zero_naming_the_key_before_binding() {
         format!("listen = \"{addr}\"\n[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n[judge]\nmax_error_rate = 5\n"),
     )
     .unwrap();
-    let out = serin()
-        .args(["run", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("judge.max_error_rate"), "{err}");
-    assert!(err.contains("write 0.05 for 5%"), "{err}");
+    fails_with(
+        serin().args(["run", "--config"]).arg(&file),
+        "judge.max_error_rate",
+    );
+    fails_with(
+        serin().args(["run", "--config"]).arg(&file),
+        "write 0.05 for 5%",
+    );
     // Nothing was bound: the address is still free.
     std::net::TcpListener::bind(addr).expect("serin bound the port before failing");
-
-    let out = serin()
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("judge.max_error_rate"));
-
-    std::fs::write(&file, "[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n[judge]\nmax_eror_rate = 0.1\n").unwrap();
-    let out = serin()
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("max_eror_rate"),
-        "unknown keys are named"
+    fails_with(
+        serin().args(["check", "--config"]).arg(&file),
+        "judge.max_error_rate",
     );
 
-    let out = serin()
-        .args(["run", "--canary", "http://127.0.0.1:2"])
-        .env_remove("SERIN_STABLE")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stable.url"));
+    // Unknown keys are named.
+    std::fs::write(&file, "[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n[judge]\nmax_eror_rate = 0.1\n").unwrap();
+    fails_with(
+        serin().args(["check", "--config"]).arg(&file),
+        "max_eror_rate",
+    );
+
+    fails_with(
+        serin()
+            .args(["run", "--canary", "http://127.0.0.1:2"])
+            .env_remove("SERIN_STABLE"),
+        "stable.url",
+    );
+}
+
+/// Runs the command and asserts it exits 2 with `text` on stderr.
+fn fails_with(command: &mut Command, text: &str) {
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{command:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(text),
+        "{command:?}: expected {text:?} in {err}"
+    );
 }
 
 #[test]
