@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod metrics;
+pub mod webhook;
 
 use serin_proxy::{Proxy, RouteTable, Routes};
 

@@ -1,0 +1,300 @@
+//! Prometheus exposition (`GET /metrics`) with the names of DESIGN.md §3.
+//!
+//! Data-plane figures are not kept twice: a custom collector reads the
+//! proxy's own counters and windows at scrape time (relaxed atomic loads,
+//! nothing else), so the request path never touches a Prometheus type.
+//! Control-plane figures (rollbacks, rollout step) are ordinary registered
+//! metrics that the control plane updates.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use serin_proxy::stats::DURATION_BOUNDS_SECONDS;
+use serin_proxy::{Routes, Stats, Target};
+
+use crate::webhook::DeliveryStats;
+
+/// The quantiles exported by `serin_window_latency_seconds`.
+const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")];
+
+/// Every metric serin exports.
+pub struct Metrics {
+    registry: Registry,
+    rollbacks: IntCounterVec,
+    rollout_step: IntGauge,
+}
+
+impl Metrics {
+    /// Registers the metrics over the data plane's `stats` and `routes`.
+    pub fn new(stats: Stats, routes: Routes, webhooks: Arc<DeliveryStats>) -> Self {
+        let registry = Registry::default();
+        let rollbacks = IntCounterVec::new(
+            Opts::new("serin_rollbacks_total", "Canary rollbacks, by who did them"),
+            &["actor"],
+        )
+        .expect("valid metric");
+        let rollout_step = IntGauge::new(
+            "serin_rollout_step",
+            "Current rollout step (1-based; 0 when no rollout is running)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(rollbacks.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(rollout_step.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(DataPlaneCollector::new(stats, routes, webhooks)))
+            .expect("unique metrics");
+        // Show both actors from the start, so rate() works before the first rollback.
+        for actor in ["judge", "api"] {
+            rollbacks.with_label_values(&[actor]);
+        }
+        Self {
+            registry,
+            rollbacks,
+            rollout_step,
+        }
+    }
+
+    /// Counts one rollback by `actor` (`judge` or `api`).
+    pub fn record_rollback(&self, actor: &str) {
+        self.rollbacks.with_label_values(&[actor]).inc();
+    }
+
+    /// Sets the rollout step gauge.
+    pub fn set_rollout_step(&self, step: i64) {
+        self.rollout_step.set(step);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::default();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+// === impl DataPlaneCollector ===
+
+struct DataPlaneCollector {
+    stats: Stats,
+    routes: Routes,
+    webhooks: Arc<DeliveryStats>,
+    descs: Vec<Desc>,
+}
+
+const FAMILIES: [(&str, &str); 6] = [
+    (
+        "serin_requests_total",
+        "Requests forwarded, by upstream and outcome class",
+    ),
+    (
+        "serin_request_duration_seconds",
+        "Time to upstream response headers",
+    ),
+    (
+        "serin_canary_weight_ratio",
+        "Share of traffic routed to the canary, 0..1",
+    ),
+    (
+        "serin_window_error_ratio",
+        "Error ratio over the judge's rolling window",
+    ),
+    (
+        "serin_window_latency_seconds",
+        "Latency quantiles over the judge's rolling window",
+    ),
+    (
+        "serin_webhook_deliveries_total",
+        "Webhook deliveries, by outcome",
+    ),
+];
+
+impl DataPlaneCollector {
+    fn new(stats: Stats, routes: Routes, webhooks: Arc<DeliveryStats>) -> Self {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    vec![],
+                    Default::default(),
+                )
+                .expect("valid metric")
+            })
+            .collect();
+        Self {
+            stats,
+            routes,
+            webhooks,
+            descs,
+        }
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn family(index: usize, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let (name, help) = FAMILIES[index];
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn counter(pairs: &[(&str, &str)], value: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value as f64);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+impl Collector for DataPlaneCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = tokio::time::Instant::now();
+        let mut requests = Vec::default();
+        let mut durations = Vec::default();
+        let mut error_ratio = Vec::default();
+        let mut latency = Vec::default();
+        for target in Target::ALL {
+            let upstream = target.as_str();
+            let totals = self.stats.totals(target);
+            requests.push(counter(
+                &[("upstream", upstream), ("class", "success")],
+                totals.successes,
+            ));
+            requests.push(counter(
+                &[("upstream", upstream), ("class", "error")],
+                totals.errors,
+            ));
+
+            let mut h = Histogram::default();
+            let count = *totals.duration_cumulative.last().unwrap_or(&0);
+            h.set_sample_count(count);
+            h.set_sample_sum(totals.duration_sum_seconds);
+            h.set_bucket(
+                DURATION_BOUNDS_SECONDS
+                    .iter()
+                    .zip(&totals.duration_cumulative)
+                    .map(|(bound, cumulative)| {
+                        let mut b = Bucket::default();
+                        b.set_upper_bound(*bound);
+                        b.set_cumulative_count(*cumulative);
+                        b
+                    })
+                    .collect(),
+            );
+            let mut m = Metric::from_label(labels(&[("upstream", upstream)]));
+            m.set_histogram(h);
+            durations.push(m);
+
+            let window = self.stats.window_snapshot(target, now);
+            error_ratio.push(gauge(&[("upstream", upstream)], window.error_rate()));
+            for (q, label) in QUANTILES {
+                latency.push(gauge(
+                    &[("upstream", upstream), ("quantile", label)],
+                    window.quantile(q).as_secs_f64(),
+                ));
+            }
+        }
+        let weight = f64::from(self.routes.load().canary_weight_bp) / 10_000.0;
+        let w = &self.webhooks;
+        let deliveries = vec![
+            counter(
+                &[("outcome", "delivered")],
+                w.delivered.load(Ordering::Relaxed),
+            ),
+            counter(&[("outcome", "retried")], w.retried.load(Ordering::Relaxed)),
+            counter(&[("outcome", "failed")], w.failed.load(Ordering::Relaxed)),
+            counter(&[("outcome", "dropped")], w.dropped.load(Ordering::Relaxed)),
+        ];
+        vec![
+            family(0, MetricType::COUNTER, requests),
+            family(1, MetricType::HISTOGRAM, durations),
+            family(2, MetricType::GAUGE, vec![gauge(&[], weight)]),
+            family(3, MetricType::GAUGE, error_ratio),
+            family(4, MetricType::GAUGE, latency),
+            family(5, MetricType::COUNTER, deliveries),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serin_proxy::RouteTable;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn exposition_has_the_contract_names_and_values() {
+        let stats = Stats::new(1, Duration::from_secs(10), tokio::time::Instant::now());
+        let routes = Routes::new(RouteTable::new(1_250));
+        let metrics = Metrics::new(stats.clone(), routes, Arc::default());
+        let canary = stats.worker(0);
+        let now = tokio::time::Instant::now();
+        canary
+            .upstream(Target::Canary)
+            .record(now, Duration::from_millis(3), true);
+        canary
+            .upstream(Target::Canary)
+            .record(now, Duration::from_millis(30), false);
+        metrics.record_rollback("judge");
+        metrics.set_rollout_step(2);
+        let text = metrics.render();
+        for line in [
+            "serin_requests_total{upstream=\"canary\",class=\"error\"} 1",
+            "serin_requests_total{upstream=\"canary\",class=\"success\"} 1",
+            "serin_request_duration_seconds_bucket{upstream=\"canary\",le=\"0.005\"} 1",
+            "serin_request_duration_seconds_bucket{upstream=\"canary\",le=\"+Inf\"} 2",
+            "serin_request_duration_seconds_count{upstream=\"canary\"} 2",
+            "serin_canary_weight_ratio 0.125",
+            "serin_rollbacks_total{actor=\"judge\"} 1",
+            "serin_rollbacks_total{actor=\"api\"} 0",
+            "serin_rollout_step 2",
+            "serin_window_error_ratio{upstream=\"canary\"} 0.5",
+            "serin_window_error_ratio{upstream=\"stable\"} 0",
+            "serin_webhook_deliveries_total{outcome=\"dropped\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(text.contains("# TYPE serin_request_duration_seconds histogram"));
+        assert!(
+            text.contains("serin_window_latency_seconds{upstream=\"canary\",quantile=\"0.95\"}")
+        );
+    }
+}
