@@ -2,6 +2,7 @@
 //! [`serve`], which starts the data plane and runs until SIGTERM/SIGINT.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod webhook;

@@ -15,12 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::{Request, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 
+use crate::client::send;
 use crate::config::WebhookSettings;
 
 /// The JSON body of every webhook (DESIGN.md §3).
@@ -248,7 +249,7 @@ async fn post(url: &str, id: &str, body: &Bytes, signature: Option<&str>) -> Res
             http::HeaderValue::from_str(sig).map_err(|e| e.to_string())?,
         );
     }
-    let status = if https {
+    let (status, _) = if https {
         let connector = tokio_rustls::TlsConnector::from(tls_client());
         let name =
             rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
@@ -265,20 +266,6 @@ async fn post(url: &str, id: &str, body: &Bytes, signature: Option<&str>) -> Res
     } else {
         Err(format!("receiver answered {status}"))
     }
-}
-
-async fn send<I>(io: I, req: Request<Full<Bytes>>) -> Result<http::StatusCode, String>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let _ = resp.into_body().collect().await;
-    Ok(status)
 }
 
 fn tls_client() -> Arc<rustls::ClientConfig> {
