@@ -1,1 +1,2 @@
 //! serin control plane (under construction).
+pub mod inject;
