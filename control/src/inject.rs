@@ -11,6 +11,7 @@
 mod patch;
 mod serve;
 mod sidecar;
+mod yaml;
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -284,15 +285,14 @@ pub fn parse_documents(input: &str) -> Result<Vec<Value>, InjectError> {
     Ok(docs)
 }
 
-/// Renders documents as multi-document YAML.
+/// Renders documents as multi-document YAML, quoting for both YAML 1.1 and 1.2 readers.
 pub fn render_documents(docs: &[Value]) -> String {
     let mut out = String::new();
     for (i, doc) in docs.iter().enumerate() {
         if i > 0 {
             out.push_str("---\n");
         }
-        // Serialising a serde_json::Value to YAML cannot fail: keys are strings.
-        out.push_str(&serde_norway::to_string(doc).unwrap_or_default());
+        out.push_str(&yaml::to_yaml(doc));
     }
     out
 }
