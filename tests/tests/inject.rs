@@ -5,6 +5,7 @@
 //! expected output, or `NAME.error.txt` the expected error. `SERIN_BLESS=1` rewrites them.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -338,8 +339,11 @@ struct Webhook {
 
 impl Webhook {
     async fn start() -> Self {
+        // One folder per server: tests run in parallel in one process.
+        static SERVERS: AtomicUsize = AtomicUsize::new(0);
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("inject-webhook-{}", std::process::id()));
+            .join(format!("inject-webhook-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let certified = rcgen::generate_simple_self_signed(vec![
             "127.0.0.1".to_owned(),
@@ -382,22 +386,48 @@ impl Webhook {
     }
 
     async fn request(&self, method: Method, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        self.request_over(false, method, path, body).await
+    }
+
+    /// One request on a new TLS connection, over HTTP/2 (ALPN `h2`, as the API server
+    /// prefers) or HTTP/1.1.
+    async fn request_over(
+        &self,
+        h2: bool,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Vec<u8>) {
         let tcp = TcpStream::connect(self.addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(self.client.clone());
+        let mut client = (*self.client).clone();
+        if h2 {
+            client.alpn_protocols = vec![b"h2".to_vec()];
+        }
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let name = ServerName::IpAddress(self.addr.ip().into());
         let tls = connector.connect(name, tcp).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
-            .uri(path)
-            .header("host", "serin-injector.serin-system.svc")
+            .uri(format!("https://serin-injector.serin-system.svc{path}"))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
             .unwrap();
-        let res = sender.send_request(req).await.unwrap();
+        let res = if h2 {
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+            let executor = hyper_util::rt::TokioExecutor::new();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(executor, TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        };
         let status = res.status();
         (
             status,
@@ -496,6 +526,19 @@ async fn webhook_patches_an_opted_in_pod_like_the_cli_does() {
         patched["spec"]["containers"][0]["ports"][0]["name"],
         "app-http"
     );
+
+    // The same review over HTTP/2 gets the same patch.
+    let (status, body) = hook
+        .request_over(
+            true,
+            Method::POST,
+            "/inject",
+            admission_review("705ab4f5-6393-11e8-b7cc-42010a800002", &pod),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let over_h2: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(over_h2["response"], response);
 
     // The API server re-sends the patched pod on reinvocation: nothing more to do.
     let again = hook.review(admission_review("second", &patched)).await;

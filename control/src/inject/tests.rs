@@ -151,3 +151,36 @@ fn outbound_listens_on_localhost_and_needs_a_stable_url() {
     assert_eq!(spec["containers"][1]["args"][2], "127.0.0.1:15080");
     assert_eq!(spec["containers"][1]["args"][4], "http://api.shop.svc:80");
 }
+
+#[test]
+fn cli_arguments_are_consistent() {
+    use clap::{CommandFactory, Parser};
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        inject: InjectArgs,
+    }
+    Cli::command().debug_assert();
+    assert!(
+        Cli::try_parse_from(["inject"]).is_err(),
+        "-f or --serve is required"
+    );
+    assert!(
+        Cli::try_parse_from(["inject", "--serve"]).is_err(),
+        "--serve needs TLS files"
+    );
+    assert!(Cli::try_parse_from([
+        "inject",
+        "--serve",
+        "-f",
+        "x",
+        "--tls-cert",
+        "c",
+        "--tls-key",
+        "k"
+    ])
+    .is_err());
+    let serve =
+        Cli::try_parse_from(["inject", "--serve", "--tls-cert", "c", "--tls-key", "k"]).unwrap();
+    assert_eq!(serve.inject.listen.to_string(), "0.0.0.0:8443");
+}
