@@ -37,6 +37,7 @@ pub struct InjectArgs {
         short = 'f',
         long = "filename",
         value_name = "FILE",
+        env = "SERIN_INJECT_FILENAME",
         required_unless_present = "serve"
     )]
     pub filename: Option<PathBuf>,
@@ -71,7 +72,12 @@ pub struct InjectArgs {
     pub admin_port: u16,
 
     /// Serve the mutating admission webhook instead of rewriting a file.
-    #[arg(long, conflicts_with = "filename", requires_all = ["tls_cert", "tls_key"])]
+    #[arg(
+        long,
+        env = "SERIN_INJECT_SERVE",
+        conflicts_with = "filename",
+        requires_all = ["tls_cert", "tls_key"]
+    )]
     pub serve: bool,
 
     /// PEM certificate chain of the webhook server.

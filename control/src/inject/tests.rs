@@ -1,3 +1,5 @@
+//! Unit tests of `serin inject`: the CLI shape, injection, refusals and pass-through.
+
 use super::*;
 use serde_json::json;
 
@@ -183,4 +185,19 @@ fn cli_arguments_are_consistent() {
     let serve =
         Cli::try_parse_from(["inject", "--serve", "--tls-cert", "c", "--tls-key", "k"]).unwrap();
     assert_eq!(serve.inject.listen.to_string(), "0.0.0.0:8443");
+}
+
+#[test]
+fn list_items_are_named_by_their_position() {
+    let list = format!(
+        "kind: List\napiVersion: v1\nitems:\n- {}",
+        WEB.replace("name: http,", "name: web,")
+            .trim()
+            .replace('\n', "\n  ")
+    );
+    let e = inject(&list).unwrap_err().to_string();
+    assert!(
+        e.starts_with("cannot inject Deployment shop/web (List item 1): no named port"),
+        "{e}"
+    );
 }
