@@ -201,3 +201,50 @@ fn list_items_are_named_by_their_position() {
         "{e}"
     );
 }
+
+#[test]
+fn other_unsafe_pods_are_refused() {
+    let cases = [
+        (
+            WEB.replace(
+                "      containers:",
+                "      hostNetwork: true\n      containers:",
+            ),
+            "hostNetwork",
+        ),
+        (
+            WEB.replace(
+                "      containers:",
+                "      volumes: [{name: serin-state, emptyDir: {}}]\n      containers:",
+            ),
+            "volume name clash",
+        ),
+        (
+            WEB.replace("name: http,", "name: web-frontend,").replace(
+                "serin.dev/inject: enabled",
+                "serin.dev/inject: enabled\n        serin.dev/port: web-frontend",
+            ),
+            "too long",
+        ),
+        (WEB.replace("\"0.02\"", "0.02"), "must be a string"),
+        (
+            WEB.replace("serin.dev/inject: enabled", "serin.dev/inject: \"true\""),
+            "must be enabled or disabled",
+        ),
+        (
+            WEB.replace("http://web-canary.shop.svc:80", "web-canary:80"),
+            "is not an http:// or https:// URL",
+        ),
+        (
+            WEB.replace("\"0.02\"", "\"0.02\"\n        serin.dev/max-p95: fast"),
+            "positive duration",
+        ),
+    ];
+    for (input, problem) in cases {
+        let e = inject(&input).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot inject Deployment shop/web: ") && e.contains(problem),
+            "{problem}: {e}"
+        );
+    }
+}
