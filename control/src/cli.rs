@@ -26,6 +26,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// A self-contained tour: demo upstreams, a rollout, a breaking canary, the auto-revert.
     Demo(DemoArgs),
+    /// Add the serin sidecar to Kubernetes manifests, or serve the injection webhook.
+    Inject(Box<crate::inject::InjectArgs>),
     /// Validate a config file and print what is wrong and where.
     Check {
         /// The TOML config file to check.

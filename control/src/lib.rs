@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod inject;
 pub mod metrics;
 pub mod webhook;
 

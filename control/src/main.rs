@@ -15,6 +15,7 @@ fn main() -> ExitCode {
             eprintln!("serin demo arrives with the control plane; for now try `serin run --stable URL --canary URL`");
             ExitCode::from(2)
         }
+        Command::Inject(args) => inject(*args),
         Command::Check { config } => match Config::load(Some(&config), &Overrides::default()) {
             Ok(c) => {
                 println!(
@@ -60,6 +61,28 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("serin: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn inject(args: serin_control::inject::InjectArgs) -> ExitCode {
+    serin_control::init_logging("info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("serin: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serin_control::inject::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("serin inject: {e}");
+            ExitCode::from(2)
         }
     }
 }
