@@ -1,1 +1,10 @@
-//! serin control plane (under construction).
+//! serin's control plane: the judge, the rollout state machine, the state
+//! store and the controller that ties them to the data plane's route table
+//! and stats.
+//!
+//! Nothing here runs on the request path. The data plane only ever sees the
+//! results: a new route table swapped in whole.
+
+pub mod judge;
+
+pub use judge::{Judge, JudgePolicy, PolicyError, Verdict};
