@@ -380,7 +380,7 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// Formats a duration the way users write it: `10s`, `1.5s`, `250ms`.
-struct Secs(Duration);
+pub(crate) struct Secs(pub(crate) Duration);
 
 impl fmt::Display for Secs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -6,5 +6,9 @@
 //! results: a new route table swapped in whole.
 
 pub mod judge;
+pub mod rollout;
 
 pub use judge::{Judge, JudgePolicy, PolicyError, Verdict};
+pub use rollout::{
+    Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, RolloutState, Transition,
+};
