@@ -7,8 +7,13 @@
 
 pub mod judge;
 pub mod rollout;
+pub mod store;
+
+#[cfg(test)]
+mod test_support;
 
 pub use judge::{Judge, JudgePolicy, PolicyError, Verdict};
 pub use rollout::{
     Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, RolloutState, Transition,
 };
+pub use store::{PersistedState, StateStore, StoreError};
