@@ -5,6 +5,7 @@
 //! Nothing here runs on the request path. The data plane only ever sees the
 //! results: a new route table swapped in whole.
 
+pub mod controller;
 pub mod judge;
 pub mod rollout;
 pub mod store;
@@ -12,6 +13,9 @@ pub mod store;
 #[cfg(test)]
 mod test_support;
 
+pub use controller::{
+    Controller, ControllerConfig, ControllerError, Notification, Status, UpstreamStatus, Upstreams,
+};
 pub use judge::{Judge, JudgePolicy, PolicyError, Verdict};
 pub use rollout::{
     Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, RolloutState, Transition,

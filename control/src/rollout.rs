@@ -430,9 +430,13 @@ impl Rollout {
     }
 
     /// Records a start-up transition from `from_bp` to the current weight
-    /// (e.g. "loaded state", or "state file corrupt; canary at 0").
+    /// (e.g. "loaded state", or "state file corrupt; canary at 0"). It
+    /// becomes the current reason only if there is none, so a loaded
+    /// rollback keeps saying why it happened.
     pub fn record_startup(&mut self, from_bp: u16, reason: String) {
-        self.reason.clone_from(&reason);
+        if self.reason.is_empty() {
+            self.reason.clone_from(&reason);
+        }
         self.record(from_bp, Actor::Startup, reason);
     }
 

@@ -14,6 +14,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -144,6 +145,19 @@ impl StateStore {
         serde_json::from_slice(&bytes).map(Some).map_err(corrupt)
     }
 
+    /// Moves an unusable state file aside, to `state.json.corrupt-<unix
+    /// seconds>`, so that the next save does not destroy the evidence.
+    /// Returns where it went.
+    pub fn quarantine(&self) -> io::Result<PathBuf> {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let aside = self.dir.join(format!("{STATE_FILE}.corrupt-{secs}"));
+        fs::rename(self.path(), &aside)?;
+        Ok(aside)
+    }
+
     /// Saves `state` atomically (temp file, fsync, rename, fsync of the
     /// directory), creating the directory if needed.
     pub fn save(&self, state: &PersistedState) -> Result<(), StoreError> {
@@ -263,6 +277,15 @@ mod tests {
 
         fs::write(store.path(), b"\x00\xff not json").unwrap();
         assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
+
+        let aside = store.quarantine().unwrap();
+        assert!(aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("state.json.corrupt-"));
+        assert!(store.load().unwrap().is_none());
+        assert_eq!(fs::read(aside).unwrap(), b"\x00\xff not json");
     }
 
     #[test]
