@@ -208,6 +208,13 @@ impl Controller {
         events: Option<mpsc::Sender<Notification>>,
     ) -> Result<Self, ControllerError> {
         let judge = Judge::new(config.policy.clone())?;
+        if stats.window() != config.policy.window {
+            tracing::warn!(
+                stats_window = ?stats.window(),
+                judge_window = ?config.policy.window,
+                "the stats window differs from the judge's; reasons will quote the judge's"
+            );
+        }
         let now = Instant::now();
         let canary_total = stats.request_count(Target::Canary);
         let rollout = load_rollout(&store, &config, now, canary_total).await?;

@@ -18,6 +18,7 @@ pub use controller::{
 };
 pub use judge::{Judge, JudgePolicy, PolicyError, Verdict};
 pub use rollout::{
-    Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, RolloutState, Transition,
+    parse_hold, Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, RolloutState,
+    Transition,
 };
 pub use store::{PersistedState, StateStore, StoreError};

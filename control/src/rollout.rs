@@ -231,6 +231,12 @@ pub enum RolloutError {
         /// The current phase.
         phase: Phase,
     },
+    /// A hold that is not a duration.
+    #[error("hold must be a duration like 60s, 5m, 1m30s or 500ms (got {got:?})")]
+    InvalidHold {
+        /// The text given.
+        got: String,
+    },
     /// A saved state that cannot be right.
     #[error("saved rollout state is invalid: {0}")]
     InvalidState(String),
@@ -718,6 +724,39 @@ fn validate_steps(steps: &[f64]) -> Result<Vec<f64>, RolloutError> {
         return Err(RolloutError::LastStepNot100 { last });
     }
     Ok(out)
+}
+
+/// Parses a hold as users write it: whole numbers with a unit, `ms`, `s`,
+/// `m` or `h`, optionally combined (`60s`, `5m`, `1m30s`, `500ms`).
+pub fn parse_hold(text: &str) -> Result<Duration, RolloutError> {
+    let invalid = || RolloutError::InvalidHold {
+        got: text.to_string(),
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(invalid)?;
+        let value: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let part = match &rest[..unit] {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value.saturating_mul(60)),
+            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            _ => return Err(invalid()),
+        };
+        total = total.saturating_add(part);
+        rest = &rest[unit..];
+    }
+    Ok(total)
 }
 
 /// A percentage (0..=100, finite) in basis points, rounded to 0.01%.

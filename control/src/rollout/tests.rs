@@ -390,3 +390,19 @@ fn rfc3339_formats_utc() {
     let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
     assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
 }
+
+#[test]
+fn holds_parse_as_users_write_them() {
+    assert_eq!(parse_hold("60s"), Ok(Duration::from_secs(60)));
+    assert_eq!(parse_hold("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_hold("1m30s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse_hold("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_hold("1h"), Ok(Duration::from_secs(3600)));
+    for bad in ["", "60", "s", "1.5s", "10 s", "-1s", "1d"] {
+        assert!(parse_hold(bad).is_err(), "{bad:?}");
+    }
+    assert_eq!(
+        parse_hold("60").unwrap_err().to_string(),
+        "hold must be a duration like 60s, 5m, 1m30s or 500ms (got \"60\")"
+    );
+}
