@@ -44,6 +44,16 @@ async fn start(tmp: &TempDir, config: ControllerConfig, routes: Routes) -> Runni
     }
 }
 
+/// Starts with `initial_weight` (percent) configured and the route table
+/// at `routes_bp` before the controller applies the loaded state.
+async fn start_at(tmp: &TempDir, initial_weight: f64, routes_bp: u16) -> Running {
+    let config = ControllerConfig {
+        initial_weight,
+        ..config()
+    };
+    start(tmp, config, Routes::new(RouteTable::new(routes_bp))).await
+}
+
 fn feed(stats: &Stats, target: Target, n: u64, error: bool) {
     let now = Instant::now();
     for _ in 0..n {
@@ -88,7 +98,7 @@ async fn failing_canary_is_reverted_persisted_and_stays_reverted_after_restart()
         controller,
         stats,
         mut events,
-    } = start(&tmp, config(), Routes::new(RouteTable::new(0))).await;
+    } = start_at(&tmp, 0.0, 0).await;
     controller.set_weight(10.0).await.unwrap();
     assert_eq!(controller.routes().load().canary_weight_bp, 1000);
 
@@ -131,15 +141,7 @@ async fn failing_canary_is_reverted_persisted_and_stays_reverted_after_restart()
     // A restart from the same directory keeps it at 0, whatever the
     // routes or the configured initial weight say.
     drop(controller);
-    let restarted = start(
-        &tmp,
-        ControllerConfig {
-            initial_weight: 50.0,
-            ..config()
-        },
-        Routes::new(RouteTable::new(10_000)),
-    )
-    .await;
+    let restarted = start_at(&tmp, 50.0, 10_000).await;
     let c = &restarted.controller;
     assert_eq!(c.routes().load().canary_weight_bp, 0);
     let status = c.status().await;
@@ -165,15 +167,7 @@ async fn corrupt_state_starts_at_zero_and_is_kept_aside() {
         "{\"version\": 1, \"rollout\": tru",
     )
     .unwrap();
-    let running = start(
-        &tmp,
-        ControllerConfig {
-            initial_weight: 20.0,
-            ..config()
-        },
-        Routes::new(RouteTable::new(5000)),
-    )
-    .await;
+    let running = start_at(&tmp, 20.0, 5000).await;
     let c = &running.controller;
     assert_eq!(c.routes().load().canary_weight_bp, 0);
     let status = c.status().await;
@@ -202,15 +196,7 @@ async fn corrupt_state_starts_at_zero_and_is_kept_aside() {
 #[tokio::test(start_paused = true)]
 async fn no_state_starts_at_the_initial_weight() {
     let tmp = TempDir::new("controller-initial");
-    let running = start(
-        &tmp,
-        ControllerConfig {
-            initial_weight: 12.5,
-            ..config()
-        },
-        Routes::new(RouteTable::new(0)),
-    )
-    .await;
+    let running = start_at(&tmp, 12.5, 0).await;
     let c = &running.controller;
     assert_eq!(c.routes().load().canary_weight_bp, 1250);
     assert_eq!(c.status().await.rollout.phase, Phase::Manual);
@@ -225,7 +211,7 @@ async fn api_calls_persist_before_returning_and_emit_events() {
         controller: c,
         mut events,
         ..
-    } = start(&tmp, config(), Routes::new(RouteTable::new(0))).await;
+    } = start_at(&tmp, 0.0, 0).await;
 
     let status = c
         .rollout(None, Some(Duration::from_secs(30)))
@@ -333,7 +319,7 @@ async fn a_step_without_traffic_holds_and_says_so_once() {
         controller: c,
         mut events,
         ..
-    } = start(&tmp, config(), Routes::new(RouteTable::new(0))).await;
+    } = start_at(&tmp, 0.0, 0).await;
     c.rollout(None, Some(Duration::from_secs(1))).await.unwrap();
     assert_eq!(events.try_recv().unwrap().event, Event::Step);
     for _ in 0..500 {
@@ -363,7 +349,7 @@ async fn idle_windows_are_not_evaluated_every_tick() {
         controller: c,
         stats,
         ..
-    } = start(&tmp, config(), Routes::new(RouteTable::new(0))).await;
+    } = start_at(&tmp, 0.0, 0).await;
     for _ in 0..500 {
         tick().await;
     }
@@ -384,7 +370,7 @@ async fn status_has_the_documented_shape() {
         controller: c,
         stats,
         ..
-    } = start(&tmp, config(), Routes::new(RouteTable::new(0))).await;
+    } = start_at(&tmp, 0.0, 0).await;
     c.set_weight(12.5).await.unwrap();
     feed(&stats, Target::Canary, 3, true);
     feed(&stats, Target::Canary, 1, false);
