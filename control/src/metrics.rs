@@ -3,8 +3,8 @@
 //! Data-plane figures are not kept twice: a custom collector reads the
 //! proxy's own counters and windows at scrape time (relaxed atomic loads,
 //! nothing else), so the request path never touches a Prometheus type.
-//! Control-plane figures (rollbacks, rollout step) are ordinary registered
-//! metrics that the control plane updates.
+//! Control-plane figures are read from the controller the same way, except
+//! the rollout step, which the API sets before each scrape.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,10 +13,12 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 use serin_proxy::stats::DURATION_BOUNDS_SECONDS;
-use serin_proxy::{Routes, Stats, Target};
+use serin_proxy::Target;
 
+use crate::controller::Controller;
+use crate::rollout::Actor;
 use crate::webhook::DeliveryStats;
 
 /// The quantiles exported by `serin_window_latency_seconds`.
@@ -25,47 +27,29 @@ const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99"
 /// Every metric serin exports.
 pub struct Metrics {
     registry: Registry,
-    rollbacks: IntCounterVec,
     rollout_step: IntGauge,
 }
 
 impl Metrics {
-    /// Registers the metrics over the data plane's `stats` and `routes`.
-    pub fn new(stats: Stats, routes: Routes, webhooks: Arc<DeliveryStats>) -> Self {
-        let registry = Registry::default();
-        let rollbacks = IntCounterVec::new(
-            Opts::new("serin_rollbacks_total", "Canary rollbacks, by who did them"),
-            &["actor"],
-        )
-        .expect("valid metric");
+    /// Registers the metrics over the controller's stats, routes and
+    /// rollback counts, and the webhook delivery counters.
+    pub fn new(controller: Controller, webhooks: Arc<DeliveryStats>) -> Self {
+        let registry = Registry::new();
         let rollout_step = IntGauge::new(
             "serin_rollout_step",
             "Current rollout step (1-based; 0 when no rollout is running)",
         )
         .expect("valid metric");
         registry
-            .register(Box::new(rollbacks.clone()))
-            .expect("unique metric");
-        registry
             .register(Box::new(rollout_step.clone()))
             .expect("unique metric");
         registry
-            .register(Box::new(DataPlaneCollector::new(stats, routes, webhooks)))
+            .register(Box::new(Exporter::new(controller, webhooks)))
             .expect("unique metrics");
-        // Show both actors from the start, so rate() works before the first rollback.
-        for actor in ["judge", "api"] {
-            rollbacks.with_label_values(&[actor]);
-        }
         Self {
             registry,
-            rollbacks,
             rollout_step,
         }
-    }
-
-    /// Counts one rollback by `actor` (`judge` or `api`).
-    pub fn record_rollback(&self, actor: &str) {
-        self.rollbacks.with_label_values(&[actor]).inc();
     }
 
     /// Sets the rollout step gauge.
@@ -85,14 +69,15 @@ impl Metrics {
 
 // === impl DataPlaneCollector ===
 
-struct DataPlaneCollector {
-    stats: Stats,
-    routes: Routes,
+/// Reads the data plane's counters and windows, the route table and the
+/// controller's rollback counts at scrape time.
+struct Exporter {
+    controller: Controller,
     webhooks: Arc<DeliveryStats>,
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 6] = [
+const FAMILIES: [(&str, &str); 7] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class",
@@ -117,10 +102,14 @@ const FAMILIES: [(&str, &str); 6] = [
         "serin_webhook_deliveries_total",
         "Webhook deliveries, by outcome",
     ),
+    (
+        "serin_rollbacks_total",
+        "Canary rollbacks since start, by who did them",
+    ),
 ];
 
-impl DataPlaneCollector {
-    fn new(stats: Stats, routes: Routes, webhooks: Arc<DeliveryStats>) -> Self {
+impl Exporter {
+    fn new(controller: Controller, webhooks: Arc<DeliveryStats>) -> Self {
         let descs = FAMILIES
             .iter()
             .map(|(name, help)| {
@@ -134,8 +123,7 @@ impl DataPlaneCollector {
             })
             .collect();
         Self {
-            stats,
-            routes,
+            controller,
             webhooks,
             descs,
         }
@@ -180,20 +168,21 @@ fn counter(pairs: &[(&str, &str)], value: u64) -> Metric {
     m
 }
 
-impl Collector for DataPlaneCollector {
+impl Collector for Exporter {
     fn desc(&self) -> Vec<&Desc> {
         self.descs.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         let now = tokio::time::Instant::now();
+        let stats = self.controller.stats();
         let mut requests = Vec::default();
         let mut durations = Vec::default();
         let mut error_ratio = Vec::default();
         let mut latency = Vec::default();
         for target in Target::ALL {
             let upstream = target.as_str();
-            let totals = self.stats.totals(target);
+            let totals = stats.totals(target);
             requests.push(counter(
                 &[("upstream", upstream), ("class", "success")],
                 totals.successes,
@@ -223,7 +212,7 @@ impl Collector for DataPlaneCollector {
             m.set_histogram(h);
             durations.push(m);
 
-            let window = self.stats.window_snapshot(target, now);
+            let window = stats.window_snapshot(target, now);
             error_ratio.push(gauge(&[("upstream", upstream)], window.error_rate()));
             for (q, label) in QUANTILES {
                 latency.push(gauge(
@@ -232,7 +221,7 @@ impl Collector for DataPlaneCollector {
                 ));
             }
         }
-        let weight = f64::from(self.routes.load().canary_weight_bp) / 10_000.0;
+        let weight = f64::from(self.controller.routes().load().canary_weight_bp) / 10_000.0;
         let w = &self.webhooks;
         let deliveries = vec![
             counter(
@@ -250,6 +239,14 @@ impl Collector for DataPlaneCollector {
             family(3, MetricType::GAUGE, error_ratio),
             family(4, MetricType::GAUGE, latency),
             family(5, MetricType::COUNTER, deliveries),
+            family(
+                6,
+                MetricType::COUNTER,
+                [Actor::Judge, Actor::Api]
+                    .into_iter()
+                    .map(|a| counter(&[("actor", a.as_str())], self.controller.rollbacks_total(a)))
+                    .collect(),
+            ),
         ]
     }
 }
@@ -257,14 +254,28 @@ impl Collector for DataPlaneCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serin_proxy::RouteTable;
+    use crate::controller::ControllerConfig;
+    use crate::store::StateStore;
+    use crate::test_support::TempDir;
+    use serin_proxy::{RouteTable, Routes, Stats};
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn exposition_has_the_contract_names_and_values() {
+        let tmp = TempDir::new("metrics");
         let stats = Stats::new(1, Duration::from_secs(10), tokio::time::Instant::now());
-        let routes = Routes::new(RouteTable::new(1_250));
-        let metrics = Metrics::new(stats.clone(), routes, Arc::default());
+        let controller = Controller::start(
+            ControllerConfig::default(),
+            Routes::new(RouteTable::new(0)),
+            stats.clone(),
+            StateStore::new(&tmp.0),
+            None,
+        )
+        .await
+        .unwrap();
+        controller.rollback().await.unwrap();
+        controller.set_weight(12.5).await.unwrap();
+        let metrics = Metrics::new(controller, Arc::default());
         let canary = stats.worker(0);
         let now = tokio::time::Instant::now();
         canary
@@ -273,7 +284,6 @@ mod tests {
         canary
             .upstream(Target::Canary)
             .record(now, Duration::from_millis(30), false);
-        metrics.record_rollback("judge");
         metrics.set_rollout_step(2);
         let text = metrics.render();
         for line in [
@@ -283,8 +293,8 @@ mod tests {
             "serin_request_duration_seconds_bucket{upstream=\"canary\",le=\"+Inf\"} 2",
             "serin_request_duration_seconds_count{upstream=\"canary\"} 2",
             "serin_canary_weight_ratio 0.125",
-            "serin_rollbacks_total{actor=\"judge\"} 1",
-            "serin_rollbacks_total{actor=\"api\"} 0",
+            "serin_rollbacks_total{actor=\"api\"} 1",
+            "serin_rollbacks_total{actor=\"judge\"} 0",
             "serin_rollout_step 2",
             "serin_window_error_ratio{upstream=\"canary\"} 0.5",
             "serin_window_error_ratio{upstream=\"stable\"} 0",
