@@ -182,6 +182,39 @@ async fn failing_canary_is_reverted_persisted_and_stays_reverted_after_restart()
 }
 
 #[tokio::test(start_paused = true)]
+async fn blast_radius_of_a_long_healthy_canary_that_breaks() {
+    // 1,000 req/s, canary at 10%, split by the live route table. After a
+    // minute of health the canary fails every request; count the failed
+    // responses clients see before the revert.
+    let tmp = TempDir::new("controller-blast");
+    let Running {
+        controller: c,
+        stats,
+        mut events,
+    } = start_at(&tmp, 10.0, 0).await;
+    let mut share = 0u64;
+    let mut failed = 0;
+    for t in 0..(60_000 + 5_000) / 10 {
+        let broken = t >= 6_000;
+        for _ in 0..10 {
+            share += u64::from(c.routes().load().canary_weight_bp);
+            if share >= 10_000 {
+                share -= 10_000;
+                feed(&stats, Target::Canary, 1, broken);
+                failed += u64::from(broken);
+            } else {
+                feed(&stats, Target::Stable, 1, false);
+            }
+        }
+        tick().await;
+    }
+    assert_eq!(c.routes().load().canary_weight_bp, 0);
+    assert!(failed <= 30, "{failed} failed responses before the revert");
+    let n = next_event(&mut events).await;
+    assert_eq!((n.event, n.actor), (Event::Rollback, Actor::Judge));
+}
+
+#[tokio::test(start_paused = true)]
 async fn corrupt_state_starts_at_zero_and_is_kept_aside() {
     let tmp = TempDir::new("controller-corrupt");
     fs::create_dir_all(&tmp.0).unwrap();
