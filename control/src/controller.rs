@@ -8,6 +8,12 @@
 //! judge loop swaps routes before it persists, so a revert takes effect
 //! within one tick of the breach being visible.
 //!
+//! After an explicit change (weight, rollout, resume, ...) a run of canary
+//! errors counts only requests since the change, so the run that caused a
+//! revert cannot revert the canary again at once. The window checks have no
+//! such cut: within one window (10 s) of a revert, a resumed canary is still
+//! judged on the outcomes that reverted it.
+//!
 //! It never blocks the data plane: the request path only sees a new route
 //! table; persistence runs on the blocking pool; events are `try_send`,
 //! dropped (and logged) if the sink is full.
@@ -205,7 +211,8 @@ impl Controller {
     /// that fails is logged too. Neither stops the service. Only an invalid
     /// policy or initial weight is an error.
     ///
-    /// Must be called inside a tokio runtime.
+    /// Must be called inside a tokio runtime: the control plane's, not a
+    /// data-plane worker's, since the judge loop is spawned on it.
     pub async fn start(
         config: ControllerConfig,
         routes: Routes,
