@@ -8,6 +8,12 @@
 //! judge loop swaps routes before it persists, so a revert takes effect
 //! within one tick of the breach being visible.
 //!
+//! After an explicit change (weight, rollout, resume, ...) a run of canary
+//! errors counts only requests since the change, so the run that caused a
+//! revert cannot revert the canary again at once. The window checks have no
+//! such cut: within one window (10 s) of a revert, a resumed canary is still
+//! judged on the outcomes that reverted it.
+//!
 //! It never blocks the data plane: the request path only sees a new route
 //! table; persistence runs on the blocking pool; events are `try_send`,
 //! dropped (and logged) if the sink is full.
@@ -188,6 +194,12 @@ struct Inner {
     config: ControllerConfig,
     rollbacks: [AtomicU64; 3],
     evaluations: AtomicU64,
+    /// Cumulative canary requests at the last API change. A run of canary
+    /// errors counts only the requests since then, so the run that caused a
+    /// revert cannot revert the canary again the moment an operator brings
+    /// it back: after a revert the canary gets no traffic, so its run would
+    /// otherwise never end.
+    runs_counted_from: AtomicU64,
 }
 
 impl Controller {
@@ -199,7 +211,8 @@ impl Controller {
     /// that fails is logged too. Neither stops the service. Only an invalid
     /// policy or initial weight is an error.
     ///
-    /// Must be called inside a tokio runtime.
+    /// Must be called inside a tokio runtime: the control plane's, not a
+    /// data-plane worker's, since the judge loop is spawned on it.
     pub async fn start(
         config: ControllerConfig,
         routes: Routes,
@@ -228,6 +241,7 @@ impl Controller {
             config,
             rollbacks: Default::default(),
             evaluations: AtomicU64::new(0),
+            runs_counted_from: AtomicU64::new(canary_total),
         });
         {
             let rollout = inner.rollout.lock().await;
@@ -392,7 +406,7 @@ async fn load_rollout(
         },
         Ok(None) => {
             let mut rollout = Rollout::new(now);
-            if config.initial_weight > 0.0 {
+            if config.initial_weight != 0.0 {
                 rollout.set_weight(config.initial_weight, Actor::Startup)?;
             } else {
                 rollout.record_startup(0, format!("no saved state in {}", store.dir().display()));
@@ -424,6 +438,7 @@ impl Inner {
         let canary_total = self.stats.request_count(Target::Canary);
         let mut rollout = self.rollout.lock().await;
         let event = op(&mut rollout, now, canary_total)?;
+        self.runs_counted_from.store(canary_total, Relaxed);
         let upstreams = self.upstreams(now);
         let saved = self.commit(&rollout, event, &upstreams).await;
         saved?;
@@ -438,11 +453,13 @@ impl Inner {
         self.evaluations.fetch_add(1, Relaxed);
         let stable = self.stats.window_snapshot(Target::Stable, now);
         let canary = self.stats.window_snapshot(Target::Canary, now);
+        let since_change = canary_total.saturating_sub(self.runs_counted_from.load(Relaxed));
+        let canary_run = u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_change);
         let verdict = self.judge.evaluate(
             &stable,
             &canary,
             self.stats.consecutive_errors(Target::Stable),
-            self.stats.consecutive_errors(Target::Canary),
+            canary_run as u32,
         );
         let mut rollout = self.rollout.lock().await;
         let min_per_step = self.config.min_requests_per_step;

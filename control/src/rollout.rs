@@ -646,14 +646,18 @@ impl Rollout {
         if self.step + 1 == self.steps.len() {
             self.promote_now(
                 Actor::Judge,
-                format!("rollout complete: healthy at step {step} ({pct}%) after {served} canary requests"),
+                format!(
+                    "rollout complete: healthy at step {step} ({pct}%) \
+                     after {served} canary requests"
+                ),
             );
             return Some(Event::Promoted);
         }
         let from = self.weight_bp;
         self.enter_step(self.step + 1, now, canary_requests_total);
         self.reason = format!(
-            "step {} of {} ({}%): step {step} ({pct}%) healthy over {} hold and {served} canary requests",
+            "step {} of {} ({}%): step {step} ({pct}%) healthy \
+             over {} hold and {served} canary requests",
             self.step + 1,
             self.steps.len(),
             percent(self.weight_bp),

@@ -134,8 +134,31 @@ async fn failing_canary_is_reverted_persisted_and_stays_reverted_after_restart()
         (Phase::RolledBack, 0, true)
     );
 
-    // Healthy canary traffic (overrides still reach it) does not undo the latch.
-    healthy_traffic(&stats, 500).await;
+    // Healthy verdicts do not undo the latch.
+    for _ in 0..500 {
+        feed(&stats, Target::Stable, 9, false);
+        tick().await;
+    }
+    assert_eq!(controller.routes().load().canary_weight_bp, 0);
+
+    // Once the old errors have left the window, an operator can bring the
+    // canary back: the run of 12 errors that caused the revert still
+    // stands (no canary request has succeeded since) but no longer counts.
+    for _ in 0..1100 {
+        feed(&stats, Target::Stable, 9, false);
+        tick().await;
+    }
+    assert_eq!(stats.consecutive_errors(Target::Canary), 12);
+    controller.set_weight(10.0).await.unwrap();
+    for _ in 0..100 {
+        feed(&stats, Target::Stable, 9, false);
+        tick().await;
+    }
+    assert_eq!(controller.routes().load().canary_weight_bp, 1000);
+    assert_eq!(controller.status().await.rollout.phase, Phase::Manual);
+    // A new run after the change counts again.
+    feed(&stats, Target::Canary, 10, true);
+    assert_eq!(next_event(&mut events).await.event, Event::Rollback);
     assert_eq!(controller.routes().load().canary_weight_bp, 0);
 
     // A restart from the same directory keeps it at 0, whatever the
@@ -146,7 +169,7 @@ async fn failing_canary_is_reverted_persisted_and_stays_reverted_after_restart()
     assert_eq!(c.routes().load().canary_weight_bp, 0);
     let status = c.status().await;
     assert_eq!(status.rollout.phase, Phase::RolledBack);
-    assert_eq!(status.rollout.reason, "12 consecutive canary errors");
+    assert_eq!(status.rollout.reason, "10 consecutive canary errors");
     let history = c.history().await;
     let last = history.last().unwrap();
     assert_eq!(
@@ -156,6 +179,39 @@ async fn failing_canary_is_reverted_persisted_and_stays_reverted_after_restart()
     assert!(history
         .iter()
         .any(|t| t.actor == Actor::Judge && t.from == 10.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn blast_radius_of_a_long_healthy_canary_that_breaks() {
+    // 1,000 req/s, canary at 10%, split by the live route table. After a
+    // minute of health the canary fails every request; count the failed
+    // responses clients see before the revert.
+    let tmp = TempDir::new("controller-blast");
+    let Running {
+        controller: c,
+        stats,
+        mut events,
+    } = start_at(&tmp, 10.0, 0).await;
+    let mut share = 0u64;
+    let mut failed = 0;
+    for t in 0..(60_000 + 5_000) / 10 {
+        let broken = t >= 6_000;
+        for _ in 0..10 {
+            share += u64::from(c.routes().load().canary_weight_bp);
+            if share >= 10_000 {
+                share -= 10_000;
+                feed(&stats, Target::Canary, 1, broken);
+                failed += u64::from(broken);
+            } else {
+                feed(&stats, Target::Stable, 1, false);
+            }
+        }
+        tick().await;
+    }
+    assert_eq!(c.routes().load().canary_weight_bp, 0);
+    assert!(failed <= 30, "{failed} failed responses before the revert");
+    let n = next_event(&mut events).await;
+    assert_eq!((n.event, n.actor), (Event::Rollback, Actor::Judge));
 }
 
 #[tokio::test(start_paused = true)]
@@ -417,12 +473,10 @@ async fn a_full_event_sink_never_blocks() {
     assert_eq!(c.rollbacks_total(Actor::Api), 3);
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_invalid_policy_is_refused_at_start() {
-    let tmp = TempDir::new("controller-policy");
-    let mut config = config();
-    config.policy.max_error_rate = 5.0;
-    let err = Controller::start(
+/// The error of a start that must fail.
+async fn start_error(config: ControllerConfig) -> ControllerError {
+    let tmp = TempDir::new("controller-refused");
+    Controller::start(
         config,
         Routes::new(RouteTable::new(0)),
         Stats::new(1, Duration::from_secs(10), Instant::now()),
@@ -431,9 +485,27 @@ async fn an_invalid_policy_is_refused_at_start() {
     )
     .await
     .err()
-    .unwrap();
+    .expect("start should have failed")
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_policy_or_initial_weight_is_refused_at_start() {
+    let mut bad_policy = config();
+    bad_policy.policy.max_error_rate = 5.0;
+    let err = start_error(bad_policy).await;
     assert!(
         err.to_string().starts_with("`judge.max_error_rate`"),
+        "{err}"
+    );
+
+    let bad_weight = ControllerConfig {
+        initial_weight: -5.0,
+        ..config()
+    };
+    let err = start_error(bad_weight).await;
+    assert!(
+        err.to_string()
+            .starts_with("canary weight must be a percentage"),
         "{err}"
     );
 }
