@@ -121,6 +121,83 @@ where
     Ok((status, body))
 }
 
+// === the subcommands ===
+
+/// One client subcommand.
+#[derive(Debug, Clone)]
+pub enum Call {
+    /// `serin status [--watch]`.
+    Status {
+        /// Refresh every second.
+        watch: bool,
+    },
+    /// `serin weight PCT`.
+    Weight(f64),
+    /// `serin rollout [--steps] [--hold]`.
+    Rollout {
+        /// Steps in percent.
+        steps: Option<Vec<f64>>,
+        /// Hold, e.g. `60s`.
+        hold: Option<String>,
+    },
+    /// `serin pause`.
+    Pause,
+    /// `serin resume`.
+    Resume,
+    /// `serin promote`.
+    Promote,
+    /// `serin rollback`.
+    Rollback,
+}
+
+/// Runs a client subcommand against the control API and prints the answer:
+/// a summary for people, or the JSON with `json`.
+pub async fn run(call: Call, admin: &AdminTarget, json: bool) -> Result<(), ClientError> {
+    let (method, path, body) = match &call {
+        Call::Status { .. } => (Method::GET, "/status", None),
+        Call::Weight(pct) => (
+            Method::PUT,
+            "/weight",
+            Some(serde_json::json!({ "canary": pct })),
+        ),
+        Call::Rollout { steps, hold } => {
+            let mut body = serde_json::Map::new();
+            if let Some(steps) = steps {
+                body.insert("steps".into(), serde_json::json!(steps));
+            }
+            if let Some(hold) = hold {
+                body.insert("hold".into(), serde_json::json!(hold));
+            }
+            (Method::POST, "/rollout", Some(Value::Object(body)))
+        }
+        Call::Pause => (Method::POST, "/pause", None),
+        Call::Resume => (Method::POST, "/resume", None),
+        Call::Promote => (Method::POST, "/promote", None),
+        Call::Rollback => (Method::POST, "/rollback", None),
+    };
+    let watch = matches!(call, Call::Status { watch: true });
+    let tty = stdout_is_tty();
+    loop {
+        let answer = admin.call(method.clone(), path, body.clone()).await?;
+        if watch && tty {
+            // Clear the screen and home the cursor before each redraw.
+            print!("\x1b[2J\x1b[H");
+        }
+        if json {
+            println!("{answer}");
+        } else {
+            print!("{}", render_status(&answer, tty));
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !tty {
+            println!();
+        }
+    }
+}
+
 // === rendering ===
 
 struct Style {
@@ -157,7 +234,7 @@ pub fn render_status(status: &Value, colour: bool) -> String {
             let list: Vec<String> = steps.iter().map(|s| format!("{s}%")).collect();
             out.push_str(&format!(
                 "step     {} of {} ({})\n",
-                step + 1,
+                step,
                 steps.len(),
                 list.join(" → ")
             ));

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod demo;
 
 pub mod inject;
 pub mod judge;
@@ -157,11 +158,12 @@ impl Running {
     }
 }
 
-/// Turns controller notifications into log lines and webhook deliveries.
+/// Turns controller notifications into webhook deliveries.
 async fn forward_notifications(
     mut notifications: mpsc::Receiver<Notification>,
     webhooks: Webhooks,
 ) {
+    // The controller logs every event; this only forwards them.
     let mut seq = 0u64;
     let boot = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -169,14 +171,6 @@ async fn forward_notifications(
         .unwrap_or(0);
     while let Some(n) = notifications.recv().await {
         seq += 1;
-        match n.event {
-            Event::Rollback => {
-                tracing::warn!(actor = n.actor.as_str(), reason = %n.reason, "canary rolled back")
-            }
-            _ => {
-                tracing::info!(event = n.event.as_str(), weight = n.canary_weight, reason = %n.reason, "rollout event")
-            }
-        }
         webhooks.notify(WebhookEvent {
             id: format!("{boot:x}-{seq}"),
             event: n.event.as_str().to_string(),

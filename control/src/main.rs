@@ -4,18 +4,23 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use serin_control::cli::{Cli, Command, RunArgs};
+use serin_control::cli::{AdminArgs, Cli, Command, RunArgs};
+use serin_control::client::{self, AdminTarget, Call};
 use serin_control::config::{Config, Overrides};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(*args),
-        Command::Demo(_) => {
-            eprintln!("serin demo arrives with the control plane; for now try `serin run --stable URL --canary URL`");
-            ExitCode::from(2)
-        }
+        Command::Demo(args) => demo(args.plain),
         Command::Inject(args) => inject(*args),
+        Command::Status { watch, admin } => call(Call::Status { watch }, admin),
+        Command::Weight { percent, admin } => call(Call::Weight(percent), admin),
+        Command::Rollout { steps, hold, admin } => call(Call::Rollout { steps, hold }, admin),
+        Command::Pause(admin) => call(Call::Pause, admin),
+        Command::Resume(admin) => call(Call::Resume, admin),
+        Command::Promote(admin) => call(Call::Promote, admin),
+        Command::Rollback(admin) => call(Call::Rollback, admin),
         Command::Check { config } => match Config::load(Some(&config), &Overrides::default()) {
             Ok(c) => {
                 println!(
@@ -83,6 +88,41 @@ fn inject(args: serin_control::inject::InjectArgs) -> ExitCode {
         Err(e) => {
             eprintln!("serin inject: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn call(call: Call, args: AdminArgs) -> ExitCode {
+    let result = AdminTarget::new(&args.admin, args.token).map(|admin| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime always builds")
+            .block_on(client::run(call, &admin, args.json))
+    });
+    match result.and_then(|r| r) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("serin: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(plain: bool) -> ExitCode {
+    serin_control::init_logging("error");
+    let state_dir = std::env::temp_dir().join(format!("serin-demo-{}", std::process::id()));
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime always builds")
+        .block_on(serin_control::demo::run(plain, &state_dir));
+    let _ = std::fs::remove_dir_all(&state_dir);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("serin demo: {e}");
+            ExitCode::FAILURE
         }
     }
 }

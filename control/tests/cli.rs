@@ -141,3 +141,26 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "a drained shutdown exits 0");
 }
+
+#[test]
+fn demo_rolls_out_breaks_and_reverts_on_its_own() {
+    let out = serin().args(["demo", "--plain"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "canary at 25%",
+        "canary at 50%",
+        "v2 starts failing every request",
+        "judge reverted the canary to 0%",
+        "phase    rolled_back",
+        "clients saw           0 errors",
+        "serin run --stable",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    assert!(!text.contains('\x1b'), "--plain output has no escape codes");
+}
