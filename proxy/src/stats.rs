@@ -354,14 +354,14 @@ impl Stats {
         snap
     }
 
-    /// The longest current run of consecutive errors of one upstream on any
-    /// worker.
+    /// Current runs of consecutive errors of one upstream, summed over
+    /// workers: a canary that fails everything reaches N after N failures
+    /// however many workers share the traffic.
     pub fn consecutive_errors(&self, target: Target) -> u32 {
         self.workers
             .iter()
             .map(|w| w.upstream(target).consecutive_errors.load(Relaxed))
-            .max()
-            .unwrap_or(0)
+            .sum()
     }
 
     /// Requests recorded for one upstream since start (successes plus errors),
@@ -494,7 +494,11 @@ mod tests {
             .worker(1)
             .upstream(Target::Stable)
             .record(now, Duration::from_millis(2), false);
-        assert_eq!(stats.consecutive_errors(Target::Canary), 1);
+        assert_eq!(
+            stats.consecutive_errors(Target::Canary),
+            2,
+            "runs add up across workers"
+        );
         let c = stats.window_snapshot(Target::Canary, now);
         assert_eq!((c.requests, c.errors), (2, 2));
         let t = stats.totals(Target::Canary);
