@@ -42,6 +42,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `work` on a current-thread runtime (the control plane's; the data
+/// plane has its own worker threads) and turns its outcome into an exit code:
+/// 0 on success, `failure` after printing the error with `context`.
+fn finish<F, E>(context: &str, failure: u8, work: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{context}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{context}: {e}");
+            ExitCode::from(failure)
+        }
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
     let config = match Config::load(args.config.as_deref(), &args.overrides()) {
         Ok(c) => c,
@@ -51,78 +78,25 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     serin_control::init_logging(&config.log);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("serin: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serin_control::serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("serin: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    finish("serin", 1, serin_control::serve(config))
 }
 
 fn inject(args: serin_control::inject::InjectArgs) -> ExitCode {
     serin_control::init_logging("info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("serin: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serin_control::inject::run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("serin inject: {e}");
-            ExitCode::from(2)
-        }
-    }
+    finish("serin inject", 2, serin_control::inject::run(args))
 }
 
 fn call(call: Call, args: AdminArgs) -> ExitCode {
-    let result = AdminTarget::new(&args.admin, args.token).map(|admin| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a current-thread runtime always builds")
-            .block_on(client::run(call, &admin, args.json))
-    });
-    match result.and_then(|r| r) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("serin: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    finish("serin", 1, async move {
+        let admin = AdminTarget::new(&args.admin, args.token)?;
+        client::run(call, &admin, args.json).await
+    })
 }
 
 fn demo(plain: bool) -> ExitCode {
     serin_control::init_logging("error");
     let state_dir = std::env::temp_dir().join(format!("serin-demo-{}", std::process::id()));
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime always builds")
-        .block_on(serin_control::demo::run(plain, &state_dir));
+    let code = finish("serin demo", 1, serin_control::demo::run(plain, &state_dir));
     let _ = std::fs::remove_dir_all(&state_dir);
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("serin demo: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    code
 }

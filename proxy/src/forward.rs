@@ -371,11 +371,7 @@ impl Pool {
                 url: self.upstream.url.clone(),
                 source,
             })?;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
+        drive(conn);
         Ok(sender)
     }
 
@@ -390,13 +386,21 @@ impl Pool {
                 url: self.upstream.url.clone(),
                 source,
             })?;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream h2 connection ended");
-            }
-        });
+        drive(conn);
         Ok(sender)
     }
+}
+
+/// Runs an upstream connection's I/O on this worker until it closes.
+fn drive<C>(conn: C)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + 'static,
+{
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
 }
 
 // === impl Checkin ===
