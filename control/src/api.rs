@@ -24,10 +24,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::parse_duration;
 use crate::controller::{Controller, ControllerError};
 use crate::metrics::Metrics;
-use crate::rollout::RolloutError;
+use crate::rollout::{parse_hold, RolloutError};
 
 /// Largest request body the API reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -193,15 +192,9 @@ impl Api {
             "/rollout" => match read_json::<RolloutBody, B>(req).await {
                 Ok(body) => {
                     let body = body.unwrap_or_default();
-                    let hold = match body.hold.as_deref().map(|h| (h, parse_duration(h))) {
-                        None => None,
-                        Some((_, Some(d))) if !d.is_zero() => Some(d),
-                        Some((h, _)) => {
-                            return error(
-                                StatusCode::BAD_REQUEST,
-                                format!("hold must be a positive duration such as \"60s\" or \"5m\" (got {h:?})"),
-                            )
-                        }
+                    let hold = match body.hold.as_deref().map(parse_hold).transpose() {
+                        Ok(hold) => hold,
+                        Err(e) => return error(StatusCode::BAD_REQUEST, e),
                     };
                     c.rollout(body.steps, hold)
                         .await

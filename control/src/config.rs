@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::judge::JudgePolicy;
-use crate::rollout::{basis_points, validate_steps, DEFAULT_HOLD, DEFAULT_STEPS};
+use crate::rollout::{basis_points, parse_hold, validate_steps, DEFAULT_HOLD, DEFAULT_STEPS};
 use serin_proxy::{
     Classifier, HeaderPolicy, PoolSettings, ProxyConfig, SplitRules, StickyKey, TlsFiles, Upstream,
     UpstreamProtocol,
@@ -492,25 +492,6 @@ fn percent_to_bp(key: &'static str, pct: f64) -> Result<u16, ConfigError> {
     })
 }
 
-/// Parses `250ms`, `10s`, `2m`, `1h` (or a bare number of seconds).
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: f64 = number.parse().ok()?;
-    let seconds = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1e3,
-        "us" | "µs" => n / 1e6,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
-}
-
 fn duration_or(
     key: &'static str,
     value: Option<&str>,
@@ -518,8 +499,8 @@ fn duration_or(
 ) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(v) => match parse_duration(v) {
-            Some(d) if !d.is_zero() => Ok(d),
+        Some(v) => match parse_hold(v) {
+            Ok(d) if !d.is_zero() => Ok(d),
             _ => Err(ConfigError::invalid(
                 key,
                 format!(
@@ -803,17 +784,6 @@ mod tests {
             ..upstreams()
         };
         assert_eq!(load("", &o).unwrap().admin.token.as_deref(), Some("s3cret"));
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("ten"), None);
-        assert_eq!(parse_duration("5 parsecs"), None);
     }
 
     #[test]
