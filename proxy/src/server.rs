@@ -515,31 +515,56 @@ fn prepare_request(headers: &mut HeaderMap, meta: &ConnMeta, config: &ProxyConfi
 /// Removes hop-by-hop headers: the fixed list of RFC 9110 §7.6.1 and any
 /// header named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-        headers.remove(CONNECTION);
+    // Most messages carry none of these: one pass over the names (no
+    // hashing) decides whether there is anything to do.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
-    for name in [
-        &TRANSFER_ENCODING,
-        &TE,
-        &TRAILER,
-        &UPGRADE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
-        if headers.contains_key(name) {
-            headers.remove(name);
+    // Headers named in `Connection` are hop-by-hop too. The value is copied
+    // to the stack so the map can be changed while its tokens are read.
+    let mut named = [0u8; 256];
+    let mut len = 0;
+    for value in headers.get_all(CONNECTION) {
+        let bytes = value.as_bytes();
+        if len + bytes.len() + 1 > named.len() {
+            break;
+        }
+        named[len..len + bytes.len()].copy_from_slice(bytes);
+        named[len + bytes.len()] = b',';
+        len += bytes.len() + 1;
+    }
+    for token in named[..len].split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        // `close` and `keep-alive` are connection options, not header names.
+        if !token.is_empty()
+            && !token.eq_ignore_ascii_case(b"close")
+            && !token.eq_ignore_ascii_case(b"keep-alive")
+        {
+            if let Ok(name) = std::str::from_utf8(token) {
+                headers.remove(name);
+            }
         }
     }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The fixed hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy
+/// `keep-alive` and `proxy-connection`).
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &CONNECTION,
+    &TRANSFER_ENCODING,
+    &TE,
+    &TRAILER,
+    &UPGRADE,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+];
+
+#[inline]
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| *h == name)
 }
 
 #[cfg(test)]
