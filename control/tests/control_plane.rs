@@ -461,6 +461,17 @@ async fn a_judge_revert_is_latched_until_weight_or_rollout_is_called() {
     serin.canary.set(Behavior::default());
     healthy_traffic_until_window_clears(&serin).await;
 
+    // Promote and pause are refused while latched; nothing changes.
+    for path in ["/promote", "/pause"] {
+        let (code, answer, _) = serin.api.call(Method::POST, path, None, None).await;
+        assert_eq!(code, StatusCode::CONFLICT, "POST {path}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains("rolled back"));
+    }
+    assert_eq!(
+        phase_weight(&serin.api.status().await),
+        ("rolled_back", 0.0)
+    );
+
     // An explicit weight does.
     let status = serin.api.set_weight(10.0).await;
     assert_eq!(phase_weight(&status), ("manual", 10.0));
@@ -504,6 +515,28 @@ async fn a_judge_revert_is_latched_until_weight_or_rollout_is_called() {
     assert_eq!(
         sample(&metrics, "serin_rollbacks_total{actor=\"judge\"}"),
         2.0
+    );
+    serin.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_canary_that_breaks_is_reverted_too() {
+    // Until stable is redeployed it is still the fallback.
+    let serin = Serin::start("").await;
+    let status = serin.api.ok(Method::POST, "/promote", None).await;
+    assert_eq!(phase_weight(&status), ("promoted", 100.0));
+    let t = serin.traffic(100, &Method::GET).await;
+    assert_eq!((t.canary, t.failed), (100, 0));
+
+    let revert = fail_canary_until_reverted(&serin, &Method::GET).await;
+    assert_eq!(revert.tally.failed, 0, "GETs fall back to stable");
+    assert_eq!(phase_weight(&revert.status), ("rolled_back", 0.0));
+    let t = serin.traffic(40, &Method::GET).await;
+    assert_eq!((t.stable, t.failed), (40, 0));
+    let last = serin.api.history().await.pop().unwrap();
+    assert_eq!(
+        (last["actor"].as_str(), last["from"].as_f64()),
+        (Some("judge"), Some(100.0))
     );
     serin.stop().await;
 }
@@ -919,7 +952,12 @@ async fn bad_control_calls_get_400_404_or_405_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_holds_without_traffic_and_is_promoted_with_it() {
-    let serin = Serin::start("[rollout]\nhold = \"200ms\"\nmin_requests_per_step = 5\n").await;
+    let hooks = Receiver::start(0).await;
+    let serin = Serin::start(&format!(
+        "[rollout]\nhold = \"200ms\"\nmin_requests_per_step = 5\n[[webhook]]\nurl = \"{}\"\n",
+        hooks.url
+    ))
+    .await;
     let api = &serin.api;
     let (code, status, _) = api
         .call(
@@ -1024,6 +1062,32 @@ async fn a_rollout_holds_without_traffic_and_is_promoted_with_it() {
         sample(&metrics, "serin_rollbacks_total{actor=\"judge\"}"),
         0.0
     );
+
+    // The webhook heard every step, the hold and the promotion (unsigned:
+    // this receiver has no secret).
+    let events = || -> Vec<String> {
+        hooks
+            .hits()
+            .iter()
+            .map(|h| {
+                assert!(!h.headers.contains_key("x-serin-signature"));
+                let body: Value = serde_json::from_slice(&h.body).unwrap();
+                body["event"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the promoted webhook arrives",
+        || async { events().iter().any(|e| e == "promoted") },
+    )
+    .await;
+    let mut events = events();
+    events.sort();
+    let steps = events.iter().filter(|e| *e == "step").count();
+    assert_eq!(steps, 3, "rollout start, then 50% and 100%: {events:?}");
+    events.dedup();
+    assert_eq!(events, ["judge_blocked", "promoted", "step"]);
     serin.stop().await;
 }
 
@@ -1179,6 +1243,32 @@ async fn weight_and_revert_survive_kill_9_and_a_corrupt_state_starts_at_0() {
     let saved: Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
     assert_eq!(saved["rollout"]["canary_weight_bp"], 0);
     kill_9(serin).await;
+
+    // Files that parse but cannot be trusted are refused the same way: one
+    // from a future format, and one whose fields contradict each other (a
+    // revert that still gives the canary 25%).
+    let mut future = saved.clone();
+    future["version"] = json!(99);
+    let mut inconsistent = saved.clone();
+    inconsistent["rollout"]["phase"] = json!("rolled_back");
+    inconsistent["rollout"]["latched"] = json!(true);
+    inconsistent["rollout"]["canary_weight_bp"] = json!(2500);
+    for (file, why) in [(future, "version 99"), (inconsistent, "2500 bp")] {
+        let dir = temp_dir("untrusted");
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        std::fs::write(dir.join("state").join("state.json"), file.to_string()).unwrap();
+        let (serin, api) = spawn_serin(&dir, &stable, &canary, &["--canary-weight", "50"]).await;
+        let status = api.status().await;
+        assert_eq!(phase_weight(&status), ("steady", 0.0), "{status}");
+        let reason = status["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "the reason says why: {reason}");
+        let canary_before = canary.requests();
+        let url = format!("http://{}/", serin.proxy);
+        let t = traffic(&client, &url, 40, &Method::GET).await;
+        assert_eq!((t.stable, t.failed), (40, 0));
+        assert_eq!(canary.requests(), canary_before);
+        kill_9(serin).await;
+    }
 }
 
 // === 8. probes ===
