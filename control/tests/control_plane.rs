@@ -541,6 +541,49 @@ async fn a_promoted_canary_that_breaks_is_reverted_too() {
     serin.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: x-serin-canary: always and the serin-canary=always cookie still \
+            reach a canary the judge reverted; the route table has no latch (proxy crate)"]
+async fn after_a_judge_revert_override_always_does_not_reach_the_canary() {
+    // DESIGN.md §1: "A revert to 0 moves everyone back to stable"; §3: after
+    // a revert, "traffic goes back to the canary only on an explicit
+    // rollout, weight or resume call".
+    let serin = Serin::start("").await;
+    serin.api.set_weight(50.0).await;
+    serin.traffic(100, &Method::GET).await;
+    fail_canary_until_reverted(&serin, &Method::GET).await;
+
+    let canary_before = serin.canary.requests();
+    let mut failed = Vec::new();
+    for (name, value) in [
+        ("x-serin-canary", "always"),
+        ("cookie", "serin-canary=always"),
+    ] {
+        for _ in 0..10 {
+            let req = Request::post(&serin.proxy)
+                .header(name, value)
+                .body(Either::Left(Full::new(Bytes::from_static(b"{}"))))
+                .unwrap();
+            let a = send(&serin.client, req).await;
+            if a.status != StatusCode::OK || a.upstream() != "stable" {
+                failed.push(format!(
+                    "{name}: {value} → {} from {}",
+                    a.status,
+                    a.upstream()
+                ));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 20 overridden POSTs reached the reverted canary ({} canary requests), e.g. {:?}",
+        failed.len(),
+        serin.canary.requests() - canary_before,
+        &failed[..failed.len().min(2)],
+    );
+    serin.stop().await;
+}
+
 // === 3. webhooks ===
 
 /// One request a webhook receiver got.
