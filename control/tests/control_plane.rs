@@ -730,8 +730,19 @@ async fn a_judge_revert_fires_a_signed_rollback_webhook_that_is_retried() {
     let secret = "webhook-s3cret";
     let prompt = Receiver::start(0).await;
     let flaky = Receiver::start(2).await;
+    // A receiver that accepts connections and never answers: it must not
+    // hold up the others, the judge or the data plane.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let silent_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
     let serin = Serin::start(&format!(
-        "[[webhook]]\nurl = \"{}\"\nsecret = \"{secret}\"\n\
+        "[[webhook]]\nurl = \"{silent_url}\"\n\
+         [[webhook]]\nurl = \"{}\"\nsecret = \"{secret}\"\n\
          [[webhook]]\nurl = \"{}\"\nsecret = \"{secret}\"\nevents = [\"rollback\"]\n",
         prompt.url, flaky.url
     ))
@@ -742,8 +753,9 @@ async fn a_judge_revert_fires_a_signed_rollback_webhook_that_is_retried() {
     let revert = fail_canary_until_reverted(&serin, &Method::GET).await;
     let reverted = Instant::now();
 
+    // Well within the 5 s the silent receiver's attempt may take.
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(3),
         "the prompt receiver gets the rollback",
         || async {
             prompt
@@ -765,7 +777,7 @@ async fn a_judge_revert_fires_a_signed_rollback_webhook_that_is_retried() {
     // The flaky receiver answers 500 twice; the third attempt gets through,
     // with the same event and signature.
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(4),
         "the flaky receiver gets the rollback on the third attempt",
         || async { flaky.hits().len() >= 3 },
     )
@@ -810,6 +822,10 @@ async fn a_judge_revert_fires_a_signed_rollback_webhook_that_is_retried() {
         ),
         0.0
     );
+    // The silent receiver's attempt is still pending; the proxy serves on.
+    let t = serin.traffic(40, &Method::GET).await;
+    assert_eq!((t.stable, t.failed), (40, 0));
+    silent_task.abort();
     serin.stop().await;
 }
 
