@@ -925,7 +925,7 @@ async fn bad_control_calls_get_400_404_or_405_and_change_nothing() {
     serin.traffic(8, &Method::GET).await;
     let history = api.history().await.len();
 
-    let bad_bodies: [(Method, &str, &str); 14] = [
+    let bad_bodies = [
         (Method::PUT, "/weight", r#"{"canary": "#),
         (Method::PUT, "/weight", "canary=10"),
         (Method::PUT, "/weight", r#"{"canary": 150}"#),
@@ -935,6 +935,14 @@ async fn bad_control_calls_get_400_404_or_405_and_change_nothing() {
         (Method::PUT, "/weight", r#"{"canary": 10, "stable": 90}"#),
         (Method::PUT, "/weight", r#"{}"#),
         (Method::PUT, "/weight", ""),
+        (Method::PUT, "/weight", r#"{"canary": 10} trailing"#),
+        (Method::PUT, "/weight", r#"{"canary": 10, "canary": 20}"#),
+        (Method::PUT, "/weight", r#"{"canary": 1e400}"#),
+        (Method::PUT, "/weight", "null"),
+        (Method::POST, "/rollout", r#"{"steps": [0, 100]}"#),
+        (Method::POST, "/rollout", r#"{"steps": [5, 150]}"#),
+        (Method::POST, "/rollout", r#"{"hold": "0s"}"#),
+        (Method::POST, "/rollout", r#"{"hold": 60}"#),
         (Method::POST, "/rollout", r#"{"steps": [50, 25]}"#),
         (Method::POST, "/rollout", r#"{"steps": [5, 25, 50]}"#),
         (Method::POST, "/rollout", r#"{"steps": []}"#),
@@ -958,6 +966,15 @@ async fn bad_control_calls_get_400_404_or_405_and_change_nothing() {
         assert!(!message.is_empty());
         assert_eq!(headers.get("content-type").unwrap(), "application/json");
     }
+    // An oversized body is refused without being read whole.
+    let huge = format!(
+        "{{\"canary\": 10, \"pad\": \"{}\"}}",
+        "x".repeat(100 * 1024)
+    );
+    let (code, answer, _) = api.call(Method::PUT, "/weight", Some(&huge), None).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(answer["error"].is_string(), "{answer}");
+
     // The messages say what is wrong.
     let (_, answer, _) = api
         .call(Method::PUT, "/weight", Some(r#"{"canary": 150}"#), None)
