@@ -51,9 +51,9 @@ impl Serin {
         let canary = TestUpstream::start("canary").await;
         let state = temp_dir("control-plane");
         let text = format!(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstate_dir = {:?}\n\
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstate_dir = '{}'\n\
              stable.url = \"{}\"\ncanary.url = \"{}\"\n{extra}\n",
-            state.display().to_string(),
+            state.display(),
             stable.url(),
             canary.url(),
         );
