@@ -356,11 +356,12 @@ async fn canary_failing_mid_run_is_reverted_with_few_client_failures() {
     let revert = fail_canary_until_reverted(&serin, &Method::POST).await;
     println!(
         "POST clients: {} failed responses before the revert ({} requests), \
-         canary failing → status rolled_back in {:?}, first client failure → status in {:?}",
+         canary failing → status rolled_back in {:?}, first client failure → status in {:?}; {}",
         revert.tally.failed,
         revert.tally.total(),
         revert.flip_to_status,
         revert.first_failure_to_status,
+        revert.status["reason"],
     );
     assert!(
         (1..=30).contains(&revert.tally.failed),
