@@ -111,12 +111,14 @@ impl Api {
         let Some(token) = &self.token else {
             return true;
         };
+        // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
         let given = req
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         constant_time_eq(given.as_bytes(), token.as_bytes())
     }
 
@@ -151,10 +153,15 @@ impl Api {
             return resp;
         }
         if method != Method::GET && !self.authorised(&req) {
-            return error(
+            let mut resp = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token; send Authorization: Bearer <token>",
             );
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"serin\""),
+            );
+            return resp;
         }
         let c = &self.controller;
         match path.as_str() {
@@ -193,6 +200,12 @@ impl Api {
                 Ok(body) => {
                     let body = body.unwrap_or_default();
                     let hold = match body.hold.as_deref().map(parse_hold).transpose() {
+                        Ok(Some(hold)) if hold.is_zero() => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                "hold must be longer than 0s, e.g. \"60s\"",
+                            )
+                        }
                         Ok(hold) => hold,
                         Err(e) => return error(StatusCode::BAD_REQUEST, e),
                     };

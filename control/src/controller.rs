@@ -10,9 +10,10 @@
 //!
 //! After an explicit change (weight, rollout, resume, ...) a run of canary
 //! errors counts only requests since the change, so the run that caused a
-//! revert cannot revert the canary again at once. The window checks have no
-//! such cut: within one window (10 s) of a revert, a resumed canary is still
-//! judged on the outcomes that reverted it.
+//! revert cannot revert the canary again at once. Likewise, when a change
+//! lifts the rollback latch, the canary's window restarts, so the canary is
+//! judged on what it does from then on. While latched, the route table is
+//! closed: override headers and cookies cannot reach the canary either.
 //!
 //! It never blocks the data plane: the request path only sees a new route
 //! table; persistence runs on the blocking pool; events are `try_send`,
@@ -437,8 +438,14 @@ impl Inner {
         let now = Instant::now();
         let canary_total = self.stats.request_count(Target::Canary);
         let mut rollout = self.rollout.lock().await;
+        let was_latched = rollout.latched();
         let event = op(&mut rollout, now, canary_total)?;
         self.runs_counted_from.store(canary_total, Relaxed);
+        if was_latched && !rollout.latched() {
+            // The canary is back by hand: judge it on what it does from now
+            // on, not on the failures that got it reverted.
+            self.stats.restart_window(Target::Canary, now);
+        }
         let upstreams = self.upstreams(now);
         let saved = self.commit(&rollout, event, &upstreams).await;
         saved?;
@@ -492,9 +499,13 @@ impl Inner {
     }
 
     fn apply_routes(&self, rollout: &Rollout) {
-        let weight = rollout.canary_weight_bp();
-        if self.routes.load().canary_weight_bp != weight {
-            self.routes.store(RouteTable::new(weight));
+        let table = if rollout.latched() {
+            RouteTable::closed()
+        } else {
+            RouteTable::new(rollout.canary_weight_bp())
+        };
+        if **self.routes.load() != table {
+            self.routes.store(table);
         }
     }
 

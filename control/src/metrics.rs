@@ -276,6 +276,8 @@ mod tests {
         controller.rollback().await.unwrap();
         controller.set_weight(12.5).await.unwrap();
         let metrics = Metrics::new(controller, Arc::default());
+        // Lifting the latch restarted the canary's window at the next slice.
+        tokio::time::advance(Duration::from_secs(1)).await;
         let canary = stats.worker(0);
         let now = tokio::time::Instant::now();
         canary

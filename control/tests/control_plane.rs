@@ -543,8 +543,6 @@ async fn a_promoted_canary_that_breaks_is_reverted_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: x-serin-canary: always and the serin-canary=always cookie still \
-            reach a canary the judge reverted; the route table has no latch (proxy crate)"]
 async fn after_a_judge_revert_override_always_does_not_reach_the_canary() {
     // DESIGN.md §1: "A revert to 0 moves everyone back to stable"; §3: after
     // a revert, "traffic goes back to the canary only on an explicit
@@ -586,9 +584,6 @@ async fn after_a_judge_revert_override_always_does_not_reach_the_canary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product question: within one window of a revert, a fixed canary brought back \
-            by PUT /weight is re-reverted on the failures from before the change \
-            (documented in controller.rs; the window is not cut at an explicit change)"]
 async fn a_fixed_canary_brought_back_by_hand_is_judged_on_new_requests() {
     let serin = Serin::start("").await;
     serin.api.set_weight(50.0).await;

@@ -564,7 +564,7 @@ static HOP_BY_HOP: [&HeaderName; 7] = [
 
 #[inline]
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.iter().any(|h| *h == name)
+    HOP_BY_HOP.contains(&name)
 }
 
 #[cfg(test)]
