@@ -364,7 +364,9 @@ impl Pool {
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect_tcp().await?;
+        // One buffer, one write(2) per request: see `server::http_builder`.
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake {

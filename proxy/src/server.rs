@@ -158,7 +158,11 @@ fn http_builder(config: &ProxyConfig) -> auto::Builder<LocalExec> {
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .max_buf_size(config.max_header_bytes.max(8192))
-        .keep_alive(true);
+        .keep_alive(true)
+        // Flatten each response into one buffer and one write(2): measured
+        // ~3% less CPU per request than vectored writes for typical small
+        // responses (bench/REPORT.md). Large bodies still stream in chunks.
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -316,7 +320,7 @@ async fn proxy(
     });
 
     let req = Request::from_parts(parts, RequestBody::Client(body));
-    let mut result = worker.forward(target, req).await;
+    let mut result = worker.forward(target, req, start).await;
     let mut served_by = target;
     let mut fell_back = false;
 
@@ -331,7 +335,7 @@ async fn proxy(
             *req.method_mut() = method;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers;
-            result = worker.forward(Target::Stable, req).await;
+            result = worker.forward(Target::Stable, req, Instant::now()).await;
             served_by = Target::Stable;
             fell_back = true;
         }
@@ -364,12 +368,13 @@ impl Worker {
         &self.pools[target.index()]
     }
 
-    /// Sends a request to `target` under the response timeout, after the
-    /// upstream-specific rewrites (version, URI form, Host).
+    /// Sends a request to `target` under the response timeout (counted from
+    /// `sent_at`), after the upstream-specific rewrites (version, URI form, Host).
     async fn forward(
         &self,
         target: Target,
         mut req: Request<RequestBody>,
+        sent_at: Instant,
     ) -> Result<(Response<Incoming>, Option<Checkin>), UpstreamError> {
         let pool = self.pool(target);
         let upstream = pool.upstream();
@@ -414,7 +419,8 @@ impl Worker {
             }
         }
         let timeout = config.response_timeout;
-        match tokio::time::timeout(timeout, pool.send(req)).await {
+        // The deadline is derived from the request's start time: no extra clock read.
+        match tokio::time::timeout_at(sent_at + timeout, pool.send(req)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
                 url: upstream.url.clone(),
