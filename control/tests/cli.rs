@@ -164,3 +164,96 @@ fn demo_rolls_out_breaks_and_reverts_on_its_own() {
     }
     assert!(!text.contains('\x1b'), "--plain output has no escape codes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_subcommands_drive_a_running_serin() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let state = temp_dir("client");
+    let running = SerinProcess::spawn(
+        env!("CARGO_BIN_EXE_serin"),
+        [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--admin-token",
+            "s3cret",
+            "--stable",
+            &stable.url(),
+            "--canary",
+            &canary.url(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let admin = running
+        .admin
+        .expect("control API address printed")
+        .to_string();
+    let client = |args: &[&str]| {
+        let out = serin()
+            .args(args)
+            .args(["--admin", &admin])
+            .env_remove("SERIN_ADMIN_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // A mutating call without the token is refused with the server's words.
+    let (code, _, err) = client(&["weight", "25"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("401") && err.contains("bearer token"), "{err}");
+
+    let (code, out, _) = client(&["weight", "25", "--token", "s3cret"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("phase    manual") && out.contains("canary   25% of traffic"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
+
+    let (code, out, _) = client(&["status", "--json"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("\"phase\":\"manual\"") && out.contains("\"canary_weight\":25.0"),
+        "{out}"
+    );
+
+    let (code, _, err) = client(&["weight", "150", "--token", "s3cret"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("400") && err.contains("write 12.5 for 12.5%"),
+        "{err}"
+    );
+
+    let (code, out, _) = client(&[
+        "rollout", "--steps", "10,100", "--hold", "5m", "--token", "s3cret",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("phase    progressing") && out.contains("step     1 of 2"),
+        "{out}"
+    );
+
+    let (code, out, _) = client(&["rollback", "--token", "s3cret"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("phase    rolled_back"), "{out}");
+
+    let out = serin()
+        .args(["status", "--admin", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach serin's control API"));
+}
