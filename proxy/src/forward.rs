@@ -373,7 +373,7 @@ impl Pool {
                 url: self.upstream.url.clone(),
                 source,
             })?;
-        drive(conn);
+        drive(conn.with_upgrades());
         Ok(sender)
     }
 

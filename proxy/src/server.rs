@@ -16,6 +16,7 @@
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +28,9 @@ use http::header::{
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -117,8 +118,8 @@ async fn accept_loop(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
     let builder = Rc::new(http_builder(&worker.shared.config));
+    let open = Rc::new(OpenConnections::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -127,7 +128,8 @@ async fn accept_loop(
                     tokio::task::spawn_local(serve_connection(
                         worker.clone(),
                         builder.clone(),
-                        graceful.watcher(),
+                        OpenConnection::new(open.clone()),
+                        shutdown.clone(),
                         stream,
                         peer,
                     ));
@@ -144,11 +146,65 @@ async fn accept_loop(
     drop(listener);
     let drain = worker.shared.config.drain_timeout;
     tokio::select! {
-        _ = graceful.shutdown() => tracing::debug!("worker drained"),
+        _ = open.all_closed() => tracing::debug!("worker drained"),
         _ = tokio::time::sleep(drain) => {
             tracing::warn!(?drain, "drain timeout: closing connections with requests still in flight");
         }
     }
+}
+
+/// Counts a worker's open client connections, so shutdown can wait for them.
+#[derive(Default)]
+struct OpenConnections {
+    count: Cell<usize>,
+    none_left: tokio::sync::Notify,
+}
+
+impl OpenConnections {
+    async fn all_closed(&self) {
+        while self.count.get() > 0 {
+            self.none_left.notified().await;
+        }
+    }
+}
+
+/// One open connection; dropping it updates the count.
+struct OpenConnection(Rc<OpenConnections>);
+
+impl OpenConnection {
+    fn new(open: Rc<OpenConnections>) -> Self {
+        open.count.set(open.count.get() + 1);
+        Self(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let open = &self.0;
+        open.count.set(open.count.get() - 1);
+        if open.count.get() == 0 {
+            open.none_left.notify_waiters();
+        }
+    }
+}
+
+/// Drives a connection; once shutdown starts, asks it to finish its
+/// in-flight requests and close (HTTP/1: after the current response;
+/// HTTP/2: GOAWAY), then waits for it.
+async fn until_drained<C, T>(
+    conn: C,
+    mut shutdown: watch::Receiver<bool>,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> T
+where
+    C: std::future::Future<Output = T>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        out = conn.as_mut() => return out,
+        _ = shutdown.wait_for(|&stop| stop) => graceful(conn.as_mut()),
+    }
+    conn.await
 }
 
 fn http_builder(config: &ProxyConfig) -> auto::Builder<LocalExec> {
@@ -174,7 +230,8 @@ fn http_builder(config: &ProxyConfig) -> auto::Builder<LocalExec> {
 async fn serve_connection(
     worker: Rc<Worker>,
     builder: Rc<auto::Builder<LocalExec>>,
-    watcher: Watcher,
+    _open: OpenConnection,
+    shutdown: watch::Receiver<bool>,
     stream: TcpStream,
     peer: SocketAddr,
 ) {
@@ -187,8 +244,8 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |req| proxy(worker.clone(), meta.clone(), req));
     let result = match tls {
         None => {
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            watcher.watch(conn.into_owned()).await
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
         }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
@@ -203,8 +260,8 @@ async fn serve_connection(
                     return;
                 }
             };
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            watcher.watch(conn.into_owned()).await
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
         }
     };
     if let Err(e) = result {
@@ -294,6 +351,13 @@ async fn proxy(
         config.split.decide(&table, req.headers(), &worker.rng)
     };
     let (mut parts, body) = req.into_parts();
+    // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
+    // is forwarded with its `Upgrade` header and, after a 101, the two
+    // connections are spliced together. Only the handshake is judged.
+    let upgrade = requested_upgrade(&parts);
+    let mut client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<OnUpgrade>());
     let request_id = match parts.headers.get(&X_REQUEST_ID) {
         Some(id) => id.clone(),
         None => {
@@ -304,10 +368,17 @@ async fn proxy(
     };
     let client_version = parts.version;
     prepare_request(&mut parts.headers, &meta, config);
+    if let Some(protocol) = upgrade {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, protocol);
+    }
 
     // A bodiless idempotent request to the canary can be replayed on stable
     // if the canary fails it: the client never sees the canary's error.
     let replay = (config.canary_fallback
+        && client_upgrade.is_none()
         && target == Target::Canary
         && body.is_end_stream()
         && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS))
@@ -342,7 +413,22 @@ async fn proxy(
     }
 
     let mut resp = match result {
-        Ok((resp, checkin)) => worker.respond(served_by, start, resp, checkin),
+        Ok((mut resp, checkin)) => match client_upgrade.take() {
+            Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                // The upstream connection now belongs to the tunnel, not the pool.
+                drop(checkin);
+                let protocol = resp.headers().get(UPGRADE).cloned();
+                tokio::task::spawn_local(splice(client, hyper::upgrade::on(&mut resp)));
+                let mut resp = worker.respond(served_by, start, resp, None);
+                if let Some(protocol) = protocol {
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    resp.headers_mut().insert(UPGRADE, protocol);
+                }
+                resp
+            }
+            _ => worker.respond(served_by, start, resp, checkin),
+        },
         Err(e) => {
             worker.record(served_by, start, true);
             tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
@@ -476,6 +562,34 @@ impl Worker {
         write_hex(&mut buf[..16], self.request_prefix);
         write_hex(&mut buf[16..], seq);
         HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to, if it asks.
+fn requested_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = parts.headers.get_all(CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    asks.then(|| parts.headers.get(UPGRADE).cloned()).flatten()
+}
+
+/// Copies bytes both ways between an upgraded client connection and an
+/// upgraded upstream connection until either side closes.
+async fn splice(client: OnUpgrade, upstream: OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
     }
 }
 

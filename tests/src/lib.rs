@@ -4,7 +4,7 @@
 //! An upstream answers every request with its name as the body, unless its
 //! [`Behavior`] says otherwise (a status, a delay, a failure ratio, a reset, a
 //! gRPC status in trailers). A few paths do special jobs: `/echo-headers`
-//! returns the request headers, `/upload` counts the request body's bytes, and
+//! returns the request headers, `/upgrade` switches protocols and echoes bytes, `/upload` counts the request body's bytes, and
 //! `/download/N` streams N bytes. Nothing here sleeps to wait for a
 //! condition: use [`eventually`] to poll with a deadline.
 
@@ -89,7 +89,7 @@ impl TestUpstream {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| answer(state.clone(), req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });
             }
@@ -187,7 +187,7 @@ impl Body for TestBody {
 
 async fn answer(
     state: Arc<UpstreamState>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<TestBody>, std::io::Error> {
     let n = state.requests.fetch_add(1, Ordering::SeqCst);
     let behavior = state.behavior.lock().unwrap().clone();
@@ -198,6 +198,27 @@ async fn answer(
         return Err(std::io::Error::other("scripted reset"));
     }
     let path = req.uri().path().to_string();
+    if let (Some(protocol), "/upgrade") = (req.headers().get("upgrade").cloned(), path.as_str()) {
+        // Switch protocols, then echo every byte back until the client closes.
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut io = TokioIo::new(upgraded);
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut resp = Response::new(TestBody::text(""));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("connection", HeaderValue::from_static("upgrade"));
+        resp.headers_mut().insert("upgrade", protocol);
+        return Ok(resp);
+    }
     if path == "/echo-headers" {
         let mut text = String::new();
         for (k, v) in req.headers() {

@@ -604,3 +604,45 @@ async fn tls_listener_serves_http1_and_h2_by_alpn() {
         assert!(text.contains("x-forwarded-proto: https\n"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_upgrades_are_spliced_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(0, |_| {}).await;
+    let mut tcp = tokio::net::TcpStream::connect(h.proxy.local_addr())
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET /upgrade HTTP/1.1\r\nhost: app\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.unwrap(),
+            1,
+            "closed during the handshake"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("upgrade: echo") && head.contains("connection: upgrade"),
+        "{head}"
+    );
+    assert!(head.contains("x-serin-upstream: stable"), "{head}");
+    for message in [&b"ping"[..], b"a longer message over the tunnel"] {
+        tcp.write_all(message).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        tcp.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, message);
+    }
+    // Ordinary requests still work alongside the tunnel.
+    assert_eq!(
+        get(&http1_client(), &h.url("/"), &[]).await.status,
+        StatusCode::OK
+    );
+}
