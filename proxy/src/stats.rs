@@ -265,6 +265,11 @@ impl UpstreamStats {
         }
     }
 
+    /// Requests in this worker's window for this upstream, as of `now`.
+    pub fn window_requests(&self, now: Instant) -> u64 {
+        self.window.snapshot(now).requests
+    }
+
     /// Records one outcome. Wait-free: relaxed atomic adds only.
     #[inline]
     pub fn record(&self, now: Instant, latency: Duration, error: bool) {

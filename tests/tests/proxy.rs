@@ -646,3 +646,36 @@ async fn protocol_upgrades_are_spliced_through() {
         StatusCode::OK
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_share_the_port_and_their_stats_merge() {
+    let h = Harness::start(0, |c| c.workers = 2).await;
+    // A fresh connection per request, so the kernel spreads them over both
+    // SO_REUSEPORT listeners.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http();
+    for _ in 0..200 {
+        assert_eq!(get(&client, &h.url("/"), &[]).await.status, StatusCode::OK);
+    }
+    let now = tokio::time::Instant::now();
+    assert_eq!(
+        h.proxy
+            .stats()
+            .window_snapshot(Target::Stable, now)
+            .requests,
+        200
+    );
+    for worker in 0..2 {
+        let served = h
+            .proxy
+            .stats()
+            .worker(worker)
+            .upstream(Target::Stable)
+            .window_requests(now);
+        assert!(
+            served > 0,
+            "worker {worker} served nothing of 200 connections"
+        );
+    }
+}
