@@ -257,3 +257,73 @@ async fn client_subcommands_drive_a_running_serin() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach serin's control API"));
 }
+
+/// Peak resident memory of a process, from /proc (Linux).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mb_upload_and_download_stream_through_with_flat_memory() {
+    use http_body_util::BodyExt;
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let state = temp_dir("bigbody");
+    let running = SerinProcess::spawn(
+        env!("CARGO_BIN_EXE_serin"),
+        [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--stable",
+            &stable.url(),
+            "--canary",
+            &canary.url(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let pid = running.child.id().unwrap();
+    let url = format!("http://{}", running.proxy);
+    let client = http1_client();
+    // Warm up, then take the baseline peak.
+    assert_eq!(
+        get(&client, &format!("{url}/"), &[]).await.status,
+        StatusCode::OK
+    );
+    let before = peak_rss_kib(pid);
+
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let req = http::Request::post(format!("{url}/upload"))
+        .body(http_body_util::Either::Right(TestBody::generated(SIZE)))
+        .unwrap();
+    assert_eq!(send(&client, req).await.body, format!("received {SIZE}"));
+    let resp = client
+        .request(
+            http::Request::get(format!("{url}/download/{SIZE}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        total += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(total, SIZE);
+
+    let growth_mib = peak_rss_kib(pid).saturating_sub(before) / 1024;
+    assert!(
+        growth_mib < 16,
+        "peak RSS grew by {growth_mib} MiB moving 2 × 100 MiB: bodies are being buffered"
+    );
+}
