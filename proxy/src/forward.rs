@@ -11,7 +11,7 @@
 //! even start (the upstream closed it while idle) is retried once on a fresh
 //! connection: it never reached the upstream, so this is always safe.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
@@ -207,8 +207,6 @@ pub struct Pool {
     settings: PoolSettings,
     idle: RefCell<Vec<Idle>>,
     shared_h2: RefCell<Option<http2::SendRequest<RequestBody>>>,
-    /// Connections opened so far (for tests and diagnostics).
-    opened: Cell<u64>,
 }
 
 impl fmt::Debug for Pool {
@@ -234,18 +232,12 @@ impl Pool {
             settings,
             idle: RefCell::new(Vec::new()),
             shared_h2: RefCell::new(None),
-            opened: Cell::new(0),
         }
     }
 
     /// The upstream this pool connects to.
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
-    }
-
-    /// How many connections this pool has opened.
-    pub fn connections_opened(&self) -> u64 {
-        self.opened.get()
     }
 
     /// Sends `req` and waits for the response headers. The returned
@@ -358,7 +350,6 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
-        self.opened.set(self.opened.get() + 1);
         Ok(TokioIo::new(stream))
     }
 
