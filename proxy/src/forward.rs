@@ -150,6 +150,10 @@ pub enum UpstreamError {
     /// The connection broke before a response arrived (reset, closed, bad response).
     #[error("{url} failed before responding: {source}")]
     Broken { url: String, source: hyper::Error },
+    /// The client's request body broke off while it was being forwarded:
+    /// the client's fault, never counted against the upstream.
+    #[error("the client's request body broke off: {source}")]
+    ClientAborted { source: hyper::Error },
     /// No response headers within the response timeout.
     #[error("{url} did not respond within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
@@ -280,6 +284,11 @@ impl Pool {
     }
 
     fn broken(&self, source: hyper::Error) -> UpstreamError {
+        // A failure of the request body we were streaming is the client's
+        // doing (it hung up mid-upload), not the upstream's.
+        if source.is_user() || source.is_body_write_aborted() {
+            return UpstreamError::ClientAborted { source };
+        }
         UpstreamError::Broken {
             url: self.upstream.url.clone(),
             source,

@@ -310,6 +310,10 @@ pub fn rescue(error: &ProxyError) -> Response<ProxyBody> {
             UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
                 (StatusCode::BAD_GATEWAY, "serin: upstream connect failed\n")
             }
+            UpstreamError::ClientAborted { .. } => (
+                StatusCode::BAD_REQUEST,
+                "serin: the request body ended early; nothing was counted against the upstream\n",
+            ),
             UpstreamError::Broken { .. } => (
                 StatusCode::BAD_GATEWAY,
                 "serin: upstream reset or closed the connection\n",
@@ -430,7 +434,9 @@ async fn proxy(
             _ => worker.respond(served_by, start, resp, checkin),
         },
         Err(e) => {
-            worker.record(served_by, start, true);
+            if !matches!(e, UpstreamError::ClientAborted { .. }) {
+                worker.record(served_by, start, true);
+            }
             tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
             rescue(&ProxyError::Upstream(served_by, e))
         }

@@ -48,6 +48,7 @@ struct UpstreamState {
     behavior: Mutex<Behavior>,
     requests: AtomicU64,
     connections: AtomicU64,
+    aborted_uploads: AtomicU64,
 }
 
 /// A scriptable upstream HTTP server (HTTP/1.1 and h2c) on 127.0.0.1.
@@ -76,6 +77,7 @@ impl TestUpstream {
             behavior: Mutex::new(Behavior::default()),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            aborted_uploads: AtomicU64::new(0),
         });
         let accept_state = state.clone();
         let task = tokio::spawn(async move {
@@ -110,6 +112,11 @@ impl TestUpstream {
     /// Requests received so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// `/upload` bodies that broke off before their end.
+    pub fn aborted_uploads(&self) -> u64 {
+        self.state.aborted_uploads.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
@@ -230,7 +237,10 @@ async fn answer(
         let mut body = req.into_body();
         let mut total = 0u64;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(std::io::Error::other)?;
+            let frame = frame.map_err(|e| {
+                state.aborted_uploads.fetch_add(1, Ordering::SeqCst);
+                std::io::Error::other(e)
+            })?;
             total += frame.data_ref().map_or(0, |d| d.len() as u64);
         }
         return Ok(Response::new(TestBody::text(format!("received {total}"))));

@@ -679,3 +679,37 @@ async fn several_workers_share_the_port_and_their_stats_merge() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_hanging_up_mid_upload_are_not_the_upstreams_fault() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start(10_000, |_| {}).await;
+    for i in 0..12u64 {
+        let mut tcp = tokio::net::TcpStream::connect(h.proxy.local_addr())
+            .await
+            .unwrap();
+        tcp.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 1000000\r\n\r\n")
+            .await
+            .unwrap();
+        tcp.write_all(&[b'x'; 4096]).await.unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "the upload reaches the canary",
+            || async { h.canary.requests() == i + 1 },
+        )
+        .await;
+        drop(tcp);
+        eventually(
+            Duration::from_secs(10),
+            "the canary sees the upload break off",
+            || async { h.canary.aborted_uploads() == i + 1 },
+        )
+        .await;
+    }
+    // A normal request afterwards is served, and nothing above counted
+    // against the canary.
+    assert_eq!(get(&http1_client(), &h.url("/"), &[]).await.body, "canary");
+    let totals = h.proxy.stats().totals(Target::Canary);
+    assert_eq!((totals.successes, totals.errors), (1, 0));
+    assert_eq!(h.proxy.stats().consecutive_errors(Target::Canary), 0);
+}
