@@ -1,0 +1,97 @@
+"""How upstream failures look to a client: 502, 504, and the stable fallback."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import pytest
+
+from conftest import Serin, SerinFactory
+from upstream import Upstream, closed_port
+
+
+@pytest.fixture
+def dead_canary_url() -> Iterator[str]:
+    """A canary URL whose port refuses connections."""
+    sock, port = closed_port()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        sock.close()
+
+
+def test_refused_canary_post_is_502(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream], dead_canary_url: str
+) -> None:
+    """With the canary at 100% and its port closed, a POST gets 502 from serin
+    (it is not replayed), while a GET is answered by stable and says
+    `x-serin-fallback: canary`."""
+    stable, _ = upstreams
+    serin = start_serin(stable.url, dead_canary_url)
+    serin.set_weight(100)
+    with serin.client() as client:
+        resp = client.post("/", content=b"payload")
+        assert resp.status_code == 502
+        assert resp.headers["x-serin-upstream"] == "canary"
+
+        resp = client.get("/")
+        assert (resp.status_code, resp.text) == (200, "stable")
+        assert resp.headers["x-serin-upstream"] == "stable"
+        assert resp.headers["x-serin-fallback"] == "canary"
+    assert stable.hits == 1, "only the GET reached stable"
+
+
+def test_reset_by_canary_is_502(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """A canary that resets the connection without answering: 502 for a POST,
+    fallback to stable for a GET."""
+    _, canary = upstreams
+    canary.broken = True
+    serin.set_weight(100)
+    with serin.client() as client:
+        resp = client.post("/", content=b"x")
+        assert resp.status_code == 502
+        resp = client.get("/")
+        assert (resp.status_code, resp.text) == (200, "stable")
+        assert resp.headers["x-serin-fallback"] == "canary"
+
+
+def test_canary_5xx_get_falls_back(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """A canary answering 503 to a GET is replaced by stable's answer; a POST
+    gets the canary's own 503."""
+    _, canary = upstreams
+    canary.status = 503
+    serin.set_weight(100)
+    with serin.client() as client:
+        resp = client.get("/")
+        assert (resp.status_code, resp.text) == (200, "stable")
+        assert resp.headers["x-serin-fallback"] == "canary"
+        resp = client.post("/", content=b"x")
+        assert (resp.status_code, resp.text) == (503, "canary")
+        assert "x-serin-fallback" not in resp.headers
+
+
+TIMEOUT_CONFIG = """
+[timeouts]
+response = "300ms"
+"""
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2c"])
+def test_slow_upstream_is_504(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream], http2: bool
+) -> None:
+    """With `[timeouts] response = "300ms"`, an upstream that takes 3 s to answer
+    gets the client a 504 after roughly 300 ms, not 3 s; a quick one still works."""
+    stable, canary = upstreams
+    serin = start_serin(stable.url, canary.url, config=TIMEOUT_CONFIG)
+    with serin.client(http2=http2) as client:
+        started = time.monotonic()
+        resp = client.get("/", params={"delay_ms": 3000})
+        elapsed = time.monotonic() - started
+        assert resp.status_code == 504
+        assert resp.headers["x-serin-upstream"] == "stable"
+        assert 0.25 <= elapsed < 2.0, elapsed
+
+        resp = client.get("/", params={"delay_ms": 50})
+        assert (resp.status_code, resp.text) == (200, "stable")

@@ -1,0 +1,85 @@
+"""The judge as a client sees it: a canary that starts failing is rolled back,
+and the CLI reports it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import Serin
+from upstream import Upstream
+
+MAX_REQUESTS = 3000
+DEADLINE = 20.0
+
+
+def test_failing_canary_is_rolled_back(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """At weight 50, a canary that flips to 500s is reverted by the judge after
+    a handful of failed POSTs (≤ 30 seen by clients); from then on only stable
+    answers, and `serin status --json` says `rolled_back`."""
+    stable, canary = upstreams
+    serin.set_weight(50)
+    failures = 0
+    with serin.client() as client:
+        # Healthy first: both upstreams serve.
+        seen = set()
+        for _ in range(40):
+            resp = client.post("/", content=b"order")
+            assert resp.status_code == 200
+            seen.add(resp.headers["x-serin-upstream"])
+        assert seen == {"stable", "canary"}
+
+        canary.status = 500
+        deadline = time.monotonic() + DEADLINE
+        sent = 0
+        status = serin.status()
+        while status["phase"] != "rolled_back":
+            assert sent < MAX_REQUESTS and time.monotonic() < deadline, (
+                f"no rollback after {sent} requests: {status}"
+            )
+            resp = client.post("/", content=b"order")
+            sent += 1
+            if resp.status_code >= 500:
+                failures += 1
+                assert resp.headers["x-serin-upstream"] == "canary"
+            status = serin.status()
+
+        assert failures <= 30, f"{failures} failed responses before the revert"
+        assert status["canary_weight"] == 0
+        assert status["reason"], "the revert says why"
+
+        for _ in range(50):
+            resp = client.post("/", content=b"order")
+            assert (resp.status_code, resp.text) == (200, "stable")
+            assert resp.headers["x-serin-upstream"] == "stable"
+
+    history = serin.admin.get("/history").json()
+    assert any(t["phase"] == "rolled_back" and t["actor"] == "judge" for t in history), history
+
+    out = serin.cli("status", "--json")
+    assert out.returncode == 0, out.stderr
+    cli_status = json.loads(out.stdout)
+    assert cli_status["phase"] == "rolled_back"
+    assert cli_status["canary_weight"] == 0
+
+
+def test_cli_weight_out_of_range(serin: Serin) -> None:
+    """`serin weight 150` exits non-zero and prints the server's error on stderr;
+    the weight does not change."""
+    serin.set_weight(20)
+    server_error = serin.admin.put("/weight", json={"canary": 150}).json()["error"]
+    out = serin.cli("weight", "150")
+    assert out.returncode != 0
+    assert server_error in out.stderr, out.stderr
+    assert out.stdout == ""
+    assert serin.status()["canary_weight"] == 20
+
+
+def test_cli_weight_and_status(serin: Serin) -> None:
+    """`serin weight 25` sets the weight (phase manual) and `serin status` shows it."""
+    out = serin.cli("weight", "25")
+    assert out.returncode == 0, out.stderr
+    assert serin.status()["canary_weight"] == 25
+    out = serin.cli("status")
+    assert out.returncode == 0, out.stderr
+    assert "manual" in out.stdout and "25" in out.stdout

@@ -1,0 +1,217 @@
+"""Scriptable upstream HTTP/1.1 servers for the Python client suite.
+
+Each :class:`Upstream` is a stdlib ``ThreadingHTTPServer`` on 127.0.0.1, port 0,
+serving with keep-alive (serin pools its upstream connections). A test scripts
+it through plain attributes:
+
+* ``status`` / ``delay`` -- the status of every answer and the time slept
+  before sending the response headers (also per request: ``?status=503``,
+  ``?delay_ms=800``);
+* ``broken`` -- answer nothing: the connection is reset (serin must say 502).
+
+Routes (any method):
+
+* ``/echo``               -- JSON: name, method, path and the request headers;
+* ``/upload``             -- reads the whole body (Content-Length or chunked) and
+  answers JSON ``{"name", "bytes", "sha256", "chunked"}``;
+* ``/big?bytes=N``        -- streams the first N bytes of :data:`BLOB`, chunked;
+* anything else           -- the server's name as a ``text/plain`` body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
+from urllib.parse import parse_qs, urlsplit
+
+#: Deterministic pseudo-random payload used by the streaming tests (20 MiB + slack).
+BLOB: bytes = random.Random(0x5E41).randbytes(21 * 1024 * 1024)
+
+_CHUNK = 64 * 1024
+
+
+class Upstream:
+    """One scripted upstream; ``url`` is ``http://127.0.0.1:PORT``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.status = 200
+        self.delay = 0.0
+        self.broken = False
+        self.hits = 0
+        self._lock = threading.Lock()
+        upstream = self
+
+        class Handler(_Handler):
+            server_upstream = upstream
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"upstream-{name}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def count(self) -> None:
+        with self._lock:
+            self.hits += 1
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Buffer writes so that a small answer's head and body leave in one segment
+    # (BaseHTTPRequestHandler flushes after each request); with the default
+    # unbuffered writer they go out as two, and Nagle's algorithm with delayed
+    # ACKs then adds ~40 ms to every request.
+    wbufsize = 256 * 1024
+    disable_nagle_algorithm = True
+    server_upstream: Upstream  # set by the per-server subclass
+
+    # Quiet: the default handler logs every request to stderr.
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    # === body handling ===
+
+    def _read_body(self) -> tuple[int, str, bool]:
+        """Reads the request body; returns (length, sha256 hex, was chunked)."""
+        digest = hashlib.sha256()
+        total = 0
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            while True:
+                line = self.rfile.readline(1024)
+                if not line:
+                    raise ConnectionError("body ended inside a chunk header")
+                size = int(line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    # Trailers, up to the blank line.
+                    while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return total, digest.hexdigest(), True
+                remaining = size
+                while remaining:
+                    data = self.rfile.read(min(remaining, _CHUNK))
+                    if not data:
+                        raise ConnectionError("body ended inside a chunk")
+                    digest.update(data)
+                    total += len(data)
+                    remaining -= len(data)
+                self.rfile.readline(16)  # the CRLF after the chunk
+        remaining = int(self.headers.get("Content-Length") or 0)
+        while remaining:
+            data = self.rfile.read(min(remaining, _CHUNK))
+            if not data:
+                raise ConnectionError("body ended early")
+            digest.update(data)
+            total += len(data)
+            remaining -= len(data)
+        return total, digest.hexdigest(), False
+
+    def _send(self, status: int, body: bytes, content_type: str, head: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Upstream-Name", self.server_upstream.name)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    # === the router ===
+
+    def _serve(self, head: bool = False) -> None:
+        up = self.server_upstream
+        up.count()
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        body_len, body_sha, chunked = self._read_body()
+
+        if up.broken:
+            # Reset the connection without a word.
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            self.close_connection = True
+            return
+
+        delay = float(query["delay_ms"]) / 1000 if "delay_ms" in query else up.delay
+        if delay > 0:
+            time.sleep(delay)
+        status = int(query.get("status", up.status))
+
+        if url.path == "/echo":
+            payload = {
+                "name": up.name,
+                "method": self.command,
+                "path": self.path,
+                "headers": [[k.lower(), v] for k, v in self.headers.items()],
+            }
+            self._send(status, json.dumps(payload).encode(), "application/json", head)
+        elif url.path == "/upload":
+            payload = {"name": up.name, "bytes": body_len, "sha256": body_sha, "chunked": chunked}
+            self._send(status, json.dumps(payload).encode(), "application/json", head)
+        elif url.path == "/big":
+            self._stream(status, min(int(query.get("bytes", "0")), len(BLOB)), head)
+        else:
+            self._send(status, up.name.encode(), "text/plain", head)
+
+    def _stream(self, status: int, size: int, head: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Upstream-Name", self.server_upstream.name)
+        self.end_headers()
+        if head:
+            return
+        view = memoryview(BLOB)
+        for start in range(0, size, _CHUNK):
+            piece = view[start : min(start + _CHUNK, size)]
+            self.wfile.write(b"%x\r\n" % len(piece))
+            self.wfile.write(piece)
+            self.wfile.write(b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def closed_port() -> tuple[socket.socket, int]:
+    """A loopback port that refuses connections: bound but never listening.
+
+    Keep the returned socket open for as long as the port must stay closed
+    (nobody else can take it meanwhile); close it afterwards.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+def expected_sha256(size: int) -> str:
+    return hashlib.sha256(memoryview(BLOB)[:size]).hexdigest()
+
+
+def header(echo: dict, name: str) -> Optional[str]:
+    """The last value of request header ``name`` in an ``/echo`` answer."""
+    values = [v for k, v in echo["headers"] if k == name.lower()]
+    return values[-1] if values else None
