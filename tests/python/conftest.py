@@ -166,10 +166,11 @@ def start_serin(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Seri
         *,
         config: Optional[str] = None,
         token: Optional[str] = None,
+        state_dir: Optional[Path] = None,
         extra: Sequence[str] = (),
     ) -> Serin:
         n = len(started)
-        state_dir = tmp_path / f"state-{n}"
+        state_dir = state_dir or tmp_path / f"state-{n}"
         argv = [
             str(binary), "run",
             "--listen", "127.0.0.1:0",

@@ -11,11 +11,17 @@ it through plain attributes:
 
 Routes (any method):
 
-* ``/echo``               -- JSON: name, method, path and the request headers;
+* ``/echo``, ``/echo/...`` -- JSON: name, method, path and the request headers;
 * ``/upload``             -- reads the whole body (Content-Length or chunked) and
   answers JSON ``{"name", "bytes", "sha256", "chunked"}``;
-* ``/big?bytes=N``        -- streams the first N bytes of :data:`BLOB`, chunked;
-* anything else           -- the server's name as a ``text/plain`` body.
+* ``/big?bytes=N``        -- streams the first N bytes of :data:`BLOB`, chunked
+  (``&framing=length``: with Content-Length; ``&truncate=M``: the connection
+  is closed after M bytes of body);
+* anything else           -- the server's name as a ``text/plain`` body
+  (``?close=1``: answered with ``Connection: close``, then closed).
+
+``idle_timeout`` closes keep-alive connections idle for longer; ``connections``
+and ``closed_connections`` count accepted and finished connections.
 """
 
 from __future__ import annotations
@@ -45,7 +51,10 @@ class Upstream:
         self.status = 200
         self.delay = 0.0
         self.broken = False
+        self.idle_timeout: Optional[float] = None
         self.hits = 0
+        self.connections = 0
+        self.closed_connections = 0
         self._lock = threading.Lock()
         upstream = self
 
@@ -64,9 +73,9 @@ class Upstream:
         )
         self._thread.start()
 
-    def count(self) -> None:
+    def count(self, field: str = "hits") -> None:
         with self._lock:
-            self.hits += 1
+            setattr(self, field, getattr(self, field) + 1)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -87,6 +96,21 @@ class _Handler(BaseHTTPRequestHandler):
     # Quiet: the default handler logs every request to stderr.
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
+
+    def setup(self) -> None:
+        # Closes keep-alive connections idle longer than this (None: never).
+        self.timeout = self.server_upstream.idle_timeout
+        self.server_upstream.count("connections")
+        super().setup()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+            self.connection.shutdown(socket.SHUT_WR)  # the FIN goes out now
+        except OSError:
+            pass
+        finally:
+            self.server_upstream.count("closed_connections")
 
     def do_GET(self) -> None:
         self._serve()
@@ -163,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
         status = int(query.get("status", up.status))
 
-        if url.path == "/echo":
+        if url.path == "/echo" or url.path.startswith("/echo/"):
             payload = {
                 "name": up.name,
                 "method": self.command,
@@ -175,25 +199,52 @@ class _Handler(BaseHTTPRequestHandler):
             payload = {"name": up.name, "bytes": body_len, "sha256": body_sha, "chunked": chunked}
             self._send(status, json.dumps(payload).encode(), "application/json", head)
         elif url.path == "/big":
-            self._stream(status, min(int(query.get("bytes", "0")), len(BLOB)), head)
+            size = min(int(query.get("bytes", "0")), len(BLOB))
+            truncate = int(query["truncate"]) if "truncate" in query else None
+            self._stream(status, size, head, query.get("framing", "chunked"), truncate)
         else:
-            self._send(status, up.name.encode(), "text/plain", head)
+            if query.get("close"):
+                self.close_connection = True
+                self.send_response(status)
+                self.send_header("Connection", "close")
+                self.send_header("Content-Length", str(len(up.name)))
+                self.end_headers()
+                self.wfile.write(up.name.encode())
+            else:
+                self._send(status, up.name.encode(), "text/plain", head)
 
-    def _stream(self, status: int, size: int, head: bool) -> None:
+    def _stream(
+        self, status: int, size: int, head: bool, framing: str, truncate: Optional[int]
+    ) -> None:
+        """Streams BLOB[:size], chunked or with Content-Length; with ``truncate``,
+        stops after that many bytes and closes the connection mid-body."""
+        chunked = framing == "chunked"
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Transfer-Encoding", "chunked")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(size))
         self.send_header("X-Upstream-Name", self.server_upstream.name)
         self.end_headers()
         if head:
             return
+        end = size if truncate is None else min(truncate, size)
         view = memoryview(BLOB)
-        for start in range(0, size, _CHUNK):
-            piece = view[start : min(start + _CHUNK, size)]
-            self.wfile.write(b"%x\r\n" % len(piece))
+        for start in range(0, end, _CHUNK):
+            piece = view[start : min(start + _CHUNK, end)]
+            if chunked:
+                self.wfile.write(b"%x\r\n" % len(piece))
             self.wfile.write(piece)
-            self.wfile.write(b"\r\n")
-        self.wfile.write(b"0\r\n\r\n")
+            if chunked:
+                self.wfile.write(b"\r\n")
+        if truncate is not None:
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
 
 def closed_port() -> tuple[socket.socket, int]:
