@@ -75,3 +75,32 @@ def test_probes(serin: Serin) -> None:
     """`/healthz` and `/readyz` answer 200 once serin has printed its listening lines."""
     assert serin.admin.get("/healthz").status_code == 200
     assert serin.admin.get("/readyz").status_code == 200
+
+
+def metric(text: str, sample: str) -> float:
+    """The value of one exposition line, e.g. 'serin_requests_total{...}'."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{sample} not in /metrics:\n{text}")
+
+
+def test_metrics_count_what_clients_saw(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """`GET /metrics` counts requests per upstream and class exactly as served:
+    10 good answers from stable, 5 canary 503s to POSTs; and the weight ratio."""
+    _, canary = upstreams
+    canary.status = 503
+    with serin.client() as client:
+        for _ in range(10):
+            assert client.get("/", headers={"x-serin-canary": "never"}).status_code == 200
+        for _ in range(5):
+            assert client.post("/", headers={"x-serin-canary": "always"}).status_code == 503
+    serin.set_weight(12.5)
+    resp = serin.admin.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    text = resp.text
+    assert metric(text, 'serin_requests_total{upstream="stable",class="success"}') == 10
+    assert metric(text, 'serin_requests_total{upstream="stable",class="error"}') == 0
+    assert metric(text, 'serin_requests_total{upstream="canary",class="error"}') == 5
+    assert metric(text, "serin_canary_weight_ratio") == 0.125

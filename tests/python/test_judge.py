@@ -3,10 +3,13 @@ and the CLI reports it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
-from conftest import Serin
+import httpx
+
+from conftest import Serin, SerinFactory
 from upstream import Upstream
 
 MAX_REQUESTS = 3000
@@ -83,3 +86,35 @@ def test_cli_weight_and_status(serin: Serin) -> None:
     out = serin.cli("status")
     assert out.returncode == 0, out.stderr
     assert "manual" in out.stdout and "25" in out.stdout
+
+
+def test_slow_canary_is_rolled_back(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream]
+) -> None:
+    """With `--judge-max-p95 200ms`, a canary answering in 300 ms is rolled back
+    for its latency (every request still succeeded), and stable takes over."""
+    stable, canary = upstreams
+    serin = start_serin(stable.url, canary.url, extra=["--judge-max-p95", "200ms"])
+    canary.delay = 0.3
+    serin.set_weight(100)
+
+    async def batch() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            base_url=serin.proxy_url, trust_env=False, timeout=10.0
+        ) as client:
+            return await asyncio.gather(*(client.get("/") for _ in range(25)))
+
+    deadline = time.monotonic() + DEADLINE
+    status = serin.status()
+    batches = 0
+    while status["phase"] != "rolled_back":
+        assert batches < 10 and time.monotonic() < deadline, f"no rollback: {status}"
+        responses = asyncio.run(batch())
+        batches += 1
+        assert all(r.status_code == 200 for r in responses)
+        status = serin.status()
+    assert "p95" in status["reason"], status["reason"]
+    assert status["canary_weight"] == 0
+    with serin.client() as client:
+        resp = client.get("/")
+        assert resp.headers["x-serin-upstream"] == "stable"

@@ -61,13 +61,12 @@ class Upstream:
         class Handler(_Handler):
             server_upstream = upstream
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self.port: int = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.02},
             name=f"upstream-{name}",
             daemon=True,
         )
@@ -81,6 +80,13 @@ class Upstream:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 drops concurrent connects (the client
+    # retries the SYN a second later): far too small for a proxy's pool.
+    request_queue_size = 256
+    daemon_threads = True
 
 
 class _Handler(BaseHTTPRequestHandler):
