@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from conftest import Serin
@@ -57,3 +60,80 @@ def test_oversized_request_head_is_431(serin: Serin) -> None:
     with serin.client() as client:
         resp = client.get("/", headers={"x-big": "a" * 70_000})
     assert resp.status_code == 431
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="serin forwards HTTP/2 cookie crumbs to an HTTP/1.1 upstream as separate "
+    "Cookie lines; RFC 9113 §8.2.3 requires joining them with '; '",
+)
+def test_http2_cookie_crumbs_joined_for_http1_upstream(serin: Serin) -> None:
+    """An HTTP/2 client (as browsers do) may send each cookie in its own `cookie`
+    field; the HTTP/1.1 upstream must see them as one `Cookie` header."""
+    with serin.client(http2=True) as client:
+        resp = client.get("/echo", headers=[("cookie", "a=1"), ("cookie", "b=2")])
+    assert resp.status_code == 200
+    cookies = [v for k, v in resp.json()["headers"] if k == "cookie"]
+    assert cookies == ["a=1; b=2"]
+
+
+def test_http2_cookie_crumbs_route_on_override(serin: Serin) -> None:
+    """The `serin-canary` cookie is honoured when it arrives in its own HTTP/2
+    `cookie` field."""
+    with serin.client(http2=True) as client:
+        for _ in range(10):
+            resp = client.get(
+                "/", headers=[("cookie", "a=1"), ("cookie", "serin-canary=always")]
+            )
+            assert resp.headers["x-serin-upstream"] == "canary"
+
+
+def raw_exchange(addr: str, request: bytes, body: bytes = b"", timeout: float = 5.0) -> tuple[bytes, bytes]:
+    """Sends a raw HTTP/1.1 request head; returns (what came before the body was
+    sent, the rest up to the connection's close)."""
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        early = b""
+        if body:
+            early = sock.recv(65536)
+            sock.sendall(body)
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    return early, rest
+
+
+def test_expect_100_continue(serin: Serin) -> None:
+    """A client that sends `Expect: 100-continue` (as curl does for large uploads)
+    gets `100 Continue` at once, then the upstream's answer to the full body."""
+    started = time.monotonic()
+    early, rest = raw_exchange(
+        serin.proxy_addr,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n",
+        body=b"hello",
+    )
+    assert early.startswith(b"HTTP/1.1 100 Continue\r\n"), early
+    assert time.monotonic() - started < 1.0, "curl would have waited 1 s"
+    head, _, body = (early + rest).split(b"\r\n\r\n", 1)[1].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b'"bytes": 5' in body
+
+
+def test_http10_client(serin: Serin) -> None:
+    """An HTTP/1.0 client without Host gets an HTTP/1.0 answer and the body."""
+    _, answer = raw_exchange(serin.proxy_addr, b"GET / HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200"), answer[:100]
+    assert answer.endswith(b"\r\n\r\nstable")
+
+
+def test_pipelined_requests(serin: Serin) -> None:
+    """Two pipelined HTTP/1.1 requests get two answers, in order."""
+    _, answer = raw_exchange(
+        serin.proxy_addr,
+        b"GET /echo/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /echo/2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.count(b"HTTP/1.1 200") == 2
+    assert answer.index(b'"/echo/1"') < answer.index(b'"/echo/2"')

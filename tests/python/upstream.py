@@ -118,6 +118,11 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server_upstream.count("closed_connections")
 
+    def handle_expect_100(self) -> bool:
+        ok = super().handle_expect_100()
+        self.wfile.flush()  # writes are buffered: send the 100 now
+        return ok
+
     def do_GET(self) -> None:
         self._serve()
 
