@@ -4,12 +4,14 @@ and the CLI reports it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 
 import httpx
 
-from conftest import Serin, SerinFactory
+from conftest import Serin, SerinFactory, wait_until
 from upstream import Upstream
 
 MAX_REQUESTS = 3000
@@ -47,6 +49,7 @@ def test_failing_canary_is_rolled_back(serin: Serin, upstreams: tuple[Upstream, 
                 assert resp.headers["x-serin-upstream"] == "canary"
             status = serin.status()
 
+        print(f"rollback after {sent} requests, {failures} failed: {status['reason']}")
         assert failures <= 30, f"{failures} failed responses before the revert"
         assert status["canary_weight"] == 0
         assert status["reason"], "the revert says why"
@@ -118,3 +121,56 @@ def test_slow_canary_is_rolled_back(
     with serin.client() as client:
         resp = client.get("/")
         assert resp.headers["x-serin-upstream"] == "stable"
+
+
+def test_failing_canary_get_blast_radius_is_zero(
+    serin: Serin, upstreams: tuple[Upstream, Upstream]
+) -> None:
+    """At weight 50, a canary that flips to 500s costs GET clients nothing: each
+    failed GET is replayed on stable (`x-serin-fallback: canary`), and the judge
+    still rolls the canary back."""
+    _, canary = upstreams
+    serin.set_weight(50)
+    canary.status = 500
+    fallbacks = sent = 0
+    deadline = time.monotonic() + DEADLINE
+    with serin.client() as client:
+        while serin.status()["phase"] != "rolled_back":
+            assert sent < MAX_REQUESTS and time.monotonic() < deadline, serin.status()
+            resp = client.get("/")
+            sent += 1
+            assert (resp.status_code, resp.text) == (200, "stable")
+            fallbacks += resp.headers.get("x-serin-fallback") == "canary"
+    assert fallbacks >= 1
+
+
+def test_rollback_webhook_is_signed(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream]
+) -> None:
+    """A rollback POSTs a JSON event to the configured webhook, signed with
+    `X-Serin-Signature: sha256=<HMAC-SHA256 of the body>`."""
+    stable, canary = upstreams
+    hooks = Upstream("hooks")
+    try:
+        config = f'[[webhook]]\nurl = "{hooks.url}/hook"\nsecret = "hush"\n'
+        serin = start_serin(stable.url, canary.url, config=config)
+        serin.set_weight(10)
+        assert serin.admin.post("/rollback").status_code == 200
+
+        def delivered() -> list:
+            return [r for r in hooks.recorded if r.path == "/hook"]
+
+        wait_until(lambda: bool(delivered()), 10.0, "the rollback webhook")
+        hook = delivered()[0]
+        assert hook.method == "POST"
+        event = json.loads(hook.body)
+        assert event["event"] == "rollback"
+        assert event["phase"] == "rolled_back"
+        assert event["canary_weight"] == 0
+        for key in ("id", "at", "reason", "upstreams"):
+            assert key in event, key
+        signature = dict(hook.headers)["x-serin-signature"]
+        expected = hmac.new(b"hush", hook.body, hashlib.sha256).hexdigest()
+        assert signature == f"sha256={expected}"
+    finally:
+        hooks.close()

@@ -20,6 +20,7 @@ Routes (any method):
 * anything else           -- the server's name as a ``text/plain`` body
   (``?close=1``: answered with ``Connection: close``, then closed).
 
+``recorded`` lists every request received (method, path, headers, small bodies).
 ``idle_timeout`` closes keep-alive connections idle for longer; ``connections``
 and ``closed_connections`` count accepted and finished connections.
 """
@@ -34,6 +35,7 @@ import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,6 +43,17 @@ from urllib.parse import parse_qs, urlsplit
 BLOB: bytes = random.Random(0x5E41).randbytes(21 * 1024 * 1024)
 
 _CHUNK = 64 * 1024
+_RECORD_LIMIT = 1024 * 1024
+
+
+@dataclass
+class Recorded:
+    """One request as the upstream received it (body kept up to 1 MiB)."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 class Upstream:
@@ -55,6 +68,7 @@ class Upstream:
         self.hits = 0
         self.connections = 0
         self.closed_connections = 0
+        self.recorded: list[Recorded] = []
         self._lock = threading.Lock()
         upstream = self
 
@@ -75,6 +89,10 @@ class Upstream:
     def count(self, field: str = "hits") -> None:
         with self._lock:
             setattr(self, field, getattr(self, field) + 1)
+
+    def record(self, request: Recorded) -> None:
+        with self._lock:
+            self.recorded.append(request)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -133,10 +151,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     # === body handling ===
 
-    def _read_body(self) -> tuple[int, str, bool]:
-        """Reads the request body; returns (length, sha256 hex, was chunked)."""
+    def _read_body(self) -> tuple[int, str, bool, bytes]:
+        """Reads the request body; returns (length, sha256 hex, was chunked, and
+        the body itself when it is at most 1 MiB)."""
         digest = hashlib.sha256()
         total = 0
+        kept: list[bytes] = []
+
+        def keep(data: bytes) -> None:
+            digest.update(data)
+            if total + len(data) <= _RECORD_LIMIT:
+                kept.append(data)
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             while True:
                 line = self.rfile.readline(1024)
@@ -147,13 +172,13 @@ class _Handler(BaseHTTPRequestHandler):
                     # Trailers, up to the blank line.
                     while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
                         pass
-                    return total, digest.hexdigest(), True
+                    return total, digest.hexdigest(), True, b"".join(kept)
                 remaining = size
                 while remaining:
                     data = self.rfile.read(min(remaining, _CHUNK))
                     if not data:
                         raise ConnectionError("body ended inside a chunk")
-                    digest.update(data)
+                    keep(data)
                     total += len(data)
                     remaining -= len(data)
                 self.rfile.readline(16)  # the CRLF after the chunk
@@ -162,10 +187,10 @@ class _Handler(BaseHTTPRequestHandler):
             data = self.rfile.read(min(remaining, _CHUNK))
             if not data:
                 raise ConnectionError("body ended early")
-            digest.update(data)
+            keep(data)
             total += len(data)
             remaining -= len(data)
-        return total, digest.hexdigest(), False
+        return total, digest.hexdigest(), False, b"".join(kept)
 
     def _send(self, status: int, body: bytes, content_type: str, head: bool) -> None:
         self.send_response(status)
@@ -183,7 +208,15 @@ class _Handler(BaseHTTPRequestHandler):
         up.count()
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        body_len, body_sha, chunked = self._read_body()
+        body_len, body_sha, chunked, body = self._read_body()
+        up.record(
+            Recorded(
+                self.command,
+                self.path,
+                [(k.lower(), v) for k, v in self.headers.items()],
+                body if body_len <= _RECORD_LIMIT else b"",
+            )
+        )
 
         if up.broken:
             # Reset the connection without a word.
