@@ -161,24 +161,30 @@ def start_serin(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Seri
     request.node.serin_instances = started  # for the failure report below
 
     def start(
-        stable: str,
-        canary: str,
+        stable: Optional[str],
+        canary: Optional[str],
         *,
         config: Optional[str] = None,
         token: Optional[str] = None,
         state_dir: Optional[Path] = None,
         extra: Sequence[str] = (),
+        env: Optional[dict[str, str]] = None,
     ) -> Serin:
+        """Starts serin; ``stable``/``canary`` None leave those flags out (for the
+        config file or ``env`` to provide), ``extra`` adds flags, ``env`` adds
+        environment variables (the caller's SERIN_* are never inherited)."""
         n = len(started)
         state_dir = state_dir or tmp_path / f"state-{n}"
         argv = [
             str(binary), "run",
             "--listen", "127.0.0.1:0",
             "--admin", "127.0.0.1:0",
-            "--stable", stable,
-            "--canary", canary,
             "--state-dir", str(state_dir),
         ]
+        if stable is not None:
+            argv += ["--stable", stable]
+        if canary is not None:
+            argv += ["--canary", canary]
         if config is not None:
             config_path = tmp_path / f"serin-{n}.toml"
             config_path.write_text(config)
@@ -187,8 +193,9 @@ def start_serin(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Seri
             argv += ["--admin-token", token]
         argv += list(extra)
         # Only what the command line says: no SERIN_* from the caller's environment.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SERIN_")}
-        env.setdefault("NO_COLOR", "1")
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("SERIN_")}
+        child_env.setdefault("NO_COLOR", "1")
+        child_env.update(env or {})
         log_path = tmp_path / f"serin-{n}.log"
         log = open(log_path, "w")
         proc = subprocess.Popen(
@@ -197,7 +204,7 @@ def start_serin(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Seri
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env=env,
+            env=child_env,
         )
         log.close()
         lines: "queue.Queue[Optional[str]]" = queue.Queue()
