@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from typing import Iterator
 
+import httpx
 import pytest
 
 from conftest import Serin, SerinFactory
@@ -95,3 +98,91 @@ def test_slow_upstream_is_504(
 
         resp = client.get("/", params={"delay_ms": 50})
         assert (resp.status_code, resp.text) == (200, "stable")
+
+
+@pytest.fixture
+def blackhole_url() -> Iterator[str]:
+    """A URL whose connects hang: a listener that never accepts, with its
+    backlog already full (Linux then drops further SYNs)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        probe.connect(("127.0.0.1", port))
+        hangs = False
+    except (socket.timeout, OSError):
+        hangs = True
+    finally:
+        probe.close()
+    try:
+        if not hangs:
+            pytest.skip("this kernel completes connects beyond a full backlog")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_connect_timeout_is_504(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream], blackhole_url: str
+) -> None:
+    """With `[timeouts] connect = "300ms"`, an upstream whose connects hang gets the
+    client a 504 after about 300 ms."""
+    _, canary = upstreams
+    serin = start_serin(blackhole_url, canary.url, config='[timeouts]\nconnect = "300ms"\n')
+    with serin.client() as client:
+        started = time.monotonic()
+        resp = client.post("/", content=b"x")
+        elapsed = time.monotonic() - started
+    assert resp.status_code == 504
+    assert 0.25 <= elapsed < 2.0, elapsed
+
+
+def test_overload_is_503(start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream]) -> None:
+    """With `[limits] max_inflight = 2`, six concurrent slow requests: two are
+    served, the others get 503 at once."""
+    stable, canary = upstreams
+    serin = start_serin(stable.url, canary.url, config="[limits]\nmax_inflight = 2\n")
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=serin.proxy_url, trust_env=False, timeout=10.0
+        ) as client:
+            responses = await asyncio.gather(
+                *(client.get("/", params={"delay_ms": 500}) for _ in range(6))
+            )
+            return sorted(r.status_code for r in responses)
+
+    assert asyncio.run(run()) == [200, 200, 503, 503, 503, 503]
+    with serin.client() as client:
+        assert client.get("/").status_code == 200, "the limit frees up afterwards"
+
+
+def test_slow_client_headers_are_cut_off(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream]
+) -> None:
+    """With `[timeouts] header_read = "300ms"`, a client that never finishes its
+    request head is disconnected after about 300 ms (no upstream request)."""
+    stable, canary = upstreams
+    serin = start_serin(stable.url, canary.url, config='[timeouts]\nheader_read = "300ms"\n')
+    host, port = serin.proxy_addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5.0) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 3.0, elapsed
+    assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:100]
+    assert stable.hits == 0
