@@ -221,3 +221,31 @@ def test_http2_multiplexes_concurrent_requests(serin: Serin) -> None:
     assert [r.status_code for r in responses] == [200] * 20
     assert {r.http_version for r in responses} == {"HTTP/2"}
     assert elapsed < 1.5, f"20 × 300 ms took {elapsed:.2f}s"
+
+
+def test_rollout_holds_without_traffic_then_promotes(serin: Serin) -> None:
+    """A rollout with a 300 ms hold: without traffic the step holds and the reason
+    says so; with traffic it steps to 100% and ends `promoted`."""
+    resp = serin.admin.post("/rollout", json={"steps": [50, 100], "hold": "300ms"})
+    assert resp.status_code == 200, resp.text
+    wait_until(
+        lambda: "holding" in serin.status()["reason"], 5.0, "the step to report it is holding"
+    )
+    status = serin.status()
+    assert (status["phase"], status["canary_weight"]) == ("progressing", 50)
+    assert "canary requests" in status["reason"], status["reason"]
+
+    deadline = time.monotonic() + 15.0
+    seen = set()
+    with serin.client() as client:
+        while serin.status()["phase"] != "promoted":
+            assert time.monotonic() < deadline, serin.status()
+            for _ in range(10):
+                resp = client.get("/")
+                assert resp.status_code == 200
+                seen.add(resp.headers["x-serin-upstream"])
+        assert upstream_of(client) == {"canary"}
+    assert seen == {"stable", "canary"}
+    history = serin.admin.get("/history").json()
+    judged = [(t["to"], t["phase"]) for t in history if t["actor"] == "judge"]
+    assert judged == [(100, "progressing"), (100, "promoted")], history
