@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 import pytest
 
 from conftest import Serin
-from upstream import header
+from upstream import Upstream, header
 
 
 def test_connection_named_headers_are_dropped(serin: Serin) -> None:
@@ -137,3 +138,58 @@ def test_pipelined_requests(serin: Serin) -> None:
     )
     assert answer.count(b"HTTP/1.1 200") == 2
     assert answer.index(b'"/echo/1"') < answer.index(b'"/echo/2"')
+
+
+@pytest.mark.parametrize("status", [204, 304])
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2c"])
+def test_bodiless_statuses(serin: Serin, http2: bool, status: int) -> None:
+    """204 and 304 reach the client without a body, and the connection goes on."""
+    with serin.client(http2=http2) as client:
+        resp = client.get("/", params={"status": status})
+        assert resp.status_code == status
+        assert resp.content == b""
+        assert "transfer-encoding" not in resp.headers
+        resp = client.get("/")
+        assert (resp.status_code, resp.text) == (200, "stable")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="serin accepts an HTTP/1.1 request without Host and fills in the upstream's "
+    "authority; RFC 9112 §3.2 requires a 400",
+)
+def test_http11_without_host_is_400(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """An HTTP/1.1 request without a Host header gets 400 and is not forwarded."""
+    stable, _ = upstreams
+    _, answer = raw_exchange(serin.proxy_addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert stable.hits == 0
+
+
+def test_malformed_requests_are_400(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """A garbage request line, or two different Content-Lengths, get 400 and reach
+    no upstream."""
+    stable, _ = upstreams
+    for request in (
+        b"GARBAGE\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    ):
+        _, answer = raw_exchange(serin.proxy_addr, request)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert stable.hits == 0
+
+
+def test_te_and_content_length_not_both_forwarded(serin: Serin) -> None:
+    """A request with both `Transfer-Encoding: chunked` and `Content-Length` (a
+    smuggling pattern) is never forwarded with both."""
+    _, answer = raw_exchange(
+        serin.proxy_addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    )
+    if answer.startswith(b"HTTP/1.1 400"):
+        return  # rejecting it is fine too
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    echo = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    names = [k for k, _ in echo["headers"]]
+    assert not ("content-length" in names and "transfer-encoding" in names), names

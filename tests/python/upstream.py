@@ -194,9 +194,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, content_type: str, head: bool) -> None:
         self.send_response(status)
+        self.send_header("X-Upstream-Name", self.server_upstream.name)
+        if status in (204, 304) or status < 200:
+            self.end_headers()  # no body, no Content-Length
+            return
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Upstream-Name", self.server_upstream.name)
         self.end_headers()
         if not head:
             self.wfile.write(body)
