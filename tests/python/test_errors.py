@@ -186,3 +186,31 @@ def test_slow_client_headers_are_cut_off(
     assert 0.25 <= elapsed < 3.0, elapsed
     assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:100]
     assert stable.hits == 0
+
+
+def paced(pieces: int, size: int, interval: float) -> Iterator[bytes]:
+    """A slow client's body: ``pieces`` pieces of ``size`` bytes, ``interval`` apart."""
+    for i in range(pieces):
+        if i:
+            time.sleep(interval)  # the client's pace, not a wait for serin
+        yield b"u" * size
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the response timeout runs from the request's start, so it fires while a "
+    "slow client is still uploading: 504 from a healthy upstream (default 30s: any "
+    "upload longer than 30 s fails, and counts as an upstream error for the judge)",
+)
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2c"])
+def test_slow_upload_is_not_a_504(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream], http2: bool
+) -> None:
+    """With `[timeouts] response = "300ms"`, a client whose upload takes ~1 s to an
+    upstream that answers as soon as it has the body gets a 200, not a 504."""
+    stable, canary = upstreams
+    serin = start_serin(stable.url, canary.url, config=TIMEOUT_CONFIG)
+    with serin.client(http2=http2) as client:
+        resp = client.post("/upload", content=paced(6, 1000, 0.2))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["bytes"] == 6000
