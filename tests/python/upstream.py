@@ -20,6 +20,7 @@ Routes (any method):
 * anything else           -- the server's name as a ``text/plain`` body
   (``?close=1``: answered with ``Connection: close``, then closed).
 
+``aborted`` counts requests whose body was cut short.
 ``recorded`` lists every request received (method, path, headers, small bodies).
 ``idle_timeout`` closes keep-alive connections idle for longer; ``connections``
 and ``closed_connections`` count accepted and finished connections.
@@ -68,6 +69,7 @@ class Upstream:
         self.hits = 0
         self.connections = 0
         self.closed_connections = 0
+        self.aborted = 0
         self.recorded: list[Recorded] = []
         self._lock = threading.Lock()
         upstream = self
@@ -214,7 +216,12 @@ class _Handler(BaseHTTPRequestHandler):
         up.count()
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        body_len, body_sha, chunked, body = self._read_body()
+        try:
+            body_len, body_sha, chunked, body = self._read_body()
+        except (ConnectionError, OSError, ValueError):
+            up.count("aborted")  # the request body never arrived whole
+            self.close_connection = True
+            return
         up.record(
             Recorded(
                 self.command,
