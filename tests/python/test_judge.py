@@ -200,18 +200,22 @@ def test_client_aborted_uploads_do_not_roll_back_canary(
 ) -> None:
     """Twelve clients that start an upload to a healthy canary and hang up halfway
     (closed tabs, killed scripts) are not the canary's fault: it stays in place."""
-    _, canary = upstreams
+    stable, canary = upstreams
     serin.set_weight(100)
     host, port = serin.proxy_addr.rsplit(":", 1)
     for i in range(12):
-        aborted = canary.aborted
+        # Once reverted (the bug), uploads go to stable instead: follow either.
+        aborted = stable.aborted + canary.aborted
         with socket.create_connection((host, int(port)), timeout=5.0) as sock:
             sock.sendall(
                 b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 1000
             )
-            wait_until(lambda: canary.hits > i, 5.0, "the upload to reach the canary")
-        wait_until(lambda: canary.aborted > aborted, 5.0, "the canary to see the upload cut")
+            wait_until(lambda: stable.hits + canary.hits > i, 5.0, "the upload to arrive")
+        wait_until(
+            lambda: stable.aborted + canary.aborted > aborted, 5.0, "the upstream to see the cut"
+        )
     assert holds_for(lambda: serin.status()["phase"] == "manual", 0.5), serin.status()["reason"]
     assert serin.status()["upstreams"]["canary"]["errors"] == 0
+    assert stable.hits == 0, "every upload reached the canary"
     with serin.client() as client:
         assert client.get("/").headers["x-serin-upstream"] == "canary"
