@@ -7,7 +7,7 @@ import hashlib
 import httpx
 import pytest
 
-from conftest import Serin, wait_until
+from conftest import Serin, SerinFactory, wait_until
 from upstream import Upstream, expected_sha256
 
 SIZE = 4 * 1024 * 1024
@@ -83,3 +83,42 @@ def test_client_abandoning_download_leaves_serin_healthy(serin: Serin, http2: bo
                 digest.update(data)
                 total += len(data)
     assert (total, digest.hexdigest()) == (size, expected_sha256(size))
+
+
+TIMEOUT_CONFIG = '[timeouts]\nresponse = "300ms"\n'
+
+
+def test_no_desync_after_timeout(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream]
+) -> None:
+    """After a 504 (the upstream answers later, on the connection serin gave up on),
+    the next requests get their own answers, never the late one."""
+    stable, canary = upstreams
+    serin = start_serin(stable.url, canary.url, config=TIMEOUT_CONFIG)
+    with serin.client() as client:
+        for n in range(3):
+            responded = stable.responded
+            resp = client.get(f"/echo/late-{n}", params={"delay_ms": 600})
+            assert resp.status_code == 504
+            wait_until(lambda: stable.responded > responded, 5.0, "the late answer")
+            for tag in ("a", "b"):
+                resp = client.get(f"/echo/{n}-{tag}")
+                assert resp.status_code == 200
+                assert resp.json()["path"] == f"/echo/{n}-{tag}"
+
+
+def test_no_desync_after_client_gives_up(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """A client that gives up on a slow request (its own timeout) leaves no late
+    answer behind for the next client."""
+    stable, _ = upstreams
+    for n in range(3):
+        responded = stable.responded
+        with serin.client(timeout=0.1) as impatient:
+            with pytest.raises(httpx.TimeoutException):
+                impatient.get(f"/echo/abandoned-{n}", params={"delay_ms": 400})
+        wait_until(lambda: stable.responded > responded, 5.0, "the abandoned answer")
+        with serin.client() as client:
+            for tag in ("a", "b"):
+                resp = client.get(f"/echo/{n}-{tag}")
+                assert resp.status_code == 200
+                assert resp.json()["path"] == f"/echo/{n}-{tag}"

@@ -20,7 +20,7 @@ Routes (any method):
 * anything else           -- the server's name as a ``text/plain`` body
   (``?close=1``: answered with ``Connection: close``, then closed).
 
-``aborted`` counts requests whose body was cut short.
+``responded`` counts answers written; ``aborted`` counts requests whose body was cut short.
 ``recorded`` lists every request received (method, path, headers, small bodies).
 ``idle_timeout`` closes keep-alive connections idle for longer; ``connections``
 and ``closed_connections`` count accepted and finished connections.
@@ -70,6 +70,7 @@ class Upstream:
         self.connections = 0
         self.closed_connections = 0
         self.aborted = 0
+        self.responded = 0
         self.recorded: list[Recorded] = []
         self._lock = threading.Lock()
         upstream = self
@@ -244,7 +245,22 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
         status = int(query.get("status", up.status))
 
-        if url.path == "/echo" or url.path.startswith("/echo/"):
+        self._route(url.path, query, status, body_len, body_sha, chunked, head)
+        self.wfile.flush()
+        up.count("responded")
+
+    def _route(
+        self,
+        path: str,
+        query: dict[str, str],
+        status: int,
+        body_len: int,
+        body_sha: str,
+        chunked: bool,
+        head: bool,
+    ) -> None:
+        up = self.server_upstream
+        if path == "/echo" or path.startswith("/echo/"):
             payload = {
                 "name": up.name,
                 "method": self.command,
@@ -252,10 +268,10 @@ class _Handler(BaseHTTPRequestHandler):
                 "headers": [[k.lower(), v] for k, v in self.headers.items()],
             }
             self._send(status, json.dumps(payload).encode(), "application/json", head)
-        elif url.path == "/upload":
+        elif path == "/upload":
             payload = {"name": up.name, "bytes": body_len, "sha256": body_sha, "chunked": chunked}
             self._send(status, json.dumps(payload).encode(), "application/json", head)
-        elif url.path == "/big":
+        elif path == "/big":
             size = min(int(query.get("bytes", "0")), len(BLOB))
             truncate = int(query["truncate"]) if "truncate" in query else None
             self._stream(status, size, head, query.get("framing", "chunked"), truncate)
