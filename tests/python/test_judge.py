@@ -64,12 +64,37 @@ def test_failing_canary_is_rolled_back(serin: Serin, upstreams: tuple[Upstream, 
 
     history = serin.admin.get("/history").json()
     assert any(t["phase"] == "rolled_back" and t["actor"] == "judge" for t in history), history
+    metrics = serin.admin.get("/metrics").text
+    assert 'serin_rollbacks_total{actor="judge"} 1' in metrics.splitlines()
 
     out = serin.cli("status", "--json")
     assert out.returncode == 0, out.stderr
     cli_status = json.loads(out.stdout)
     assert cli_status["phase"] == "rolled_back"
     assert cli_status["canary_weight"] == 0
+
+
+def test_fixed_canary_can_be_retried(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
+    """After the judge rolled a failing canary back, the fixed canary set to 50%
+    again serves without being reverted on the old errors."""
+    _, canary = upstreams
+    serin.set_weight(50)
+    canary.status = 500
+    deadline = time.monotonic() + DEADLINE
+    with serin.client() as client:
+        while serin.status()["phase"] != "rolled_back":
+            assert time.monotonic() < deadline, serin.status()
+            client.post("/", content=b"order")
+        canary.status = 200
+        serin.set_weight(50)
+        seen = set()
+        for _ in range(100):
+            resp = client.post("/", content=b"order")
+            assert resp.status_code == 200
+            seen.add(resp.headers["x-serin-upstream"])
+    assert seen == {"stable", "canary"}
+    status = serin.status()
+    assert (status["phase"], status["canary_weight"]) == ("manual", 50), status["reason"]
 
 
 def test_cli_weight_out_of_range(serin: Serin) -> None:

@@ -89,6 +89,25 @@ def test_state_survives_restart(
         assert upstream_of(client) == {"canary"}
 
 
+def test_rollback_survives_restart(
+    start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream], tmp_path: Path
+) -> None:
+    """A rolled-back canary stays rolled back and closed (even to overrides) after
+    serin restarts: a restart never reopens a bad canary."""
+    stable, canary = upstreams
+    state = tmp_path / "shared-state"
+    first = start_serin(stable.url, canary.url, state_dir=state)
+    first.set_weight(40)
+    assert first.admin.post("/rollback").status_code == 200
+    first.stop()
+
+    second = start_serin(stable.url, canary.url, state_dir=state, extra=["--canary-weight", "50"])
+    status = second.status()
+    assert (status["phase"], status["canary_weight"]) == ("rolled_back", 0)
+    with second.client() as client:
+        assert upstream_of(client, headers={"x-serin-canary": "always"}) == {"stable"}
+
+
 def test_corrupt_state_starts_safe(
     start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream], tmp_path: Path
 ) -> None:
