@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import Serin, SerinFactory, serin_bin, wait_until
 from upstream import Upstream
