@@ -11,7 +11,7 @@
 //! even start (the upstream closed it while idle) is retried once on a fresh
 //! connection: it never reached the upstream, so this is always safe.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io;
 use std::pin::Pin;
@@ -163,11 +163,24 @@ pub enum UpstreamError {
 
 /// The body sent upstream: the client's, streamed, or empty (for a replay).
 pub enum RequestBody {
-    /// The client's body, streamed through.
+    /// The client's body, complete when the request is sent (none, or
+    /// already received).
     Client(Incoming),
+    /// The client's body, still arriving: streamed through, and its end time
+    /// noted so that the response timeout can count from it.
+    Upload {
+        /// The body.
+        body: Incoming,
+        /// Set when the last frame has gone by.
+        ended: UploadEnd,
+    },
     /// No body.
     Empty,
 }
+
+/// When a streamed request body ended: written by the body, read by the
+/// response timeout. Only uploads allocate one.
+pub type UploadEnd = Rc<Cell<Option<Instant>>>;
 
 impl Body for RequestBody {
     type Data = Bytes;
@@ -179,20 +192,27 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Client(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Upload { body, ended } => {
+                let frame = Pin::new(&mut *body).poll_frame(cx);
+                if matches!(frame, Poll::Ready(None)) || body.is_end_stream() {
+                    ended.set(Some(Instant::now()));
+                }
+                frame
+            }
             RequestBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Client(b) => b.is_end_stream(),
+            RequestBody::Client(b) | RequestBody::Upload { body: b, .. } => b.is_end_stream(),
             RequestBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Client(b) => b.size_hint(),
+            RequestBody::Client(b) | RequestBody::Upload { body: b, .. } => b.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
     }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-    VIA,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE, VIA,
 };
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -38,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::{PendingGrpc, ProxyBody};
 use crate::classify::{Classifier, Outcome};
-use crate::forward::{Checkin, Pool, RequestBody, UpstreamError, UpstreamProtocol};
+use crate::forward::{Checkin, Pool, RequestBody, UploadEnd, UpstreamError, UpstreamProtocol};
 use crate::split::{FastRng, Target};
 use crate::stats::WorkerStats;
 use crate::{LocalExec, ProxyConfig, Routes};
@@ -287,6 +287,8 @@ pub enum ProxyError {
     Upstream(Target, UpstreamError),
     /// This worker has too many requests in flight.
     Overloaded,
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    MissingHost,
 }
 
 /// Maps a proxy error to the response the client sees: 502 for connect
@@ -294,6 +296,10 @@ pub enum ProxyError {
 /// chooses these statuses.
 pub fn rescue(error: &ProxyError) -> Response<ProxyBody> {
     let (status, text) = match error {
+        ProxyError::MissingHost => (
+            StatusCode::BAD_REQUEST,
+            "serin: an HTTP/1.1 request needs a Host header\n",
+        ),
         ProxyError::Overloaded => (
             StatusCode::SERVICE_UNAVAILABLE,
             "serin: overloaded, too many requests in flight; retry later\n",
@@ -347,6 +353,12 @@ async fn proxy(
     if worker.inflight.get() >= config.max_inflight {
         return Ok(rescue(&ProxyError::Overloaded));
     }
+    if req.version() == Version::HTTP_11
+        && req.uri().authority().is_none()
+        && !req.headers().contains_key(HOST)
+    {
+        return Ok(rescue(&ProxyError::MissingHost));
+    }
     worker.inflight.set(worker.inflight.get() + 1);
     let _inflight = InflightGuard(worker.clone());
 
@@ -394,8 +406,15 @@ async fn proxy(
         )
     });
 
-    let req = Request::from_parts(parts, RequestBody::Client(body));
-    let mut result = worker.forward(target, req, start).await;
+    let (body, upload) = if body.is_end_stream() {
+        (RequestBody::Client(body), None)
+    } else {
+        let ended = UploadEnd::default();
+        let upload = Some(ended.clone());
+        (RequestBody::Upload { body, ended }, upload)
+    };
+    let req = Request::from_parts(parts, body);
+    let mut result = worker.forward(target, req, start, upload.as_ref()).await;
     let mut served_by = target;
     let mut fell_back = false;
 
@@ -410,7 +429,9 @@ async fn proxy(
             *req.method_mut() = method;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers;
-            result = worker.forward(Target::Stable, req, Instant::now()).await;
+            result = worker
+                .forward(Target::Stable, req, Instant::now(), None)
+                .await;
             served_by = Target::Stable;
             fell_back = true;
         }
@@ -461,12 +482,14 @@ impl Worker {
     }
 
     /// Sends a request to `target` under the response timeout (counted from
-    /// `sent_at`), after the upstream-specific rewrites (version, URI form, Host).
+    /// `sent_at`, or from the end of `upload` when the body was still
+    /// arriving), after the upstream-specific rewrites (version, URI form, Host).
     async fn forward(
         &self,
         target: Target,
         mut req: Request<RequestBody>,
         sent_at: Instant,
+        upload: Option<&UploadEnd>,
     ) -> Result<(Response<Incoming>, Option<Checkin>), UpstreamError> {
         let pool = self.pool(target);
         let upstream = pool.upstream();
@@ -482,6 +505,9 @@ impl Worker {
         }
         match upstream.protocol {
             UpstreamProtocol::Http1 => {
+                if req.version() == Version::HTTP_2 {
+                    join_cookie_crumbs(req.headers_mut());
+                }
                 *req.version_mut() = Version::HTTP_11;
                 if req.uri().authority().is_some() {
                     let path = req
@@ -510,14 +536,27 @@ impl Worker {
                 req.headers_mut().remove(HOST);
             }
         }
+        // The response timeout counts from the end of the request, as Envoy's
+        // route timeout does: a slow upload is not the upstream's fault. For
+        // a bodiless request that is `sent_at` (no extra clock read).
         let timeout = config.response_timeout;
-        // The deadline is derived from the request's start time: no extra clock read.
-        match tokio::time::timeout_at(sent_at + timeout, pool.send(req)).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout {
-                url: upstream.url.clone(),
-                timeout,
-            }),
+        let mut deadline = sent_at + timeout;
+        let mut send = std::pin::pin!(pool.send(req));
+        loop {
+            match tokio::time::timeout_at(deadline, send.as_mut()).await {
+                Ok(result) => return result,
+                Err(_) => match upload.map(|u| u.get()) {
+                    // Still uploading: look again one timeout from now.
+                    Some(None) => deadline = Instant::now() + timeout,
+                    Some(Some(end)) if end + timeout > deadline => deadline = end + timeout,
+                    _ => {
+                        return Err(UpstreamError::Timeout {
+                            url: upstream.url.clone(),
+                            timeout,
+                        })
+                    }
+                },
+            }
         }
     }
 
@@ -568,6 +607,24 @@ impl Worker {
         write_hex(&mut buf[..16], self.request_prefix);
         write_hex(&mut buf[16..], seq);
         HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    }
+}
+
+/// HTTP/2 clients may send each cookie as its own field; HTTP/1.1 needs them
+/// in one `Cookie` header, joined with "; " (RFC 9113 §8.2.3).
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for (i, crumb) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
     }
 }
 

@@ -196,12 +196,6 @@ def paced(pieces: int, size: int, interval: float) -> Iterator[bytes]:
         yield b"u" * size
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the response timeout runs from the request's start, so it fires while a "
-    "slow client is still uploading: 504 from a healthy upstream (default 30s: any "
-    "upload longer than 30 s fails, and counts as an upstream error for the judge)",
-)
 @pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2c"])
 def test_slow_upload_is_not_a_504(
     start_serin: SerinFactory, upstreams: tuple[Upstream, Upstream], http2: bool

@@ -63,11 +63,6 @@ def test_oversized_request_head_is_431(serin: Serin) -> None:
     assert resp.status_code == 431
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serin forwards HTTP/2 cookie crumbs to an HTTP/1.1 upstream as separate "
-    "Cookie lines; RFC 9113 §8.2.3 requires joining them with '; '",
-)
 def test_http2_cookie_crumbs_joined_for_http1_upstream(serin: Serin) -> None:
     """An HTTP/2 client (as browsers do) may send each cookie in its own `cookie`
     field; the HTTP/1.1 upstream must see them as one `Cookie` header."""
@@ -153,11 +148,6 @@ def test_bodiless_statuses(serin: Serin, http2: bool, status: int) -> None:
         assert (resp.status_code, resp.text) == (200, "stable")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serin accepts an HTTP/1.1 request without Host and fills in the upstream's "
-    "authority; RFC 9112 §3.2 requires a 400",
-)
 def test_http11_without_host_is_400(serin: Serin, upstreams: tuple[Upstream, Upstream]) -> None:
     """An HTTP/1.1 request without a Host header gets 400 and is not forwarded."""
     stable, _ = upstreams

@@ -12,7 +12,6 @@ import time
 from typing import Callable
 
 import httpx
-import pytest
 
 from conftest import Serin, SerinFactory, wait_until
 from upstream import Upstream
@@ -214,12 +213,6 @@ def holds_for(check: Callable[[], bool], duration: float, interval: float = 0.02
     return check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a client hanging up mid-upload is counted as an error of the upstream "
-    "(502 recorded against the canary): 10 such clients roll back a healthy canary "
-    "('10 consecutive canary errors')",
-)
 def test_client_aborted_uploads_do_not_roll_back_canary(
     serin: Serin, upstreams: tuple[Upstream, Upstream]
 ) -> None:

@@ -462,6 +462,8 @@ async fn malformed_and_oversized_requests_get_4xx_and_serving_continues() {
     let addr = h.proxy.local_addr();
     let bad = raw_exchange(addr, b"GARBAGE\r\n\r\n").await;
     assert!(bad.starts_with("HTTP/1.1 400"), "{bad:?}");
+    let no_host = raw_exchange(addr, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host:?}");
     let huge = format!(
         "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
         "a".repeat(64 * 1024)
