@@ -34,6 +34,9 @@ enum Cmd {
         /// Only these peers (comma-separated: nginx,haproxy,envoy,serin); direct always runs.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// wrk connections for closed-loop HTTP/1.1.
+        #[arg(long, default_value_t = 256)]
+        connections: u32,
     },
     /// Rebuild bench/REPORT.md and the SVGs from bench/results/latest.json.
     Report,
@@ -61,12 +64,14 @@ fn main() -> ExitCode {
             rounds,
             no_criterion,
             only,
+            connections,
         } => {
             let opts = run::Options {
                 quick,
                 rounds,
                 no_criterion,
                 only,
+                connections,
             };
             match run::peers(&opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -134,7 +134,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// It started but never answered 200 on its port.
-    #[error("{what} did not answer 200 on {addr} within 10 s; see its log {log}")]
+    #[error("{what} did not answer 200 on {addr} within 10 s; its log ends: {log}")]
     NotReady {
         what: &'static str,
         addr: SocketAddr,
@@ -153,10 +153,13 @@ fn start(
         Guarded::spawn(what, cmd, &log).map_err(|source| StartError::Spawn { what, source })?;
     for addr in ready {
         if !procs::wait_http_ok(*addr, Duration::from_secs(10)) || !g.alive() {
+            g.stop();
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
             return Err(StartError::NotReady {
                 what,
                 addr: *addr,
-                log: log.display().to_string(),
+                log: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
             });
         }
     }

@@ -265,13 +265,14 @@ pub fn wait_http_ok(addr: SocketAddr, timeout: Duration) -> bool {
 // === a quiet machine ===
 
 /// Waits until no `rustc`/`cargo` (other than this process's own ancestors,
-/// e.g. the `cargo run` that started it) is running, so that nothing else
-/// competes for the two cores. Returns how long it waited.
+/// e.g. the `cargo run` that started it) is running and no other user's
+/// process is using more than 5% of a core, so that nothing else competes
+/// for the two cores. Returns how long it waited.
 pub fn wait_for_quiet(limit: Duration) -> Duration {
     let start = Instant::now();
     let mut told = false;
     loop {
-        let busy = compilers_running();
+        let busy = machine_busy(Duration::from_millis(500));
         if busy.is_empty() {
             if told {
                 eprintln!("  machine quiet again; measuring");
@@ -288,7 +289,7 @@ pub fn wait_for_quiet(limit: Duration) -> Duration {
         }
         if !told {
             eprintln!(
-                "  waiting: other builds are running ({}); benchmarks only run on a quiet machine",
+                "  waiting: other builds or busy processes ({}); benchmarks only run on a quiet machine",
                 busy.join(", ")
             );
             told = true;
@@ -308,7 +309,93 @@ fn ancestors() -> HashSet<u32> {
     out
 }
 
-fn compilers_running() -> Vec<String> {
+/// CPU ticks, name and parent of every process now.
+fn process_table() -> Vec<(u32, u32, u64, String)> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else {
+                continue;
+            };
+            let comm = text[open + 1..close].to_string();
+            let f: Vec<&str> = text[close + 2..].split_whitespace().collect();
+            if f.len() < 13 {
+                continue;
+            }
+            let ppid = f[1].parse().unwrap_or(0);
+            let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+            out.push((pid, ppid, ticks, comm));
+        }
+    }
+    out
+}
+
+/// PIDs that are this run's own: its ancestors, itself and its descendants
+/// (proxies, upstream, load generators), and kernel threads (which carry the
+/// loopback traffic).
+fn own_pids(table: &[(u32, u32, u64, String)]) -> HashSet<u32> {
+    let mut own = ancestors();
+    own.insert(2);
+    let me = std::process::id();
+    let mut frontier = vec![me];
+    while let Some(p) = frontier.pop() {
+        for (pid, ppid, _, _) in table {
+            if *ppid == p && own.insert(*pid) {
+                frontier.push(*pid);
+            }
+        }
+    }
+    for (pid, ppid, _, _) in table {
+        if *ppid == 2 {
+            own.insert(*pid);
+        }
+    }
+    own
+}
+
+/// Processes of other users of the machine that used more than 5% of a core
+/// between two process tables taken `interval` apart.
+fn foreign_busy(
+    before: &[(u32, u32, u64, String)],
+    after: &[(u32, u32, u64, String)],
+    interval: Duration,
+) -> Vec<String> {
+    let own = own_pids(after);
+    let limit = (interval.as_secs_f64() * CLOCK_TICKS * 0.05).max(1.0) as u64;
+    after
+        .iter()
+        .filter(|(pid, ..)| !own.contains(pid))
+        .filter_map(|(pid, _, ticks, comm)| {
+            let prev = before
+                .iter()
+                .find(|(p, ..)| p == pid)
+                .map(|(_, _, t, _)| *t)
+                .unwrap_or(0);
+            (ticks.saturating_sub(prev) > limit).then(|| format!("{comm} {pid}"))
+        })
+        .collect()
+}
+
+/// Builds, or any other user's process that is using CPU, over the next `interval`.
+fn machine_busy(interval: Duration) -> Vec<String> {
+    let before = process_table();
+    sleep(interval);
+    let after = process_table();
+    let mut busy = compilers_running();
+    busy.extend(foreign_busy(&before, &after, interval));
+    busy.sort();
+    busy.dedup();
+    busy
+}
+
+/// `rustc`/`cargo`/linker processes running now, other than this process's ancestors.
+pub fn compilers_running() -> Vec<String> {
     let mine = ancestors();
     let mut out = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -330,4 +417,65 @@ fn compilers_running() -> Vec<String> {
         }
     }
     out
+}
+
+// === impl BuildWatch ===
+
+/// Watches for builds, or other users' busy processes, while a measurement
+/// runs: samples every 500 ms on its own thread until stopped.
+pub struct BuildWatch {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BuildWatch {
+    /// Starts watching.
+    pub fn start() -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let seen = seen.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let busy = machine_busy(Duration::from_millis(500));
+                    if !busy.is_empty() {
+                        if let Ok(mut s) = seen.lock() {
+                            s.extend(busy);
+                        }
+                    }
+                }
+            })
+        };
+        Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; returns the builds seen meanwhile (empty: undisturbed).
+    pub fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        seen.sort();
+        seen.dedup();
+        seen
+    }
+}
+
+/// Pins this process (all its threads) to `core`, so the harness's own work
+/// stays off the proxy core. Children started later inherit it unless they
+/// pin themselves.
+pub fn pin_self(core: &str) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-p", "-c", core])
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }

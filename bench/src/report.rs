@@ -127,8 +127,10 @@ fn markdown(res: &Results) -> String {
     let _ = writeln!(
         s,
         "\nRun took {:.0} s ({} round(s); closed loop {} s HTTP/1.1 and {} s HTTP/2 per target per round, \
-         open loop {} s per rate per target per round); {:.0} s were spent waiting for other builds on the machine to finish.\n",
-        res.wall_seconds, res.rounds, res.closed_seconds.0, res.closed_seconds.1, res.open_seconds, res.waited_seconds
+         open loop {} s per rate per target per round); {:.0} s were spent waiting for other builds on the machine to finish, \
+         and {} measurement(s) were repeated because a build started during them.\n",
+        res.wall_seconds, res.rounds, res.closed_seconds.0, res.closed_seconds.1, res.open_seconds, res.waited_seconds,
+        res.disturbed_runs
     );
     for (name, why) in &res.skipped {
         let _ = writeln!(s, "- **{name} not measured:** {why}");
@@ -366,7 +368,11 @@ fn throughput_section(s: &mut String, res: &Results) {
         "![throughput](results/throughput.svg)\n\n![CPU per request](results/cpu.svg)\n"
     );
     for (proto, map, tool) in [
-        ("HTTP/1.1", &res.h1, "wrk -t1 -c64"),
+        (
+            "HTTP/1.1",
+            &res.h1,
+            &*format!("wrk -t1 -c{}", res.wrk_connections),
+        ),
         ("HTTP/2 (h2c)", &res.h2, "h2load -t1 -c16 -m16"),
     ] {
         let _ = writeln!(
@@ -626,7 +632,7 @@ fn method_section(s: &mut String, res: &Results) {
          tables show medians with min–max. Every load is bounded in time or count and every started process is \
          stopped by its PID (a `Drop` guard: SIGTERM, then SIGKILL for what is left of its tree). Nothing is \
          measured while another `rustc`/`cargo` runs on the machine: the harness waits for it.\n\
-         - **Max throughput:** closed loop, `wrk -t1 -c64` (HTTP/1.1) and `h2load -t1 -c16 -m16` (h2c), after a 1 s \
+         - **Max throughput:** closed loop, `wrk -t1 -c{}` (HTTP/1.1) and `h2load -t1 -c16 -m16` (h2c), after a 1 s \
          warm-up. The bottleneck column reads `/proc/stat`: a generator core at ≥ 95% with the proxy core below 90% \
          means the generator, not the proxy, was the limit.\n\
          - **CPU per request:** utime and stime of the proxy's process tree from `/proc/PID/stat`, over the whole \
@@ -645,7 +651,7 @@ fn method_section(s: &mut String, res: &Results) {
          connections that have each made one request.\n\
          - **Syscalls per request:** the proxy's `raw_syscalls:sys_enter` count from `perf stat` over a fixed \
          100,000 HTTP/1.1 requests (`h2load --h1 -n`), plus the `strace -c -f` breakdown.\n",
-        res.rounds, res.closed_seconds.0
+        res.rounds, res.wrk_connections, res.closed_seconds.0
     );
     let _ = writeln!(
         s,

@@ -60,6 +60,10 @@ pub struct Results {
     pub open_seconds: u64,
     /// Seconds spent waiting for other builds to finish.
     pub waited_seconds: f64,
+    /// Measurements repeated because a build started during them.
+    pub disturbed_runs: u64,
+    /// wrk connections used for closed-loop HTTP/1.1.
+    pub wrk_connections: u32,
     /// Wall time of the whole run, seconds.
     pub wall_seconds: f64,
     /// The machine.

@@ -28,6 +28,8 @@ pub struct Options {
     pub no_criterion: bool,
     /// Only these targets (direct is always measured).
     pub only: Vec<String>,
+    /// wrk connections for closed-loop HTTP/1.1 (default 64).
+    pub connections: u32,
 }
 
 /// Where the committed report and results live (`bench/`).
@@ -183,7 +185,7 @@ fn collect_estimates(root: &Path, dir: &Path, out: &mut Vec<MicroBench>) {
     }
 }
 
-fn profile_serin(target: &Running, seconds: u64) -> Vec<String> {
+fn profile_serin(target: &Running, seconds: u64, connections: u32) -> Vec<String> {
     let data = std::env::temp_dir().join(format!("serin-bench-perf-{}.data", std::process::id()));
     let pid = target.process.as_ref().map(|p| p.pid()).unwrap_or(0);
     let mut rec = Command::new("perf");
@@ -198,7 +200,7 @@ fn profile_serin(target: &Running, seconds: u64) -> Vec<String> {
     let Ok(mut recorder) = procs::Guarded::spawn("perf record", rec, &log) else {
         return Vec::new();
     };
-    let _ = tools::wrk(target.h1, 64, Duration::from_secs(seconds + 1));
+    let _ = tools::wrk(target.h1, connections, Duration::from_secs(seconds + 1));
     let deadline = Instant::now() + Duration::from_secs(20);
     while recorder.alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -228,6 +230,38 @@ fn profile_serin(target: &Running, seconds: u64) -> Vec<String> {
     .unwrap_or_default()
 }
 
+/// Runs one measurement on a quiet machine: waits for other builds to end,
+/// watches for builds starting during the run, and repeats a disturbed run
+/// (up to 3 tries; a run still disturbed after that is kept and noted).
+fn quiet<T>(
+    res: &mut Results,
+    what: &str,
+    mut f: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    for attempt in 1..=3 {
+        res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
+        let watch = procs::BuildWatch::start();
+        let r = f();
+        let seen = watch.finish();
+        if seen.is_empty() {
+            return r;
+        }
+        if attempt == 3 {
+            res.notes.push(format!(
+                "{what}: builds ran during all 3 tries ({}); the last try is kept",
+                seen.join(", ")
+            ));
+            return r;
+        }
+        eprintln!(
+            "  {what}: the machine got busy during the run ({}); repeating it",
+            seen.join(", ")
+        );
+        res.disturbed_runs += 1;
+    }
+    unreachable!("the third try always returns")
+}
+
 /// The whole `peers` run.
 pub fn peers(opts: &Options) -> Result<(), RunError> {
     let t0 = Instant::now();
@@ -239,6 +273,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         quick,
         rounds,
         closed_seconds: (h1_s, h2_s),
+        wrk_connections: opts.connections,
         open_seconds: open_s,
         ..Results::default()
     };
@@ -309,6 +344,9 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         res.micro = criterion(quick);
     }
 
+    // From here on the harness itself stays on the load generator's core.
+    procs::pin_self(peers::LOADGEN_CORE);
+
     // Start everything.
     let dir = std::env::temp_dir().join(format!("serin-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -378,13 +416,23 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     for round in 1..=rounds {
         for r in &running {
             let name = r.kind.name();
-            res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
             for (protocol, secs) in [(Protocol::Http1, h1_s), (Protocol::Http2, h2_s)] {
-                match measure::throughput(r, &upstream_pids, protocol, Duration::from_secs(secs)) {
+                let what = format!("round {round} {name} {protocol:?}");
+                let measured = quiet(&mut res, &what, || {
+                    measure::throughput(
+                        r,
+                        &upstream_pids,
+                        protocol,
+                        Duration::from_secs(secs),
+                        opts.connections,
+                    )
+                });
+                match measured {
                     Ok(t) => {
                         eprintln!(
-                            "round {round} {name:8} {protocol:?}: {:>8.0} req/s, {:.1} µs CPU/req ({:.1} user + {:.1} sys), {} errors, bottleneck {}",
-                            t.rps, t.cpu_us(), t.user_us, t.sys_us, t.errors, t.bottleneck()
+                            "round {round} {name:8} {protocol:?}: {:>8.0} req/s, {:.1} µs CPU/req ({:.1} user + {:.1} sys), {} errors, cores busy {:.0}%/{:.0}% → {}",
+                            t.rps, t.cpu_us(), t.user_us, t.sys_us, t.errors,
+                            t.proxy_core_busy * 100.0, t.loadgen_core_busy * 100.0, t.bottleneck()
                         );
                         let map = if protocol == Protocol::Http1 {
                             &mut res.h1
@@ -433,9 +481,11 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         for (i, rate) in rates.iter().enumerate() {
             for r in &running {
                 let name = r.kind.name();
-                res.waited_seconds +=
-                    procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
-                match measure::open_loop(r.h1, *rate, Duration::from_secs(open_s), 32) {
+                let what = format!("round {round} {name} open loop {rate}/s");
+                let measured = quiet(&mut res, &what, || {
+                    measure::open_loop(r.h1, *rate, Duration::from_secs(open_s), 32)
+                });
+                match measured {
                     Ok(o) => {
                         eprintln!(
                             "round {round} {name:8} open loop {rate:>6.0}/s: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {} errors, send lag p99 {:.0} µs",
@@ -462,8 +512,10 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         if r.kind == PeerKind::Direct {
             continue;
         }
-        res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
-        match measure::memory_with_connections(r, 1_000) {
+        let measured = quiet(&mut res, &format!("{name} memory"), || {
+            measure::memory_with_connections(r, 1_000)
+        });
+        match measured {
             Ok(m) => {
                 eprintln!(
                     "{name:8} with 1,000 connections: {} KiB PSS, {} KiB RSS",
@@ -476,7 +528,10 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
                 .push(format!("{name}: 1,000-connection memory failed: {e}")),
         }
         std::thread::sleep(Duration::from_millis(500));
-        match measure::syscalls(r, perf, strace && !quick) {
+        let measured = quiet(&mut res, &format!("{name} syscalls"), || {
+            measure::syscalls(r, perf, strace && !quick)
+        });
+        match measured {
             Ok(s) => {
                 eprintln!(
                     "{name:8} syscalls/request: {:.2} ({})",
@@ -487,7 +542,8 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
             Err(e) => res.notes.push(format!("{name}: syscall count failed: {e}")),
         }
         if r.kind == PeerKind::Serin && perf {
-            res.profile = profile_serin(r, if quick { 3 } else { 6 });
+            res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
+            res.profile = profile_serin(r, if quick { 3 } else { 6 }, opts.connections);
         }
     }
 
