@@ -26,6 +26,43 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// A self-contained tour: demo upstreams, a rollout, a breaking canary, the auto-revert.
     Demo(DemoArgs),
+    /// Add the serin sidecar to Kubernetes manifests, or serve the injection webhook.
+    Inject(Box<crate::inject::InjectArgs>),
+    /// Show the phase, weight, reason and both upstreams' windows.
+    Status {
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Set the canary weight by hand (percent, e.g. 12.5): phase `manual`.
+    Weight {
+        /// Canary share of traffic, 0..=100.
+        #[arg(allow_negative_numbers = true)]
+        percent: f64,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Start a progressive rollout: phase `progressing`.
+    Rollout {
+        /// Steps in percent, comma-separated [default: 5,25,50,100].
+        #[arg(long, value_delimiter = ',')]
+        steps: Option<Vec<f64>>,
+        /// Minimum time on each step, e.g. 60s or 5m [default: 60s].
+        #[arg(long)]
+        hold: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Freeze a running rollout (the judge still guards it).
+    Pause(AdminArgs),
+    /// Continue a paused rollout, or return a rolled-back canary to where it was.
+    Resume(AdminArgs),
+    /// Send all traffic to the canary: phase `promoted`.
+    Promote(AdminArgs),
+    /// Send no traffic to the canary, latched: phase `rolled_back`.
+    Rollback(AdminArgs),
     /// Validate a config file and print what is wrong and where.
     Check {
         /// The TOML config file to check.
@@ -88,6 +125,20 @@ impl RunArgs {
             max_p95: self.judge_max_p95.clone(),
         }
     }
+}
+
+/// How the client subcommands reach a running serin.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The control API, host:port or http://host:port.
+    #[arg(long, env = "SERIN_ADMIN", default_value = "127.0.0.1:9901")]
+    pub admin: String,
+    /// Bearer token for mutating calls.
+    #[arg(long, env = "SERIN_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the server's JSON answer instead of a summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `serin demo`.

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::judge::JudgePolicy;
+use crate::rollout::{basis_points, parse_hold, validate_steps, DEFAULT_HOLD, DEFAULT_STEPS};
 use serin_proxy::{
     Classifier, HeaderPolicy, PoolSettings, ProxyConfig, SplitRules, StickyKey, TlsFiles, Upstream,
     UpstreamProtocol,
@@ -32,6 +35,9 @@ pub enum ConfigError {
     /// A value is present but wrong.
     #[error("`{key}` {message}")]
     Invalid { key: &'static str, message: String },
+    /// A judge or rollout setting the control plane refused (the text names the key).
+    #[error("{0}")]
+    Policy(String),
     /// A required value is missing.
     #[error("`{key}` is required: {hint}")]
     Missing {
@@ -152,6 +158,7 @@ pub struct RawJudge {
     pub max_p95: Option<String>,
     pub max_p95_ratio: Option<f64>,
     pub confidence: Option<f64>,
+    pub min_error_rate_difference: Option<f64>,
     pub max_consecutive_errors: Option<u32>,
 }
 
@@ -188,38 +195,20 @@ pub struct Overrides {
 
 // === typed (validated) ===
 
-/// The judge's policy, validated. See DESIGN.md §3.
+/// The judge, validated: its policy (DESIGN.md §3) and how often it looks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JudgeSettings {
-    /// Rolling window both upstreams are compared over (default 10 s).
-    pub window: Duration,
+    /// What counts as a breach; defaults in [`JudgePolicy::default`].
+    pub policy: JudgePolicy,
     /// How often the judge looks (default 10 ms).
     pub interval: Duration,
-    /// Canary requests needed in the window before any verdict (default 20).
-    pub min_requests: u64,
-    /// Absolute ceiling on the canary's error rate, 0..1 (default 0.05).
-    pub max_error_rate: f64,
-    /// Absolute ceiling on the canary's p95 latency (default 1000 ms).
-    pub max_p95: Duration,
-    /// Ceiling on canary p95 ÷ stable p95 (default 1.5).
-    pub max_p95_ratio: f64,
-    /// Confidence of the two-proportion test against stable (default 0.999).
-    pub confidence: f64,
-    /// Errors in a row that revert the canary at once (default 10; 0 = off).
-    pub max_consecutive_errors: u32,
 }
 
 impl Default for JudgeSettings {
     fn default() -> Self {
         Self {
-            window: Duration::from_secs(10),
+            policy: JudgePolicy::default(),
             interval: Duration::from_millis(10),
-            min_requests: 20,
-            max_error_rate: 0.05,
-            max_p95: Duration::from_millis(1000),
-            max_p95_ratio: 1.5,
-            confidence: 0.999,
-            max_consecutive_errors: 10,
         }
     }
 }
@@ -227,20 +216,20 @@ impl Default for JudgeSettings {
 /// Progressive rollout defaults, validated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RolloutSettings {
-    /// Canary weights in percent, strictly increasing (default 5, 25, 50, 100).
+    /// Canary weights in percent, strictly increasing, ending at 100 (default 5, 25, 50, 100).
     pub steps: Vec<f64>,
     /// Minimum time on each step (default 60 s).
     pub hold: Duration,
-    /// Canary requests each step must serve before advancing (default 100).
+    /// Canary requests each step must serve before advancing (default 50).
     pub min_requests_per_step: u64,
 }
 
 impl Default for RolloutSettings {
     fn default() -> Self {
         Self {
-            steps: vec![5.0, 25.0, 50.0, 100.0],
-            hold: Duration::from_secs(60),
-            min_requests_per_step: 100,
+            steps: DEFAULT_STEPS.to_vec(),
+            hold: DEFAULT_HOLD,
+            min_requests_per_step: 50,
         }
     }
 }
@@ -409,7 +398,7 @@ impl Config {
                 cert: t.cert,
                 key: t.key,
             }),
-            window: judge.window,
+            window: judge.policy.window,
             ..ProxyConfig::new(listen, stable, canary)
         };
 
@@ -478,48 +467,29 @@ fn upstream(
         key,
         hint: "give the upstream's URL, e.g. --stable http://127.0.0.1:8081 --canary http://127.0.0.1:8082",
     })?;
-    let protocol =
-        match protocol.unwrap_or("http1") {
-            "http1" => UpstreamProtocol::Http1,
-            "http2" | "h2c" => UpstreamProtocol::Http2,
-            other => return Err(ConfigError::invalid(
+    let protocol = match protocol.unwrap_or("http1") {
+        "http1" => UpstreamProtocol::Http1,
+        "http2" | "h2c" => UpstreamProtocol::Http2,
+        other => {
+            return Err(ConfigError::invalid(
                 protocol_key,
                 format!(
                     "must be \"http1\" or \"http2\" (got {other:?}); use http2 for gRPC upstreams"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     Upstream::parse(url, protocol).map_err(|e| ConfigError::invalid(key, e.to_string()))
 }
 
 /// Percent (0..=100, e.g. 12.5) to basis points.
-pub fn percent_to_bp(key: &'static str, pct: f64) -> Result<u16, ConfigError> {
-    if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
-        return Err(ConfigError::invalid(
+fn percent_to_bp(key: &'static str, pct: f64) -> Result<u16, ConfigError> {
+    basis_points(pct).ok_or_else(|| {
+        ConfigError::invalid(
             key,
-            format!("must be a percentage between 0 and 100 (got {pct})"),
-        ));
-    }
-    Ok((pct * 100.0).round() as u16)
-}
-
-/// Parses `250ms`, `10s`, `2m`, `1h` (or a bare number of seconds).
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: f64 = number.parse().ok()?;
-    let seconds = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1e3,
-        "us" | "µs" => n / 1e6,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+            format!("must be a percentage between 0 and 100 (got {pct}); write 12.5 for 12.5%"),
+        )
+    })
 }
 
 fn duration_or(
@@ -529,8 +499,8 @@ fn duration_or(
 ) -> Result<Duration, ConfigError> {
     match value {
         None => Ok(default),
-        Some(v) => match parse_duration(v) {
-            Some(d) if !d.is_zero() => Ok(d),
+        Some(v) => match parse_hold(v) {
+            Ok(d) if !d.is_zero() => Ok(d),
             _ => Err(ConfigError::invalid(
                 key,
                 format!(
@@ -638,19 +608,8 @@ fn classifier(raw: &RawClassify) -> Result<Classifier, ConfigError> {
     Ok(c)
 }
 
-fn ratio(key: &'static str, value: f64) -> Result<f64, ConfigError> {
-    if value.is_finite() && (0.0..=1.0).contains(&value) {
-        Ok(value)
-    } else {
-        Err(ConfigError::invalid(
-            key,
-            format!("must be between 0 and 1 (got {value}); write 0.05 for 5%"),
-        ))
-    }
-}
-
 fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSettings, ConfigError> {
-    let d = JudgeSettings::default();
+    let d = JudgePolicy::default();
     let window = duration_or("judge.window", raw.window.as_deref(), d.window)?;
     if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
         return Err(ConfigError::invalid(
@@ -658,81 +617,49 @@ fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSettings, Config
             format!("must be between 1s and 1h (got {window:?})"),
         ));
     }
-    let interval = duration_or("judge.interval", raw.interval.as_deref(), d.interval)?;
+    let interval = duration_or(
+        "judge.interval",
+        raw.interval.as_deref(),
+        Duration::from_millis(10),
+    )?;
     if interval > window {
         return Err(ConfigError::invalid(
             "judge.interval",
             "must be shorter than judge.window",
         ));
     }
-    let max_p95_ratio = raw.max_p95_ratio.unwrap_or(d.max_p95_ratio);
-    if !(max_p95_ratio.is_finite() && max_p95_ratio >= 1.0) {
-        return Err(ConfigError::invalid("judge.max_p95_ratio", format!("must be at least 1.0 (got {max_p95_ratio}); 1.5 allows a canary p95 50% above stable's")));
-    }
-    let confidence = raw.confidence.unwrap_or(d.confidence);
-    if !(confidence > 0.5 && confidence < 1.0) {
-        return Err(ConfigError::invalid(
-            "judge.confidence",
-            format!("must be above 0.5 and below 1 (got {confidence}); 0.999 is the default"),
-        ));
-    }
-    Ok(JudgeSettings {
+    let policy = JudgePolicy {
         window,
-        interval,
-        min_requests: raw.min_requests.unwrap_or(d.min_requests).max(1),
-        max_error_rate: ratio(
-            "judge.max_error_rate",
-            o.max_error_rate
-                .or(raw.max_error_rate)
-                .unwrap_or(d.max_error_rate),
-        )?,
+        min_requests: raw.min_requests.unwrap_or(d.min_requests),
+        max_error_rate: o
+            .max_error_rate
+            .or(raw.max_error_rate)
+            .unwrap_or(d.max_error_rate),
         max_p95: duration_or(
             "judge.max_p95",
             o.max_p95.as_deref().or(raw.max_p95.as_deref()),
             d.max_p95,
         )?,
-        max_p95_ratio,
-        confidence,
+        max_p95_ratio: raw.max_p95_ratio.unwrap_or(d.max_p95_ratio),
+        confidence: raw.confidence.unwrap_or(d.confidence),
+        min_error_rate_difference: raw
+            .min_error_rate_difference
+            .unwrap_or(d.min_error_rate_difference),
         max_consecutive_errors: raw
             .max_consecutive_errors
             .unwrap_or(d.max_consecutive_errors),
-    })
-}
-
-/// Validates rollout steps: each in (0, 100], strictly increasing.
-pub fn validate_steps(key: &'static str, steps: &[f64]) -> Result<(), ConfigError> {
-    if steps.is_empty() {
-        return Err(ConfigError::invalid(
-            key,
-            "must list at least one step, e.g. [5, 25, 50, 100]",
-        ));
-    }
-    for pair in steps.windows(2) {
-        if pair[1] <= pair[0] {
-            return Err(ConfigError::invalid(
-                key,
-                format!(
-                    "must be strictly increasing (got {} then {})",
-                    pair[0], pair[1]
-                ),
-            ));
-        }
-    }
-    for &s in steps {
-        if !(s.is_finite() && s > 0.0 && s <= 100.0) {
-            return Err(ConfigError::invalid(
-                key,
-                format!("has {s}; each step is a percentage above 0 and at most 100"),
-            ));
-        }
-    }
-    Ok(())
+    };
+    policy
+        .validate()
+        .map_err(|e| ConfigError::Policy(e.to_string()))?;
+    Ok(JudgeSettings { policy, interval })
 }
 
 fn rollout_settings(raw: &RawRollout) -> Result<RolloutSettings, ConfigError> {
     let d = RolloutSettings::default();
     let steps = raw.steps.clone().unwrap_or(d.steps);
-    validate_steps("rollout.steps", &steps)?;
+    let steps =
+        validate_steps(&steps).map_err(|e| ConfigError::Policy(format!("`rollout.steps`: {e}")))?;
     Ok(RolloutSettings {
         steps,
         hold: duration_or("rollout.hold", raw.hold.as_deref(), d.hold)?,
@@ -828,7 +755,8 @@ mod tests {
         assert!(err("listen = \"nope\"\n").contains("`listen`"));
         assert!(err("[timeouts]\nconnect = \"soon\"\n").contains("`timeouts.connect`"));
         assert!(err("[rollout]\nsteps = [50, 25]\n")
-            .contains("`rollout.steps` must be strictly increasing"));
+            .contains("`rollout.steps`: rollout steps must be strictly increasing"));
+        assert!(err("[rollout]\nsteps = [5, 50]\n").contains("last rollout step must be 100"));
         assert!(
             err("[classify]\nerror_statuses = [\"9xx\"]\n").contains("`classify.error_statuses`")
         );
@@ -856,17 +784,6 @@ mod tests {
             ..upstreams()
         };
         assert_eq!(load("", &o).unwrap().admin.token.as_deref(), Some("s3cret"));
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("ten"), None);
-        assert_eq!(parse_duration("5 parsecs"), None);
     }
 
     #[test]

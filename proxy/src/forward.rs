@@ -364,18 +364,16 @@ impl Pool {
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let io = self.connect_tcp().await?;
+        // One buffer, one write(2) per request: see `server::http_builder`.
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|source| UpstreamError::Handshake {
                 url: self.upstream.url.clone(),
                 source,
             })?;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
+        drive(conn);
         Ok(sender)
     }
 
@@ -390,13 +388,21 @@ impl Pool {
                 url: self.upstream.url.clone(),
                 source,
             })?;
-        tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream h2 connection ended");
-            }
-        });
+        drive(conn);
         Ok(sender)
     }
+}
+
+/// Runs an upstream connection's I/O on this worker until it closes.
+fn drive<C>(conn: C)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>> + 'static,
+{
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
 }
 
 // === impl Checkin ===

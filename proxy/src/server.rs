@@ -158,7 +158,11 @@ fn http_builder(config: &ProxyConfig) -> auto::Builder<LocalExec> {
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .max_buf_size(config.max_header_bytes.max(8192))
-        .keep_alive(true);
+        .keep_alive(true)
+        // Flatten each response into one buffer and one write(2): measured
+        // ~3% less CPU per request than vectored writes for typical small
+        // responses (bench/REPORT.md). Large bodies still stream in chunks.
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -316,7 +320,7 @@ async fn proxy(
     });
 
     let req = Request::from_parts(parts, RequestBody::Client(body));
-    let mut result = worker.forward(target, req).await;
+    let mut result = worker.forward(target, req, start).await;
     let mut served_by = target;
     let mut fell_back = false;
 
@@ -331,7 +335,7 @@ async fn proxy(
             *req.method_mut() = method;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers;
-            result = worker.forward(Target::Stable, req).await;
+            result = worker.forward(Target::Stable, req, Instant::now()).await;
             served_by = Target::Stable;
             fell_back = true;
         }
@@ -364,12 +368,13 @@ impl Worker {
         &self.pools[target.index()]
     }
 
-    /// Sends a request to `target` under the response timeout, after the
-    /// upstream-specific rewrites (version, URI form, Host).
+    /// Sends a request to `target` under the response timeout (counted from
+    /// `sent_at`), after the upstream-specific rewrites (version, URI form, Host).
     async fn forward(
         &self,
         target: Target,
         mut req: Request<RequestBody>,
+        sent_at: Instant,
     ) -> Result<(Response<Incoming>, Option<Checkin>), UpstreamError> {
         let pool = self.pool(target);
         let upstream = pool.upstream();
@@ -414,7 +419,8 @@ impl Worker {
             }
         }
         let timeout = config.response_timeout;
-        match tokio::time::timeout(timeout, pool.send(req)).await {
+        // The deadline is derived from the request's start time: no extra clock read.
+        match tokio::time::timeout_at(sent_at + timeout, pool.send(req)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout {
                 url: upstream.url.clone(),
@@ -515,31 +521,56 @@ fn prepare_request(headers: &mut HeaderMap, meta: &ConnMeta, config: &ProxyConfi
 /// Removes hop-by-hop headers: the fixed list of RFC 9110 §7.6.1 and any
 /// header named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-        headers.remove(CONNECTION);
+    // Most messages carry none of these: one pass over the names (no
+    // hashing) decides whether there is anything to do.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
-    for name in [
-        &TRANSFER_ENCODING,
-        &TE,
-        &TRAILER,
-        &UPGRADE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
-        if headers.contains_key(name) {
-            headers.remove(name);
+    // Headers named in `Connection` are hop-by-hop too. The value is copied
+    // to the stack so the map can be changed while its tokens are read.
+    let mut named = [0u8; 256];
+    let mut len = 0;
+    for value in headers.get_all(CONNECTION) {
+        let bytes = value.as_bytes();
+        if len + bytes.len() + 1 > named.len() {
+            break;
+        }
+        named[len..len + bytes.len()].copy_from_slice(bytes);
+        named[len + bytes.len()] = b',';
+        len += bytes.len() + 1;
+    }
+    for token in named[..len].split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        // `close` and `keep-alive` are connection options, not header names.
+        if !token.is_empty()
+            && !token.eq_ignore_ascii_case(b"close")
+            && !token.eq_ignore_ascii_case(b"keep-alive")
+        {
+            if let Ok(name) = std::str::from_utf8(token) {
+                headers.remove(name);
+            }
         }
     }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The fixed hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy
+/// `keep-alive` and `proxy-connection`).
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &CONNECTION,
+    &TRANSFER_ENCODING,
+    &TE,
+    &TRAILER,
+    &UPGRADE,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+];
+
+#[inline]
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name)
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@
 //! 3. sticky key (a configured cookie or header) hashed to a bucket 0..9999;
 //! 4. a random bucket 0..9999.
 //!
+//! A rolled-back canary is closed: every request goes to stable, overrides
+//! included, until someone brings the canary back.
+//!
 //! A request goes to the canary exactly when its bucket is below the weight in
 //! basis points, so raising the weight keeps every sticky user already on the
 //! canary there, and lowering it moves only the excess back.
@@ -71,6 +74,9 @@ impl fmt::Display for Target {
 pub struct RouteTable {
     /// Share of traffic for the canary, in basis points (0..=10 000).
     pub canary_weight_bp: u16,
+    /// The canary was rolled back: nothing reaches it, not even requests
+    /// that ask for it with an override header or cookie.
+    pub closed: bool,
 }
 
 impl RouteTable {
@@ -78,6 +84,15 @@ impl RouteTable {
     pub fn new(canary_weight_bp: u16) -> Self {
         Self {
             canary_weight_bp: canary_weight_bp.min(MAX_BASIS_POINTS),
+            closed: false,
+        }
+    }
+
+    /// A table for a rolled-back canary: weight 0 and overrides ignored.
+    pub fn closed() -> Self {
+        Self {
+            canary_weight_bp: 0,
+            closed: true,
         }
     }
 
@@ -127,6 +142,8 @@ pub enum StickyKey {
 /// Why a request went where it went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
+    /// The canary is rolled back and closed to everyone.
+    Closed,
     /// The override header said so.
     Header,
     /// The override cookie said so.
@@ -167,6 +184,9 @@ impl SplitRules {
         headers: &HeaderMap,
         rng: &FastRng,
     ) -> (Target, Reason) {
+        if table.closed {
+            return (Target::Stable, Reason::Closed);
+        }
         if let Some(t) = headers
             .get(&self.override_header)
             .and_then(|v| parse_override(v.as_bytes()))
@@ -362,6 +382,15 @@ mod tests {
         assert_eq!(
             rules.decide(&full, &h, &rng),
             (Target::Canary, Reason::Sticky)
+        );
+        // A rolled-back canary is closed to overrides too.
+        let h = headers(&[
+            ("x-serin-canary", "always"),
+            ("cookie", "serin-canary=always"),
+        ]);
+        assert_eq!(
+            rules.decide(&RouteTable::closed(), &h, &rng),
+            (Target::Stable, Reason::Closed)
         );
     }
 

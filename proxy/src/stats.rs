@@ -105,6 +105,8 @@ pub struct Window {
     base: Instant,
     slice_micros: u64,
     slices: Box<[Slice]>,
+    /// Slices with an epoch below this are ignored: set by [`Window::restart`].
+    floor: AtomicU64,
 }
 
 impl Window {
@@ -116,7 +118,15 @@ impl Window {
             base,
             slice_micros,
             slices: (0..SLICES).map(|_| Slice::new()).collect(),
+            floor: AtomicU64::new(0),
         }
+    }
+
+    /// Forgets everything recorded up to `now`: readers see only outcomes
+    /// from the next slice on (at most one slice, 1/10 of the window, later).
+    /// The writer is not involved, so this never races with recording.
+    pub fn restart(&self, now: Instant) {
+        self.floor.store(self.period(now) + 2, Relaxed);
     }
 
     fn period(&self, now: Instant) -> u64 {
@@ -144,7 +154,9 @@ impl Window {
     /// into `into`.
     pub fn add_to(&self, now: Instant, into: &mut WindowSnapshot) {
         let current = self.period(now) + 1;
-        let oldest = current.saturating_sub(SLICES as u64 - 1);
+        let oldest = current
+            .saturating_sub(SLICES as u64 - 1)
+            .max(self.floor.load(Relaxed));
         for slice in self.slices.iter() {
             let epoch = slice.epoch.load(Relaxed);
             if epoch < oldest || epoch > current || epoch == 0 {
@@ -354,14 +366,21 @@ impl Stats {
         snap
     }
 
-    /// The longest current run of consecutive errors of one upstream on any
-    /// worker.
+    /// Restarts one upstream's window on every worker (see [`Window::restart`]).
+    pub fn restart_window(&self, target: Target, now: Instant) {
+        for worker in self.workers.iter() {
+            worker.upstream(target).window.restart(now);
+        }
+    }
+
+    /// Current runs of consecutive errors of one upstream, summed over
+    /// workers: a canary that fails everything reaches N after N failures
+    /// however many workers share the traffic.
     pub fn consecutive_errors(&self, target: Target) -> u32 {
         self.workers
             .iter()
             .map(|w| w.upstream(target).consecutive_errors.load(Relaxed))
-            .max()
-            .unwrap_or(0)
+            .sum()
     }
 
     /// Requests recorded for one upstream since start (successes plus errors),
@@ -479,6 +498,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_restarted_window_forgets_the_past_and_counts_from_the_next_slice() {
+        let base = Instant::now();
+        let w = Window::new(Duration::from_secs(10), base);
+        tokio::time::advance(Duration::from_millis(2_500)).await;
+        w.record(Instant::now(), Duration::from_millis(1), true);
+        w.restart(Instant::now());
+        w.record(Instant::now(), Duration::from_millis(1), true);
+        assert_eq!(
+            w.snapshot(Instant::now()).requests,
+            0,
+            "the current slice is dropped whole"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        w.record(Instant::now(), Duration::from_millis(1), false);
+        let s = w.snapshot(Instant::now());
+        assert_eq!((s.requests, s.errors), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn stats_merge_workers_and_keep_totals() {
         let stats = Stats::new(2, Duration::from_secs(10), Instant::now());
         let now = Instant::now();
@@ -494,7 +532,11 @@ mod tests {
             .worker(1)
             .upstream(Target::Stable)
             .record(now, Duration::from_millis(2), false);
-        assert_eq!(stats.consecutive_errors(Target::Canary), 1);
+        assert_eq!(
+            stats.consecutive_errors(Target::Canary),
+            2,
+            "runs add up across workers"
+        );
         let c = stats.window_snapshot(Target::Canary, now);
         assert_eq!((c.requests, c.errors), (2, 2));
         let t = stats.totals(Target::Canary);

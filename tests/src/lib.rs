@@ -1,1 +1,493 @@
-//! Shared test support for serin integration tests.
+//! Shared support for serin's integration tests: scriptable upstream servers
+//! and real HTTP/1.1, HTTP/2 and TLS clients, all on 127.0.0.1 with port 0.
+//!
+//! An upstream answers every request with its name as the body, unless its
+//! [`Behavior`] says otherwise (a status, a delay, a failure ratio, a reset, a
+//! gRPC status in trailers). A few paths do special jobs: `/echo-headers`
+//! returns the request headers, `/upload` counts the request body's bytes, and
+//! `/download/N` streams N bytes. Nothing here sleeps to wait for a
+//! condition: use [`eventually`] to poll with a deadline.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// How an upstream answers. `Default` is a plain 200.
+#[derive(Clone, Debug, Default)]
+pub struct Behavior {
+    /// Status for normal answers (default 200).
+    pub status: Option<u16>,
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// This fraction of requests (spread evenly, deterministically) get 500.
+    pub error_ratio: f64,
+    /// Drop the connection instead of answering.
+    pub reset: bool,
+    /// Answer as gRPC with this `grpc-status` in the trailers.
+    pub grpc_status: Option<u8>,
+}
+
+struct UpstreamState {
+    name: &'static str,
+    behavior: Mutex<Behavior>,
+    requests: AtomicU64,
+    connections: AtomicU64,
+}
+
+/// A scriptable upstream HTTP server (HTTP/1.1 and h2c) on 127.0.0.1.
+pub struct TestUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestUpstream {
+    /// Starts an upstream whose body is `name`.
+    pub async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(UpstreamState {
+            name,
+            behavior: Mutex::new(Behavior::default()),
+            requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        });
+        let accept_state = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                accept_state.connections.fetch_add(1, Ordering::SeqCst);
+                let state = accept_state.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| answer(state.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes how it answers from now on.
+    pub fn set(&self, behavior: Behavior) {
+        *self.state.behavior.lock().unwrap() = behavior;
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// An address on 127.0.0.1 where nothing listens (bound, then released).
+pub fn closed_port_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{addr}")
+}
+
+/// Response body used by test upstreams.
+pub struct TestBody {
+    frames: VecDeque<Frame<Bytes>>,
+    /// Bytes still to generate for `/download/N`.
+    generate: u64,
+}
+
+impl TestBody {
+    fn text(s: impl Into<Bytes>) -> Self {
+        Self {
+            frames: VecDeque::from([Frame::data(s.into())]),
+            generate: 0,
+        }
+    }
+
+    /// A body that streams `n` bytes in 64 KiB chunks without holding them.
+    pub fn generated(n: u64) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            generate: n,
+        }
+    }
+}
+
+impl Body for TestBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.generate > 0 {
+            let n = this.generate.min(64 * 1024);
+            this.generate -= n;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; n as usize])))));
+        }
+        Poll::Ready(this.frames.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.generate == 0 && self.frames.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.frames.iter().all(|f| f.is_data()) {
+            let queued: u64 = self
+                .frames
+                .iter()
+                .map(|f| f.data_ref().map_or(0, |d| d.len() as u64))
+                .sum();
+            SizeHint::with_exact(queued + self.generate)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+async fn answer(
+    state: Arc<UpstreamState>,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, std::io::Error> {
+    let n = state.requests.fetch_add(1, Ordering::SeqCst);
+    let behavior = state.behavior.lock().unwrap().clone();
+    if !behavior.delay.is_zero() {
+        tokio::time::sleep(behavior.delay).await;
+    }
+    if behavior.reset {
+        return Err(std::io::Error::other("scripted reset"));
+    }
+    let path = req.uri().path().to_string();
+    if path == "/echo-headers" {
+        let mut text = String::new();
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        return Ok(Response::new(TestBody::text(text)));
+    }
+    if path == "/upload" {
+        let mut body = req.into_body();
+        let mut total = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(std::io::Error::other)?;
+            total += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        return Ok(Response::new(TestBody::text(format!("received {total}"))));
+    }
+    if let Some(n) = path.strip_prefix("/download/") {
+        let n: u64 = n.parse().unwrap_or(0);
+        return Ok(Response::new(TestBody::generated(n)));
+    }
+    if let Some(code) = behavior.grpc_status {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+        let body = TestBody {
+            frames: VecDeque::from([
+                Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+                Frame::trailers(trailers),
+            ]),
+            generate: 0,
+        };
+        let mut resp = Response::new(body);
+        resp.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        return Ok(resp);
+    }
+    let failing = behavior.error_ratio > 0.0
+        && ((n + 1) as f64 * behavior.error_ratio).floor()
+            > (n as f64 * behavior.error_ratio).floor();
+    let status = if failing {
+        500
+    } else {
+        behavior.status.unwrap_or(200)
+    };
+    let mut resp = Response::new(TestBody::text(state.name));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+    Ok(resp)
+}
+
+// === clients ===
+
+/// A request body for test clients: in memory, or generated on the fly.
+pub type ClientBody = http_body_util::Either<http_body_util::Full<Bytes>, TestBody>;
+
+/// A pooled HTTP/1.1 client.
+pub fn http1_client() -> Client<HttpConnector, ClientBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2c_client() -> Client<HttpConnector, ClientBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response read in full.
+#[derive(Debug)]
+pub struct Answer {
+    /// Status code.
+    pub status: StatusCode,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Body as text (lossy).
+    pub body: String,
+    /// HTTP version of the response.
+    pub version: http::Version,
+}
+
+impl Answer {
+    /// The `x-serin-upstream` header, or "" when absent.
+    pub fn upstream(&self) -> &str {
+        self.headers
+            .get("x-serin-upstream")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// Sends a GET with these headers and reads the whole answer.
+pub async fn get(
+    client: &Client<HttpConnector, ClientBody>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(client, req.body(empty()).unwrap()).await
+}
+
+/// Sends a request and reads the whole answer; panics on transport errors.
+pub async fn send(client: &Client<HttpConnector, ClientBody>, req: Request<ClientBody>) -> Answer {
+    let resp = client.request(req).await.expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("body failed").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        version: parts.version,
+    }
+}
+
+/// An empty request body.
+pub fn empty() -> ClientBody {
+    http_body_util::Either::Left(http_body_util::Full::new(Bytes::new()))
+}
+
+/// Polls `check` every 10 ms until it returns true, panicking with `what`
+/// after `deadline`.
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Writes raw bytes to `addr` and reads until the server closes or `limit`
+/// bytes arrived; for malformed-request tests.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && out.len() > 12 {
+                    // The status line and headers are enough for these tests.
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// === TLS ===
+
+/// A self-signed certificate for `localhost`/127.0.0.1, written to PEM files
+/// in a fresh temp directory, plus a client config that trusts it.
+pub struct TestCert {
+    /// The certificate PEM file.
+    pub cert_path: std::path::PathBuf,
+    /// The private key PEM file.
+    pub key_path: std::path::PathBuf,
+    /// A client config trusting the certificate, offering h2 and http/1.1.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl TestCert {
+    /// Generates the certificate and files.
+    pub fn generate() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = temp_dir("tls");
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self {
+            cert_path,
+            key_path,
+            client: Arc::new(client),
+        }
+    }
+}
+
+/// A fresh, unique directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "serin-test-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// === the serin binary ===
+
+/// A `serin run` child process, started with `kill_on_drop`.
+pub struct SerinProcess {
+    /// The child process.
+    pub child: tokio::process::Child,
+    /// The proxy's listen address, read from its stdout.
+    pub proxy: SocketAddr,
+    /// The control API's address, if it printed one before the proxy line.
+    pub admin: Option<SocketAddr>,
+}
+
+impl SerinProcess {
+    /// Starts `bin` with `args` and waits (up to 30 s) for the line
+    /// `serin: proxy listening on ADDR`; an earlier
+    /// `serin: control API listening on ADDR` line fills [`SerinProcess::admin`].
+    pub async fn spawn<I, S>(bin: &str, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(bin)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start serin");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut admin = None;
+        let proxy = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("serin exited before listening");
+                let addr_after = |prefix: &str| {
+                    line.strip_prefix(prefix)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                };
+                if let Some(a) = addr_after("serin: control API listening on ") {
+                    admin = Some(a);
+                }
+                if let Some(a) = addr_after("serin: proxy listening on ") {
+                    return a;
+                }
+            }
+        })
+        .await
+        .expect("serin did not start listening within 30 s");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            proxy,
+            admin,
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("serin already exited").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+}

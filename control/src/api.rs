@@ -1,0 +1,296 @@
+//! The control API (default 127.0.0.1:9901): status, weights, rollouts,
+//! history, metrics and probes, as JSON over HTTP/1.1. See DESIGN.md §3.
+//!
+//! [`Api::handle`] is the whole router as one async function over a request,
+//! so tests drive it without a socket; [`serve`] puts it on a listener.
+//! Mutating calls need `Authorization: Bearer <token>` when a token is set;
+//! without it the answer is 401 and nothing changes. Bad bodies get 400 with
+//! `{"error": "..."}`. Nothing here touches the request path beyond the
+//! atomic reads that status and metrics make.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::controller::{Controller, ControllerError};
+use crate::metrics::Metrics;
+use crate::rollout::{parse_hold, RolloutError};
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The control API's state.
+pub struct Api {
+    controller: Controller,
+    metrics: Arc<Metrics>,
+    token: Option<String>,
+    ready: AtomicBool,
+}
+
+/// `PUT /weight`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    canary: f64,
+}
+
+/// `POST /rollout`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutBody {
+    steps: Option<Vec<f64>>,
+    hold: Option<String>,
+}
+
+type ApiResponse = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> ApiResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> ApiResponse {
+    json_response(status, json!({ "error": message.to_string() }))
+}
+
+fn ok<T: serde::Serialize>(value: &T) -> ApiResponse {
+    json_response(
+        StatusCode::OK,
+        serde_json::to_value(value).expect("serialisable"),
+    )
+}
+
+fn controller_error(e: ControllerError) -> ApiResponse {
+    match e {
+        ControllerError::Rollout(
+            RolloutError::Latched
+            | RolloutError::NotProgressing { .. }
+            | RolloutError::NothingToResume { .. },
+        ) => error(StatusCode::CONFLICT, e),
+        ControllerError::Rollout(_) | ControllerError::Policy(_) => {
+            error(StatusCode::BAD_REQUEST, e)
+        }
+        ControllerError::Store(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+impl Api {
+    /// An API over `controller`; `token` guards mutating calls.
+    pub fn new(controller: Controller, metrics: Arc<Metrics>, token: Option<String>) -> Self {
+        Self {
+            controller,
+            metrics,
+            token,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the service ready (listener bound, state loaded): `/readyz` → 200.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    fn authorised<B>(&self, req: &Request<B>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
+        constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+
+    /// Answers one request. Never panics on bad input.
+    pub async fn handle<B>(&self, req: Request<B>) -> ApiResponse
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let allowed: &[Method] = match path.as_str() {
+            "/status" | "/history" | "/metrics" | "/healthz" | "/readyz" => &[Method::GET],
+            "/weight" => &[Method::PUT],
+            "/rollout" | "/pause" | "/resume" | "/promote" | "/rollback" => &[Method::POST],
+            _ => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no such endpoint {path}; see GET /status"),
+                )
+            }
+        };
+        if !allowed.contains(&method) {
+            let mut resp = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{path} takes {}", allowed[0]),
+            );
+            resp.headers_mut().insert(
+                ALLOW,
+                http::HeaderValue::from_str(allowed[0].as_str()).expect("method"),
+            );
+            return resp;
+        }
+        if method != Method::GET && !self.authorised(&req) {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token; send Authorization: Bearer <token>",
+            );
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"serin\""),
+            );
+            return resp;
+        }
+        let c = &self.controller;
+        match path.as_str() {
+            "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
+            "/readyz" => {
+                if self.ready.load(Ordering::SeqCst) {
+                    json_response(StatusCode::OK, json!({"status": "ready"}))
+                } else {
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: starting or shutting down",
+                    )
+                }
+            }
+            "/status" => ok(&c.status().await),
+            "/history" => ok(&c.history().await),
+            "/metrics" => {
+                let status = c.status().await;
+                self.metrics.set_rollout_step(status.rollout.step as i64);
+                let mut resp = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                resp
+            }
+            "/weight" => match read_json::<WeightBody, B>(req).await {
+                Ok(Some(body)) => c
+                    .set_weight(body.canary)
+                    .await
+                    .map_or_else(controller_error, |s| ok(&s)),
+                Ok(None) => error(StatusCode::BAD_REQUEST, "body required: {\"canary\": 12.5}"),
+                Err(resp) => resp,
+            },
+            "/rollout" => match read_json::<RolloutBody, B>(req).await {
+                Ok(body) => {
+                    let body = body.unwrap_or_default();
+                    let hold = match body.hold.as_deref().map(parse_hold).transpose() {
+                        Ok(Some(hold)) if hold.is_zero() => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                "hold must be longer than 0s, e.g. \"60s\"",
+                            )
+                        }
+                        Ok(hold) => hold,
+                        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                    };
+                    c.rollout(body.steps, hold)
+                        .await
+                        .map_or_else(controller_error, |s| ok(&s))
+                }
+                Err(resp) => resp,
+            },
+            "/pause" => c.pause().await.map_or_else(controller_error, |s| ok(&s)),
+            "/resume" => c.resume().await.map_or_else(controller_error, |s| ok(&s)),
+            "/promote" => c.promote().await.map_or_else(controller_error, |s| ok(&s)),
+            "/rollback" => c.rollback().await.map_or_else(controller_error, |s| ok(&s)),
+            _ => unreachable!("paths were matched above"),
+        }
+    }
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes; `Ok(None)` when empty.
+async fn read_json<T, B>(req: Request<B>) -> Result<Option<T>, ApiResponse>
+where
+    T: serde::de::DeserializeOwned,
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            return Err(
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("body larger than {MAX_BODY} bytes"),
+                    )
+                } else {
+                    error(StatusCode::BAD_REQUEST, format!("could not read body: {e}"))
+                },
+            )
+        }
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, mut shutdown: watch::Receiver<bool>) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let api = api.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "control API connection ended");
+            }
+        });
+    }
+}

@@ -1,0 +1,590 @@
+//! The controller: the glue between the data plane's [`Routes`] and
+//! [`Stats`], the [`Judge`], the [`Rollout`] state machine, the
+//! [`StateStore`] and the event sink.
+//!
+//! It exists so that the API, the CLI, metrics and webhooks all drive one
+//! object, and so that every change follows the same order: change the
+//! rollout, swap the route table (one store), persist, then notify. The
+//! judge loop swaps routes before it persists, so a revert takes effect
+//! within one tick of the breach being visible.
+//!
+//! After an explicit change (weight, rollout, resume, ...) a run of canary
+//! errors counts only requests since the change, so the run that caused a
+//! revert cannot revert the canary again at once. Likewise, when a change
+//! lifts the rollback latch, the canary's window restarts, so the canary is
+//! judged on what it does from then on. While latched, the route table is
+//! closed: override headers and cookies cannot reach the canary either.
+//!
+//! It never blocks the data plane: the request path only sees a new route
+//! table; persistence runs on the blocking pool; events are `try_send`,
+//! dropped (and logged) if the sink is full.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serin_proxy::{RouteTable, Routes, Stats, Target, WindowSnapshot};
+use tokio::sync::{mpsc, Mutex};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::judge::{Judge, JudgePolicy, PolicyError};
+use crate::rollout::{
+    percent, rfc3339, Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, Transition,
+    DEFAULT_HOLD, DEFAULT_STEPS,
+};
+use crate::store::{PersistedState, StateStore, StoreError};
+
+// === impl ControllerConfig ===
+
+/// How the controller runs. Every field has a default.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// The judge's policy. Default [`JudgePolicy::default`]. The [`Stats`]
+    /// given to the controller should use the same window.
+    pub policy: JudgePolicy,
+    /// How often the judge loop looks at the windows. Default 10 ms.
+    pub interval: Duration,
+    /// The loop evaluates only when a request completed since its last
+    /// look, or when this long has passed (windows age and holds elapse
+    /// without traffic). Default 1 s.
+    pub idle_interval: Duration,
+    /// Canary requests a rollout step must serve before it may advance.
+    /// Default 50.
+    pub min_requests_per_step: u64,
+    /// Steps of a rollout started without any, in percent. Default
+    /// `[5, 25, 50, 100]`.
+    pub default_steps: Vec<f64>,
+    /// Hold of a rollout started without one. Default 60 s.
+    pub default_hold: Duration,
+    /// Canary weight, in percent, when there is no saved state (a corrupt
+    /// one always starts at 0). Default 0.
+    pub initial_weight: f64,
+    /// The stable upstream's URL, as shown in `/status`. Default empty.
+    pub stable_url: String,
+    /// The canary upstream's URL, as shown in `/status`. Default empty.
+    pub canary_url: String,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            policy: JudgePolicy::default(),
+            interval: Duration::from_millis(10),
+            idle_interval: Duration::from_secs(1),
+            min_requests_per_step: 50,
+            default_steps: DEFAULT_STEPS.to_vec(),
+            default_hold: DEFAULT_HOLD,
+            initial_weight: 0.0,
+            stable_url: String::new(),
+            canary_url: String::new(),
+        }
+    }
+}
+
+/// Why a controller call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The judge policy is invalid (at start).
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The request was refused; nothing changed. (An API answers 400/409.)
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    /// The change **is in effect** (routes were swapped) but could not be
+    /// saved, so it would not survive a restart.
+    #[error("the change is in effect but was not saved: {0}")]
+    Store(#[from] StoreError),
+}
+
+// === Status ===
+
+/// One upstream over the judge's current window (`/status`, webhooks).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    /// The upstream's URL.
+    pub url: String,
+    /// Requests completed in the window.
+    pub requests: u64,
+    /// Of those, errors.
+    pub errors: u64,
+    /// `errors / requests`, 0 when idle.
+    pub error_rate: f64,
+    /// Median latency to response headers, ms.
+    pub p50_ms: f64,
+    /// 95th percentile latency, ms.
+    pub p95_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+}
+
+impl UpstreamStatus {
+    /// Summarises a window snapshot.
+    pub fn new(url: &str, window: &WindowSnapshot) -> Self {
+        let ms = |q| window.quantile(q).as_secs_f64() * 1000.0;
+        Self {
+            url: url.to_string(),
+            requests: window.requests,
+            errors: window.errors,
+            error_rate: window.error_rate(),
+            p50_ms: ms(0.5),
+            p95_ms: ms(0.95),
+            p99_ms: ms(0.99),
+        }
+    }
+}
+
+/// Both upstreams over the judge's current window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Upstreams {
+    /// The stable upstream.
+    pub stable: UpstreamStatus,
+    /// The canary upstream.
+    pub canary: UpstreamStatus,
+}
+
+/// The body of `GET /status`: phase, `canary_weight` (percent), `step`
+/// (from 1; 0 outside a rollout), `steps`, `hold`, `latched`, `reason`, and
+/// `upstreams.{stable,canary}` over the current window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The rollout's state.
+    #[serde(flatten)]
+    pub rollout: RolloutSnapshot,
+    /// Both upstreams over the current window.
+    pub upstreams: Upstreams,
+}
+
+/// What the event sink receives: enough for a webhook body
+/// (`{id, event, at, canary_weight, phase, reason, upstreams}`; the sender
+/// adds the id) and for counting rollbacks by actor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// What happened.
+    pub event: Event,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+    /// The canary weight after it, in percent.
+    pub canary_weight: f64,
+    /// The phase after it.
+    pub phase: Phase,
+    /// Why.
+    pub reason: String,
+    /// Who caused it.
+    pub actor: Actor,
+    /// Both windows as the judge (or the API call) saw them.
+    pub upstreams: Upstreams,
+}
+
+// === impl Controller ===
+
+/// The control plane's handle. Cheap to clone; the judge loop stops when
+/// the last clone is dropped.
+#[derive(Clone)]
+pub struct Controller {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    rollout: Mutex<Rollout>,
+    routes: Routes,
+    stats: Stats,
+    judge: Judge,
+    store: StateStore,
+    events: Option<mpsc::Sender<Notification>>,
+    config: ControllerConfig,
+    rollbacks: [AtomicU64; 3],
+    evaluations: AtomicU64,
+    /// Cumulative canary requests at the last API change. A run of canary
+    /// errors counts only the requests since then, so the run that caused a
+    /// revert cannot revert the canary again the moment an operator brings
+    /// it back: after a revert the canary gets no traffic, so its run would
+    /// otherwise never end.
+    runs_counted_from: AtomicU64,
+}
+
+impl Controller {
+    /// Loads the saved state, applies its weight to `routes`, records a
+    /// `startup` transition, saves, and spawns the judge loop.
+    ///
+    /// A saved state that cannot be read, parsed or trusted is moved aside
+    /// and the canary starts at 0 (logged with `tracing::error!`); a save
+    /// that fails is logged too. Neither stops the service. Only an invalid
+    /// policy or initial weight is an error.
+    ///
+    /// Must be called inside a tokio runtime: the control plane's, not a
+    /// data-plane worker's, since the judge loop is spawned on it.
+    pub async fn start(
+        config: ControllerConfig,
+        routes: Routes,
+        stats: Stats,
+        store: StateStore,
+        events: Option<mpsc::Sender<Notification>>,
+    ) -> Result<Self, ControllerError> {
+        let judge = Judge::new(config.policy.clone())?;
+        if stats.window() != config.policy.window {
+            tracing::warn!(
+                stats_window = ?stats.window(),
+                judge_window = ?config.policy.window,
+                "the stats window differs from the judge's; reasons will quote the judge's"
+            );
+        }
+        let now = Instant::now();
+        let canary_total = stats.request_count(Target::Canary);
+        let rollout = load_rollout(&store, &config, now, canary_total).await?;
+        let inner = Arc::new(Inner {
+            rollout: Mutex::new(rollout),
+            routes,
+            stats,
+            judge,
+            store,
+            events,
+            config,
+            rollbacks: Default::default(),
+            evaluations: AtomicU64::new(0),
+            runs_counted_from: AtomicU64::new(canary_total),
+        });
+        {
+            let rollout = inner.rollout.lock().await;
+            inner.apply_routes(&rollout);
+            if let Err(e) = inner.persist(&rollout).await {
+                tracing::error!(error = %e, "could not save state at start-up");
+            }
+        }
+        tokio::spawn(judge_loop(
+            Arc::downgrade(&inner),
+            inner.config.interval,
+            inner.config.idle_interval,
+        ));
+        Ok(Self { inner })
+    }
+
+    /// The route table handle the controller writes.
+    pub fn routes(&self) -> &Routes {
+        &self.inner.routes
+    }
+
+    /// The stats handle the controller reads.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.inner.config
+    }
+
+    /// Rollbacks so far (since this process started) caused by `actor`.
+    pub fn rollbacks_total(&self, actor: Actor) -> u64 {
+        self.inner.rollbacks[actor_index(actor)].load(Relaxed)
+    }
+
+    /// How many times the judge loop has evaluated the windows.
+    pub fn evaluations(&self) -> u64 {
+        self.inner.evaluations.load(Relaxed)
+    }
+
+    /// `GET /status`.
+    pub async fn status(&self) -> Status {
+        let rollout = self.inner.rollout.lock().await;
+        Status {
+            rollout: rollout.snapshot(),
+            upstreams: self.inner.upstreams(Instant::now()),
+        }
+    }
+
+    /// `GET /history`: recent transitions, oldest first.
+    pub async fn history(&self) -> Vec<Transition> {
+        self.inner
+            .rollout
+            .lock()
+            .await
+            .history()
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// `PUT /weight`: sets the canary weight (percent) by hand.
+    pub async fn set_weight(&self, pct: f64) -> Result<Status, ControllerError> {
+        self.inner
+            .apply(|r, _, _| r.set_weight(pct, Actor::Api))
+            .await
+    }
+
+    /// `POST /rollout`: starts a rollout; `None` takes the configured
+    /// default steps or hold.
+    pub async fn rollout(
+        &self,
+        steps: Option<Vec<f64>>,
+        hold: Option<Duration>,
+    ) -> Result<Status, ControllerError> {
+        let config = &self.inner.config;
+        let steps = steps.unwrap_or_else(|| config.default_steps.clone());
+        let hold = hold.unwrap_or(config.default_hold);
+        self.inner
+            .apply(|r, now, canary| r.start_rollout(&steps, hold, now, canary))
+            .await
+    }
+
+    /// `POST /pause`.
+    pub async fn pause(&self) -> Result<Status, ControllerError> {
+        self.inner.apply(|r, _, _| r.pause(Actor::Api)).await
+    }
+
+    /// `POST /resume`.
+    pub async fn resume(&self) -> Result<Status, ControllerError> {
+        self.inner
+            .apply(|r, now, canary| r.resume(now, canary, Actor::Api))
+            .await
+    }
+
+    /// `POST /promote`.
+    pub async fn promote(&self) -> Result<Status, ControllerError> {
+        self.inner.apply(|r, _, _| r.promote(Actor::Api)).await
+    }
+
+    /// `POST /rollback`: canary to 0, latched.
+    pub async fn rollback(&self) -> Result<Status, ControllerError> {
+        self.inner
+            .apply(|r, _, _| Ok(r.rollback(Actor::Api, "rolled back by api".to_string())))
+            .await
+    }
+}
+
+/// Builds the starting rollout from the store, on the safe side.
+async fn load_rollout(
+    store: &StateStore,
+    config: &ControllerConfig,
+    now: Instant,
+    canary_total: u64,
+) -> Result<Rollout, ControllerError> {
+    let path = store.path();
+    let loaded = {
+        let store = store.clone();
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || store.load())
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Read {
+                    path,
+                    source: std::io::Error::other(e),
+                })
+            })
+    };
+    let unusable = |cause: String| {
+        tracing::error!(
+            %cause,
+            "saved state is unusable; starting with the canary at 0"
+        );
+        match store.quarantine() {
+            Ok(aside) => {
+                tracing::warn!(path = %aside.display(), "moved the unusable state file aside")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not move the unusable state file aside"),
+        }
+        let mut rollout = Rollout::new(now);
+        rollout.record_startup(0, format!("{cause}; starting with the canary at 0%"));
+        rollout
+    };
+    let rollout = match loaded {
+        Ok(Some(state)) => match Rollout::from_state(state.rollout, now, canary_total) {
+            Ok(mut rollout) => {
+                let w = rollout.canary_weight_bp();
+                rollout.record_startup(
+                    w,
+                    format!(
+                        "loaded {}: {} at {}%",
+                        path.display(),
+                        rollout.phase(),
+                        percent(w)
+                    ),
+                );
+                tracing::info!(phase = %rollout.phase(), canary_weight = percent(w), "state loaded");
+                rollout
+            }
+            Err(e) => unusable(format!("state file {}: {e}", path.display())),
+        },
+        Ok(None) => {
+            let mut rollout = Rollout::new(now);
+            if config.initial_weight != 0.0 {
+                rollout.set_weight(config.initial_weight, Actor::Startup)?;
+            } else {
+                rollout.record_startup(0, format!("no saved state in {}", store.dir().display()));
+            }
+            rollout
+        }
+        Err(e) => unusable(e.to_string()),
+    };
+    Ok(rollout)
+}
+
+fn actor_index(actor: Actor) -> usize {
+    match actor {
+        Actor::Judge => 0,
+        Actor::Api => 1,
+        Actor::Startup => 2,
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    /// Runs one API operation: change, swap routes, persist, notify.
+    async fn apply<F>(&self, op: F) -> Result<Status, ControllerError>
+    where
+        F: FnOnce(&mut Rollout, Instant, u64) -> Result<Option<Event>, RolloutError>,
+    {
+        let now = Instant::now();
+        let canary_total = self.stats.request_count(Target::Canary);
+        let mut rollout = self.rollout.lock().await;
+        let was_latched = rollout.latched();
+        let event = op(&mut rollout, now, canary_total)?;
+        self.runs_counted_from.store(canary_total, Relaxed);
+        if was_latched && !rollout.latched() {
+            // The canary is back by hand: judge it on what it does from now
+            // on, not on the failures that got it reverted.
+            self.stats.restart_window(Target::Canary, now);
+        }
+        let upstreams = self.upstreams(now);
+        let saved = self.commit(&rollout, event, &upstreams).await;
+        saved?;
+        Ok(Status {
+            rollout: rollout.snapshot(),
+            upstreams,
+        })
+    }
+
+    /// Evaluates the windows once and applies the verdict.
+    async fn judge_once(&self, now: Instant, canary_total: u64) {
+        self.evaluations.fetch_add(1, Relaxed);
+        let stable = self.stats.window_snapshot(Target::Stable, now);
+        let canary = self.stats.window_snapshot(Target::Canary, now);
+        let since_change = canary_total.saturating_sub(self.runs_counted_from.load(Relaxed));
+        let canary_run = u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_change);
+        let verdict = self.judge.evaluate(
+            &stable,
+            &canary,
+            self.stats.consecutive_errors(Target::Stable),
+            canary_run as u32,
+        );
+        let mut rollout = self.rollout.lock().await;
+        let min_per_step = self.config.min_requests_per_step;
+        let Some(event) = rollout.tick(now, canary_total, &verdict, min_per_step) else {
+            return;
+        };
+        let upstreams = Upstreams {
+            stable: UpstreamStatus::new(&self.config.stable_url, &stable),
+            canary: UpstreamStatus::new(&self.config.canary_url, &canary),
+        };
+        if let Err(e) = self.commit(&rollout, Some(event), &upstreams).await {
+            tracing::error!(error = %e, event = %event, "judge transition not saved");
+        }
+    }
+
+    /// After a change: swap routes, persist, notify. Routes first, so a
+    /// revert does not wait for the disk.
+    async fn commit(
+        &self,
+        rollout: &Rollout,
+        event: Option<Event>,
+        upstreams: &Upstreams,
+    ) -> Result<(), StoreError> {
+        self.apply_routes(rollout);
+        let saved = self.persist(rollout).await;
+        if let Some(event) = event {
+            self.notify(rollout, event, upstreams);
+        }
+        saved
+    }
+
+    fn apply_routes(&self, rollout: &Rollout) {
+        let table = if rollout.latched() {
+            RouteTable::closed()
+        } else {
+            RouteTable::new(rollout.canary_weight_bp())
+        };
+        if **self.routes.load() != table {
+            self.routes.store(table);
+        }
+    }
+
+    async fn persist(&self, rollout: &Rollout) -> Result<(), StoreError> {
+        let state = PersistedState::new(rollout.to_state());
+        let store = self.store.clone();
+        let path = store.path();
+        tokio::task::spawn_blocking(move || store.save(&state))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Write {
+                    path,
+                    source: std::io::Error::other(e),
+                })
+            })
+    }
+
+    fn notify(&self, rollout: &Rollout, event: Event, upstreams: &Upstreams) {
+        let actor = rollout.history().back().map_or(Actor::Judge, |t| t.actor);
+        let snapshot = rollout.snapshot();
+        if event == Event::Rollback {
+            self.rollbacks[actor_index(actor)].fetch_add(1, Relaxed);
+            tracing::warn!(%actor, reason = %snapshot.reason, "canary rolled back");
+        } else {
+            tracing::info!(%event, %actor, phase = %snapshot.phase,
+                canary_weight = snapshot.canary_weight, reason = %snapshot.reason, "rollout event");
+        }
+        let Some(events) = &self.events else { return };
+        let notification = Notification {
+            event,
+            at: rfc3339(SystemTime::now()),
+            canary_weight: snapshot.canary_weight,
+            phase: snapshot.phase,
+            reason: snapshot.reason,
+            actor,
+            upstreams: upstreams.clone(),
+        };
+        if let Err(e) = events.try_send(notification) {
+            tracing::warn!(%event, error = %e, "event dropped: the sink is full or closed");
+        }
+    }
+
+    fn upstreams(&self, now: Instant) -> Upstreams {
+        Upstreams {
+            stable: UpstreamStatus::new(
+                &self.config.stable_url,
+                &self.stats.window_snapshot(Target::Stable, now),
+            ),
+            canary: UpstreamStatus::new(
+                &self.config.canary_url,
+                &self.stats.window_snapshot(Target::Canary, now),
+            ),
+        }
+    }
+}
+
+/// Looks every `interval`; evaluates when a request completed since the
+/// last look, or after `idle` without one. Ends when the controller is gone.
+async fn judge_loop(inner: Weak<Inner>, interval: Duration, idle: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last: Option<((u64, u64), Instant)> = None;
+    loop {
+        ticker.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let counts = (
+            inner.stats.request_count(Target::Stable),
+            inner.stats.request_count(Target::Canary),
+        );
+        if let Some((seen, at)) = last {
+            if seen == counts && now.saturating_duration_since(at) < idle {
+                continue;
+            }
+        }
+        last = Some((counts, now));
+        inner.judge_once(now, counts.1).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

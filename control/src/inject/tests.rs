@@ -1,0 +1,250 @@
+//! Unit tests of `serin inject`: the CLI shape, injection, refusals and pass-through.
+
+use super::*;
+use serde_json::json;
+
+const WEB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: shop
+spec:
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations:
+        serin.dev/inject: enabled
+        serin.dev/canary: http://web-canary.shop.svc:80
+        serin.dev/max-error-rate: "0.02"
+    spec:
+      containers:
+        - name: web
+          image: web:1
+          ports:
+            - {name: http, containerPort: 8080}
+          readinessProbe:
+            httpGet: {path: /ready, port: http}
+"#;
+
+fn inject(input: &str) -> Result<Injection, InjectError> {
+    inject_manifests(input, &InjectOptions::default())
+}
+
+fn pod_spec(out: &str) -> Value {
+    parse_documents(out).unwrap()[0]
+        .pointer("/spec/template/spec")
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn inbound_takes_over_the_http_port_and_renames_the_apps() {
+    let out = inject(WEB).unwrap();
+    assert_eq!(out.report[0].outcome, Outcome::Injected(Mode::Inbound));
+    let spec = pod_spec(&out.output);
+    let app = &spec["containers"][0];
+    assert_eq!(app["ports"][0]["name"], "app-http");
+    assert_eq!(app["readinessProbe"]["httpGet"]["port"], "app-http");
+    let serin = &spec["containers"][1];
+    assert_eq!(serin["name"], "serin");
+    assert_eq!(
+        serin["ports"][0],
+        json!({"name": "http", "containerPort": 15080, "protocol": "TCP"})
+    );
+    let args: Vec<&str> = serin["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "run",
+            "--listen",
+            "0.0.0.0:15080",
+            "--stable",
+            "http://127.0.0.1:8080",
+            "--canary",
+            "http://web-canary.shop.svc:80",
+            "--admin",
+            "0.0.0.0:15901",
+            "--state-dir",
+            "/var/run/serin"
+        ]
+    );
+    assert!(serin["env"]
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "SERIN_JUDGE_MAX_ERROR_RATE", "value": "0.02"})));
+    assert_eq!(serin["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(spec["volumes"][0]["name"], "serin-state");
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    let once = inject(WEB).unwrap().output;
+    let twice = inject(&once).unwrap();
+    assert_eq!(twice.output, once);
+    assert_eq!(twice.report[0].outcome, Outcome::AlreadyInjected);
+}
+
+#[test]
+fn refusals_name_the_object_and_say_what_to_do() {
+    let no_port = WEB.replace("name: http,", "name: web,");
+    let e = inject(&no_port).unwrap_err().to_string();
+    assert!(
+        e.contains("Deployment shop/web") && e.contains("no named port"),
+        "{e}"
+    );
+
+    let bad_rate = WEB.replace("\"0.02\"", "\"5\"");
+    let e = inject(&bad_rate).unwrap_err().to_string();
+    assert!(e.contains("write 0.05 for 5%"), "{e}");
+
+    let no_canary = WEB.replace("serin.dev/canary: http://web-canary.shop.svc:80", "x: y");
+    let e = inject(&no_canary).unwrap_err().to_string();
+    assert!(e.contains("serin.dev/canary is missing"), "{e}");
+
+    let job = "kind: Job\nmetadata: {name: j, annotations: {serin.dev/inject: enabled}}\n";
+    let e = inject(job).unwrap_err().to_string();
+    assert!(e.contains("Job j") && e.contains("unsupported kind"), "{e}");
+}
+
+#[test]
+fn objects_that_do_not_opt_in_pass_through() {
+    let input =
+        "kind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80, targetPort: http}]\n";
+    let out = inject(input).unwrap();
+    assert!(out.report.is_empty());
+    assert_eq!(
+        parse_documents(&out.output).unwrap(),
+        parse_documents(input).unwrap()
+    );
+    let plain = WEB.replace("serin.dev/inject: enabled", "serin.dev/inject: disabled");
+    let out = inject(&plain).unwrap();
+    assert_eq!(out.report[0].outcome, Outcome::NotOptedIn);
+    assert_eq!(
+        parse_documents(&out.output).unwrap(),
+        parse_documents(&plain).unwrap()
+    );
+}
+
+#[test]
+fn outbound_listens_on_localhost_and_needs_a_stable_url() {
+    let outbound = WEB.replace(
+        "serin.dev/inject: enabled",
+        "serin.dev/inject: enabled\n        serin.dev/mode: outbound",
+    );
+    let e = inject(&outbound).unwrap_err().to_string();
+    assert!(e.contains("serin.dev/stable"), "{e}");
+    let with_stable = outbound.replace(
+        "serin.dev/mode: outbound",
+        "serin.dev/mode: outbound\n        serin.dev/stable: http://api.shop.svc:80",
+    );
+    let spec = pod_spec(&inject(&with_stable).unwrap().output);
+    assert_eq!(
+        spec["containers"][0]["ports"][0]["name"], "http",
+        "outbound renames nothing"
+    );
+    assert_eq!(spec["containers"][1]["args"][2], "127.0.0.1:15080");
+    assert_eq!(spec["containers"][1]["args"][4], "http://api.shop.svc:80");
+}
+
+#[test]
+fn cli_arguments_are_consistent() {
+    use clap::{CommandFactory, Parser};
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        inject: InjectArgs,
+    }
+    Cli::command().debug_assert();
+    assert!(
+        Cli::try_parse_from(["inject"]).is_err(),
+        "-f or --serve is required"
+    );
+    assert!(
+        Cli::try_parse_from(["inject", "--serve"]).is_err(),
+        "--serve needs TLS files"
+    );
+    assert!(Cli::try_parse_from([
+        "inject",
+        "--serve",
+        "-f",
+        "x",
+        "--tls-cert",
+        "c",
+        "--tls-key",
+        "k"
+    ])
+    .is_err());
+    let serve =
+        Cli::try_parse_from(["inject", "--serve", "--tls-cert", "c", "--tls-key", "k"]).unwrap();
+    assert_eq!(serve.inject.listen.to_string(), "0.0.0.0:8443");
+}
+
+#[test]
+fn list_items_are_named_by_their_position() {
+    let list = format!(
+        "kind: List\napiVersion: v1\nitems:\n- {}",
+        WEB.replace("name: http,", "name: web,")
+            .trim()
+            .replace('\n', "\n  ")
+    );
+    let e = inject(&list).unwrap_err().to_string();
+    assert!(
+        e.starts_with("cannot inject Deployment shop/web (List item 1): no named port"),
+        "{e}"
+    );
+}
+
+#[test]
+fn other_unsafe_pods_are_refused() {
+    let cases = [
+        (
+            WEB.replace(
+                "      containers:",
+                "      hostNetwork: true\n      containers:",
+            ),
+            "hostNetwork",
+        ),
+        (
+            WEB.replace(
+                "      containers:",
+                "      volumes: [{name: serin-state, emptyDir: {}}]\n      containers:",
+            ),
+            "volume name clash",
+        ),
+        (
+            WEB.replace("name: http,", "name: web-frontend,").replace(
+                "serin.dev/inject: enabled",
+                "serin.dev/inject: enabled\n        serin.dev/port: web-frontend",
+            ),
+            "too long",
+        ),
+        (WEB.replace("\"0.02\"", "0.02"), "must be a string"),
+        (
+            WEB.replace("serin.dev/inject: enabled", "serin.dev/inject: \"true\""),
+            "must be enabled or disabled",
+        ),
+        (
+            WEB.replace("http://web-canary.shop.svc:80", "web-canary:80"),
+            "is not an http:// or https:// URL",
+        ),
+        (
+            WEB.replace("\"0.02\"", "\"0.02\"\n        serin.dev/max-p95: fast"),
+            "positive duration",
+        ),
+    ];
+    for (input, problem) in cases {
+        let e = inject(&input).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot inject Deployment shop/web: ") && e.contains(problem),
+            "{problem}: {e}"
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! Prometheus exposition (`GET /metrics`) with the names of DESIGN.md §3.
+//!
+//! Data-plane figures are not kept twice: a custom collector reads the
+//! proxy's own counters and windows at scrape time (relaxed atomic loads,
+//! nothing else), so the request path never touches a Prometheus type.
+//! Control-plane figures are read from the controller the same way, except
+//! the rollout step, which the API sets before each scrape.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
+use serin_proxy::stats::DURATION_BOUNDS_SECONDS;
+use serin_proxy::Target;
+
+use crate::controller::Controller;
+use crate::rollout::Actor;
+use crate::webhook::DeliveryStats;
+
+/// The quantiles exported by `serin_window_latency_seconds`.
+const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99")];
+
+/// Every metric serin exports.
+pub struct Metrics {
+    registry: Registry,
+    rollout_step: IntGauge,
+}
+
+impl Metrics {
+    /// Registers the metrics over the controller's stats, routes and
+    /// rollback counts, and the webhook delivery counters.
+    pub fn new(controller: Controller, webhooks: Arc<DeliveryStats>) -> Self {
+        let registry = Registry::new();
+        let rollout_step = IntGauge::new(
+            "serin_rollout_step",
+            "Current rollout step (1-based; 0 when no rollout is running)",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(rollout_step.clone()))
+            .expect("unique metric");
+        registry
+            .register(Box::new(Exporter::new(controller, webhooks)))
+            .expect("unique metrics");
+        Self {
+            registry,
+            rollout_step,
+        }
+    }
+
+    /// Sets the rollout step gauge.
+    pub fn set_rollout_step(&self, step: i64) {
+        self.rollout_step.set(step);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::default();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+// === impl DataPlaneCollector ===
+
+/// Reads the data plane's counters and windows, the route table and the
+/// controller's rollback counts at scrape time.
+struct Exporter {
+    controller: Controller,
+    webhooks: Arc<DeliveryStats>,
+    descs: Vec<Desc>,
+}
+
+const FAMILIES: [(&str, &str); 7] = [
+    (
+        "serin_requests_total",
+        "Requests forwarded, by upstream and outcome class",
+    ),
+    (
+        "serin_request_duration_seconds",
+        "Time to upstream response headers",
+    ),
+    (
+        "serin_canary_weight_ratio",
+        "Share of traffic routed to the canary, 0..1",
+    ),
+    (
+        "serin_window_error_ratio",
+        "Error ratio over the judge's rolling window",
+    ),
+    (
+        "serin_window_latency_seconds",
+        "Latency quantiles over the judge's rolling window",
+    ),
+    (
+        "serin_webhook_deliveries_total",
+        "Webhook deliveries, by outcome",
+    ),
+    (
+        "serin_rollbacks_total",
+        "Canary rollbacks since start, by who did them",
+    ),
+];
+
+impl Exporter {
+    fn new(controller: Controller, webhooks: Arc<DeliveryStats>) -> Self {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    vec![],
+                    Default::default(),
+                )
+                .expect("valid metric")
+            })
+            .collect();
+        Self {
+            controller,
+            webhooks,
+            descs,
+        }
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn family(index: usize, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let (name, help) = FAMILIES[index];
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn counter(pairs: &[(&str, &str)], value: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value as f64);
+    let mut m = Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+impl Collector for Exporter {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = tokio::time::Instant::now();
+        let stats = self.controller.stats();
+        let mut requests = Vec::default();
+        let mut durations = Vec::default();
+        let mut error_ratio = Vec::default();
+        let mut latency = Vec::default();
+        for target in Target::ALL {
+            let upstream = target.as_str();
+            let totals = stats.totals(target);
+            requests.push(counter(
+                &[("upstream", upstream), ("class", "success")],
+                totals.successes,
+            ));
+            requests.push(counter(
+                &[("upstream", upstream), ("class", "error")],
+                totals.errors,
+            ));
+
+            let mut h = Histogram::default();
+            let count = *totals.duration_cumulative.last().unwrap_or(&0);
+            h.set_sample_count(count);
+            h.set_sample_sum(totals.duration_sum_seconds);
+            h.set_bucket(
+                DURATION_BOUNDS_SECONDS
+                    .iter()
+                    .zip(&totals.duration_cumulative)
+                    .map(|(bound, cumulative)| {
+                        let mut b = Bucket::default();
+                        b.set_upper_bound(*bound);
+                        b.set_cumulative_count(*cumulative);
+                        b
+                    })
+                    .collect(),
+            );
+            let mut m = Metric::from_label(labels(&[("upstream", upstream)]));
+            m.set_histogram(h);
+            durations.push(m);
+
+            let window = stats.window_snapshot(target, now);
+            error_ratio.push(gauge(&[("upstream", upstream)], window.error_rate()));
+            for (q, label) in QUANTILES {
+                latency.push(gauge(
+                    &[("upstream", upstream), ("quantile", label)],
+                    window.quantile(q).as_secs_f64(),
+                ));
+            }
+        }
+        let weight = f64::from(self.controller.routes().load().canary_weight_bp) / 10_000.0;
+        let w = &self.webhooks;
+        let deliveries = vec![
+            counter(
+                &[("outcome", "delivered")],
+                w.delivered.load(Ordering::Relaxed),
+            ),
+            counter(&[("outcome", "retried")], w.retried.load(Ordering::Relaxed)),
+            counter(&[("outcome", "failed")], w.failed.load(Ordering::Relaxed)),
+            counter(&[("outcome", "dropped")], w.dropped.load(Ordering::Relaxed)),
+        ];
+        vec![
+            family(0, MetricType::COUNTER, requests),
+            family(1, MetricType::HISTOGRAM, durations),
+            family(2, MetricType::GAUGE, vec![gauge(&[], weight)]),
+            family(3, MetricType::GAUGE, error_ratio),
+            family(4, MetricType::GAUGE, latency),
+            family(5, MetricType::COUNTER, deliveries),
+            family(
+                6,
+                MetricType::COUNTER,
+                [Actor::Judge, Actor::Api]
+                    .into_iter()
+                    .map(|a| counter(&[("actor", a.as_str())], self.controller.rollbacks_total(a)))
+                    .collect(),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::ControllerConfig;
+    use crate::store::StateStore;
+    use crate::test_support::TempDir;
+    use serin_proxy::{RouteTable, Routes, Stats};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn exposition_has_the_contract_names_and_values() {
+        let tmp = TempDir::new("metrics");
+        let stats = Stats::new(1, Duration::from_secs(10), tokio::time::Instant::now());
+        let controller = Controller::start(
+            ControllerConfig::default(),
+            Routes::new(RouteTable::new(0)),
+            stats.clone(),
+            StateStore::new(&tmp.0),
+            None,
+        )
+        .await
+        .unwrap();
+        controller.rollback().await.unwrap();
+        controller.set_weight(12.5).await.unwrap();
+        let metrics = Metrics::new(controller, Arc::default());
+        // Lifting the latch restarted the canary's window at the next slice.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let canary = stats.worker(0);
+        let now = tokio::time::Instant::now();
+        canary
+            .upstream(Target::Canary)
+            .record(now, Duration::from_millis(3), true);
+        canary
+            .upstream(Target::Canary)
+            .record(now, Duration::from_millis(30), false);
+        metrics.set_rollout_step(2);
+        let text = metrics.render();
+        for line in [
+            "serin_requests_total{upstream=\"canary\",class=\"error\"} 1",
+            "serin_requests_total{upstream=\"canary\",class=\"success\"} 1",
+            "serin_request_duration_seconds_bucket{upstream=\"canary\",le=\"0.005\"} 1",
+            "serin_request_duration_seconds_bucket{upstream=\"canary\",le=\"+Inf\"} 2",
+            "serin_request_duration_seconds_count{upstream=\"canary\"} 2",
+            "serin_canary_weight_ratio 0.125",
+            "serin_rollbacks_total{actor=\"api\"} 1",
+            "serin_rollbacks_total{actor=\"judge\"} 0",
+            "serin_rollout_step 2",
+            "serin_window_error_ratio{upstream=\"canary\"} 0.5",
+            "serin_window_error_ratio{upstream=\"stable\"} 0",
+            "serin_webhook_deliveries_total{outcome=\"dropped\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(text.contains("# TYPE serin_request_duration_seconds histogram"));
+        assert!(
+            text.contains("serin_window_latency_seconds{upstream=\"canary\",quantile=\"0.95\"}")
+        );
+    }
+}

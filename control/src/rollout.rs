@@ -1,0 +1,805 @@
+//! The rollout state machine: phase, canary weight, steps, hold, the latch
+//! and the history of transitions.
+//!
+//! It exists so that every rule about when traffic may move is in one place
+//! and is tested with a paused clock, apart from sockets, files and timers.
+//! It never touches routes, disk or the network itself: each operation says
+//! what happened (an [`Event`] or an error) and the controller swaps the
+//! route table, persists and notifies.
+//!
+//! Rules that matter for safety:
+//! - A judge breach reverts the canary to 0 in every phase where it has
+//!   weight, `promoted` included: until stable is redeployed it is still the
+//!   fallback, so a promoted canary that breaks is reverted too.
+//! - A revert is **latched** (phase `rolled_back`). Only an explicit
+//!   [`Rollout::set_weight`], [`Rollout::start_rollout`] or
+//!   [`Rollout::resume`] raises the weight again; nothing the judge says can.
+//! - A step advances only after its hold has elapsed, the canary has served
+//!   `min_requests_per_step` requests since the step began, and the judge
+//!   has enough data to call it healthy. Too little traffic holds the step;
+//!   it is never a failure.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serin_proxy::split::MAX_BASIS_POINTS;
+use tokio::time::Instant;
+
+use crate::judge::{Secs, Verdict};
+
+/// The default rollout steps, in percent.
+pub const DEFAULT_STEPS: [f64; 4] = [5.0, 25.0, 50.0, 100.0];
+/// The default hold at each step.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(60);
+/// Transitions kept in the history; older ones are dropped first.
+pub const HISTORY_LIMIT: usize = 1000;
+/// Most steps a rollout may have.
+pub const MAX_STEPS: usize = 100;
+
+// === impl Phase ===
+
+/// Where the canary stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// No canary traffic and no rollout: the starting point.
+    Steady,
+    /// The weight was set by hand; the judge still guards it.
+    Manual,
+    /// A progressive rollout is moving through its steps.
+    Progressing,
+    /// A rollout frozen at its current step; the judge still guards it.
+    Paused,
+    /// The canary takes all traffic.
+    Promoted,
+    /// The canary was reverted to 0 and is latched there.
+    RolledBack,
+}
+
+impl Phase {
+    /// The snake_case name used in JSON, metrics and text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Steady => "steady",
+            Phase::Manual => "manual",
+            Phase::Progressing => "progressing",
+            Phase::Paused => "paused",
+            Phase::Promoted => "promoted",
+            Phase::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who caused a transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Actor {
+    /// The judge loop (a breach, a step, a promotion at the end of a rollout).
+    Judge,
+    /// A control API call (or the CLI through it).
+    Api,
+    /// Loading state at start-up.
+    Startup,
+}
+
+impl Actor {
+    /// Every actor, for per-actor counters.
+    pub const ALL: [Actor; 3] = [Actor::Judge, Actor::Api, Actor::Startup];
+
+    /// The snake_case name used in JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Actor::Judge => "judge",
+            Actor::Api => "api",
+            Actor::Startup => "startup",
+        }
+    }
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Something worth a webhook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// The canary was reverted to 0 (by the judge or the API).
+    Rollback,
+    /// The canary took all traffic.
+    Promoted,
+    /// A rollout moved to a step (including its first).
+    Step,
+    /// A rollout was paused.
+    Paused,
+    /// A step's hold is over but it cannot advance for lack of traffic.
+    /// Sent once per step.
+    JudgeBlocked,
+}
+
+impl Event {
+    /// The snake_case name used in webhook bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Rollback => "rollback",
+            Event::Promoted => "promoted",
+            Event::Step => "step",
+            Event::Paused => "paused",
+            Event::JudgeBlocked => "judge_blocked",
+        }
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of the history (`GET /history`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Wall-clock time, RFC 3339 UTC (e.g. `2026-11-23T04:40:00.123Z`).
+    pub at: String,
+    /// Canary weight before, in percent.
+    pub from: f64,
+    /// Canary weight after, in percent.
+    pub to: f64,
+    /// Phase after.
+    pub phase: Phase,
+    /// Why, in words.
+    pub reason: String,
+    /// Who.
+    pub actor: Actor,
+}
+
+/// Where [`Rollout::resume`] takes a rolled-back canary: the phase and
+/// weight it had when it was reverted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    /// `manual`, `progressing` (a paused rollout resumes running) or `promoted`.
+    pub phase: Phase,
+    /// The weight to restore, in basis points.
+    pub canary_weight_bp: u16,
+}
+
+/// Why an operation was refused. The text is shown to users as is.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RolloutError {
+    /// A weight outside 0..=100.
+    #[error("canary weight must be a percentage from 0 to 100 (got {got}); write 12.5 for 12.5%")]
+    InvalidWeight {
+        /// The value given.
+        got: f64,
+    },
+    /// No steps.
+    #[error("rollout steps must not be empty; write e.g. [5, 25, 50, 100]")]
+    EmptySteps,
+    /// More than [`MAX_STEPS`] steps.
+    #[error("a rollout has at most {MAX_STEPS} steps (got {got})")]
+    TooManySteps {
+        /// How many were given.
+        got: usize,
+    },
+    /// A step outside (0, 100].
+    #[error(
+        "rollout step {got} is outside (0, 100]; steps are percentages, e.g. [5, 25, 50, 100]"
+    )]
+    StepOutOfRange {
+        /// The value given.
+        got: f64,
+    },
+    /// Steps that do not increase (after rounding to 0.01%).
+    #[error("rollout steps must be strictly increasing (got {prev} then {next})")]
+    StepsNotIncreasing {
+        /// The earlier step.
+        prev: f64,
+        /// The step that is not above it.
+        next: f64,
+    },
+    /// A last step other than 100.
+    #[error(
+        "the last rollout step must be 100 (got {last}); a rollout ends in promotion. \
+         To keep the canary at {last}%, set the weight instead"
+    )]
+    LastStepNot100 {
+        /// The last step given.
+        last: f64,
+    },
+    /// Promote or pause while rolled back.
+    #[error("the canary is rolled back; start a rollout, set a weight or resume first")]
+    Latched,
+    /// Pause without a running rollout.
+    #[error("no rollout to pause: phase is {phase}")]
+    NotProgressing {
+        /// The current phase.
+        phase: Phase,
+    },
+    /// Resume with nothing paused or rolled back.
+    #[error("nothing to resume: phase is {phase}; start a rollout or set a weight")]
+    NothingToResume {
+        /// The current phase.
+        phase: Phase,
+    },
+    /// A hold that is not a duration.
+    #[error("hold must be a duration like 60s, 5m, 1m30s or 500ms (got {got:?})")]
+    InvalidHold {
+        /// The text given.
+        got: String,
+    },
+    /// A saved state that cannot be right.
+    #[error("saved rollout state is invalid: {0}")]
+    InvalidState(String),
+}
+
+// === impl RolloutState ===
+
+/// The persisted form of a [`Rollout`]: everything but the step clock,
+/// which restarts when the state is loaded.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutState {
+    /// The phase.
+    pub phase: Phase,
+    /// The canary weight, in basis points.
+    pub canary_weight_bp: u16,
+    /// Rollout steps, in percent.
+    pub steps: Vec<f64>,
+    /// Index of the current step in `steps`.
+    pub step: usize,
+    /// Hold at each step, in milliseconds.
+    pub hold_ms: u64,
+    /// True while the canary is reverted and latched at 0.
+    pub latched: bool,
+    /// The last reason (a breach, a hold, an operator's action).
+    pub reason: String,
+    /// Where `resume` takes a rolled-back canary, if anywhere.
+    pub resume: Option<ResumePoint>,
+    /// Recent transitions, oldest first, at most [`HISTORY_LIMIT`].
+    pub history: VecDeque<Transition>,
+}
+
+/// What `/status` shows of a rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSnapshot {
+    /// The phase.
+    pub phase: Phase,
+    /// The canary weight, in percent.
+    pub canary_weight: f64,
+    /// The current step, counted from 1; 0 outside a rollout.
+    pub step: usize,
+    /// The rollout's steps, in percent.
+    pub steps: Vec<f64>,
+    /// The hold at each step, e.g. `60s`.
+    pub hold: String,
+    /// True while the canary is reverted and latched at 0.
+    pub latched: bool,
+    /// The last reason; empty if none.
+    pub reason: String,
+}
+
+// === impl Rollout ===
+
+/// The rollout state machine. See the module docs for its rules.
+#[derive(Clone, Debug)]
+pub struct Rollout {
+    phase: Phase,
+    weight_bp: u16,
+    steps: Vec<f64>,
+    step: usize,
+    hold: Duration,
+    latched: bool,
+    reason: String,
+    resume: Option<ResumePoint>,
+    history: VecDeque<Transition>,
+    /// When the current step began (or the rollout resumed).
+    step_started: Instant,
+    /// Cumulative canary requests when the current step began.
+    step_base_requests: u64,
+    /// Whether `judge_blocked` was already sent for the current step.
+    blocked_sent: bool,
+}
+
+impl Rollout {
+    /// A steady rollout: canary at 0, default steps and hold, no history.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            phase: Phase::Steady,
+            weight_bp: 0,
+            steps: DEFAULT_STEPS.to_vec(),
+            step: 0,
+            hold: DEFAULT_HOLD,
+            latched: false,
+            reason: String::new(),
+            resume: None,
+            history: VecDeque::new(),
+            step_started: now,
+            step_base_requests: 0,
+            blocked_sent: false,
+        }
+    }
+
+    /// Restores a saved state. A running rollout restarts its current step:
+    /// the hold and the request count begin again at `now` and
+    /// `canary_requests` (the cumulative canary count).
+    pub fn from_state(
+        state: RolloutState,
+        now: Instant,
+        canary_requests: u64,
+    ) -> Result<Self, RolloutError> {
+        let invalid = |what: String| Err(RolloutError::InvalidState(what));
+        if state.canary_weight_bp > MAX_BASIS_POINTS {
+            return invalid(format!(
+                "canary weight {} bp is above {MAX_BASIS_POINTS}",
+                state.canary_weight_bp
+            ));
+        }
+        let steps =
+            validate_steps(&state.steps).map_err(|e| RolloutError::InvalidState(e.to_string()))?;
+        if state.step >= steps.len() {
+            return invalid(format!(
+                "step index {} is past the {} steps",
+                state.step,
+                steps.len()
+            ));
+        }
+        if state.latched != (state.phase == Phase::RolledBack)
+            || (state.phase == Phase::RolledBack && state.canary_weight_bp != 0)
+        {
+            return invalid(format!(
+                "phase {} with latch {} and canary weight {} bp",
+                state.phase, state.latched, state.canary_weight_bp
+            ));
+        }
+        let mut history = state.history;
+        while history.len() > HISTORY_LIMIT {
+            history.pop_front();
+        }
+        Ok(Self {
+            phase: state.phase,
+            weight_bp: state.canary_weight_bp,
+            steps,
+            step: state.step,
+            hold: Duration::from_millis(state.hold_ms),
+            latched: state.latched,
+            reason: state.reason,
+            resume: state.resume,
+            history,
+            step_started: now,
+            step_base_requests: canary_requests,
+            blocked_sent: false,
+        })
+    }
+
+    /// The persisted form.
+    pub fn to_state(&self) -> RolloutState {
+        RolloutState {
+            phase: self.phase,
+            canary_weight_bp: self.weight_bp,
+            steps: self.steps.clone(),
+            step: self.step,
+            hold_ms: self.hold.as_millis().min(u128::from(u64::MAX)) as u64,
+            latched: self.latched,
+            reason: self.reason.clone(),
+            resume: self.resume,
+            history: self.history.clone(),
+        }
+    }
+
+    /// What `/status` shows.
+    pub fn snapshot(&self) -> RolloutSnapshot {
+        let in_rollout = matches!(self.phase, Phase::Progressing | Phase::Paused)
+            || self.resume.is_some_and(|r| r.phase == Phase::Progressing);
+        RolloutSnapshot {
+            phase: self.phase,
+            canary_weight: percent(self.weight_bp),
+            step: if in_rollout { self.step + 1 } else { 0 },
+            steps: self.steps.clone(),
+            hold: Secs(self.hold).to_string(),
+            latched: self.latched,
+            reason: self.reason.clone(),
+        }
+    }
+
+    /// The phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The canary weight in basis points: what the route table must hold.
+    pub fn canary_weight_bp(&self) -> u16 {
+        self.weight_bp
+    }
+
+    /// True while the canary is reverted and latched at 0.
+    pub fn latched(&self) -> bool {
+        self.latched
+    }
+
+    /// The last reason; empty if none.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Recent transitions, oldest first.
+    pub fn history(&self) -> &VecDeque<Transition> {
+        &self.history
+    }
+
+    /// Records a start-up transition from `from_bp` to the current weight
+    /// (e.g. "loaded state", or "state file corrupt; canary at 0"). It
+    /// becomes the current reason only if there is none, so a loaded
+    /// rollback keeps saying why it happened.
+    pub fn record_startup(&mut self, from_bp: u16, reason: String) {
+        if self.reason.is_empty() {
+            self.reason.clone_from(&reason);
+        }
+        self.record(from_bp, Actor::Startup, reason);
+    }
+
+    /// Sets the canary weight by hand: phase `manual`, latch cleared, any
+    /// rollout cancelled. Emits no event; the caller applies the new weight.
+    pub fn set_weight(&mut self, pct: f64, actor: Actor) -> Result<Option<Event>, RolloutError> {
+        let bp = basis_points(pct).ok_or(RolloutError::InvalidWeight { got: pct })?;
+        let from = self.weight_bp;
+        self.phase = Phase::Manual;
+        self.weight_bp = bp;
+        self.latched = false;
+        self.resume = None;
+        self.reason = format!("canary weight set to {}% by {actor}", percent(bp));
+        self.record(from, actor, self.reason.clone());
+        Ok(None)
+    }
+
+    /// Starts a progressive rollout at its first step: phase `progressing`,
+    /// latch cleared. `steps` are percentages, strictly increasing, each in
+    /// (0, 100], rounded to 0.01%, and the last must be 100: a rollout ends
+    /// in promotion (to stop part-way, set a weight instead).
+    /// `canary_requests` is the cumulative canary count, the base for the
+    /// first step's `min_requests_per_step`.
+    pub fn start_rollout(
+        &mut self,
+        steps: &[f64],
+        hold: Duration,
+        now: Instant,
+        canary_requests: u64,
+    ) -> Result<Option<Event>, RolloutError> {
+        let steps = validate_steps(steps)?;
+        let from = self.weight_bp;
+        self.steps = steps;
+        self.hold = hold;
+        self.latched = false;
+        self.resume = None;
+        self.phase = Phase::Progressing;
+        self.enter_step(0, now, canary_requests);
+        self.reason = format!(
+            "rollout started: step 1 of {} ({}%), hold {}",
+            self.steps.len(),
+            percent(self.weight_bp),
+            Secs(hold)
+        );
+        self.record(from, Actor::Api, self.reason.clone());
+        Ok(Some(Event::Step))
+    }
+
+    /// Freezes a running rollout at its step (the judge still guards it).
+    /// Pausing a paused rollout does nothing.
+    pub fn pause(&mut self, actor: Actor) -> Result<Option<Event>, RolloutError> {
+        match self.phase {
+            Phase::Paused => Ok(None),
+            Phase::Progressing => {
+                self.phase = Phase::Paused;
+                self.reason = format!(
+                    "rollout paused at step {} ({}%) by {actor}",
+                    self.step + 1,
+                    percent(self.weight_bp)
+                );
+                self.record(self.weight_bp, actor, self.reason.clone());
+                Ok(Some(Event::Paused))
+            }
+            Phase::RolledBack => Err(RolloutError::Latched),
+            phase => Err(RolloutError::NotProgressing { phase }),
+        }
+    }
+
+    /// Continues a paused rollout, or brings back a rolled-back canary.
+    ///
+    /// - `paused` → `progressing`; the current step starts over (its hold
+    ///   and request count restart at `now`), so a resumed step is judged on
+    ///   fresh traffic.
+    /// - `rolled_back` → the phase and weight it had when it was reverted
+    ///   (a rollout resumes at the step it was on, starting that step over).
+    ///   This is one of the explicit calls that lifts the latch.
+    /// - `progressing` → nothing (already running).
+    ///
+    /// Returns [`Event::Step`] when a rollout's step is entered again.
+    pub fn resume(
+        &mut self,
+        now: Instant,
+        canary_requests: u64,
+        actor: Actor,
+    ) -> Result<Option<Event>, RolloutError> {
+        let from = self.weight_bp;
+        match (self.phase, self.resume) {
+            (Phase::Progressing, _) => return Ok(None),
+            (Phase::Paused, _) => self.phase = Phase::Progressing,
+            (Phase::RolledBack, Some(point)) => {
+                self.phase = point.phase;
+                self.weight_bp = point.canary_weight_bp;
+                self.latched = false;
+                self.resume = None;
+            }
+            (phase, _) => return Err(RolloutError::NothingToResume { phase }),
+        }
+        let event = if self.phase == Phase::Progressing {
+            self.enter_step(self.step, now, canary_requests);
+            self.reason = format!(
+                "rollout resumed at step {} ({}%) by {actor}",
+                self.step + 1,
+                percent(self.weight_bp)
+            );
+            Some(Event::Step)
+        } else {
+            self.reason = format!(
+                "{} at {}% resumed by {actor}",
+                self.phase,
+                percent(self.weight_bp)
+            );
+            None
+        };
+        self.record(from, actor, self.reason.clone());
+        Ok(event)
+    }
+
+    /// Sends all traffic to the canary: phase `promoted`. Refused while
+    /// rolled back (the latch is lifted only by a weight, rollout or resume);
+    /// promoting twice does nothing.
+    pub fn promote(&mut self, actor: Actor) -> Result<Option<Event>, RolloutError> {
+        match self.phase {
+            Phase::RolledBack => Err(RolloutError::Latched),
+            Phase::Promoted => Ok(None),
+            _ => {
+                self.promote_now(actor, format!("promoted by {actor}"));
+                Ok(Some(Event::Promoted))
+            }
+        }
+    }
+
+    /// Reverts the canary to 0 and latches it: phase `rolled_back`. Rolling
+    /// back twice does nothing (the first reason stays). Remembers where
+    /// [`Rollout::resume`] should return.
+    pub fn rollback(&mut self, actor: Actor, reason: String) -> Option<Event> {
+        if self.phase == Phase::RolledBack {
+            return None;
+        }
+        let from = self.weight_bp;
+        self.resume = (from > 0).then_some(ResumePoint {
+            phase: match self.phase {
+                Phase::Paused => Phase::Progressing,
+                phase => phase,
+            },
+            canary_weight_bp: from,
+        });
+        self.phase = Phase::RolledBack;
+        self.weight_bp = 0;
+        self.latched = true;
+        self.reason = reason;
+        self.record(from, actor, self.reason.clone());
+        Some(Event::Rollback)
+    }
+
+    /// Applies the judge's verdict at `now`. `canary_requests_total` is the
+    /// cumulative canary count ([`serin_proxy::Stats::request_count`]).
+    ///
+    /// - A breach while the canary has weight reverts it (actor `judge`).
+    /// - In `progressing`, once the hold has elapsed: with fewer than
+    ///   `min_requests_per_step` canary requests since the step began, or
+    ///   too few in the window for a verdict, the step holds and says why
+    ///   ([`Event::JudgeBlocked`] once per step); otherwise a healthy verdict
+    ///   advances to the next step, or after the last one promotes.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        canary_requests_total: u64,
+        verdict: &Verdict,
+        min_requests_per_step: u64,
+    ) -> Option<Event> {
+        if let Verdict::Breach { reason } = verdict {
+            return if self.weight_bp > 0 {
+                self.rollback(Actor::Judge, reason.clone())
+            } else {
+                None
+            };
+        }
+        if self.phase != Phase::Progressing
+            || now.saturating_duration_since(self.step_started) < self.hold
+        {
+            return None;
+        }
+        let served = canary_requests_total.saturating_sub(self.step_base_requests);
+        let step = self.step + 1;
+        let pct = percent(self.weight_bp);
+        let holding = if served < min_requests_per_step {
+            Some(format!(
+                "holding step {step} ({pct}%): {served} of {min_requests_per_step} canary \
+                 requests since step start"
+            ))
+        } else if let Verdict::Insufficient { .. } = verdict {
+            Some(format!("holding step {step} ({pct}%): {verdict}"))
+        } else {
+            None
+        };
+        if let Some(reason) = holding {
+            self.reason = reason;
+            return (!std::mem::replace(&mut self.blocked_sent, true))
+                .then_some(Event::JudgeBlocked);
+        }
+        if self.step + 1 == self.steps.len() {
+            self.promote_now(
+                Actor::Judge,
+                format!(
+                    "rollout complete: healthy at step {step} ({pct}%) \
+                     after {served} canary requests"
+                ),
+            );
+            return Some(Event::Promoted);
+        }
+        let from = self.weight_bp;
+        self.enter_step(self.step + 1, now, canary_requests_total);
+        self.reason = format!(
+            "step {} of {} ({}%): step {step} ({pct}%) healthy \
+             over {} hold and {served} canary requests",
+            self.step + 1,
+            self.steps.len(),
+            percent(self.weight_bp),
+            Secs(self.hold),
+        );
+        self.record(from, Actor::Judge, self.reason.clone());
+        Some(Event::Step)
+    }
+
+    fn enter_step(&mut self, index: usize, now: Instant, canary_requests: u64) {
+        self.step = index;
+        self.weight_bp = basis_points(self.steps[index]).unwrap_or(0);
+        self.step_started = now;
+        self.step_base_requests = canary_requests;
+        self.blocked_sent = false;
+    }
+
+    fn promote_now(&mut self, actor: Actor, reason: String) {
+        let from = self.weight_bp;
+        self.phase = Phase::Promoted;
+        self.weight_bp = MAX_BASIS_POINTS;
+        self.latched = false;
+        self.resume = None;
+        self.reason = reason;
+        self.record(from, actor, self.reason.clone());
+    }
+
+    fn record(&mut self, from_bp: u16, actor: Actor, reason: String) {
+        if self.history.len() >= HISTORY_LIMIT {
+            self.history.pop_front();
+        }
+        self.history.push_back(Transition {
+            at: rfc3339(SystemTime::now()),
+            from: percent(from_bp),
+            to: percent(self.weight_bp),
+            phase: self.phase,
+            reason,
+            actor,
+        });
+    }
+}
+
+/// Checks rollout steps (see [`Rollout::start_rollout`]) and rounds them to
+/// 0.01%.
+pub fn validate_steps(steps: &[f64]) -> Result<Vec<f64>, RolloutError> {
+    if steps.is_empty() {
+        return Err(RolloutError::EmptySteps);
+    }
+    if steps.len() > MAX_STEPS {
+        return Err(RolloutError::TooManySteps { got: steps.len() });
+    }
+    let mut out = Vec::with_capacity(steps.len());
+    let mut prev: Option<(f64, u16)> = None;
+    for &step in steps {
+        let bp = basis_points(step)
+            .filter(|&bp| bp > 0)
+            .ok_or(RolloutError::StepOutOfRange { got: step })?;
+        if let Some((prev, prev_bp)) = prev {
+            if bp <= prev_bp {
+                return Err(RolloutError::StepsNotIncreasing { prev, next: step });
+            }
+        }
+        prev = Some((step, bp));
+        out.push(percent(bp));
+    }
+    let last = steps[steps.len() - 1];
+    if basis_points(last) != Some(MAX_BASIS_POINTS) {
+        return Err(RolloutError::LastStepNot100 { last });
+    }
+    Ok(out)
+}
+
+/// Parses a hold as users write it: whole numbers with a unit, `ms`, `s`,
+/// `m` or `h`, optionally combined (`60s`, `5m`, `1m30s`, `500ms`).
+pub fn parse_hold(text: &str) -> Result<Duration, RolloutError> {
+    let invalid = || RolloutError::InvalidHold {
+        got: text.to_string(),
+    };
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(invalid)?;
+        let value: u64 = rest[..digits].parse().map_err(|_| invalid())?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let part = match &rest[..unit] {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value.saturating_mul(60)),
+            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            _ => return Err(invalid()),
+        };
+        total = total.saturating_add(part);
+        rest = &rest[unit..];
+    }
+    Ok(total)
+}
+
+/// A percentage (0..=100, finite) in basis points, rounded to 0.01%.
+pub fn basis_points(pct: f64) -> Option<u16> {
+    if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
+        return None;
+    }
+    Some((pct * 100.0).round() as u16)
+}
+
+/// Basis points as a percentage: 1250 → 12.5.
+pub fn percent(bp: u16) -> f64 {
+    f64::from(bp) / 100.0
+}
+
+/// Formats a wall-clock time as RFC 3339 UTC with milliseconds, e.g.
+/// `2026-11-23T04:40:00.123Z`. Times before 1970 print as the epoch.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests;

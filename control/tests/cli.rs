@@ -1,0 +1,166 @@
+//! The `serin` binary as a user runs it: config errors, `serin check`, and a
+//! SIGTERM that drains in-flight requests before exiting 0.
+
+use std::process::Command;
+use std::time::Duration;
+
+use http::StatusCode;
+use serin_tests::*;
+
+fn serin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_serin"))
+}
+
+#[test]
+fn invalid_config_exits_non_zero_naming_the_key_before_binding() {
+    let dir = temp_dir("badconfig");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listen.local_addr().unwrap();
+    drop(listen);
+    let file = dir.join("serin.toml");
+    std::fs::write(
+        &file,
+        format!("listen = \"{addr}\"\n[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n[judge]\nmax_error_rate = 5\n"),
+    )
+    .unwrap();
+    fails_with(
+        serin().args(["run", "--config"]).arg(&file),
+        "judge.max_error_rate",
+    );
+    fails_with(
+        serin().args(["run", "--config"]).arg(&file),
+        "write 0.05 for 5%",
+    );
+    // Nothing was bound: the address is still free.
+    std::net::TcpListener::bind(addr).expect("serin bound the port before failing");
+    fails_with(
+        serin().args(["check", "--config"]).arg(&file),
+        "judge.max_error_rate",
+    );
+
+    // Unknown keys are named.
+    std::fs::write(&file, "[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n[judge]\nmax_eror_rate = 0.1\n").unwrap();
+    fails_with(
+        serin().args(["check", "--config"]).arg(&file),
+        "max_eror_rate",
+    );
+
+    fails_with(
+        serin()
+            .args(["run", "--canary", "http://127.0.0.1:2"])
+            .env_remove("SERIN_STABLE"),
+        "stable.url",
+    );
+}
+
+/// Runs the command and asserts it exits 2 with `text` on stderr.
+fn fails_with(command: &mut Command, text: &str) {
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{command:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(text),
+        "{command:?}: expected {text:?} in {err}"
+    );
+}
+
+#[test]
+fn check_accepts_a_good_config_and_env_overrides_the_file() {
+    let dir = temp_dir("goodconfig");
+    let file = dir.join("serin.toml");
+    std::fs::write(&file, "canary_weight = 10\n[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n").unwrap();
+    let out = serin()
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("at 10%"));
+    // An environment variable beats the file; a flag beats both.
+    let out = serin()
+        .args(["run", "--config"])
+        .arg(&file)
+        .env("SERIN_CANARY_WEIGHT", "250")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`canary_weight`"),
+        "SERIN_CANARY_WEIGHT was applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    stable.set(Behavior {
+        delay: Duration::from_millis(700),
+        ..Behavior::default()
+    });
+    let state = temp_dir("sigterm");
+    let mut serin = SerinProcess::spawn(
+        env!("CARGO_BIN_EXE_serin"),
+        [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--stable",
+            &stable.url(),
+            "--canary",
+            &canary.url(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let addr = serin.proxy;
+    let url = format!("http://{addr}/");
+    let client = http1_client();
+    let slow = tokio::spawn(async move { get(&client, &url, &[]).await });
+    eventually(
+        Duration::from_secs(10),
+        "the request reaches the upstream",
+        || async { stable.requests() == 1 },
+    )
+    .await;
+    serin.signal("TERM");
+    let answer = slow.await.unwrap();
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (StatusCode::OK, "stable")
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), serin.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "a drained shutdown exits 0");
+}
+
+#[test]
+fn demo_rolls_out_breaks_and_reverts_on_its_own() {
+    let out = serin().args(["demo", "--plain"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "canary at 25%",
+        "canary at 50%",
+        "v2 starts failing every request",
+        "judge reverted the canary to 0%",
+        "phase    rolled_back",
+        "clients saw           0 errors",
+        "serin run --stable",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    assert!(!text.contains('\x1b'), "--plain output has no escape codes");
+}
