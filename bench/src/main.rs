@@ -34,9 +34,10 @@ enum Cmd {
         /// Only these peers (comma-separated: nginx,haproxy,envoy,serin); direct always runs.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// wrk connections for closed-loop HTTP/1.1.
-        #[arg(long, default_value_t = 256)]
-        connections: u32,
+        /// wrk connection counts for closed-loop HTTP/1.1 (comma-separated); the
+        /// first is the one the summary and CPU figures use.
+        #[arg(long, value_delimiter = ',', default_value = "64,256")]
+        connections: Vec<u32>,
     },
     /// Rebuild bench/REPORT.md and the SVGs from bench/results/latest.json.
     Report,

@@ -421,47 +421,29 @@ pub fn compilers_running() -> Vec<String> {
 
 // === impl BuildWatch ===
 
-/// Watches for builds, or other users' busy processes, while a measurement
-/// runs: samples every 500 ms on its own thread until stopped.
+/// Tells whether the machine got busy while a measurement ran: builds still
+/// running at its end, or other users' processes that used more than 5% of a
+/// core over it. It reads `/proc` only at the start and the end, so it costs
+/// nothing while the measurement runs.
 pub struct BuildWatch {
-    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    before: Vec<(u32, u32, u64, String)>,
+    started: Instant,
 }
 
 impl BuildWatch {
     /// Starts watching.
     pub fn start() -> Self {
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = {
-            let seen = seen.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let busy = machine_busy(Duration::from_millis(500));
-                    if !busy.is_empty() {
-                        if let Ok(mut s) = seen.lock() {
-                            s.extend(busy);
-                        }
-                    }
-                }
-            })
-        };
         Self {
-            seen,
-            stop,
-            thread: Some(thread),
+            before: process_table(),
+            started: Instant::now(),
         }
     }
 
-    /// Stops watching; returns the builds seen meanwhile (empty: undisturbed).
-    pub fn finish(mut self) -> Vec<String> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let mut seen = self.seen.lock().map(|s| s.clone()).unwrap_or_default();
+    /// Stops watching; returns what disturbed the run (empty: undisturbed).
+    pub fn finish(self) -> Vec<String> {
+        let after = process_table();
+        let mut seen = compilers_running();
+        seen.extend(foreign_busy(&self.before, &after, self.started.elapsed()));
         seen.sort();
         seen.dedup();
         seen

@@ -154,7 +154,7 @@ fn markdown(res: &Results) -> String {
     let _ = writeln!(s, "{header}\n{rule}");
     let rows: Vec<(String, Figure, usize)> = vec![
         (
-            "HTTP/1.1 max req/s".into(),
+            format!("HTTP/1.1 max req/s, wrk -c{}", res.wrk_connections),
             Box::new(|n: &str| med_tp(tp(&res.h1, n), |t| t.rps)),
             0,
         ),
@@ -179,6 +179,17 @@ fn markdown(res: &Results) -> String {
             2,
         ),
     ];
+    let mut rows = rows;
+    for (conns, map) in &res.h1_more {
+        rows.insert(
+            1,
+            (
+                format!("HTTP/1.1 max req/s, wrk -c{conns}"),
+                Box::new(move |n: &str| med_tp(tp(map, n), |t| t.rps)),
+                0,
+            ),
+        );
+    }
     for (label, f, digits) in &rows {
         let sv = f("serin");
         let _ = write!(s, "| {label} | {sv:.digits$} |");
@@ -367,17 +378,18 @@ fn throughput_section(s: &mut String, res: &Results) {
         s,
         "![throughput](results/throughput.svg)\n\n![CPU per request](results/cpu.svg)\n"
     );
-    for (proto, map, tool) in [
-        (
-            "HTTP/1.1",
-            &res.h1,
-            &*format!("wrk -t1 -c{}", res.wrk_connections),
-        ),
-        ("HTTP/2 (h2c)", &res.h2, "h2load -t1 -c16 -m16"),
-    ] {
+    let mut tables: Vec<(String, &std::collections::BTreeMap<String, Vec<Throughput>>)> = vec![(
+        format!("HTTP/1.1 (wrk -t1 -c{}", res.wrk_connections),
+        &res.h1,
+    )];
+    for (conns, map) in &res.h1_more {
+        tables.push((format!("HTTP/1.1 (wrk -t1 -c{conns}"), map));
+    }
+    tables.push(("HTTP/2 (h2load -t1 -c16 -m16".to_string(), &res.h2));
+    for (title, map) in tables {
         let _ = writeln!(
             s,
-            "### {proto} ({tool}; median (min–max) of {} rounds)\n",
+            "### {title}; median (min–max) of {} rounds)\n",
             res.rounds
         );
         let _ = writeln!(
@@ -536,8 +548,13 @@ fn micro_section(s: &mut String, res: &Results) {
     let _ = writeln!(s, "\n## Hot-path micro-benchmarks (criterion)\n");
     if res.micro.is_empty() {
         let _ = writeln!(s, "Not run in this report (`--no-criterion`).");
-        return;
+    } else {
+        micro_table(s, res);
     }
+    profile(s, res);
+}
+
+fn micro_table(s: &mut String, res: &Results) {
     let _ = writeln!(
         s,
         "`cargo bench -p serin-bench --bench hot_path` (bench/benches/hot_path.rs). \
@@ -584,6 +601,9 @@ fn micro_section(s: &mut String, res: &Results) {
             )
         }
     );
+}
+
+fn profile(s: &mut String, res: &Results) {
     if !res.profile.is_empty() {
         let _ = writeln!(
             s,

@@ -78,6 +78,9 @@ pub struct Results {
     pub commands: BTreeMap<String, String>,
     /// HTTP/1.1 closed loop (wrk), per target, one per round.
     pub h1: BTreeMap<String, Vec<Throughput>>,
+    /// HTTP/1.1 closed loop at the other wrk connection counts: count → target → runs.
+    #[serde(default)]
+    pub h1_more: BTreeMap<String, BTreeMap<String, Vec<Throughput>>>,
     /// HTTP/2 closed loop (h2load), per target, one per round.
     pub h2: BTreeMap<String, Vec<Throughput>>,
     /// Open-loop latency at fixed rates.

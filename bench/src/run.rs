@@ -28,8 +28,9 @@ pub struct Options {
     pub no_criterion: bool,
     /// Only these targets (direct is always measured).
     pub only: Vec<String>,
-    /// wrk connections for closed-loop HTTP/1.1 (default 64).
-    pub connections: u32,
+    /// wrk connection counts for closed-loop HTTP/1.1 (default 64 and 256);
+    /// the first is the one the summary and CPU figures use.
+    pub connections: Vec<u32>,
 }
 
 /// Where the committed report and results live (`bench/`).
@@ -206,28 +207,29 @@ fn profile_serin(target: &Running, seconds: u64, connections: u32) -> Vec<String
         std::thread::sleep(Duration::from_millis(100));
     }
     recorder.stop();
-    let out = Command::new("perf")
-        .args([
-            "report",
-            "--stdio",
-            "--no-children",
-            "--sort",
-            "dso,symbol",
-            "-i",
-        ])
-        .arg(&data)
-        .output();
+    let report = |args: &[&str]| -> Vec<String> {
+        Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "-i"])
+            .arg(&data)
+            .args(args)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                    .map(|l| l.trim_end_matches([' ', '-']).to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut lines = vec!["by binary:".to_string()];
+    lines.extend(report(&["--sort", "dso"]).into_iter().take(8));
+    lines.push(String::new());
+    lines.push("top symbols:".to_string());
+    lines.extend(report(&["--sort", "dso,symbol"]).into_iter().take(40));
     let _ = std::fs::remove_file(&data);
     let _ = std::fs::remove_file(&log);
-    out.map(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .take(30)
-            .map(|l| l.trim_end().to_string())
-            .collect()
-    })
-    .unwrap_or_default()
+    lines
 }
 
 /// Runs one measurement on a quiet machine: waits for other builds to end,
@@ -273,7 +275,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         quick,
         rounds,
         closed_seconds: (h1_s, h2_s),
-        wrk_connections: opts.connections,
+        wrk_connections: opts.connections.first().copied().unwrap_or(64),
         open_seconds: open_s,
         ..Results::default()
     };
@@ -416,28 +418,36 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     for round in 1..=rounds {
         for r in &running {
             let name = r.kind.name();
-            for (protocol, secs) in [(Protocol::Http1, h1_s), (Protocol::Http2, h2_s)] {
-                let what = format!("round {round} {name} {protocol:?}");
+            let mut runs: Vec<(Protocol, u64, u32)> = opts
+                .connections
+                .iter()
+                .map(|c| (Protocol::Http1, h1_s, *c))
+                .collect();
+            runs.push((Protocol::Http2, h2_s, 0));
+            for (level, (protocol, secs, conns)) in runs.into_iter().enumerate() {
+                let what = format!("round {round} {name} {protocol:?} c{conns}");
                 let measured = quiet(&mut res, &what, || {
                     measure::throughput(
                         r,
                         &upstream_pids,
                         protocol,
                         Duration::from_secs(secs),
-                        opts.connections,
+                        conns,
                     )
                 });
                 match measured {
                     Ok(t) => {
                         eprintln!(
-                            "round {round} {name:8} {protocol:?}: {:>8.0} req/s, {:.1} µs CPU/req ({:.1} user + {:.1} sys), {} errors, cores busy {:.0}%/{:.0}% → {}",
+                            "round {round} {name:8} {protocol:?} c{conns}: {:>8.0} req/s, {:.1} µs CPU/req ({:.1} user + {:.1} sys), {} errors, cores busy {:.0}%/{:.0}% → {}",
                             t.rps, t.cpu_us(), t.user_us, t.sys_us, t.errors,
                             t.proxy_core_busy * 100.0, t.loadgen_core_busy * 100.0, t.bottleneck()
                         );
-                        let map = if protocol == Protocol::Http1 {
+                        let map = if protocol == Protocol::Http2 {
+                            &mut res.h2
+                        } else if level == 0 {
                             &mut res.h1
                         } else {
-                            &mut res.h2
+                            &mut res.h1_more.entry(conns.to_string()).or_default()
                         };
                         map.entry(name.into()).or_default().push(t);
                     }
@@ -543,7 +553,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         }
         if r.kind == PeerKind::Serin && perf {
             res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
-            res.profile = profile_serin(r, if quick { 3 } else { 6 }, opts.connections);
+            res.profile = profile_serin(r, if quick { 3 } else { 6 }, res.wrk_connections);
         }
     }
 
