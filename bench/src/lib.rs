@@ -7,6 +7,7 @@
 //! Nothing here installs software: missing tools are named with the command
 //! that installs them. Every process started is stopped by its PID.
 
+pub mod judge_sim;
 pub mod loadgen;
 pub mod measure;
 pub mod peers;

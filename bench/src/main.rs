@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use serin_bench::{loadgen, report, results::Results, run};
+use serin_bench::{judge_sim, loadgen, report, results::Results, run};
 
 /// serin's benchmark harness.
 #[derive(Debug, Parser)]
@@ -38,6 +38,12 @@ enum Cmd {
         /// first is the one the summary and CPU figures use.
         #[arg(long, value_delimiter = ',', default_value = "64,256")]
         connections: Vec<u32>,
+    },
+    /// Run only the judge-quality simulator and print its table.
+    JudgeSim {
+        /// Fewer rollouts.
+        #[arg(long)]
+        quick: bool,
     },
     /// Rebuild bench/REPORT.md and the SVGs from bench/results/latest.json.
     Report,
@@ -81,6 +87,14 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Cmd::JudgeSim { quick } => {
+            let results = judge_sim::run(&judge_sim::SimSettings::new(quick));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&results).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
         }
         Cmd::Report => {
             let path = run::bench_dir().join("results/latest.json");

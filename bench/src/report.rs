@@ -260,7 +260,7 @@ fn markdown(res: &Results) -> String {
     latency_section(&mut s, res);
     memory_section(&mut s, res);
     micro_section(&mut s, res);
-    safety_section(&mut s);
+    safety_section(&mut s, res);
     method_section(&mut s, res);
     s
 }
@@ -616,24 +616,87 @@ fn profile(s: &mut String, res: &Results) {
     }
 }
 
-fn safety_section(s: &mut String) {
+fn safety_section(s: &mut String, res: &Results) {
+    let _ = writeln!(s, "\n## Safety benchmarks\n");
     let _ = writeln!(
         s,
-        "\n## Safety benchmarks (revert latency, blast radius, judge quality)\n"
+        "### Judge quality (simulated rollouts through the real judge)\n"
     );
+    if res.judge_sim.is_empty() {
+        let _ = writeln!(s, "Not run in this report.");
+    } else {
+        let (healthy, bad, secs, interval) = res.judge_sim_settings;
+        let _ = writeln!(
+            s,
+            "bench/src/judge_sim.rs drives `serin_control::Judge` (default policy) with windows recorded in the real \
+             `serin_proxy::Stats`. Each rollout lasts {secs} s (4 steps × 60 s); the canary gets 10% of the traffic \
+             (stable 9× the canary's rate), Poisson arrivals, stable errors 1%, log-normal latency (median 50 ms, \
+             σ 0.5, p95 ≈ 114 ms). The judge looks every {interval} ms when a request completed since its last look \
+             (the controller looks every 10 ms: more looks at the same window, so the real false-revert rate can \
+             only be a little higher than this). {healthy} rollouts of the healthy canary and {bad} of each bad one per rate; seeded, so \
+             reproducible. +20% and +50% p95 are at or below the default `max_p95_ratio` of 1.5×: not reverting them \
+             is the policy, not a miss.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| canary req/s | canary | reverted | rate | median time to revert | median canary requests before revert | p90 | typical reason |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for r in &res.judge_sim {
+            let rate = r.reverted as f64 / r.rollouts.max(1) as f64 * 100.0;
+            let label = if r.healthy {
+                format!("{:.1}% false reverts", rate)
+            } else {
+                format!("{:.0}% detected", rate)
+            };
+            let _ = writeln!(
+                s,
+                "| {:.0} | {} | {}/{} | {} | {} | {} | {} | {} |",
+                r.canary_rps,
+                r.name,
+                r.reverted,
+                r.rollouts,
+                label,
+                if r.reverted > 0 {
+                    format!("{:.1} s", r.median_seconds)
+                } else {
+                    "–".into()
+                },
+                if r.reverted > 0 {
+                    format!("{:.0}", r.median_canary_requests)
+                } else {
+                    "–".into()
+                },
+                if r.reverted > 0 {
+                    format!("{:.0}", r.p90_canary_requests)
+                } else {
+                    "–".into()
+                },
+                if r.example_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!("`{}`", r.example_reason.replace('|', "/"))
+                },
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nFor comparison, Flagger's analysis with its documented defaults (`interval: 1m`, `threshold: 5`, \
+             request-success-rate ≥ 99% and request-duration p99 ≤ 500 ms checked once per interval) reverts no sooner \
+             than 5 failed checks, about 300 s after the canary goes bad, however bad: about 3,000 canary requests at \
+             10 req/s and 30,000 at 100 req/s. Its 99% success check cannot flag +1 pp over a 1% baseline until the \
+             canary's rate passes 1%, and it has no comparison with stable."
+        );
+    }
+    let _ = writeln!(s, "\n### Revert latency and blast radius\n");
     let _ = writeln!(
         s,
-        "Not measured yet (issue #4, part 2). They need the control plane: the judge \
-         (`Judge::evaluate(stable, canary, stable_consecutive, canary_consecutive) -> Verdict`) and the control API \
-         (`PUT /weight`, `GET /status`), which had not landed on `main` when this report was generated. \
-         Planned, once they land: (1) revert latency and blast radius: canary at 10% of about 1,000 req/s; at a known \
-         instant the canary starts failing every request, and separately adds 2 s of latency; report the time from \
-         onset to weight 0 (from `GET /status` polling and the `/history` timestamp) and the failed or slow client \
-         responses before the revert, next to what Flagger's defaults imply for the same traffic (interval 60 s × \
-         threshold 5: at least about 5 minutes and about 30,000 failed requests at 100 canary req/s); (2) the judge \
-         simulator: 1,000 simulated rollouts of a healthy canary identical to stable (false-revert rate) and canaries \
-         with +1/+2/+5/+20 pp errors and +20/+50/+200% p95 (detection rate and canary requests to detection) at 10 \
-         and 100 canary req/s, driving `Judge::evaluate` directly with windows built by `serin_proxy::Stats`."
+        "Not measured yet (issue #4, part 2). Planned: serin with its control API in front of a scriptable upstream; \
+         canary at 10% of about 1,000 req/s; at a known instant the canary starts failing every request (and, \
+         separately, adds 2 s of latency); report the time from onset to canary weight 0 (from `GET /status` and the \
+         `/history` timestamp) and the failed or slow client responses before the revert, with and without stable \
+         fallback for idempotent requests, next to Flagger's defaults for the same traffic (interval 60 s × \
+         threshold 5: about 300 s and about 30,000 failed canary requests at 100 canary req/s)."
     );
 }
 

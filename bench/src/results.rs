@@ -97,6 +97,12 @@ pub struct Results {
     pub micro_previous: Vec<MicroBench>,
     /// serin's flat CPU profile under closed-loop HTTP/1.1 load (perf report lines).
     pub profile: Vec<String>,
+    /// The judge-quality simulator.
+    #[serde(default)]
+    pub judge_sim: Vec<crate::judge_sim::SimResult>,
+    /// Judge simulator settings: (healthy rollouts, bad rollouts, rollout s, look interval ms).
+    #[serde(default)]
+    pub judge_sim_settings: (u64, u64, u64, u64),
     /// Problems met during the run (a failed run of one target, for example).
     pub notes: Vec<String>,
 }
