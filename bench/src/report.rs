@@ -126,7 +126,7 @@ fn markdown(res: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "\nRun took {:.0} s ({} round(s); closed loop {} s HTTP/1.1 and {} s HTTP/2 per target per round, \
+        "\nRun took {:.0} s ({} round(s); closed loop {} s HTTP/1.1 at the first connection count, {} s at the others and for HTTP/2, per target per round; \
          open loop {} s per rate per target per round); {:.0} s were spent waiting for other builds on the machine to finish, \
          and {} measurement(s) were repeated because a build started during them.\n",
         res.wall_seconds, res.rounds, res.closed_seconds.0, res.closed_seconds.1, res.open_seconds, res.waited_seconds,

@@ -269,7 +269,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     let t0 = Instant::now();
     let quick = opts.quick;
     let rounds = opts.rounds.unwrap_or(if quick { 1 } else { 3 });
-    let (h1_s, h2_s, open_s) = if quick { (3, 2, 3) } else { (12, 8, 8) };
+    let (h1_s, h2_s, open_s) = if quick { (3, 2, 3) } else { (12, 6, 8) };
     let mut res = Results {
         started: sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
         quick,
@@ -421,7 +421,8 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
             let mut runs: Vec<(Protocol, u64, u32)> = opts
                 .connections
                 .iter()
-                .map(|c| (Protocol::Http1, h1_s, *c))
+                .enumerate()
+                .map(|(i, c)| (Protocol::Http1, if i == 0 { h1_s } else { h2_s }, *c))
                 .collect();
             runs.push((Protocol::Http2, h2_s, 0));
             for (level, (protocol, secs, conns)) in runs.into_iter().enumerate() {
