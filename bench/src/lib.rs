@@ -14,5 +14,6 @@ pub mod peers;
 pub mod procs;
 pub mod report;
 pub mod results;
+pub mod revert;
 pub mod run;
 pub mod tools;

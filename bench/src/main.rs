@@ -45,6 +45,10 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Run only the revert-latency and blast-radius benchmark, add it to
+    /// bench/results/latest.json and rebuild the report. Build serin first
+    /// (`cargo build --release -p serin-control`).
+    Revert,
     /// Rebuild bench/REPORT.md and the SVGs from bench/results/latest.json.
     Report,
     /// Open-loop, coordinated-omission-corrected load (used by `peers`); prints JSON.
@@ -95,6 +99,31 @@ fn main() -> ExitCode {
                 serde_json::to_string_pretty(&results).unwrap_or_default()
             );
             ExitCode::SUCCESS
+        }
+        Cmd::Revert => {
+            let path = run::bench_dir().join("results/latest.json");
+            let mut res: Results = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            match serin_bench::revert::run(&run::serin_binary(), 1_000.0) {
+                Ok(r) => res.revert = r,
+                Err(e) => {
+                    eprintln!("serin-bench revert: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            let saved = serde_json::to_vec_pretty(&res)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&path, b))
+                .and_then(|()| report::write(&res, &run::bench_dir()));
+            match saved {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("serin-bench revert: cannot write the report: {e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Cmd::Report => {
             let path = run::bench_dir().join("results/latest.json");

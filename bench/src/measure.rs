@@ -115,7 +115,9 @@ pub fn open_loop(
     duration: Duration,
     connections: usize,
 ) -> std::io::Result<OpenLoopResult> {
-    let exe = std::env::current_exe()?;
+    // This very binary, even if a build has replaced the file meanwhile
+    // (`cargo bench` rebuilds it): the kernel keeps the running image.
+    let exe = format!("/proc/{}/exe", std::process::id());
     let out = Command::new("timeout")
         .args(["-s", "KILL"])
         .arg(format!("{}", duration.as_secs() + 30))

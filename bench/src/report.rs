@@ -363,6 +363,40 @@ fn targets_section(s: &mut String, res: &Results) {
         "| RSS with 1,000 open client connections | ≤ 30 MB | {conns:.1} MiB | {} |",
         verdict(conns > 0.0 && conns <= 30.0)
     );
+    for r in res.revert.iter().filter(|r| r.name.contains("fails every")) {
+        if let Some(ms) = r.revert_ms {
+            let _ = writeln!(
+                s,
+                "| revert latency, breach to weight 0 ({}) | ≤ 50 ms | {ms:.0} ms | {} |",
+                if r.fallback {
+                    "with fallback"
+                } else {
+                    "no fallback"
+                },
+                verdict(ms <= 50.0)
+            );
+        }
+        let limit = if r.fallback { 0 } else { 30 };
+        let _ = writeln!(
+            s,
+            "| blast radius: failed client responses before the revert ({}) | ≤ {limit} | {} | {} |",
+            if r.fallback { "with fallback" } else { "no fallback" },
+            r.failed,
+            verdict(r.failed <= limit)
+        );
+    }
+    let healthy: Vec<_> = res.judge_sim.iter().filter(|r| r.healthy).collect();
+    if !healthy.is_empty() {
+        let worst = healthy
+            .iter()
+            .map(|r| r.reverted as f64 / r.rollouts.max(1) as f64 * 100.0)
+            .fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "| judge: false reverts of a healthy canary (worst of 10 and 100 canary req/s) | ≤ 1% | {worst:.1}% | {} |",
+            verdict(worst <= 1.0)
+        );
+    }
     if hot > 0.0 {
         let _ = writeln!(
             s,
@@ -689,14 +723,47 @@ fn safety_section(s: &mut String, res: &Results) {
         );
     }
     let _ = writeln!(s, "\n### Revert latency and blast radius\n");
+    if res.revert.is_empty() {
+        let _ = writeln!(s, "Not measured in this report.");
+        return;
+    }
     let _ = writeln!(
         s,
-        "Not measured yet (issue #4, part 2). Planned: serin with its control API in front of a scriptable upstream; \
-         canary at 10% of about 1,000 req/s; at a known instant the canary starts failing every request (and, \
-         separately, adds 2 s of latency); report the time from onset to canary weight 0 (from `GET /status` and the \
-         `/history` timestamp) and the failed or slow client responses before the revert, with and without stable \
-         fallback for idempotent requests, next to Flagger's defaults for the same traffic (interval 60 s × \
-         threshold 5: about 300 s and about 30,000 failed canary requests at 100 canary req/s)."
+        "bench/src/revert.rs: the `serin` binary with its judge and control API (default policy) in front of two \
+         scripted upstreams; the canary at 10% of {:.0} client req/s (HTTP/1.1 GET, open loop). 3 s after the start \
+         the canary starts failing every request (500), or answering 2 s late. Revert latency is from that instant \
+         to the first `GET /status` (polled every 2 ms) showing canary weight 0. Failed = client responses that \
+         were not 2xx; slow = client responses over 1 s.\n",
+        res.revert.first().map(|r| r.rate).unwrap_or(0.0)
+    );
+    let _ = writeln!(
+        s,
+        "| scenario | onset → weight 0 | failed client responses | slow client responses | canary responses after onset | requests | judge's reason |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for r in &res.revert {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.name,
+            r.revert_ms
+                .map(|m| format!("{m:.0} ms"))
+                .unwrap_or("no revert".into()),
+            r.failed,
+            r.slow,
+            r.canary_after_onset,
+            r.requests,
+            r.reason.replace('|', "/")
+        );
+    }
+    let canary_rps = res.revert.first().map(|r| r.rate / 10.0).unwrap_or(100.0);
+    let _ = writeln!(
+        s,
+        "\nFlagger's defaults for the same traffic: a failing canary is rolled back after `threshold` (5) failed \
+         checks at `interval` (60 s), about 300 s after the onset, by which time about {:.0} canary requests \
+         ({canary_rps:.0} req/s × 300 s) have failed or been slow. DESIGN.md §5: revert ≤ 50 ms, ≤ 30 failed \
+         responses (0 with stable fallback).",
+        canary_rps * 300.0
     );
 }
 

@@ -103,6 +103,9 @@ pub struct Results {
     /// Judge simulator settings: (healthy rollouts, bad rollouts, rollout s, look interval ms).
     #[serde(default)]
     pub judge_sim_settings: (u64, u64, u64, u64),
+    /// Revert latency and blast radius.
+    #[serde(default)]
+    pub revert: Vec<crate::revert::RevertResult>,
     /// Problems met during the run (a failed run of one target, for example).
     pub notes: Vec<String>,
 }

@@ -109,7 +109,8 @@ fn machine() -> results::Machine {
     }
 }
 
-fn serin_binary() -> PathBuf {
+/// The serin binary next to this one (or `SERIN_BIN`).
+pub fn serin_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("SERIN_BIN") {
         return PathBuf::from(p);
     }
@@ -576,6 +577,12 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     }
     drop(upstream);
     let _ = std::fs::remove_dir_all(&dir);
+    // Revert latency and blast radius: serin alone, with its control plane.
+    res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
+    match crate::revert::run(&programs.serin, 1_000.0) {
+        Ok(r) => res.revert = r,
+        Err(e) => res.notes.push(format!("revert benchmark failed: {e}")),
+    }
     res.wall_seconds = t0.elapsed().as_secs_f64();
 
     let out = bench_dir().join("results");
