@@ -43,7 +43,9 @@ impl Throughput {
 
     /// What limited the run: the generator's core or the proxy's.
     pub fn bottleneck(&self) -> &'static str {
-        if self.loadgen_core_busy >= 0.95 && self.proxy_core_busy < 0.9 {
+        if self.loadgen_core_busy >= 0.95 && self.proxy_core_busy >= 0.9 {
+            "both cores"
+        } else if self.loadgen_core_busy >= 0.95 {
             "load generator"
         } else if self.proxy_core_busy >= 0.9 {
             "proxy core"

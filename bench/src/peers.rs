@@ -112,6 +112,18 @@ fn pinned(core: &str, program: &Path) -> Command {
     c
 }
 
+/// nginx in the foreground on the proxy core, with its prefix and logs in `dir`.
+fn nginx_command(nginx: &Path, dir: &Path, conf: &Path) -> Command {
+    let mut cmd = pinned(PROXY_CORE, nginx);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg("stderr")
+        .arg("-c")
+        .arg(conf);
+    cmd
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -186,13 +198,7 @@ pub fn start_upstream(
         what: "upstream",
         source,
     })?;
-    let mut cmd = pinned(PROXY_CORE, nginx);
-    cmd.arg("-p")
-        .arg(dir)
-        .arg("-e")
-        .arg("stderr")
-        .arg("-c")
-        .arg(&conf);
+    let cmd = nginx_command(nginx, dir, &conf);
     let command = describe(&cmd);
     let g = start(
         "upstream",
@@ -256,13 +262,7 @@ pub fn start_proxy(
             PeerKind::Direct => unreachable!("direct is the upstream"),
             PeerKind::Nginx => {
                 let conf = write("nginx.conf", NGINX_TEMPLATE)?;
-                let mut cmd = pinned(PROXY_CORE, &programs.nginx);
-                cmd.arg("-p")
-                    .arg(dir)
-                    .arg("-e")
-                    .arg("stderr")
-                    .arg("-c")
-                    .arg(&conf);
+                let cmd = nginx_command(&programs.nginx, dir, &conf);
                 ("nginx", cmd, Some(conf), listen_h2)
             }
             PeerKind::Haproxy => {

@@ -223,23 +223,10 @@ fn markdown(res: &Results) -> String {
         }
     }
     let mem_rows: [(&str, Figure); 3] = [
-        (
-            "PSS idle, MiB",
-            Box::new(|n: &str| {
-                res.idle
-                    .get(n)
-                    .map(|m| m.pss_kib as f64 / 1024.0)
-                    .unwrap_or(0.0)
-            }),
-        ),
+        ("PSS idle, MiB", Box::new(|n: &str| pss_mib(&res.idle, n))),
         (
             "PSS with 1,000 connections, MiB",
-            Box::new(|n: &str| {
-                res.conns_1000
-                    .get(n)
-                    .map(|m| m.pss_kib as f64 / 1024.0)
-                    .unwrap_or(0.0)
-            }),
+            Box::new(|n: &str| pss_mib(&res.conns_1000, n)),
         ),
         (
             "syscalls per HTTP/1.1 request",
@@ -263,6 +250,12 @@ fn markdown(res: &Results) -> String {
     safety_section(&mut s, res);
     method_section(&mut s, res);
     s
+}
+
+fn pss_mib(map: &std::collections::BTreeMap<String, crate::procs::Memory>, name: &str) -> f64 {
+    map.get(name)
+        .map(|m| m.pss_kib as f64 / 1024.0)
+        .unwrap_or(0.0)
 }
 
 fn targets_section(s: &mut String, res: &Results) {
@@ -473,7 +466,8 @@ fn throughput_section(s: &mut String, res: &Results) {
     let _ = writeln!(
         s,
         "The proxy and the upstream share core 0, so the proxy core is the bottleneck by design; \
-         \"load generator\" in the bottleneck column would mean the number is the generator's limit, not the proxy's. \
+         \"load generator\" in the bottleneck column would mean the number is the generator's limit, not the proxy's, \
+         and \"both cores\" that the generator was saturated too, so the figure is a lower bound (typical for direct). \
          Direct's CPU column is empty: there is no proxy; its upstream µs/req is the app's own cost."
     );
 }
@@ -795,8 +789,10 @@ fn method_section(s: &mut String, res: &Results) {
          correction, as wrk2 and oha `--latency-correction` do); recorded in an HdrHistogram at 3 significant \
          digits. We wrote it rather than use oha: oha is not in Debian, building it from crates.io pulls a large \
          dependency tree on this 2-core machine, and a 250-line generator on hyper's client whose send lag is \
-         reported alongside the result is easy to audit. The `send lag p99` column shows how late the generator \
-         actually sent; it should be tiny compared with the latencies.\n\
+         reported alongside the result is easy to audit. The `send lag p99` column shows how late requests \
+         actually left their due time: the generator's own delay plus any wait for a free connection when all 32 \
+         are busy with a slow target. Small values for direct show the generator kept its schedule; large values for \
+         one target show that target stalling (its latency columns already include that wait).\n\
          - **Memory:** PSS and RSS summed over the process tree, idle right after start and with 1,000 open client \
          connections that have each made one request.\n\
          - **Syscalls per request:** the proxy's `raw_syscalls:sys_enter` count from `perf stat` over a fixed \
