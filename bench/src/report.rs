@@ -74,6 +74,13 @@ fn med_open(runs: &[OpenLoopResult], f: impl Fn(&OpenLoopResult) -> f64) -> f64 
 pub fn write(res: &Results, bench: &Path) -> std::io::Result<()> {
     let results = bench.join("results");
     std::fs::create_dir_all(&results)?;
+    // Latency plots are named by rate, which changes between runs: drop old ones.
+    for entry in std::fs::read_dir(&results)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("latency-") && name.ends_with(".svg") {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
     std::fs::write(results.join("throughput.svg"), throughput_svg(res))?;
     std::fs::write(results.join("cpu.svg"), cpu_svg(res))?;
     for (i, rate) in res.open.iter().enumerate() {
