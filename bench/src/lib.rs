@@ -1,1 +1,19 @@
-//! serin benchmarks (under construction).
+//! serin's benchmarks: peer comparisons against direct, nginx, haproxy and
+//! Envoy on one machine in one run (`serin-bench peers`), the open-loop load
+//! generator they use for latency, and the report they write
+//! (`bench/REPORT.md`). The hot-path micro-benchmarks are in
+//! `benches/hot_path.rs`.
+//!
+//! Nothing here installs software: missing tools are named with the command
+//! that installs them. Every process started is stopped by its PID.
+
+pub mod judge_sim;
+pub mod loadgen;
+pub mod measure;
+pub mod peers;
+pub mod procs;
+pub mod report;
+pub mod results;
+pub mod revert;
+pub mod run;
+pub mod tools;

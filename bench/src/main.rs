@@ -1,0 +1,174 @@
+//! `serin-bench`: the peer benchmark and its tools.
+//!
+//! `cargo run --release -p serin-bench -- peers [--quick]` measures serin
+//! against direct, nginx, haproxy and Envoy and regenerates `bench/REPORT.md`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serin_bench::{judge_sim, loadgen, report, results::Results, run};
+
+/// serin's benchmark harness.
+#[derive(Debug, Parser)]
+#[command(name = "serin-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Measure serin against direct, nginx, haproxy and Envoy; write bench/REPORT.md.
+    Peers {
+        /// One short round (about 2 minutes), for iteration.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds of interleaved runs [default: 3, or 1 with --quick].
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Skip the criterion micro-benchmarks.
+        #[arg(long)]
+        no_criterion: bool,
+        /// Only these peers (comma-separated: nginx,haproxy,envoy,serin); direct always runs.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// wrk connection counts for closed-loop HTTP/1.1 (comma-separated); the
+        /// first is the one the summary and CPU figures use.
+        #[arg(long, value_delimiter = ',', default_value = "64,256")]
+        connections: Vec<u32>,
+    },
+    /// Run only the judge-quality simulator and print its table.
+    JudgeSim {
+        /// Fewer rollouts.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Run only the revert-latency and blast-radius benchmark, add it to
+    /// bench/results/latest.json and rebuild the report. Build serin first
+    /// (`cargo build --release -p serin-control`).
+    Revert,
+    /// Rebuild bench/REPORT.md and the SVGs from bench/results/latest.json.
+    Report,
+    /// Open-loop, coordinated-omission-corrected load (used by `peers`); prints JSON.
+    Openloop {
+        /// Server address.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Requests per second.
+        #[arg(long)]
+        rate: f64,
+        /// Length of the schedule in milliseconds.
+        #[arg(long, default_value_t = 5_000)]
+        duration_ms: u64,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Peers {
+            quick,
+            rounds,
+            no_criterion,
+            only,
+            connections,
+        } => {
+            let opts = run::Options {
+                quick,
+                rounds,
+                no_criterion,
+                only,
+                connections,
+            };
+            match run::peers(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("serin-bench peers: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::JudgeSim { quick } => {
+            let results = judge_sim::run(&judge_sim::SimSettings::new(quick));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&results).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Revert => {
+            let path = run::bench_dir().join("results/latest.json");
+            let mut res: Results = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            match serin_bench::revert::run(&run::serin_binary(), 1_000.0) {
+                Ok(r) => res.revert = r,
+                Err(e) => {
+                    eprintln!("serin-bench revert: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+            let saved = serde_json::to_vec_pretty(&res)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&path, b))
+                .and_then(|()| report::write(&res, &run::bench_dir()));
+            match saved {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("serin-bench revert: cannot write the report: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Report => {
+            let path = run::bench_dir().join("results/latest.json");
+            let res: Result<Results, String> = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+            let written =
+                res.and_then(|r| report::write(&r, &run::bench_dir()).map_err(|e| e.to_string()));
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "serin-bench report: cannot rebuild from {}: {e}; run `serin-bench peers` first",
+                        path.display()
+                    );
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Openloop {
+            addr,
+            rate,
+            duration_ms,
+            connections,
+        } => {
+            if !rate.is_finite() || rate <= 0.0 {
+                eprintln!("serin-bench openloop: --rate must be above 0 (got {rate})");
+                return ExitCode::from(2);
+            }
+            let spec = loadgen::OpenLoop {
+                addr,
+                rate,
+                duration: Duration::from_millis(duration_ms),
+                connections,
+            };
+            match loadgen::run(&spec) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("serin-bench openloop: cannot load {addr}: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
