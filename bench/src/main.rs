@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use serin_bench::{judge_sim, loadgen, report, results::Results, run};
+use serin_bench::{loadgen, report, results::Results, run};
 
 /// serin's benchmark harness.
 #[derive(Debug, Parser)]
@@ -39,7 +39,8 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "64,256")]
         connections: Vec<u32>,
     },
-    /// Run only the judge-quality simulator and print its table.
+    /// Run only the judge-quality simulator, add it to
+    /// bench/results/latest.json and rebuild the report.
     JudgeSim {
         /// Fewer rollouts.
         #[arg(long)]
@@ -92,39 +93,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::JudgeSim { quick } => {
-            let results = judge_sim::run(&judge_sim::SimSettings::new(quick));
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&results).unwrap_or_default()
-            );
-            ExitCode::SUCCESS
-        }
-        Cmd::Revert => {
-            let path = run::bench_dir().join("results/latest.json");
-            let mut res: Results = std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-            match serin_bench::revert::run(&run::serin_binary(), 1_000.0) {
-                Ok(r) => res.revert = r,
-                Err(e) => {
-                    eprintln!("serin-bench revert: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-            let saved = serde_json::to_vec_pretty(&res)
-                .map_err(std::io::Error::other)
-                .and_then(|b| std::fs::write(&path, b))
-                .and_then(|()| report::write(&res, &run::bench_dir()));
-            match saved {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("serin-bench revert: cannot write the report: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Cmd::JudgeSim { quick } => update_latest("judge-sim", |res| {
+            run::simulate_judge(res, quick);
+            Ok::<(), std::convert::Infallible>(())
+        }),
+        Cmd::Revert => update_latest("revert", |res| {
+            res.revert = serin_bench::revert::run(&run::serin_binary(), 1_000.0)?;
+            Ok::<(), std::io::Error>(())
+        }),
         Cmd::Report => {
             let path = run::bench_dir().join("results/latest.json");
             let res: Result<Results, String> = std::fs::read(&path)
@@ -169,6 +145,34 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+/// Loads bench/results/latest.json (or starts empty), lets `change` refresh
+/// one part of it, then saves it and rebuilds bench/REPORT.md.
+fn update_latest<E: std::fmt::Display>(
+    what: &str,
+    change: impl FnOnce(&mut Results) -> Result<(), E>,
+) -> ExitCode {
+    let path = run::bench_dir().join("results/latest.json");
+    let mut res: Results = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Err(e) = change(&mut res) {
+        eprintln!("serin-bench {what}: {e}");
+        return ExitCode::from(2);
+    }
+    let saved = serde_json::to_vec_pretty(&res)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&path, b))
+        .and_then(|()| report::write(&res, &run::bench_dir()));
+    match saved {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("serin-bench {what}: cannot write the report: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -560,14 +560,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     }
 
     // The judge-quality simulator: pure computation, after the timed runs.
-    let settings = crate::judge_sim::SimSettings::new(quick);
-    res.judge_sim_settings = (
-        settings.healthy_rollouts,
-        settings.bad_rollouts,
-        settings.rollout.as_secs(),
-        settings.interval.as_millis() as u64,
-    );
-    res.judge_sim = crate::judge_sim::run(&settings);
+    simulate_judge(&mut res, quick);
 
     // Stop everything by PID (the guards do it on any early return too).
     for mut r in running {
@@ -599,4 +592,16 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         out.join("latest.json").display()
     );
     Ok(())
+}
+
+/// Runs the judge-quality simulator into `res` (pure computation, no sockets).
+pub fn simulate_judge(res: &mut Results, quick: bool) {
+    let settings = crate::judge_sim::SimSettings::new(quick);
+    res.judge_sim_settings = (
+        settings.healthy_rollouts,
+        settings.bad_rollouts,
+        settings.rollout.as_secs(),
+        settings.interval.as_millis() as u64,
+    );
+    res.judge_sim = crate::judge_sim::run(&settings);
 }

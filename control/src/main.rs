@@ -3,12 +3,6 @@
 
 use std::process::ExitCode;
 
-/// mimalloc: per-thread free lists suit one-thread-per-worker serving, and it
-/// cut user CPU per proxied request measurably against glibc malloc (see the
-/// bench report). It builds from C with the machine's cc; no cmake needed.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::Parser;
 use serin_control::cli::{AdminArgs, Cli, Command, RunArgs};
 use serin_control::client::{self, AdminTarget, Call};

@@ -2,8 +2,9 @@
 //! cumulative totals for Prometheus.
 //!
 //! Every worker owns one [`WorkerStats`] and is its only writer. Recording is a
-//! handful of relaxed atomic adds into fixed-size arrays: it never locks, never
-//! allocates and never waits on a reader. Readers (the judge, `/status`,
+//! handful of relaxed atomic loads and stores into fixed-size arrays (no
+//! read-modify-write is needed with a single writer): it never locks, never
+//! allocates and never waits on a reader. Only the worker thread may record. Readers (the judge, `/status`,
 //! `/metrics`) merge all workers' data into owned snapshots on their own thread.
 //!
 //! Windows are rings of [`SLICES`] time slices. Time is always passed in as an
@@ -39,6 +40,13 @@ const DURATION_BOUNDS_MICROS: [u64; 14] = [
     500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
     2_500_000, 5_000_000, 10_000_000,
 ];
+
+/// Adds one to a counter that only this thread writes: a plain load and
+/// store, cheaper than an atomic read-modify-write.
+#[inline]
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Relaxed) + 1, Relaxed);
+}
 
 /// Maps a latency in µs to its histogram bucket.
 #[inline]
@@ -142,12 +150,12 @@ impl Window {
         if slice.epoch.load(Relaxed) != epoch {
             slice.reset(epoch);
         }
-        slice.requests.fetch_add(1, Relaxed);
+        bump(&slice.requests);
         if error {
-            slice.errors.fetch_add(1, Relaxed);
+            bump(&slice.errors);
         }
         let micros = latency.as_micros().min(u128::from(MAX_MICROS)) as u64;
-        slice.latency[bucket_of(micros)].fetch_add(1, Relaxed);
+        bump(&slice.latency[bucket_of(micros)]);
     }
 
     /// Adds this window's slices that are still inside the window at `now`
@@ -270,26 +278,25 @@ impl UpstreamStats {
         self.window.snapshot(now).requests
     }
 
-    /// Records one outcome. Wait-free: relaxed atomic adds only.
+    /// Records one outcome. Wait-free; only the owning worker calls it.
     #[inline]
     pub fn record(&self, now: Instant, latency: Duration, error: bool) {
         self.window.record(now, latency, error);
         if error {
-            self.errors_total.fetch_add(1, Relaxed);
-            self.consecutive_errors.fetch_add(1, Relaxed);
+            bump(&self.errors_total);
+            let run = &self.consecutive_errors;
+            run.store(run.load(Relaxed).saturating_add(1), Relaxed);
         } else {
-            self.successes_total.fetch_add(1, Relaxed);
+            bump(&self.successes_total);
             if self.consecutive_errors.load(Relaxed) != 0 {
                 self.consecutive_errors.store(0, Relaxed);
             }
         }
         let micros = latency.as_micros().min(u128::from(u64::MAX)) as u64;
-        let bucket = DURATION_BOUNDS_MICROS
-            .iter()
-            .position(|&bound| micros <= bound)
-            .unwrap_or(DURATION_BOUNDS_MICROS.len());
-        self.duration_buckets[bucket].fetch_add(1, Relaxed);
-        self.duration_sum_micros.fetch_add(micros, Relaxed);
+        let bucket = DURATION_BOUNDS_MICROS.partition_point(|&bound| bound < micros);
+        bump(&self.duration_buckets[bucket]);
+        let sum = &self.duration_sum_micros;
+        sum.store(sum.load(Relaxed).wrapping_add(micros), Relaxed);
     }
 }
 

@@ -85,7 +85,7 @@ fn relative_error_breach() {
         r.starts_with("canary error rate 4.1% significantly above stable 0.2% (z="),
         "{r}"
     );
-    assert!(r.ends_with(", 99.999% confidence)"), "{r}");
+    assert!(r.ends_with(", 99.9999% confidence)"), "{r}");
 }
 
 #[test]
