@@ -102,23 +102,8 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         ..Behavior::default()
     });
     let state = temp_dir("sigterm");
-    let mut serin = SerinProcess::spawn(
-        env!("CARGO_BIN_EXE_serin"),
-        [
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--stable",
-            &stable.url(),
-            "--canary",
-            &canary.url(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let mut serin =
+        SerinProcess::run(env!("CARGO_BIN_EXE_serin"), &stable, &canary, &state, &[]).await;
     let addr = serin.proxy;
     let url = format!("http://{addr}/");
     let client = http1_client();
@@ -170,23 +155,12 @@ async fn client_subcommands_drive_a_running_serin() {
     let stable = TestUpstream::start("stable").await;
     let canary = TestUpstream::start("canary").await;
     let state = temp_dir("client");
-    let running = SerinProcess::spawn(
+    let running = SerinProcess::run(
         env!("CARGO_BIN_EXE_serin"),
-        [
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--admin-token",
-            "s3cret",
-            "--stable",
-            &stable.url(),
-            "--canary",
-            &canary.url(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
+        &stable,
+        &canary,
+        &state,
+        &["--admin-token", "s3cret"],
     )
     .await;
     let admin = running
@@ -270,27 +244,11 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_upload_and_download_stream_through_with_flat_memory() {
-    use http_body_util::BodyExt;
     let stable = TestUpstream::start("stable").await;
     let canary = TestUpstream::start("canary").await;
     let state = temp_dir("bigbody");
-    let running = SerinProcess::spawn(
-        env!("CARGO_BIN_EXE_serin"),
-        [
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--stable",
-            &stable.url(),
-            "--canary",
-            &canary.url(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let running =
+        SerinProcess::run(env!("CARGO_BIN_EXE_serin"), &stable, &canary, &state, &[]).await;
     let pid = running.child.id().unwrap();
     let url = format!("http://{}", running.proxy);
     let client = http1_client();
@@ -306,20 +264,10 @@ async fn a_100_mb_upload_and_download_stream_through_with_flat_memory() {
         .body(http_body_util::Either::Right(TestBody::generated(SIZE)))
         .unwrap();
     assert_eq!(send(&client, req).await.body, format!("received {SIZE}"));
-    let resp = client
-        .request(
-            http::Request::get(format!("{url}/download/{SIZE}"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
-    let mut total = 0u64;
-    while let Some(frame) = body.frame().await {
-        total += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
-    }
-    assert_eq!(total, SIZE);
+    assert_eq!(
+        download_len(&client, &format!("{url}/download/{SIZE}")).await,
+        SIZE
+    );
 
     let growth_mib = peak_rss_kib(pid).saturating_sub(before) / 1024;
     assert!(

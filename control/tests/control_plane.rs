@@ -1216,26 +1216,9 @@ async fn spawn_serin(
     let config = dir.join("serin.toml");
     std::fs::write(&config, "log = \"error\"\n").unwrap();
     let state = dir.join("state");
-    let mut args: Vec<String> = [
-        "run",
-        "--config",
-        config.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--stable",
-        &stable.url(),
-        "--canary",
-        &canary.url(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let serin = SerinProcess::spawn(env!("CARGO_BIN_EXE_serin"), args).await;
+    let mut args = vec!["--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let serin = SerinProcess::run(env!("CARGO_BIN_EXE_serin"), stable, canary, &state, &args).await;
     let api = Api::new(format!("http://{}", serin.admin.expect("admin address")));
     let (code, _, _) = api.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(code, StatusCode::OK, "ready once it printed its addresses");

@@ -343,6 +343,23 @@ pub async fn send(client: &Client<HttpConnector, ClientBody>, req: Request<Clien
     }
 }
 
+/// GETs `url` and counts the body's bytes as they stream, without holding them.
+pub async fn download_len(client: &Client<HttpConnector, ClientBody>, url: &str) -> u64 {
+    let resp = client
+        .request(Request::get(url).body(empty()).unwrap())
+        .await
+        .expect("request failed");
+    let mut body = resp.into_body();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        total += frame
+            .expect("body failed")
+            .data_ref()
+            .map_or(0, |d| d.len() as u64);
+    }
+    total
+}
+
 /// An empty request body.
 pub fn empty() -> ClientBody {
     http_body_util::Either::Left(http_body_util::Full::new(Bytes::new()))
@@ -509,6 +526,35 @@ impl SerinProcess {
             proxy,
             admin,
         }
+    }
+
+    /// Starts `serin run` (the binary `bin`) on 127.0.0.1 port 0 for both the
+    /// proxy and the control API, in front of `stable` and `canary`, keeping
+    /// state in `state_dir`, with `extra` arguments appended.
+    pub async fn run(
+        bin: &str,
+        stable: &TestUpstream,
+        canary: &TestUpstream,
+        state_dir: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
+        let state = state_dir.to_str().expect("UTF-8 temp path");
+        let (stable, canary) = (stable.url(), canary.url());
+        let mut args = vec![
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--stable",
+            &stable,
+            "--canary",
+            &canary,
+            "--state-dir",
+            state,
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(bin, args).await
     }
 
     /// Sends a signal by name (`TERM`, `KILL`, `INT`).

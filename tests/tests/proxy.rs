@@ -425,20 +425,10 @@ async fn large_bodies_stream_both_ways() {
     let a = send(&client, req).await;
     assert_eq!(a.body, format!("received {SIZE}"));
     // Download: count bytes as they stream.
-    let resp = client
-        .request(
-            Request::get(h.url(&format!("/download/{SIZE}")))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let mut body = resp.into_body();
-    let mut total = 0u64;
-    while let Some(frame) = body.frame().await {
-        total += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
-    }
-    assert_eq!(total, SIZE);
+    assert_eq!(
+        download_len(&client, &h.url(&format!("/download/{SIZE}"))).await,
+        SIZE
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
