@@ -163,11 +163,26 @@ class _Handler(BaseHTTPRequestHandler):
         digest = hashlib.sha256()
         total = 0
         kept: list[bytes] = []
+        seen = 0
 
         def keep(data: bytes) -> None:
+            nonlocal seen
             digest.update(data)
-            if total + len(data) <= _RECORD_LIMIT:
+            if seen + len(data) <= _RECORD_LIMIT:
                 kept.append(data)
+            seen += len(data)
+
+        def read_exactly(size: int, short: str) -> int:
+            """Reads `size` body bytes (kept and hashed); raises `short` if they stop."""
+            remaining = size
+            while remaining:
+                data = self.rfile.read(min(remaining, _CHUNK))
+                if not data:
+                    raise ConnectionError(short)
+                keep(data)
+                remaining -= len(data)
+            return size
+
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             while True:
                 line = self.rfile.readline(1024)
@@ -179,23 +194,9 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
                         pass
                     return total, digest.hexdigest(), True, b"".join(kept)
-                remaining = size
-                while remaining:
-                    data = self.rfile.read(min(remaining, _CHUNK))
-                    if not data:
-                        raise ConnectionError("body ended inside a chunk")
-                    keep(data)
-                    total += len(data)
-                    remaining -= len(data)
+                total += read_exactly(size, "body ended inside a chunk")
                 self.rfile.readline(16)  # the CRLF after the chunk
-        remaining = int(self.headers.get("Content-Length") or 0)
-        while remaining:
-            data = self.rfile.read(min(remaining, _CHUNK))
-            if not data:
-                raise ConnectionError("body ended early")
-            keep(data)
-            total += len(data)
-            remaining -= len(data)
+        total += read_exactly(int(self.headers.get("Content-Length") or 0), "body ended early")
         return total, digest.hexdigest(), False, b"".join(kept)
 
     def _send(self, status: int, body: bytes, content_type: str, head: bool) -> None:
