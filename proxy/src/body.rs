@@ -1,10 +1,10 @@
 //! The response body serin streams back to the client.
 //!
-//! It is the upstream's body passed through frame by frame (never buffered),
-//! with two jobs attached at the end of the stream: hand an HTTP/1.1 upstream
-//! connection back to its pool, and, for gRPC responses whose status arrives
-//! in trailers, record the outcome once the trailers are seen. Responses that
-//! serin makes itself (errors) are a small fixed body.
+//! It is the upstream's body passed through frame by frame (never buffered;
+//! an HTTP/1.1 upstream connection returns to its pool by itself when its
+//! body ends, see [`crate::h1`]). For gRPC responses whose status arrives in
+//! trailers, the outcome is recorded once the trailers are seen. Responses
+//! that serin makes itself (errors) are a small fixed body.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::classify::{Classifier, Outcome};
-use crate::forward::Checkin;
+use crate::forward::{BodyError, UpstreamBody};
 use crate::split::Target;
 use crate::stats::WorkerStats;
 
@@ -46,30 +45,25 @@ pub struct ProxyBody {
 
 enum Kind {
     Upstream {
-        body: Incoming,
-        checkin: Option<Checkin>,
+        body: UpstreamBody,
         grpc: Option<PendingGrpc>,
     },
     Fixed(Option<Bytes>),
 }
 
 impl ProxyBody {
-    pub(crate) fn upstream(
-        body: Incoming,
-        checkin: Option<Checkin>,
-        grpc: Option<PendingGrpc>,
-    ) -> Self {
-        let mut this = Self {
-            kind: Kind::Upstream {
-                body,
-                checkin,
-                grpc,
-            },
-        };
-        // A body that is already complete (e.g. 204, or Content-Length: 0)
-        // frees its connection now.
-        this.finish_if_ended();
-        this
+    pub(crate) fn upstream(body: UpstreamBody, grpc: Option<PendingGrpc>) -> Self {
+        let mut grpc = grpc;
+        // A gRPC response that is already complete (no body, no trailers)
+        // is recorded now.
+        if body.is_end_stream() {
+            if let Some(g) = grpc.take() {
+                g.record(None);
+            }
+        }
+        Self {
+            kind: Kind::Upstream { body, grpc },
+        }
     }
 
     /// A complete body of these bytes.
@@ -85,41 +79,18 @@ impl ProxyBody {
             kind: Kind::Fixed(None),
         }
     }
-
-    fn finish_if_ended(&mut self) {
-        if let Kind::Upstream {
-            body,
-            checkin,
-            grpc,
-        } = &mut self.kind
-        {
-            if body.is_end_stream() {
-                if let Some(c) = checkin.take() {
-                    c.release();
-                }
-                if let Some(g) = grpc.take() {
-                    g.record(None);
-                }
-            }
-        }
-    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let Kind::Upstream {
-            body,
-            checkin,
-            grpc,
-        } = &mut this.kind
-        else {
+        let Kind::Upstream { body, grpc } = &mut this.kind else {
             let Kind::Fixed(bytes) = &mut this.kind else {
                 unreachable!()
             };
@@ -137,28 +108,14 @@ impl Body for ProxyBody {
                     }
                 }
                 if body.is_end_stream() {
-                    if let Some(c) = checkin.take() {
-                        c.release();
-                    }
                     if let Some(g) = grpc.take() {
                         g.record(None);
                     }
                 }
             }
-            None => {
-                // End of stream: the connection is reusable; a gRPC stream
-                // that ended without trailers is recorded as an error.
-                if let Some(c) = checkin.take() {
-                    c.release();
-                }
-                if let Some(g) = grpc.take() {
-                    g.record(None);
-                }
-            }
-            Some(Err(_)) => {
-                // A broken body: the connection is not reused (dropping the
-                // checkin closes it), and a pending gRPC outcome is an error.
-                checkin.take();
+            // The end, or a broken body: a gRPC stream that ended without
+            // trailers is recorded as an error.
+            None | Some(Err(_)) => {
                 if let Some(g) = grpc.take() {
                     g.record(None);
                 }

@@ -2,14 +2,16 @@
 //!
 //! Each worker owns one [`Pool`] per upstream. Pools are single-threaded
 //! (`Rc`/`RefCell`, no lock) because a worker is one thread running one
-//! current-thread runtime. An HTTP/1.1 connection goes back to its pool when
-//! the response body has been read to the end (see [`crate::body`]); an
-//! HTTP/2 upstream connection is shared by all requests of the worker.
+//! current-thread runtime. HTTP/1.1 goes through serin's own client
+//! ([`crate::h1`]); a connection goes back to its pool when the response body
+//! has been read to the end. An h2c upstream connection (hyper) is shared by
+//! all requests of the worker.
 //!
 //! Connections are opened lazily, with `TCP_NODELAY`, under a connect timeout,
-//! and the idle list is bounded. A request that a pooled connection could not
-//! even start (the upstream closed it while idle) is retried once on a fresh
-//! connection: it never reached the upstream, so this is always safe.
+//! and the idle list is bounded. A pooled connection that the upstream closed
+//! while it sat idle is noticed at checkout when the close has arrived, and
+//! otherwise by the request failing before any response: a bodiless
+//! idempotent request is then replayed once on a new connection.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -23,11 +25,12 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::h1::{self, ExchangeError, Http1Error};
 use crate::LocalExec;
 
 /// Which HTTP version serin speaks to an upstream.
@@ -149,7 +152,7 @@ pub enum UpstreamError {
     Handshake { url: String, source: hyper::Error },
     /// The connection broke before a response arrived (reset, closed, bad response).
     #[error("{url} failed before responding: {source}")]
-    Broken { url: String, source: hyper::Error },
+    Broken { url: String, source: BodyError },
     /// The client's request body broke off while it was being forwarded:
     /// the client's fault, never counted against the upstream.
     #[error("the client's request body broke off: {source}")]
@@ -218,10 +221,70 @@ impl Body for RequestBody {
     }
 }
 
+// === impl UpstreamBody ===
+
+/// A response body as it comes from an upstream.
+pub enum UpstreamBody {
+    /// From serin's HTTP/1.1 client: read straight off the connection.
+    Http1(h1::ResponseBody),
+    /// From a shared h2c connection (hyper).
+    Http2(Incoming),
+}
+
+/// Why an upstream response body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// HTTP/1.1 upstream.
+    #[error(transparent)]
+    Http1(#[from] Http1Error),
+    /// h2c upstream.
+    #[error(transparent)]
+    Http2(#[from] hyper::Error),
+}
+
+impl UpstreamBody {
+    /// After a 101, the upgraded upstream connection (HTTP/1.1 only).
+    pub(crate) fn take_tunnel(&mut self) -> Option<h1::Tunnel> {
+        match self {
+            UpstreamBody::Http1(b) => b.take_tunnel(),
+            UpstreamBody::Http2(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            UpstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
 // === impl Pool ===
 
 struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+    conn: h1::Connection,
     since: Instant,
 }
 
@@ -242,12 +305,6 @@ impl fmt::Debug for Pool {
     }
 }
 
-/// A connection checked out of the pool for one request.
-pub(crate) enum Checkout {
-    Http1(http1::SendRequest<RequestBody>),
-    Http2(http2::SendRequest<RequestBody>),
-}
-
 impl Pool {
     /// An empty pool for `upstream`.
     pub fn new(upstream: Upstream, settings: PoolSettings) -> Self {
@@ -264,46 +321,72 @@ impl Pool {
         &self.upstream
     }
 
-    /// Sends `req` and waits for the response headers. The returned
-    /// `Checkin`, if any, must be handed back once the body is finished.
+    /// Sends `req` and waits for the response headers. An HTTP/1.1
+    /// connection goes back to the pool when the response body ends.
     pub(crate) async fn send(
         self: &Rc<Self>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        match self.upstream.protocol {
+            UpstreamProtocol::Http1 => self.send_h1(req).await,
+            UpstreamProtocol::Http2 => self.send_h2(req).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Rc<Self>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (head, body) = req.into_parts();
+        // A reused connection the upstream closed while it sat idle fails
+        // before any response arrives. A bodiless request with an idempotent
+        // method (RFC 9110 §9.2.2) is then replayed once on a new connection.
+        let replayable = body.is_end_stream() && head.method.is_idempotent();
+        let mut body = Some(body);
+        for attempt in 0..2 {
+            let conn = self.checkout_h1(attempt > 0).await?;
+            let body = body.take().unwrap_or(RequestBody::Empty);
+            match conn.exchange(&head, body, self).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::Http1)),
+                Err(ExchangeError::Stale(_)) if attempt == 0 && replayable => continue,
+                Err(ExchangeError::Stale(e) | ExchangeError::Upstream(e)) => {
+                    return Err(UpstreamError::Broken {
+                        url: self.upstream.url.clone(),
+                        source: e.into(),
+                    })
+                }
+                Err(ExchangeError::Client(source)) => {
+                    return Err(UpstreamError::ClientAborted { source })
+                }
+            }
+        }
+        unreachable!("the second attempt always returns")
+    }
+
+    async fn send_h2(
+        &self,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         // One retry: only when the connection refused the request before
         // writing any of it (hyper hands the request back in that case).
         for attempt in 0..2 {
             let fresh = attempt > 0;
-            match self.checkout(fresh).await? {
-                Checkout::Http1(mut sender) => match sender.try_send_request(req).await {
-                    Ok(resp) => {
-                        let checkin = Checkin {
-                            pool: self.clone(),
-                            sender,
-                        };
-                        return Ok((resp, Some(checkin)));
+            let mut sender = self.checkout_h2(fresh).await?;
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::Http2)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        self.shared_h2.borrow_mut().take();
+                        req = back
                     }
-                    Err(mut e) => match e.take_message() {
-                        Some(back) if !fresh => req = back,
-                        _ => return Err(self.broken(e.into_error())),
-                    },
-                },
-                Checkout::Http2(mut sender) => match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, None)),
-                    Err(mut e) => match e.take_message() {
-                        Some(back) if !fresh => {
-                            self.shared_h2.borrow_mut().take();
-                            req = back
-                        }
-                        _ => return Err(self.broken(e.into_error())),
-                    },
+                    _ => return Err(self.broken_h2(e.into_error())),
                 },
             }
         }
         unreachable!("the second attempt always returns")
     }
 
-    fn broken(&self, source: hyper::Error) -> UpstreamError {
+    fn broken_h2(&self, source: hyper::Error) -> UpstreamError {
         // A failure of the request body we were streaming is the client's
         // doing (it hung up mid-upload), not the upstream's.
         if source.is_user() || source.is_body_write_aborted() {
@@ -311,56 +394,57 @@ impl Pool {
         }
         UpstreamError::Broken {
             url: self.upstream.url.clone(),
-            source,
+            source: source.into(),
         }
     }
 
-    async fn checkout(&self, fresh: bool) -> Result<Checkout, UpstreamError> {
-        if self.upstream.protocol == UpstreamProtocol::Http2 {
-            if !fresh {
-                let shared = self.shared_h2.borrow().clone();
-                if let Some(sender) = shared.filter(|s| !s.is_closed()) {
-                    return Ok(Checkout::Http2(sender));
-                }
+    async fn checkout_h2(
+        &self,
+        fresh: bool,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        if !fresh {
+            let shared = self.shared_h2.borrow().clone();
+            if let Some(sender) = shared.filter(|s| !s.is_closed()) {
+                return Ok(sender);
             }
-            let sender = self.connect_h2().await?;
-            *self.shared_h2.borrow_mut() = Some(sender.clone());
-            return Ok(Checkout::Http2(sender));
         }
+        let sender = self.connect_h2().await?;
+        *self.shared_h2.borrow_mut() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn checkout_h1(&self, fresh: bool) -> Result<h1::Connection, UpstreamError> {
         if !fresh {
             let now = Instant::now();
             loop {
                 // The borrow ends with this statement: never held across an await.
-                let Some(mut idle) = self.idle.borrow_mut().pop() else {
+                let Some(idle) = self.idle.borrow_mut().pop() else {
                     break;
                 };
                 let expired =
                     now.saturating_duration_since(idle.since) >= self.settings.idle_timeout;
-                if expired || idle.sender.is_closed() {
+                if expired || idle.conn.closed_while_idle().await {
                     continue;
                 }
-                // Checked in only after its last response ended, so this is
-                // immediate unless the upstream is closing the connection.
-                if idle.sender.ready().await.is_ok() {
-                    return Ok(Checkout::Http1(idle.sender));
-                }
+                return Ok(idle.conn);
             }
         }
-        self.connect_h1().await.map(Checkout::Http1)
+        let io = self.connect_tcp().await?;
+        Ok(h1::Connection::new(io))
     }
 
     /// Returns a finished HTTP/1.1 connection to the idle list.
-    fn checkin(&self, sender: http1::SendRequest<RequestBody>) {
+    pub(crate) fn checkin(&self, conn: h1::Connection) {
         let mut idle = self.idle.borrow_mut();
-        if idle.len() < self.settings.max_idle && !sender.is_closed() {
+        if idle.len() < self.settings.max_idle {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
         let url = &self.upstream.url;
         let connect = TcpStream::connect((self.upstream.host.as_str(), self.upstream.port));
         let stream = match tokio::time::timeout(self.settings.connect_timeout, connect).await {
@@ -379,26 +463,11 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
-    }
-
-    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.connect_tcp().await?;
-        // One buffer, one write(2) per request: see `server::http_builder`.
-        let (sender, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(io)
-            .await
-            .map_err(|source| UpstreamError::Handshake {
-                url: self.upstream.url.clone(),
-                source,
-            })?;
-        drive(conn.with_upgrades());
-        Ok(sender)
+        Ok(stream)
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.connect_tcp().await?;
+        let io = TokioIo::new(self.connect_tcp().await?);
         let (sender, conn) = http2::Builder::new(LocalExec)
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
@@ -408,35 +477,13 @@ impl Pool {
                 url: self.upstream.url.clone(),
                 source,
             })?;
-        drive(conn);
+        // The connection's I/O runs as its own task on this worker.
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
         Ok(sender)
-    }
-}
-
-/// Runs an upstream connection's I/O on this worker until it closes.
-fn drive<C>(conn: C)
-where
-    C: std::future::Future<Output = Result<(), hyper::Error>> + 'static,
-{
-    tokio::task::spawn_local(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended");
-        }
-    });
-}
-
-// === impl Checkin ===
-
-/// An HTTP/1.1 connection that goes back to its pool once its response body
-/// has been read to the end. Dropped early, it closes the connection instead.
-pub(crate) struct Checkin {
-    pool: Rc<Pool>,
-    sender: http1::SendRequest<RequestBody>,
-}
-
-impl Checkin {
-    pub(crate) fn release(self) {
-        self.pool.checkin(self.sender);
     }
 }
 

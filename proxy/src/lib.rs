@@ -10,6 +10,7 @@
 mod body;
 pub mod classify;
 pub mod forward;
+mod h1;
 pub mod server;
 pub mod split;
 pub mod stats;

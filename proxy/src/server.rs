@@ -38,7 +38,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::{PendingGrpc, ProxyBody};
 use crate::classify::{Classifier, Outcome};
-use crate::forward::{Checkin, Pool, RequestBody, UploadEnd, UpstreamError, UpstreamProtocol};
+use crate::forward::{Pool, RequestBody, UploadEnd, UpstreamBody, UpstreamError, UpstreamProtocol};
+use crate::h1::Tunnel;
 use crate::split::{FastRng, Target};
 use crate::stats::WorkerStats;
 use crate::{LocalExec, ProxyConfig, Routes};
@@ -420,7 +421,7 @@ async fn proxy(
 
     if let Some((method, uri, headers)) = replay {
         let canary_failed = match &result {
-            Ok((resp, _)) => worker.shared.classifier.is_error_status(resp.status()),
+            Ok(resp) => worker.shared.classifier.is_error_status(resp.status()),
             Err(_) => true,
         };
         if canary_failed {
@@ -438,13 +439,14 @@ async fn proxy(
     }
 
     let mut resp = match result {
-        Ok((mut resp, checkin)) => match client_upgrade.take() {
+        Ok(mut resp) => match client_upgrade.take() {
             Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 // The upstream connection now belongs to the tunnel, not the pool.
-                drop(checkin);
                 let protocol = resp.headers().get(UPGRADE).cloned();
-                tokio::task::spawn_local(splice(client, hyper::upgrade::on(&mut resp)));
-                let mut resp = worker.respond(served_by, start, resp, None);
+                if let Some(tunnel) = resp.body_mut().take_tunnel() {
+                    tokio::task::spawn_local(splice(client, tunnel));
+                }
+                let mut resp = worker.respond(served_by, start, resp);
                 if let Some(protocol) = protocol {
                     resp.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -452,7 +454,7 @@ async fn proxy(
                 }
                 resp
             }
-            _ => worker.respond(served_by, start, resp, checkin),
+            _ => worker.respond(served_by, start, resp),
         },
         Err(e) => {
             if !matches!(e, UpstreamError::ClientAborted { .. }) {
@@ -490,7 +492,7 @@ impl Worker {
         mut req: Request<RequestBody>,
         sent_at: Instant,
         upload: Option<&UploadEnd>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let pool = self.pool(target);
         let upstream = pool.upstream();
         let config = &self.shared.config;
@@ -565,8 +567,7 @@ impl Worker {
         &self,
         target: Target,
         start: Instant,
-        resp: Response<Incoming>,
-        checkin: Option<Checkin>,
+        resp: Response<UpstreamBody>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         let outcome = self
@@ -586,7 +587,7 @@ impl Worker {
             }
         };
         strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, ProxyBody::upstream(body, checkin, grpc))
+        Response::from_parts(parts, ProxyBody::upstream(body, grpc))
     }
 
     /// Records an outcome for `target` with the latency since `start`.
@@ -643,16 +644,24 @@ fn requested_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
 
 /// Copies bytes both ways between an upgraded client connection and an
 /// upgraded upstream connection until either side closes.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade) {
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) => {
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "upgraded connection ended");
-            }
+async fn splice(client: OnUpgrade, mut upstream: Tunnel) {
+    let client = match client.await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
         }
-        Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+    };
+    let mut client = TokioIo::new(client);
+    // What the upstream sent right after its 101 came in with the head.
+    if !upstream.early.is_empty() {
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &upstream.early).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+            return;
+        }
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.io).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
     }
 }
 
