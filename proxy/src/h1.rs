@@ -30,7 +30,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
 use crate::forward::{Pool, RequestBody};
@@ -540,6 +540,14 @@ impl ResponseBody {
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
             if self.reusable && conn.read.is_empty() {
+                // The socket is still marked readable from the response just
+                // read. Clearing the mark (no system call) lets the next
+                // exchange, and the idle check, trust it again: without this
+                // each request paid one recv(2) that found nothing. A close
+                // or data that arrives later sets it anew.
+                let _ = conn.io.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
                 self.pool.checkin(conn);
             }
         }
