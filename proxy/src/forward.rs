@@ -329,7 +329,9 @@ impl Pool {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match self.upstream.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req).await,
-            UpstreamProtocol::Http2 => self.send_h2(req).await,
+            // Boxed: h2c's future is large and rare; unboxed it would grow
+            // every request's future, which is moved into place per request.
+            UpstreamProtocol::Http2 => Box::pin(self.send_h2(req)).await,
         }
     }
 

@@ -142,17 +142,31 @@ impl Connection {
         let reused = self.reused;
         self.reused = true;
         let is_head = head.method == Method::HEAD;
+        // A write that fails may be the upstream refusing the rest of an
+        // upload after answering it (an early 413, then a reset): the answer
+        // wins if it can still be read, else the write error stands.
+        let mut write_failed = None;
         let parsed = poll_fn(|cx| {
-            if !upload.done {
-                if let Poll::Ready(result) = upload.poll(cx, &mut self.io, &mut self.write) {
-                    result.map_err(|e| match e {
-                        UploadError::Client(e) => ExchangeError::Client(e),
-                        UploadError::Io(e) if reused => ExchangeError::Stale(e.into()),
-                        UploadError::Io(e) => ExchangeError::Upstream(e.into()),
-                    })?;
+            if !upload.done && write_failed.is_none() {
+                match upload.poll(cx, &mut self.io, &mut self.write) {
+                    Poll::Ready(Err(UploadError::Client(e))) => {
+                        return Poll::Ready(Err(ExchangeError::Client(e)))
+                    }
+                    Poll::Ready(Err(UploadError::Io(e))) => write_failed = Some(e),
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
                 }
             }
-            self.poll_head(cx, reused)
+            match ready!(self.poll_head(cx, reused)) {
+                Err(_) if write_failed.is_some() => {
+                    let e = write_failed.take().expect("checked").into();
+                    Poll::Ready(Err(if reused {
+                        ExchangeError::Stale(e)
+                    } else {
+                        ExchangeError::Upstream(e)
+                    }))
+                }
+                head => Poll::Ready(head),
+            }
         })
         .await?;
         let ParsedHead {
