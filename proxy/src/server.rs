@@ -248,21 +248,27 @@ async fn serve_connection(
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
         }
+        // Boxed: a TLS connection's state is twice a plain one's, and an
+        // unboxed branch would make every plain connection's task that large.
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
-            let stream = match handshake.await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
+            Box::pin(async move {
+                let handshake =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                let stream = match handshake.await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return Ok(());
+                    }
+                };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
+            })
+            .await
         }
     };
     if let Err(e) = result {
@@ -430,9 +436,8 @@ async fn proxy(
             *req.method_mut() = method;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers;
-            result = worker
-                .forward(Target::Stable, req, Instant::now(), None)
-                .await;
+            // Boxed: a rare path, kept out of every request's future.
+            result = Box::pin(worker.forward(Target::Stable, req, Instant::now(), None)).await;
             served_by = Target::Stable;
             fell_back = true;
         }
