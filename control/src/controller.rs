@@ -562,14 +562,21 @@ impl Inner {
     }
 }
 
-/// Looks every `interval`; evaluates when a request completed since the
-/// last look, or after `idle` without one. Ends when the controller is gone.
+/// Looks every `interval`, and at once when the data plane reports a run of
+/// errors; evaluates when a request completed since the last look, or after
+/// `idle` without one. Ends when the controller is gone.
 async fn judge_loop(inner: Weak<Inner>, interval: Duration, idle: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last: Option<((u64, u64), Instant)> = None;
+    let Some(stats) = inner.upgrade().map(|i| i.stats.clone()) else {
+        return;
+    };
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stats.error_run_alarm().notified() => {}
+        }
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
         let counts = (

@@ -19,8 +19,12 @@
 //!   an exact binomial tail when too few errors are expected for the normal
 //!   approximation, and it needs a minimum absolute difference too.
 //!
-//! The one fast path, `max_consecutive_errors`, needs no sample at all: a
-//! canary that fails every request is reverted after N failures in a row.
+//! The fast path is a run of canary errors in a row, which needs no canary
+//! sample at all. A run is a breach when it is improbable given stable's
+//! error rate: its length k must make `p^k ≤ 1e-8`, where `p` is the upper
+//! confidence bound of stable's rate (so at least 3; with a spotless stable
+//! at 900 req/s, 4 failures). A run of `max_consecutive_errors` is a breach
+//! whatever stable's rate, unless stable is failing as much.
 
 use std::fmt;
 use std::time::Duration;
@@ -29,6 +33,15 @@ use serin_proxy::WindowSnapshot;
 
 /// The quantile that the latency checks are about.
 const P95: f64 = 0.95;
+
+/// The shortest run of canary errors that can be a breach on its own.
+const MIN_IMPROBABLE_RUN: u32 = 3;
+
+/// A run of canary errors is a breach when a canary as good as stable would
+/// produce it with at most this probability. Checked once per canary
+/// request at worst, so over a rollout of 100,000 canary requests a healthy
+/// canary trips it with probability ≤ 0.1%.
+const RUN_ALPHA: f64 = 1e-8;
 
 /// Below this many expected canary errors (under "no difference"), the normal
 /// approximation of the z-test is unreliable and the exact binomial tail
@@ -84,11 +97,11 @@ pub struct JudgePolicy {
     pub min_error_rate_difference: f64,
     /// Canary errors in a row that revert at once, whatever the window says,
     /// unless stable also has this many errors in a row (then the fault is
-    /// shared, not the canary's). 0 disables the fast path. Default 10: at a
-    /// 1% base error rate ten in a row happens by chance with probability
-    /// 1e-20, and at 10% of 1,000 req/s it reverts a canary that starts
-    /// failing every request after 10 failed responses, well inside the
-    /// blast-radius budget of 30.
+    /// shared, not the canary's). Shorter runs (3 or more) revert too when
+    /// they are improbable given stable's error rate (see the module
+    /// documentation): against a healthy stable, 4 failures. 0 disables both
+    /// fast paths. Default 10: even at a 15% base error rate ten in a row
+    /// happens by chance with probability below 1e-8.
     pub max_consecutive_errors: u32,
 }
 
@@ -290,6 +303,21 @@ impl Judge {
                 "{canary_consecutive} consecutive canary errors"
             ));
         }
+        if max_run > 0
+            && canary_consecutive >= MIN_IMPROBABLE_RUN
+            && stable_consecutive < canary_consecutive
+            && stable.requests >= p.min_requests
+        {
+            let stable_high = wilson_upper(stable.errors, stable.requests, self.z);
+            if stable_high.powi(canary_consecutive as i32) <= RUN_ALPHA {
+                return breach(format_args!(
+                    "{canary_consecutive} consecutive canary errors while stable fails at most \
+                     {:.2}% of requests ({}% confidence): chance below 1e-8",
+                    stable_high * 100.0,
+                    Percent(p.confidence),
+                ));
+            }
+        }
         if canary.requests < p.min_requests {
             return Verdict::Insufficient {
                 canary_requests: canary.requests,
@@ -415,17 +443,30 @@ fn round3(x: f64) -> f64 {
 
 // === statistics ===
 
-/// Wilson score lower bound of a proportion `k / n` at critical value `z`.
-fn wilson_lower(k: u64, n: u64, z: f64) -> f64 {
+/// The Wilson score confidence interval of a proportion `k / n` at critical
+/// value `z`: `(low, high)`.
+fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
     if n == 0 {
-        return 0.0;
+        return (0.0, 1.0);
     }
     let n = n as f64;
     let p = k as f64 / n;
     let z2 = z * z;
     let centre = p + z2 / (2.0 * n);
     let spread = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    ((centre - spread) / (1.0 + z2 / n)).max(0.0)
+    let scale = 1.0 + z2 / n;
+    (
+        ((centre - spread) / scale).max(0.0),
+        ((centre + spread) / scale).min(1.0),
+    )
+}
+
+fn wilson_upper(k: u64, n: u64, z: f64) -> f64 {
+    wilson(k, n, z).1
+}
+
+fn wilson_lower(k: u64, n: u64, z: f64) -> f64 {
+    wilson(k, n, z).0
 }
 
 /// The quantile rank that bounds the p95 from below (`z < 0`) or above

@@ -254,6 +254,8 @@ pub struct UpstreamStats {
     window: Window,
     /// Errors in a row since the last success (reset to 0 by a success).
     consecutive_errors: AtomicU32,
+    /// Rung when a run of errors grows (see [`Stats::error_run_alarm`]).
+    alarm: Arc<tokio::sync::Notify>,
     successes_total: AtomicU64,
     errors_total: AtomicU64,
     /// Non-cumulative counts per [`DURATION_BOUNDS_SECONDS`] bucket, plus +Inf.
@@ -262,10 +264,11 @@ pub struct UpstreamStats {
 }
 
 impl UpstreamStats {
-    fn new(window: Duration, base: Instant) -> Self {
+    fn new(window: Duration, base: Instant, alarm: Arc<tokio::sync::Notify>) -> Self {
         Self {
             window: Window::new(window, base),
             consecutive_errors: AtomicU32::new(0),
+            alarm,
             successes_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             duration_buckets: Default::default(),
@@ -285,7 +288,15 @@ impl UpstreamStats {
         if error {
             bump(&self.errors_total);
             let run = &self.consecutive_errors;
-            run.store(run.load(Relaxed).saturating_add(1), Relaxed);
+            let length = run.load(Relaxed).saturating_add(1);
+            run.store(length, Relaxed);
+            // A second error in a row wakes the judge now instead of at its
+            // next tick: a canary that fails everything is reverted after its
+            // few failures, not up to a tick later. Healthy traffic never
+            // gets here, so this costs the request path nothing.
+            if length >= 2 {
+                self.alarm.notify_one();
+            }
         } else {
             bump(&self.successes_total);
             if self.consecutive_errors.load(Relaxed) != 0 {
@@ -322,11 +333,11 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
-    fn new(window: Duration, base: Instant) -> Self {
+    fn new(window: Duration, base: Instant, alarm: &Arc<tokio::sync::Notify>) -> Self {
         Self {
             upstreams: [
-                UpstreamStats::new(window, base),
-                UpstreamStats::new(window, base),
+                UpstreamStats::new(window, base, alarm.clone()),
+                UpstreamStats::new(window, base, alarm.clone()),
             ],
         }
     }
@@ -345,18 +356,28 @@ impl WorkerStats {
 pub struct Stats {
     workers: Arc<[Arc<WorkerStats>]>,
     window: Duration,
+    alarm: Arc<tokio::sync::Notify>,
 }
 
 impl Stats {
     /// Stats for `workers` workers with a rolling window of `window`, whose
     /// clock starts at `base`.
     pub fn new(workers: usize, window: Duration, base: Instant) -> Self {
+        let alarm = Arc::new(tokio::sync::Notify::new());
         Self {
             workers: (0..workers.max(1))
-                .map(|_| Arc::new(WorkerStats::new(window, base)))
+                .map(|_| Arc::new(WorkerStats::new(window, base, &alarm)))
                 .collect(),
             window,
+            alarm,
         }
+    }
+
+    /// Notified (one stored permit) whenever some upstream's run of
+    /// consecutive errors reaches two or more: the judge waits on it as well
+    /// as on its tick.
+    pub fn error_run_alarm(&self) -> &tokio::sync::Notify {
+        &self.alarm
     }
 
     /// The length of the rolling window.

@@ -122,10 +122,12 @@ fn relative_checks_need_stable_traffic() {
 
 #[test]
 fn min_requests_guard() {
+    // Slow and failing, but 19 requests and no run of errors long enough
+    // for the fast path: no verdict yet.
     let stable = window(1000, 0, ms(20));
     let canary = window(19, 19, ms(5000));
     assert_eq!(
-        judge().evaluate(&stable, &canary, 0, 9),
+        judge().evaluate(&stable, &canary, 0, 2),
         Verdict::Insufficient {
             canary_requests: 19,
             min_requests: 20
@@ -147,6 +149,42 @@ fn consecutive_errors_revert_without_a_sample() {
     let canary = window(12, 12, ms(20));
     let r = reason(judge().evaluate(&stable, &canary, 0, 12));
     assert_eq!(r, "12 consecutive canary errors");
+}
+
+#[test]
+fn a_short_run_reverts_when_stable_is_clean() {
+    // 9,000 stable requests without an error: stable fails at most ~0.25%
+    // (99.9999% confidence), so 4 canary failures in a row have a chance
+    // below 1e-8; 3 do not (0.25%³ ≈ 1.6e-8).
+    let stable = window(9000, 0, ms(20));
+    let canary = window(4, 4, ms(20));
+    let r = reason(judge().evaluate(&stable, &canary, 0, 4));
+    assert!(
+        r.starts_with("4 consecutive canary errors while stable fails at most 0.2"),
+        "{r}"
+    );
+    let canary = window(3, 3, ms(20));
+    assert!(!judge().evaluate(&stable, &canary, 0, 3).is_breach());
+}
+
+#[test]
+fn a_short_run_is_not_enough_against_a_flaky_stable() {
+    // Stable fails 10%: runs of 9 happen by chance; only the fixed limit
+    // of 10 reverts.
+    let stable = window(2000, 200, ms(20));
+    let canary = window(60, 9, ms(20));
+    assert!(!judge().evaluate(&stable, &canary, 0, 9).is_breach());
+    let canary = window(60, 10, ms(20));
+    let r = reason(judge().evaluate(&stable, &canary, 0, 10));
+    assert_eq!(r, "10 consecutive canary errors");
+}
+
+#[test]
+fn a_short_run_needs_a_stable_sample() {
+    // Without enough stable requests there is no rate to compare with.
+    let stable = window(10, 0, ms(20));
+    let canary = window(6, 6, ms(20));
+    assert!(!judge().evaluate(&stable, &canary, 0, 6).is_breach());
 }
 
 #[test]
