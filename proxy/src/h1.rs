@@ -146,6 +146,9 @@ impl Connection {
         // upload after answering it (an early 413, then a reset): the answer
         // wins if it can still be read, else the write error stands.
         let mut write_failed = None;
+        // Whether any of the response arrived (an interim 1xx counts): then
+        // the connection was not stale, whatever happens next.
+        let mut received = false;
         let parsed = poll_fn(|cx| {
             if !upload.done && write_failed.is_none() {
                 match upload.poll(cx, &mut self.io, &mut self.write) {
@@ -156,7 +159,7 @@ impl Connection {
                     Poll::Ready(Ok(())) | Poll::Pending => {}
                 }
             }
-            match ready!(self.poll_head(cx, reused)) {
+            match ready!(self.poll_head(cx, reused, &mut received)) {
                 Err(_) if write_failed.is_some() => {
                     let e = write_failed.take().expect("checked").into();
                     Poll::Ready(Err(if reused {
@@ -198,12 +201,13 @@ impl Connection {
     }
 
     /// Reads until a final response head has arrived; skips interim 1xx.
+    /// `received` records that some of the response has come in.
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         reused: bool,
+        received: &mut bool,
     ) -> Poll<Result<ParsedHead, ExchangeError>> {
-        let mut received = !self.read.is_empty();
         loop {
             if !self.read.is_empty() {
                 match parse_head(&mut self.read).map_err(ExchangeError::Upstream)? {
@@ -217,8 +221,9 @@ impl Connection {
                     None => {}
                 }
             }
+            let nothing_yet = !*received;
             let failed = |e: Http1Error| {
-                if reused && !received {
+                if reused && nothing_yet {
                     ExchangeError::Stale(e)
                 } else {
                     ExchangeError::Upstream(e)
@@ -226,7 +231,7 @@ impl Connection {
             };
             match ready!(self.poll_fill(cx)) {
                 Ok(0) => return Poll::Ready(Err(failed(Http1Error::Closed))),
-                Ok(_) => received = true,
+                Ok(_) => *received = true,
                 Err(e) => return Poll::Ready(Err(failed(e.into()))),
             }
         }
