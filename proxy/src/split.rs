@@ -20,7 +20,9 @@
 
 use std::cell::Cell;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName, COOKIE};
@@ -106,25 +108,56 @@ impl RouteTable {
     }
 }
 
-/// The shared handle on the current [`RouteTable`]. Cloning shares it.
+/// The shared handle on the current [`RouteTable`], and on the canary's
+/// slow mark. Cloning shares them.
 #[derive(Clone, Debug)]
-pub struct Routes(Arc<ArcSwap<RouteTable>>);
+pub struct Routes(Arc<RoutesInner>);
+
+#[derive(Debug)]
+struct RoutesInner {
+    table: ArcSwap<RouteTable>,
+    /// See [`Routes::canary_slow_mark`]; in microseconds, 0 when unset.
+    canary_slow_mark_micros: AtomicU64,
+}
 
 impl Routes {
-    /// A handle starting at `table`.
+    /// A handle starting at `table`, with no slow mark.
     pub fn new(table: RouteTable) -> Self {
-        Self(Arc::new(ArcSwap::from_pointee(table)))
+        Self(Arc::new(RoutesInner {
+            table: ArcSwap::from_pointee(table),
+            canary_slow_mark_micros: AtomicU64::new(0),
+        }))
     }
 
     /// The current table (one atomic load; no lock).
     #[inline]
     pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
-        self.0.load()
+        self.0.table.load()
     }
 
     /// Replaces the table; requests that already loaded the old one finish on it.
     pub fn store(&self, table: RouteTable) {
-        self.0.store(Arc::new(table));
+        self.0.table.store(Arc::new(table));
+    }
+
+    /// How long a canary request may wait for its response headers before
+    /// the judge hears of it: a request still waiting at the mark is
+    /// recorded then, with the time waited so far as its latency (a lower
+    /// bound of the true one). A canary that hangs is judged while its
+    /// requests hang, not only once they end. `None`: no mark.
+    #[inline]
+    pub fn canary_slow_mark(&self) -> Option<Duration> {
+        match self.0.canary_slow_mark_micros.load(Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+
+    /// Sets the canary's slow mark (the controller does, from the judge's
+    /// latency limits and stable's current p95).
+    pub fn set_canary_slow_mark(&self, mark: Option<Duration>) {
+        let micros = mark.map_or(0, |m| (m.as_micros() as u64).max(1));
+        self.0.canary_slow_mark_micros.store(micros, Relaxed);
     }
 }
 

@@ -705,3 +705,53 @@ async fn clients_hanging_up_mid_upload_are_not_the_upstreams_fault() {
     assert_eq!((totals.successes, totals.errors), (1, 0));
     assert_eq!(h.proxy.stats().consecutive_errors(Target::Canary), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_request_still_waiting_at_the_slow_mark_is_judged_while_it_waits() {
+    let h = Harness::start(10_000, |c| c.canary_fallback = false).await;
+    h.canary.set(Behavior {
+        delay: Duration::from_millis(1500),
+        ..Behavior::default()
+    });
+    h.proxy
+        .routes()
+        .set_canary_slow_mark(Some(Duration::from_millis(50)));
+    let client = http1_client();
+    let url = h.url("/");
+    let pending = tokio::spawn(async move { get(&client, &url, &[]).await });
+
+    // Long before the answer, the canary's window holds the request, with
+    // the time it had waited at the mark as its latency.
+    let canary_window = || {
+        h.proxy
+            .stats()
+            .window_snapshot(Target::Canary, tokio::time::Instant::now())
+    };
+    eventually(
+        Duration::from_secs(1),
+        "the waiting request is recorded",
+        || async { canary_window().requests == 1 },
+    )
+    .await;
+    assert!(!pending.is_finished(), "recorded while still waiting");
+    let latency = canary_window().quantile(0.5);
+    assert!(
+        latency >= Duration::from_millis(48) && latency < Duration::from_millis(1000),
+        "{latency:?}"
+    );
+
+    // When it completes it is not counted a second time.
+    let a = pending.await.unwrap();
+    assert_eq!((a.status, a.upstream()), (StatusCode::OK, "canary"));
+    assert_eq!(canary_window().requests, 1);
+    assert_eq!(h.proxy.stats().totals(Target::Canary).successes, 1);
+
+    // Without a mark, a request is recorded when it ends, as before.
+    h.proxy.routes().set_canary_slow_mark(None);
+    h.canary.set(Behavior::default());
+    assert_eq!(
+        get(&http1_client(), &h.url("/"), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(canary_window().requests, 2);
+}
