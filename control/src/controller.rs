@@ -460,8 +460,6 @@ impl Inner {
         self.evaluations.fetch_add(1, Relaxed);
         let stable = self.stats.window_snapshot(Target::Stable, now);
         let canary = self.stats.window_snapshot(Target::Canary, now);
-        self.routes
-            .set_canary_slow_mark(Some(self.judge.canary_slow_mark(&stable)));
         let since_change = canary_total.saturating_sub(self.runs_counted_from.load(Relaxed));
         let canary_run = u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_change);
         let verdict = self.judge.evaluate(

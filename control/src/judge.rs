@@ -386,23 +386,6 @@ impl Judge {
         Verdict::Healthy
     }
 
-    /// How long a canary request may wait for response headers before it
-    /// counts, still waiting, as a sample of at least that latency (see
-    /// `serin_proxy::Routes::canary_slow_mark`): a quarter above the lowest
-    /// latency a breach needs (`max_p95`, or `max_p95_ratio` × stable's
-    /// upper p95 bound when stable has a sample), and at least 5 ms. Such a
-    /// sample is a lower bound of the true latency, so it can only make the
-    /// judge see a slow canary sooner, never see a fast one as slow.
-    pub fn canary_slow_mark(&self, stable: &WindowSnapshot) -> Duration {
-        let p = &self.policy;
-        let mut limit = p.max_p95;
-        if stable.requests >= p.min_requests {
-            let stable_high = stable.quantile(quantile_bound(stable.requests, self.z));
-            limit = limit.min(stable_high.mul_f64(p.max_p95_ratio));
-        }
-        limit.mul_f64(1.25).max(Duration::from_millis(5))
-    }
-
     /// When fewer than [`MIN_EXPECTED_ERRORS_FOR_Z`] canary errors are
     /// expected under "no difference", the z-test overstates significance
     /// (one error in 20 canary requests against a spotless stable gives

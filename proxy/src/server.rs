@@ -425,11 +425,7 @@ async fn proxy(
         (RequestBody::Upload { body, ended }, upload)
     };
     let req = Request::from_parts(parts, body);
-    // Set when the canary's slow mark recorded this request already.
-    let slow_recorded = Cell::new(false);
-    let mut result = worker
-        .forward(target, req, start, upload.as_ref(), Some(&slow_recorded))
-        .await;
+    let mut result = worker.forward(target, req, start, upload.as_ref()).await;
     let mut served_by = target;
     let mut fell_back = false;
 
@@ -439,22 +435,18 @@ async fn proxy(
             Err(_) => true,
         };
         if canary_failed {
-            if !slow_recorded.get() {
-                worker.record(Target::Canary, start, true);
-            }
+            worker.record(Target::Canary, start, true);
             let mut req = Request::new(RequestBody::Empty);
             *req.method_mut() = method;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers;
             // Boxed: a rare path, kept out of every request's future.
-            result =
-                Box::pin(worker.forward(Target::Stable, req, Instant::now(), None, None)).await;
+            result = Box::pin(worker.forward(Target::Stable, req, Instant::now(), None)).await;
             served_by = Target::Stable;
             fell_back = true;
         }
     }
 
-    let recorded = served_by == Target::Canary && slow_recorded.get();
     let mut resp = match result {
         Ok(mut resp) => match client_upgrade.take() {
             Some(client) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -463,7 +455,7 @@ async fn proxy(
                 if let Some(tunnel) = resp.body_mut().take_tunnel() {
                     tokio::task::spawn_local(splice(client, tunnel));
                 }
-                let mut resp = worker.respond(served_by, start, resp, recorded);
+                let mut resp = worker.respond(served_by, start, resp);
                 if let Some(protocol) = protocol {
                     resp.headers_mut()
                         .insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -471,10 +463,10 @@ async fn proxy(
                 }
                 resp
             }
-            _ => worker.respond(served_by, start, resp, recorded),
+            _ => worker.respond(served_by, start, resp),
         },
         Err(e) => {
-            if !recorded && !matches!(e, UpstreamError::ClientAborted { .. }) {
+            if !matches!(e, UpstreamError::ClientAborted { .. }) {
                 worker.record(served_by, start, true);
             }
             tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
@@ -509,7 +501,6 @@ impl Worker {
         mut req: Request<RequestBody>,
         sent_at: Instant,
         upload: Option<&UploadEnd>,
-        slow_recorded: Option<&Cell<bool>>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let pool = self.pool(target);
         let upstream = pool.upstream();
@@ -561,25 +552,10 @@ impl Worker {
         // a bodiless request that is `sent_at` (no extra clock read).
         let timeout = config.response_timeout;
         let mut deadline = sent_at + timeout;
-        // A bodiless canary request still waiting at the slow mark is
-        // recorded there (see `Routes::canary_slow_mark`); the same timer
-        // serves both, so this costs nothing until it fires.
-        let mut slow_mark = slow_recorded
-            .filter(|_| target == Target::Canary && upload.is_none())
-            .and_then(|_| self.shared.routes.canary_slow_mark())
-            .map(|mark| sent_at + mark)
-            .filter(|&mark| mark < deadline);
         let mut send = std::pin::pin!(pool.send(req));
         loop {
-            let wake = slow_mark.unwrap_or(deadline);
-            match tokio::time::timeout_at(wake, send.as_mut()).await {
+            match tokio::time::timeout_at(deadline, send.as_mut()).await {
                 Ok(result) => return result,
-                Err(_) if slow_mark.take().is_some() => {
-                    self.record(target, sent_at, false);
-                    if let Some(recorded) = slow_recorded {
-                        recorded.set(true);
-                    }
-                }
                 Err(_) => match upload.map(|u| u.get()) {
                     // Still uploading: look again one timeout from now.
                     Some(None) => deadline = Instant::now() + timeout,
@@ -595,14 +571,12 @@ impl Worker {
         }
     }
 
-    /// Classifies and records an upstream response (unless the slow mark
-    /// recorded it already), then prepares it for the client.
+    /// Classifies and records an upstream response, then prepares it for the client.
     fn respond(
         &self,
         target: Target,
         start: Instant,
         resp: Response<UpstreamBody>,
-        already_recorded: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
         let outcome = self
@@ -610,8 +584,6 @@ impl Worker {
             .classifier
             .classify(parts.status, &parts.headers);
         let grpc = match outcome {
-            // Recorded at the slow mark: its outcome is not counted twice.
-            _ if already_recorded => None,
             Outcome::AwaitTrailers => Some(PendingGrpc {
                 stats: self.stats.clone(),
                 classifier: self.shared.classifier.clone(),

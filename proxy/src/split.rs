@@ -20,9 +20,7 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName, COOKIE};
@@ -108,56 +106,25 @@ impl RouteTable {
     }
 }
 
-/// The shared handle on the current [`RouteTable`], and on the canary's
-/// slow mark. Cloning shares them.
+/// The shared handle on the current [`RouteTable`]. Cloning shares it.
 #[derive(Clone, Debug)]
-pub struct Routes(Arc<RoutesInner>);
-
-#[derive(Debug)]
-struct RoutesInner {
-    table: ArcSwap<RouteTable>,
-    /// See [`Routes::canary_slow_mark`]; in microseconds, 0 when unset.
-    canary_slow_mark_micros: AtomicU64,
-}
+pub struct Routes(Arc<ArcSwap<RouteTable>>);
 
 impl Routes {
-    /// A handle starting at `table`, with no slow mark.
+    /// A handle starting at `table`.
     pub fn new(table: RouteTable) -> Self {
-        Self(Arc::new(RoutesInner {
-            table: ArcSwap::from_pointee(table),
-            canary_slow_mark_micros: AtomicU64::new(0),
-        }))
+        Self(Arc::new(ArcSwap::from_pointee(table)))
     }
 
     /// The current table (one atomic load; no lock).
     #[inline]
     pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
-        self.0.table.load()
+        self.0.load()
     }
 
     /// Replaces the table; requests that already loaded the old one finish on it.
     pub fn store(&self, table: RouteTable) {
-        self.0.table.store(Arc::new(table));
-    }
-
-    /// How long a canary request may wait for its response headers before
-    /// the judge hears of it: a request still waiting at the mark is
-    /// recorded then, with the time waited so far as its latency (a lower
-    /// bound of the true one). A canary that hangs is judged while its
-    /// requests hang, not only once they end. `None`: no mark.
-    #[inline]
-    pub fn canary_slow_mark(&self) -> Option<Duration> {
-        match self.0.canary_slow_mark_micros.load(Relaxed) {
-            0 => None,
-            micros => Some(Duration::from_micros(micros)),
-        }
-    }
-
-    /// Sets the canary's slow mark (the controller does, from the judge's
-    /// latency limits and stable's current p95).
-    pub fn set_canary_slow_mark(&self, mark: Option<Duration>) {
-        let micros = mark.map_or(0, |m| (m.as_micros() as u64).max(1));
-        self.0.canary_slow_mark_micros.store(micros, Relaxed);
+        self.0.store(Arc::new(table));
     }
 }
 

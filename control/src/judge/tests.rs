@@ -450,24 +450,3 @@ fn identical_latencies_are_not_reverted() {
     }
     assert_eq!(reverts, 0);
 }
-
-#[test]
-fn the_slow_mark_sits_above_the_lowest_latency_that_can_breach() {
-    let j = judge();
-    // No stable sample: only the absolute limit applies (1 s, +25%).
-    assert_eq!(
-        j.canary_slow_mark(&window(5, 0, ms(20))),
-        Duration::from_millis(1250)
-    );
-    // Stable at 20 ms: the ratio limit (1.5 × its upper p95) is lower.
-    let mark = j.canary_slow_mark(&window(5000, 0, ms(20)));
-    assert!(
-        mark > Duration::from_millis(37) && mark < Duration::from_millis(39),
-        "{mark:?}"
-    );
-    // Never below 5 ms, however fast stable is.
-    assert_eq!(
-        j.canary_slow_mark(&window(5000, 0, |_| Duration::from_micros(200))),
-        Duration::from_millis(5)
-    );
-}
