@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::classify::{Classifier, Outcome};
-use crate::forward::{BodyError, UpstreamBody};
+use crate::forward::{UpstreamBody, WireError};
 use crate::split::Target;
 use crate::stats::WorkerStats;
 
@@ -52,8 +52,7 @@ enum Kind {
 }
 
 impl ProxyBody {
-    pub(crate) fn upstream(body: UpstreamBody, grpc: Option<PendingGrpc>) -> Self {
-        let mut grpc = grpc;
+    pub(crate) fn upstream(body: UpstreamBody, mut grpc: Option<PendingGrpc>) -> Self {
         // A gRPC response that is already complete (no body, no trailers)
         // is recorded now.
         if body.is_end_stream() {
@@ -83,12 +82,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = WireError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
         let this = self.get_mut();
         let Kind::Upstream { body, grpc } = &mut this.kind else {
             let Kind::Fixed(bytes) = &mut this.kind else {
@@ -100,25 +99,18 @@ impl Body for ProxyBody {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(frame) => frame,
         };
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(trailers) = f.trailers_ref() {
-                    if let Some(g) = grpc.take() {
-                        g.record(Some(trailers));
-                    }
-                }
-                if body.is_end_stream() {
-                    if let Some(g) = grpc.take() {
-                        g.record(None);
-                    }
+        if let Some(Ok(f)) = &frame {
+            if let Some(trailers) = f.trailers_ref() {
+                if let Some(g) = grpc.take() {
+                    g.record(Some(trailers));
                 }
             }
-            // The end, or a broken body: a gRPC stream that ended without
-            // trailers is recorded as an error.
-            None | Some(Err(_)) => {
-                if let Some(g) = grpc.take() {
-                    g.record(None);
-                }
+        }
+        // The end, or a broken body: a gRPC stream that ended without
+        // trailers is recorded as an error.
+        if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
+            if let Some(g) = grpc.take() {
+                g.record(None);
             }
         }
         Poll::Ready(frame)

@@ -152,7 +152,7 @@ pub enum UpstreamError {
     Handshake { url: String, source: hyper::Error },
     /// The connection broke before a response arrived (reset, closed, bad response).
     #[error("{url} failed before responding: {source}")]
-    Broken { url: String, source: BodyError },
+    Broken { url: String, source: WireError },
     /// The client's request body broke off while it was being forwarded:
     /// the client's fault, never counted against the upstream.
     #[error("the client's request body broke off: {source}")]
@@ -231,9 +231,10 @@ pub enum UpstreamBody {
     Http2(Incoming),
 }
 
-/// Why an upstream response body broke off.
+/// How an exchange with an upstream failed on the wire: before the response
+/// (`UpstreamError::Broken`) or while its body streamed.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub enum WireError {
     /// HTTP/1.1 upstream.
     #[error(transparent)]
     Http1(#[from] Http1Error),
@@ -254,15 +255,15 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = WireError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
         match self.get_mut() {
-            UpstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-            UpstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            UpstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(WireError::from),
+            UpstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(WireError::from),
         }
     }
 

@@ -313,6 +313,14 @@ struct Upload {
 }
 
 impl Upload {
+    /// The body has ended: a chunked body gets its last chunk.
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        self.finished = true;
+        if self.framing == RequestFraming::Chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -345,18 +353,10 @@ impl Upload {
                             }
                         }
                     }
-                    Poll::Ready(None) => {
-                        self.finished = true;
-                        if self.framing == RequestFraming::Chunked {
-                            out.extend_from_slice(b"0\r\n\r\n");
-                        }
-                    }
+                    Poll::Ready(None) => self.finish(out),
                 }
-                if self.body.is_end_stream() && !self.finished {
-                    self.finished = true;
-                    if self.framing == RequestFraming::Chunked {
-                        out.extend_from_slice(b"0\r\n\r\n");
-                    }
+                if !self.finished && self.body.is_end_stream() {
+                    self.finish(out);
                 }
             }
             // Write it.
