@@ -7,8 +7,10 @@
 //! count as errors. When the status can only come in trailers, the decision is
 //! deferred to the end of the body (see [`crate::body`]).
 
-use http::header::{HeaderMap, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderName, CONTENT_TYPE};
 use http::StatusCode;
+
+use crate::fields::Fields;
 
 /// The verdict on a response's headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,15 +87,15 @@ impl Classifier {
 
     /// Classifies a response from its status and headers.
     #[inline]
-    pub fn classify(&self, status: StatusCode, headers: &HeaderMap) -> Outcome {
+    pub fn classify<H: Fields + ?Sized>(&self, status: StatusCode, headers: &H) -> Outcome {
         if self.is_error_status(status) {
             return Outcome::Error;
         }
         if !is_grpc(headers) {
             return Outcome::Success;
         }
-        match headers.get("grpc-status") {
-            Some(v) if self.is_error_grpc(v.as_bytes()) => Outcome::Error,
+        match headers.value(&GRPC_STATUS) {
+            Some(v) if self.is_error_grpc(v) => Outcome::Error,
             Some(_) => Outcome::Success,
             None => Outcome::AwaitTrailers,
         }
@@ -102,17 +104,19 @@ impl Classifier {
     /// Classifies the trailers of a gRPC response (`None`: the stream ended
     /// without trailers, which gRPC treats as an error).
     pub fn classify_trailers(&self, trailers: Option<&HeaderMap>) -> Outcome {
-        match trailers.and_then(|t| t.get("grpc-status")) {
+        match trailers.and_then(|t| t.get(&GRPC_STATUS)) {
             Some(v) if !self.is_error_grpc(v.as_bytes()) => Outcome::Success,
             _ => Outcome::Error,
         }
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+fn is_grpc<H: Fields + ?Sized>(headers: &H) -> bool {
     headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .value(&CONTENT_TYPE)
+        .is_some_and(|v| v.starts_with(b"application/grpc"))
 }
 
 #[cfg(test)]

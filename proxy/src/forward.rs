@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -341,16 +341,48 @@ impl Pool {
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (head, body) = req.into_parts();
-        // A reused connection the upstream closed while it sat idle fails
-        // before any response arrives. A bodiless request with an idempotent
-        // method (RFC 9110 §9.2.2) is then replayed once on a new connection.
         let replayable = body.is_end_stream() && head.method.is_idempotent();
         let mut body = Some(body);
+        let head = &head;
+        let resp = self
+            .exchange_h1(replayable, |conn| {
+                conn.exchange(head, body.take().unwrap_or(RequestBody::Empty), self)
+            })
+            .await?;
+        Ok(resp.map(UpstreamBody::Http1))
+    }
+
+    /// Sends a bodiless request whose head `encode` writes, for serin's own
+    /// HTTP/1.1 server path; the response head is read in place. The
+    /// upstream must speak HTTP/1.1.
+    pub(crate) async fn send_raw(
+        self: &Rc<Self>,
+        encode: impl Fn(&mut Vec<u8>),
+        method: &Method,
+    ) -> Result<h1::RawResponse, UpstreamError> {
+        let is_head = method == Method::HEAD;
+        self.exchange_h1(method.is_idempotent(), |conn| {
+            conn.exchange_raw(&encode, is_head, self)
+        })
+        .await
+    }
+
+    /// Runs one exchange on a pooled HTTP/1.1 connection. A reused
+    /// connection the upstream closed while it sat idle fails before any
+    /// response arrives; a `replayable` request (bodiless, with an idempotent
+    /// method: RFC 9110 §9.2.2) is then sent once more on a new connection.
+    async fn exchange_h1<T, F>(
+        &self,
+        replayable: bool,
+        mut exchange: impl FnMut(h1::Connection) -> F,
+    ) -> Result<T, UpstreamError>
+    where
+        F: std::future::Future<Output = Result<T, ExchangeError>>,
+    {
         for attempt in 0..2 {
             let conn = self.checkout_h1(attempt > 0).await?;
-            let body = body.take().unwrap_or(RequestBody::Empty);
-            match conn.exchange(&head, body, self).await {
-                Ok(resp) => return Ok(resp.map(UpstreamBody::Http1)),
+            match exchange(conn).await {
+                Ok(done) => return Ok(done),
                 Err(ExchangeError::Stale(_)) if attempt == 0 && replayable => continue,
                 Err(ExchangeError::Stale(e) | ExchangeError::Upstream(e)) => {
                     return Err(UpstreamError::Broken {

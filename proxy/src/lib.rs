@@ -9,8 +9,10 @@
 
 mod body;
 pub mod classify;
+pub mod fields;
 pub mod forward;
 mod h1;
+mod h1_server;
 pub mod server;
 pub mod split;
 pub mod stats;

@@ -44,7 +44,7 @@ use crate::split::{FastRng, Target};
 use crate::stats::WorkerStats;
 use crate::{LocalExec, ProxyConfig, Routes};
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_SERIN_UPSTREAM: HeaderName = HeaderName::from_static("x-serin-upstream");
@@ -61,12 +61,17 @@ pub(crate) struct Shared {
 }
 
 /// One worker's request-path state. Lives on the worker's thread only.
-struct Worker {
-    shared: Arc<Shared>,
+pub(crate) struct Worker {
+    pub(crate) shared: Arc<Shared>,
     pools: [Rc<Pool>; 2],
     stats: Arc<WorkerStats>,
-    rng: FastRng,
-    inflight: Cell<usize>,
+    pub(crate) rng: FastRng,
+    pub(crate) inflight: Cell<usize>,
+    /// Shutdown has begun: connections close after their current response.
+    pub(crate) draining: Cell<bool>,
+    /// Both upstreams speak HTTP/1.1, so plain HTTP/1.1 clients are served
+    /// by serin's own loop ([`crate::h1_server`]) until a request needs hyper.
+    own_h1: bool,
     request_seq: Cell<u64>,
     request_prefix: u64,
     /// Request ids are cut from this block: one allocation per 256 ids
@@ -75,9 +80,9 @@ struct Worker {
 }
 
 /// Per-connection facts, computed once per connection.
-struct ConnMeta {
-    client_ip: HeaderValue,
-    proto: HeaderValue,
+pub(crate) struct ConnMeta {
+    pub(crate) client_ip: HeaderValue,
+    pub(crate) proto: HeaderValue,
 }
 
 /// Runs one worker until `shutdown` fires and its connections have drained.
@@ -97,6 +102,8 @@ pub(crate) fn run_worker(
         let rng = FastRng::from_entropy(index as u64);
         let request_prefix = rng.next_u64();
         let pool_settings = shared.config.pool.clone();
+        let own_h1 = shared.config.stable.protocol == UpstreamProtocol::Http1
+            && shared.config.canary.protocol == UpstreamProtocol::Http1;
         let worker = Rc::new(Worker {
             pools: [
                 Rc::new(Pool::new(
@@ -109,6 +116,8 @@ pub(crate) fn run_worker(
             stats,
             rng,
             inflight: Cell::new(0),
+            draining: Cell::new(false),
+            own_h1,
             request_seq: Cell::new(0),
             request_prefix,
             request_ids: Default::default(),
@@ -148,6 +157,7 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
         }
     }
+    worker.draining.set(true);
     drop(listener);
     let drain = worker.shared.config.drain_timeout;
     tokio::select! {
@@ -246,11 +256,27 @@ async fn serve_connection(
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         proto: HeaderValue::from_static(if tls.is_some() { "https" } else { "http" }),
     });
+    let mut shutdown = shutdown;
+    let mut stream = stream;
+    let read_so_far = if tls.is_none() && worker.own_h1 {
+        match crate::h1_server::serve(&worker, &meta, &mut stream, &mut shutdown).await {
+            Some(read) => read.freeze(),
+            None => return,
+        }
+    } else {
+        bytes::Bytes::new()
+    };
     let service = hyper::service::service_fn(move |req| proxy(worker.clone(), meta.clone(), req));
     let result = match tls {
+        // Boxed: hyper's connection state is large, and most connections
+        // never leave serin's own loop.
         None => {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
+            Box::pin(async move {
+                let io = TokioIo::new(Rewind::new(read_so_far, stream));
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
+            })
+            .await
         }
         // Boxed: a TLS connection's state is twice a plain one's, and an
         // unboxed branch would make every plain connection's task that large.
@@ -283,7 +309,7 @@ async fn serve_connection(
 // === the request path ===
 
 /// Decrements the worker's in-flight count when the request is done.
-struct InflightGuard(Rc<Worker>);
+pub(crate) struct InflightGuard(pub(crate) Rc<Worker>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
@@ -306,7 +332,23 @@ pub enum ProxyError {
 /// failure or reset, 504 for a timeout, 503 for overload. The only place that
 /// chooses these statuses.
 pub fn rescue(error: &ProxyError) -> Response<ProxyBody> {
-    let (status, text) = match error {
+    let (status, text) = rescue_status(error);
+    let mut resp = Response::new(ProxyBody::fixed(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    if let ProxyError::Upstream(target, _) = error {
+        resp.headers_mut()
+            .insert(X_SERIN_UPSTREAM.clone(), upstream_value(*target));
+    }
+    resp
+}
+
+/// The status and text of the response for `error`.
+pub(crate) fn rescue_status(error: &ProxyError) -> (StatusCode, &'static str) {
+    match error {
         ProxyError::MissingHost => (
             StatusCode::BAD_REQUEST,
             "serin: an HTTP/1.1 request needs a Host header\n",
@@ -336,18 +378,7 @@ pub fn rescue(error: &ProxyError) -> Response<ProxyBody> {
                 "serin: upstream reset or closed the connection\n",
             ),
         },
-    };
-    let mut resp = Response::new(ProxyBody::fixed(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
-    if let ProxyError::Upstream(target, _) = error {
-        resp.headers_mut()
-            .insert(X_SERIN_UPSTREAM.clone(), upstream_value(*target));
     }
-    resp
 }
 
 fn upstream_value(target: Target) -> HeaderValue {
@@ -488,7 +519,7 @@ async fn proxy(
 }
 
 impl Worker {
-    fn pool(&self, target: Target) -> &Rc<Pool> {
+    pub(crate) fn pool(&self, target: Target) -> &Rc<Pool> {
         &self.pools[target.index()]
     }
 
@@ -601,22 +632,35 @@ impl Worker {
 
     /// Records an outcome for `target` with the latency since `start`.
     #[inline]
-    fn record(&self, target: Target, start: Instant, error: bool) {
+    pub(crate) fn record(&self, target: Target, start: Instant, error: bool) {
         let now = Instant::now();
         self.stats
             .upstream(target)
             .record(now, now.saturating_duration_since(start), error);
     }
 
+    /// Records an outcome whose latency was measured earlier (gRPC trailers).
+    pub(crate) fn record_latency(&self, target: Target, latency: Duration, error: bool) {
+        self.stats
+            .upstream(target)
+            .record(Instant::now(), latency, error);
+    }
+
     /// A request id unique across workers and restarts in practice:
     /// a random per-worker prefix and a counter, 24 hex digits.
-    fn next_request_id(&self) -> HeaderValue {
-        const ID_LEN: usize = 24;
+    pub(crate) fn next_request_id_bytes(&self) -> [u8; 24] {
         let seq = self.request_seq.get().wrapping_add(1);
         self.request_seq.set(seq);
-        let mut buf = [0u8; ID_LEN];
-        write_hex(&mut buf[..16], self.request_prefix);
-        write_hex(&mut buf[16..], seq);
+        let mut id = [0u8; 24];
+        write_hex(&mut id[..16], self.request_prefix);
+        write_hex(&mut id[16..], seq);
+        id
+    }
+
+    /// [`Self::next_request_id_bytes`] as a header value.
+    fn next_request_id(&self) -> HeaderValue {
+        const ID_LEN: usize = 24;
+        let buf = self.next_request_id_bytes();
         let mut ids = self.request_ids.borrow_mut();
         if ids.capacity() < ID_LEN {
             *ids = bytes::BytesMut::with_capacity(ID_LEN * 256);
@@ -773,6 +817,70 @@ static HOP_BY_HOP: [&HeaderName; 7] = [
 #[inline]
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name)
+}
+
+/// A client socket with the bytes serin's own loop already read put back in
+/// front, for hyper to read first.
+struct Rewind {
+    read_so_far: bytes::Bytes,
+    io: TcpStream,
+}
+
+impl Rewind {
+    fn new(read_so_far: bytes::Bytes, io: TcpStream) -> Self {
+        Self { read_so_far, io }
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.read_so_far.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.read_so_far.len().min(buf.remaining());
+        buf.put_slice(&self.read_so_far.split_to(n));
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::{HeaderMap, HeaderName, COOKIE};
+use http::header::{HeaderName, COOKIE};
+
+use crate::fields::Fields;
 
 /// The full scale of a weight: 10 000 basis points = 100%.
 pub const MAX_BASIS_POINTS: u16 = 10_000;
@@ -178,18 +180,18 @@ impl Default for SplitRules {
 impl SplitRules {
     /// Picks the upstream for a request with these headers.
     #[inline]
-    pub fn decide(
+    pub fn decide<H: Fields + ?Sized>(
         &self,
         table: &RouteTable,
-        headers: &HeaderMap,
+        headers: &H,
         rng: &FastRng,
     ) -> (Target, Reason) {
         if table.closed {
             return (Target::Stable, Reason::Closed);
         }
         if let Some(t) = headers
-            .get(&self.override_header)
-            .and_then(|v| parse_override(v.as_bytes()))
+            .value(&self.override_header)
+            .and_then(parse_override)
         {
             return (t, Reason::Header);
         }
@@ -197,7 +199,7 @@ impl SplitRules {
             return (t, Reason::Cookie);
         }
         let sticky = match &self.sticky {
-            Some(StickyKey::Header(name)) => headers.get(name).map(|v| v.as_bytes()),
+            Some(StickyKey::Header(name)) => headers.value(name),
             Some(StickyKey::Cookie(name)) => cookie(headers, name),
             None => None,
         };
@@ -221,9 +223,9 @@ fn parse_override(value: &[u8]) -> Option<Target> {
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers, without allocating.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
-    for header in headers.get_all(COOKIE) {
-        for pair in header.as_bytes().split(|&b| b == b';') {
+fn cookie<'a, H: Fields + ?Sized>(headers: &'a H, name: &str) -> Option<&'a [u8]> {
+    for header in headers.values(&COOKIE) {
+        for pair in header.split(|&b| b == b';') {
             let pair = pair.trim_ascii();
             if let Some(rest) = pair.strip_prefix(name.as_bytes()) {
                 if let Some(value) = rest.strip_prefix(b"=") {
@@ -303,7 +305,7 @@ impl FastRng {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderMap, HeaderValue};
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
