@@ -294,6 +294,10 @@ pub struct Pool {
     upstream: Upstream,
     settings: PoolSettings,
     idle: RefCell<Vec<Idle>>,
+    /// When the latest request through this pool started: the clock for
+    /// idle bookkeeping, so it reads no clock of its own. It runs behind by
+    /// at most one request, which only makes idle connections expire sooner.
+    recent: Cell<Instant>,
     shared_h2: RefCell<Option<http2::SendRequest<RequestBody>>>,
 }
 
@@ -313,6 +317,7 @@ impl Pool {
             upstream,
             settings,
             idle: RefCell::new(Vec::new()),
+            recent: Cell::new(Instant::now()),
             shared_h2: RefCell::new(None),
         }
     }
@@ -327,9 +332,10 @@ impl Pool {
     pub(crate) async fn send(
         self: &Rc<Self>,
         req: Request<RequestBody>,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         match self.upstream.protocol {
-            UpstreamProtocol::Http1 => self.send_h1(req).await,
+            UpstreamProtocol::Http1 => self.send_h1(req, now).await,
             // Boxed: h2c's future is large and rare; unboxed it would grow
             // every request's future, which is moved into place per request.
             UpstreamProtocol::Http2 => Box::pin(self.send_h2(req)).await,
@@ -339,13 +345,14 @@ impl Pool {
     async fn send_h1(
         self: &Rc<Self>,
         req: Request<RequestBody>,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (head, body) = req.into_parts();
         let replayable = body.is_end_stream() && head.method.is_idempotent();
         let mut body = Some(body);
         let head = &head;
         let resp = self
-            .exchange_h1(replayable, |conn| {
+            .exchange_h1(replayable, now, |conn| {
                 conn.exchange(head, body.take().unwrap_or(RequestBody::Empty), self)
             })
             .await?;
@@ -359,9 +366,10 @@ impl Pool {
         self: &Rc<Self>,
         encode: impl Fn(&mut Vec<u8>),
         method: &Method,
+        now: Instant,
     ) -> Result<h1::RawResponse, UpstreamError> {
         let is_head = method == Method::HEAD;
-        self.exchange_h1(method.is_idempotent(), |conn| {
+        self.exchange_h1(method.is_idempotent(), now, |conn| {
             conn.exchange_raw(&encode, is_head, self)
         })
         .await
@@ -374,11 +382,13 @@ impl Pool {
     async fn exchange_h1<T, F>(
         &self,
         replayable: bool,
+        now: Instant,
         mut exchange: impl FnMut(h1::Connection) -> F,
     ) -> Result<T, UpstreamError>
     where
         F: std::future::Future<Output = Result<T, ExchangeError>>,
     {
+        self.recent.set(now);
         for attempt in 0..2 {
             let conn = self.checkout_h1(attempt > 0).await?;
             match exchange(conn).await {
@@ -450,7 +460,7 @@ impl Pool {
 
     async fn checkout_h1(&self, fresh: bool) -> Result<h1::Connection, UpstreamError> {
         if !fresh {
-            let now = Instant::now();
+            let now = self.recent.get();
             loop {
                 // The borrow ends with this statement: never held across an await.
                 let Some(idle) = self.idle.borrow_mut().pop() else {
@@ -474,7 +484,7 @@ impl Pool {
         if idle.len() < self.settings.max_idle {
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: self.recent.get(),
             });
         }
     }

@@ -31,7 +31,7 @@ pub use body::ProxyBody;
 pub use classify::Classifier;
 pub use forward::{PoolSettings, Upstream, UpstreamProtocol, UpstreamUrlError};
 pub use server::rescue;
-pub use split::{RouteTable, Routes, SplitRules, StickyKey, Target};
+pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
 
 /// Which headers serin adds or rewrites.

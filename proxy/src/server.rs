@@ -38,9 +38,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::{PendingGrpc, ProxyBody};
 use crate::classify::{Classifier, Outcome};
+use crate::fields::Fields;
 use crate::forward::{Pool, RequestBody, UploadEnd, UpstreamBody, UpstreamError, UpstreamProtocol};
 use crate::h1::Tunnel;
-use crate::split::{FastRng, Target};
+use crate::split::{FastRng, LocalRoutes, Target};
 use crate::stats::WorkerStats;
 use crate::{LocalExec, ProxyConfig, Routes};
 
@@ -65,7 +66,8 @@ pub(crate) struct Worker {
     pub(crate) shared: Arc<Shared>,
     pools: [Rc<Pool>; 2],
     stats: Arc<WorkerStats>,
-    pub(crate) rng: FastRng,
+    routes: LocalRoutes,
+    rng: FastRng,
     pub(crate) inflight: Cell<usize>,
     /// Shutdown has begun: connections close after their current response.
     pub(crate) draining: Cell<bool>,
@@ -112,6 +114,7 @@ pub(crate) fn run_worker(
                 )),
                 Rc::new(Pool::new(shared.config.canary.clone(), pool_settings)),
             ],
+            routes: shared.routes.local(),
             shared,
             stats,
             rng,
@@ -404,10 +407,7 @@ async fn proxy(
     worker.inflight.set(worker.inflight.get() + 1);
     let _inflight = InflightGuard(worker.clone());
 
-    let (target, _) = {
-        let table = worker.shared.routes.load();
-        config.split.decide(&table, req.headers(), &worker.rng)
-    };
+    let target = worker.decide(req.headers());
     let (mut parts, body) = req.into_parts();
     // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
     // is forwarded with its `Upgrade` header and, after a 101, the two
@@ -519,6 +519,14 @@ async fn proxy(
 }
 
 impl Worker {
+    /// The split decision for a request with these header fields.
+    #[inline]
+    pub(crate) fn decide<H: Fields + ?Sized>(&self, headers: &H) -> Target {
+        let rules = &self.shared.config.split;
+        self.routes
+            .with(|table| rules.decide(table, headers, &self.rng).0)
+    }
+
     pub(crate) fn pool(&self, target: Target) -> &Rc<Pool> {
         &self.pools[target.index()]
     }
@@ -583,7 +591,7 @@ impl Worker {
         // a bodiless request that is `sent_at` (no extra clock read).
         let timeout = config.response_timeout;
         let mut deadline = sent_at + timeout;
-        let mut send = std::pin::pin!(pool.send(req));
+        let mut send = std::pin::pin!(pool.send(req, sent_at));
         loop {
             match tokio::time::timeout_at(deadline, send.as_mut()).await {
                 Ok(result) => return result,
