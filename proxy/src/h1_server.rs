@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, StatusCode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -154,7 +154,18 @@ async fn wait_for_bytes(
         match stream.poll_read_ready(cx) {
             Poll::Ready(Ok(())) => match stream.try_read_buf(buf) {
                 Ok(0) => return Poll::Ready(Wait::Closed),
-                Ok(_) => return Poll::Ready(Wait::Bytes),
+                Ok(_) => {
+                    // A short read took all the socket had: clear its
+                    // readable mark (no system call), as tokio's own
+                    // `poll_read` does, or the next wait pays a recv(2)
+                    // that finds nothing.
+                    if buf.capacity() > buf.len() {
+                        let _ = stream.try_io(Interest::READABLE, || {
+                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                        });
+                    }
+                    return Poll::Ready(Wait::Bytes);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return Poll::Ready(Wait::Closed),
             },
