@@ -7,6 +7,7 @@
 //! three of them would cost more than the rest of the request. This trait
 //! lets each rule be written once for both.
 
+use http::header::CONNECTION;
 use http::{HeaderMap, HeaderName};
 
 /// A message's header fields.
@@ -93,10 +94,18 @@ pub(crate) fn tokens<'a, F: Fields + ?Sized>(
         .map(<[u8]>::trim_ascii)
 }
 
+/// Whether an HTTP/1.`minor` message lets its connection carry another
+/// one: HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
+/// `Connection: keep-alive` (RFC 9112 §9.3).
+pub(crate) fn keeps_alive<F: Fields + ?Sized>(fields: &F, minor: u8) -> bool {
+    let says = |option: &[u8]| tokens(fields, &CONNECTION).any(|t| t.eq_ignore_ascii_case(option));
+    !says(b"close") && (minor == 1 || says(b"keep-alive"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header::{CONNECTION, HOST};
+    use http::header::HOST;
 
     #[test]
     fn raw_fields_match_names_without_case() {

@@ -27,13 +27,13 @@ use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
-use crate::fields::{tokens, Fields, RawFields, Span};
+use crate::fields::{keeps_alive, Fields, RawFields, Span};
 use crate::forward::{Pool, RequestBody};
 
 /// The largest response head accepted (status line and headers).
@@ -474,16 +474,13 @@ fn parse_head(buf: &[u8], spans: &mut Vec<Span>) -> Result<Option<HeadInfo>, Htt
         .map_err(|_| Http1Error::Invalid("bad status code"))?;
     spans.clear();
     spans.extend(resp.headers.iter().map(|h| Span::of(buf, h)));
-    let connection =
-        |option: &[u8]| tokens(&*resp.headers, &CONNECTION).any(|t| t.eq_ignore_ascii_case(option));
-    let (version, keep_alive) = if resp.version == Some(1) {
-        (Version::HTTP_11, !connection(b"close"))
+    let minor = resp.version.unwrap_or(0);
+    let version = if minor == 1 {
+        Version::HTTP_11
     } else {
-        (
-            Version::HTTP_10,
-            connection(b"keep-alive") && !connection(b"close"),
-        )
+        Version::HTTP_10
     };
+    let keep_alive = keeps_alive(&*resp.headers, minor);
     Ok(Some(HeadInfo {
         len,
         status,

@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::classify::Outcome;
-use crate::fields::{tokens, Fields};
+use crate::fields::{keeps_alive, tokens, Fields};
 use crate::forward::UpstreamError;
 use crate::h1::Copied;
 use crate::server::{rescue_status, ConnMeta, InflightGuard, ProxyError, Worker};
@@ -257,13 +257,7 @@ fn parse_request(
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Handoff;
     };
-    let connection =
-        |option: &[u8]| tokens(fields, &CONNECTION).any(|t| t.eq_ignore_ascii_case(option));
-    let keep_alive = if minor == 1 {
-        !connection(b"close")
-    } else {
-        connection(b"keep-alive") && !connection(b"close")
-    };
+    let keep_alive = keeps_alive(fields, minor);
     let request_id = match fields.value(&crate::server::X_REQUEST_ID) {
         Some(id) => {
             let start = id.as_ptr() as usize - buf.as_ptr() as usize;
