@@ -43,6 +43,15 @@ fn start_proxy(stable: &str, canary: &str) -> Proxy {
     Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap()
 }
 
+/// The usual setup: a stable upstream, a proxy whose canary is down, and
+/// one client connection to the proxy.
+async fn stable_only() -> (TestUpstream, Proxy, Client) {
+    let up = TestUpstream::start("stable").await;
+    let proxy = start_proxy(&up.url(), &closed_port_url());
+    let client = Client::connect(proxy.local_addr()).await;
+    (up, proxy, client)
+}
+
 // === a raw client ===
 
 /// How a response's body was delimited on the wire.
@@ -502,9 +511,7 @@ fn ok(body: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_in_one_write_get_their_responses_in_order() {
-    let up = TestUpstream::start("stable").await;
-    let proxy = start_proxy(&up.url(), &closed_port_url());
-    let mut c = Client::connect(proxy.local_addr()).await;
+    let (up, _proxy, mut c) = stable_only().await;
     c.send(
         concat!(
             "GET /echo-headers HTTP/1.1\r\nHost: app\r\nx-request-id: first\r\n\r\n",
@@ -553,9 +560,7 @@ async fn pipelined_requests_in_one_write_get_their_responses_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_client_without_keep_alive_gets_an_http10_response_then_a_close() {
-    let up = TestUpstream::start("stable").await;
-    let proxy = start_proxy(&up.url(), &closed_port_url());
-    let mut c = Client::connect(proxy.local_addr()).await;
+    let (_up, _proxy, mut c) = stable_only().await;
     c.send(b"GET / HTTP/1.0\r\n\r\n").await;
     let r = c.response().await;
     assert_eq!(
@@ -579,9 +584,7 @@ async fn http10_client_without_keep_alive_gets_an_http10_response_then_a_close()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_client_asking_for_keep_alive_keeps_its_connection() {
-    let up = TestUpstream::start("stable").await;
-    let proxy = start_proxy(&up.url(), &closed_port_url());
-    let mut c = Client::connect(proxy.local_addr()).await;
+    let (up, _proxy, mut c) = stable_only().await;
     for _ in 0..2 {
         c.send(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
             .await;
@@ -611,9 +614,7 @@ async fn http10_client_asking_for_keep_alive_keeps_its_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_close_from_an_http11_client_is_answered_then_closed() {
-    let up = TestUpstream::start("stable").await;
-    let proxy = start_proxy(&up.url(), &closed_port_url());
-    let mut c = Client::connect(proxy.local_addr()).await;
+    let (up, proxy, mut c) = stable_only().await;
     c.send(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
         .await;
     let r = c.response().await;
@@ -953,9 +954,7 @@ async fn a_connection_whose_first_request_has_a_body_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_request_line_is_400_and_the_next_connection_is_served() {
-    let up = TestUpstream::start("stable").await;
-    let proxy = start_proxy(&up.url(), &closed_port_url());
-    let mut c = Client::connect(proxy.local_addr()).await;
+    let (up, proxy, mut c) = stable_only().await;
     c.send(b"GARBAGE\r\n\r\n").await;
     let r = c.response().await;
     assert_eq!(
@@ -973,9 +972,7 @@ async fn a_malformed_request_line_is_400_and_the_next_connection_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http11_request_without_host_is_400_with_a_plain_text_reason() {
-    let up = TestUpstream::start("stable").await;
-    let proxy = start_proxy(&up.url(), &closed_port_url());
-    let mut c = Client::connect(proxy.local_addr()).await;
+    let (up, _proxy, mut c) = stable_only().await;
     c.send(b"GET / HTTP/1.1\r\n\r\n").await;
     let r = c.response().await;
     assert_eq!(
