@@ -75,12 +75,21 @@ fn bucket_range(index: usize) -> (u64, u64) {
 // === impl Slice ===
 
 /// One time slice of a window: counts and a latency histogram.
+///
+/// The histogram has 896 buckets, but a slice's latencies usually fall in a
+/// few dozen of them. The slice keeps the lowest and highest bucket it has
+/// touched, so the judge's merge (every tick, for every slice) and the
+/// writer's reset read and clear only that range.
 struct Slice {
     /// Which period this slice currently holds, plus one (0 = never used).
     epoch: AtomicU64,
     requests: AtomicU64,
     errors: AtomicU64,
     latency: Box<[AtomicU64]>,
+    /// Lowest bucket index touched since the last reset (`u32::MAX`: none).
+    lowest: AtomicU32,
+    /// Highest bucket index touched since the last reset.
+    highest: AtomicU32,
 }
 
 impl Slice {
@@ -90,6 +99,32 @@ impl Slice {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            lowest: AtomicU32::new(u32::MAX),
+            highest: AtomicU32::new(0),
+        }
+    }
+
+    /// The index of the first bucket that may hold a count, and the buckets
+    /// from there to the last one that may; empty when none were touched.
+    fn touched(&self) -> (usize, &[AtomicU64]) {
+        let low = self.lowest.load(Relaxed) as usize;
+        let high = self.highest.load(Relaxed) as usize;
+        if low > high {
+            return (0, &[]);
+        }
+        (low, &self.latency[low..=high.min(LATENCY_BUCKETS - 1)])
+    }
+
+    /// Counts one latency into its bucket and widens the touched range.
+    #[inline]
+    fn record_latency(&self, bucket: usize) {
+        bump(&self.latency[bucket]);
+        let index = bucket as u32;
+        if index < self.lowest.load(Relaxed) {
+            self.lowest.store(index, Relaxed);
+        }
+        if index > self.highest.load(Relaxed) {
+            self.highest.store(index, Relaxed);
         }
     }
 
@@ -99,9 +134,11 @@ impl Slice {
     fn reset(&self, epoch: u64) {
         self.requests.store(0, Relaxed);
         self.errors.store(0, Relaxed);
-        for b in self.latency.iter() {
+        for b in self.touched().1 {
             b.store(0, Relaxed);
         }
+        self.lowest.store(u32::MAX, Relaxed);
+        self.highest.store(0, Relaxed);
         self.epoch.store(epoch, Relaxed);
     }
 }
@@ -155,7 +192,7 @@ impl Window {
             bump(&slice.errors);
         }
         let micros = latency.as_micros().min(u128::from(MAX_MICROS)) as u64;
-        bump(&slice.latency[bucket_of(micros)]);
+        slice.record_latency(bucket_of(micros));
     }
 
     /// Adds this window's slices that are still inside the window at `now`
@@ -172,7 +209,8 @@ impl Window {
             }
             into.requests += slice.requests.load(Relaxed);
             into.errors += slice.errors.load(Relaxed);
-            for (sum, b) in into.latency.iter_mut().zip(slice.latency.iter()) {
+            let (first, buckets) = slice.touched();
+            for (sum, b) in into.latency[first..].iter_mut().zip(buckets) {
                 *sum += b.load(Relaxed);
             }
         }
@@ -528,6 +566,41 @@ mod tests {
         w.record(Instant::now(), Duration::from_millis(1), true);
         let s = w.snapshot(Instant::now());
         assert_eq!((s.requests, s.errors), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_slice_keeps_no_latency_from_its_last_period() {
+        let base = Instant::now();
+        let w = Window::new(Duration::from_secs(10), base);
+        // Period 0: a fast and a very slow request set the slice's range wide.
+        w.record(Instant::now(), Duration::from_micros(5), false);
+        w.record(Instant::now(), Duration::from_secs(30), false);
+        let s = w.snapshot(Instant::now());
+        assert_eq!(s.quantile(0.01), Duration::from_micros(5));
+        assert!(s.quantile(1.0) >= Duration::from_secs(29));
+        // Period 10 reuses the same slice; its range starts empty.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            w.record(Instant::now(), Duration::from_millis(2), false);
+        }
+        let s = w.snapshot(Instant::now());
+        assert_eq!(s.requests, 3);
+        let (low, high) = (s.quantile(0.0), s.quantile(1.0));
+        assert!(
+            low >= Duration::from_micros(1_900) && high <= Duration::from_micros(2_100),
+            "only the new 2 ms requests remain: {low:?}..{high:?}"
+        );
+        // A merge over slices with different ranges lines the buckets up.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        w.record(Instant::now(), Duration::from_micros(40), false);
+        let s = w.snapshot(Instant::now());
+        assert_eq!(s.requests, 4);
+        let p25 = s.quantile(0.25);
+        assert!(
+            p25 >= Duration::from_micros(39) && p25 <= Duration::from_micros(41),
+            "{p25:?}"
+        );
+        assert!(s.quantile(1.0) <= Duration::from_micros(2_100));
     }
 
     #[tokio::test(start_paused = true)]
