@@ -215,6 +215,24 @@ pub fn cpu_jiffies() -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Stolen and total jiffies of the whole machine, from `/proc/stat`'s `cpu`
+/// line. Steal is time a virtual CPU was ready to run but the hypervisor ran
+/// something else: on a VM it, not the program under test, sets latency tails.
+pub fn steal_jiffies() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    (v.get(7).copied().unwrap_or(0), v.iter().take(8).sum())
+}
+
 /// Share of time (0..1) each CPU was busy between two [`cpu_jiffies`] readings.
 pub fn cpu_busy(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
     before

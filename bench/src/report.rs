@@ -134,9 +134,9 @@ fn markdown(res: &Results) -> String {
     let _ = writeln!(
         s,
         "\nRun took {:.0} s ({} round(s); closed loop {} s HTTP/1.1 at the first connection count, {} s at the others and for HTTP/2, per target per round; \
-         open loop {} s per rate per target per round); {:.0} s were spent waiting for other builds on the machine to finish, \
+         open loop {} slices of {} s per rate per target, in rotating passes); {:.0} s were spent waiting for other builds on the machine to finish, \
          and {} measurement(s) were repeated because a build started during them.\n",
-        res.wall_seconds, res.rounds, res.closed_seconds.0, res.closed_seconds.1, res.open_seconds, res.waited_seconds,
+        res.wall_seconds, res.rounds, res.closed_seconds.0, res.closed_seconds.1, res.open_slices, res.open_seconds, res.waited_seconds,
         res.disturbed_runs
     );
     for (name, why) in &res.skipped {
@@ -485,10 +485,23 @@ fn latency_section(s: &mut String, res: &Results) {
         "\n## Latency at a fixed rate (open loop, corrected for coordinated omission)\n"
     );
     for (i, rate) in res.open.iter().enumerate() {
+        let direct = open_runs(res, i, "direct");
         let _ = writeln!(
             s,
-            "### {:.0} req/s, 32 connections, HTTP/1.1 (µs; median (min–max) of {} rounds)\n",
-            rate.rate, res.rounds
+            "### {:.0} req/s, 32 connections, HTTP/1.1 (µs; median (25th–75th percentile) of {} slices of {} s)\n",
+            rate.rate,
+            direct.len(),
+            res.open_seconds
+        );
+        let _ = writeln!(
+            s,
+            "The hypervisor stole {:.1}% of the machine's CPU time while this rate was measured.{}\n",
+            rate.steal_percent,
+            paired_p99(res, i)
+                .map(|(wins, passes, peers)| format!(
+                    " In {wins} of {passes} passes serin's p99 was at or below the lowest p99 among {peers} in the same pass."
+                ))
+                .unwrap_or_default()
         );
         let _ = writeln!(
             s,
@@ -500,14 +513,13 @@ fn latency_section(s: &mut String, res: &Results) {
             "| target | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | achieved req/s | errors | send lag p99 |"
         );
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
-        let direct = open_runs(res, i, "direct");
         for n in &res.targets {
             let runs = open_runs(res, i, n);
             if runs.is_empty() {
                 continue;
             }
-            let col = |f: fn(&OpenLoopResult) -> f64, d: usize| {
-                fmt_spread(&runs.iter().map(f).collect::<Vec<_>>(), d)
+            let col = |f: fn(&OpenLoopResult) -> f64| {
+                fmt_quartiles(&runs.iter().map(f).collect::<Vec<_>>())
             };
             let added = |f: fn(&OpenLoopResult) -> f64| {
                 if n == "direct" {
@@ -519,20 +531,67 @@ fn latency_section(s: &mut String, res: &Results) {
             let _ = writeln!(
                 s,
                 "| {n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                col(|o| o.p50_us, 0),
-                col(|o| o.p90_us, 0),
-                col(|o| o.p99_us, 0),
-                col(|o| o.p999_us, 0),
-                col(|o| o.max_us, 0),
+                col(|o| o.p50_us),
+                col(|o| o.p90_us),
+                col(|o| o.p99_us),
+                col(|o| o.p999_us),
+                col(|o| o.max_us),
                 added(|o| o.p50_us),
                 added(|o| o.p99_us),
-                col(|o| o.achieved_rps, 0),
+                col(|o| o.achieved_rps),
                 runs.iter().map(|o| o.errors).sum::<u64>(),
-                col(|o| o.send_lag_p99_us, 0),
+                col(|o| o.send_lag_p99_us),
             );
         }
         let _ = writeln!(s);
     }
+}
+
+/// Median with the 25th and 75th percentiles: the spread of many slices,
+/// where min–max would only show the worst hypervisor stall.
+fn fmt_quartiles(values: &[f64]) -> String {
+    if values.is_empty() {
+        return "–".into();
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    if v.len() < 4 {
+        return format!("{:.0}", spread(values).0);
+    }
+    format!("{:.0} ({:.0}–{:.0})", spread(values).0, at(0.25), at(0.75))
+}
+
+/// In how many passes serin's p99 was at or below the best peer's p99 of the
+/// same pass, out of how many, and which peers took part. `None` when a
+/// target is missing slices, so passes no longer line up.
+fn paired_p99(res: &Results, i: usize) -> Option<(usize, usize, String)> {
+    let serin = open_runs(res, i, "serin");
+    let peers: Vec<&str> = res
+        .targets
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != "serin" && *n != "direct")
+        .filter(|n| !open_runs(res, i, n).is_empty())
+        .collect();
+    if serin.is_empty()
+        || peers.is_empty()
+        || peers
+            .iter()
+            .any(|n| open_runs(res, i, n).len() != serin.len())
+    {
+        return None;
+    }
+    let wins = (0..serin.len())
+        .filter(|&k| {
+            let best = peers
+                .iter()
+                .map(|n| open_runs(res, i, n)[k].p99_us)
+                .fold(f64::INFINITY, f64::min);
+            serin[k].p99_us <= best
+        })
+        .count();
+    Some((wins, serin.len(), peers.join(" and ")))
 }
 
 fn memory_section(s: &mut String, res: &Results) {
@@ -780,7 +839,11 @@ fn method_section(s: &mut String, res: &Results) {
          - **Cores:** the proxy under test and the upstream (one nginx worker answering `return 200`) share core 0 \
          (`taskset -c 0`); every load generator runs on core 1 (`taskset -c 1`). Loopback only.\n\
          - **Interleaving:** each round runs direct → nginx → haproxy → Envoy → serin; rounds repeat ({} here) and \
-         tables show medians with min–max. Every load is bounded in time or count and every started process is \
+         tables show medians with min–max. The open-loop latency runs instead in many 1 s slices: each pass runs \
+         every target once, in an order rotated by one from the last pass, and the latency tables show the median \
+         slice with the 25th–75th percentile of slices. On a virtual machine a descheduled vCPU (the `steal` time \
+         of `/proc/stat`, reported per rate) stalls whichever target is running; many short slices spread those \
+         stalls over every target, where one long run per target lets a single stall decide a comparison. Every load is bounded in time or count and every started process is \
          stopped by its PID (a `Drop` guard: SIGTERM, then SIGKILL for what is left of its tree). Nothing is \
          measured while another `rustc`/`cargo` runs on the machine: the harness waits for it.\n\
          - **Max throughput:** closed loop, `wrk -t1 -c{}` (HTTP/1.1) and `h2load -t1 -c16 -m16` (h2c), after a 1 s \
@@ -1093,7 +1156,7 @@ fn latency_svg(res: &Results, i: usize) -> String {
         w,
         h,
         &format!(
-            "Corrected latency by percentile at {rate:.0} req/s (open loop, median of rounds)"
+            "Corrected latency by percentile at {rate:.0} req/s (open loop, median of slices)"
         ),
     );
     let mut d = lo;

@@ -32,8 +32,13 @@ pub struct Machine {
 pub struct RateRuns {
     /// Requests per second.
     pub rate: f64,
-    /// Per target, one result per round.
+    /// Per target, one result per slice, in pass order: entry `k` of every
+    /// target comes from the same pass.
     pub runs: BTreeMap<String, Vec<OpenLoopResult>>,
+    /// Share of the machine's CPU time the hypervisor took away (`steal` in
+    /// `/proc/stat`) while this rate was measured, percent.
+    #[serde(default)]
+    pub steal_percent: f64,
 }
 
 /// One criterion benchmark's mean time.
@@ -56,8 +61,11 @@ pub struct Results {
     pub rounds: usize,
     /// Closed-loop run length, seconds (HTTP/1.1, HTTP/2).
     pub closed_seconds: (u64, u64),
-    /// Open-loop run length, seconds.
+    /// Open-loop slice length, seconds.
     pub open_seconds: u64,
+    /// Open-loop slices per rate per target.
+    #[serde(default)]
+    pub open_slices: usize,
     /// Seconds spent waiting for other builds to finish.
     pub waited_seconds: f64,
     /// Measurements repeated because a build started during them.
