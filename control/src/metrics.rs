@@ -80,7 +80,7 @@ struct Exporter {
 const FAMILIES: [(&str, &str); 7] = [
     (
         "serin_requests_total",
-        "Requests forwarded, by upstream and outcome class",
+        "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
     ),
     (
         "serin_request_duration_seconds",
@@ -191,6 +191,10 @@ impl Collector for Exporter {
                 &[("upstream", upstream), ("class", "error")],
                 totals.errors,
             ));
+            requests.push(counter(
+                &[("upstream", upstream), ("class", "abandoned")],
+                totals.abandoned,
+            ));
 
             let mut h = Histogram::default();
             let count = *totals.duration_cumulative.last().unwrap_or(&0);
@@ -286,11 +290,17 @@ mod tests {
         canary
             .upstream(Target::Canary)
             .record(now, Duration::from_millis(30), false);
+        // A client that left: counted apart, and no error in stable's window.
+        canary
+            .upstream(Target::Stable)
+            .record_abandoned(now, Duration::from_secs(2));
         metrics.set_rollout_step(2);
         let text = metrics.render();
         for line in [
             "serin_requests_total{upstream=\"canary\",class=\"error\"} 1",
             "serin_requests_total{upstream=\"canary\",class=\"success\"} 1",
+            "serin_requests_total{upstream=\"canary\",class=\"abandoned\"} 0",
+            "serin_requests_total{upstream=\"stable\",class=\"abandoned\"} 1",
             "serin_request_duration_seconds_bucket{upstream=\"canary\",le=\"0.005\"} 1",
             "serin_request_duration_seconds_bucket{upstream=\"canary\",le=\"+Inf\"} 2",
             "serin_request_duration_seconds_count{upstream=\"canary\"} 2",

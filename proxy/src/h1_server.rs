@@ -15,8 +15,8 @@
 //! connection to hyper, with the bytes already read, and hyper serves it from
 //! then on. So hyper stays the one place that answers malformed input (400,
 //! 431) and that handles uploads, upgrades and HTTP/2; the proxy rules
-//! (split, rewrites, classification, fallback, error statuses) are the same
-//! functions on both paths.
+//! (split, rewrites, classification, fallback, error statuses, and what a
+//! client that leaves mid-request costs) are the same functions on both paths.
 
 use std::future::{poll_fn, Future};
 use std::io::{self, Write as _};
@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, StatusCode};
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -480,7 +480,14 @@ async fn exchange(
     worker.inflight.set(worker.inflight.get() + 1);
     let _inflight = InflightGuard(worker.clone());
     let mut served_by = request.target;
-    let mut result = send(worker, served_by, upstream_head, &request.method, start).await;
+    let awaiting = worker.awaiting(served_by, start);
+    let sent = send(worker, served_by, upstream_head, &request.method, start);
+    // A client that leaves drops the upstream request, as nginx and hyper
+    // do; `awaiting` records it as abandoned.
+    let Some(mut result) = unless_client_leaves(stream, sent).await else {
+        return false;
+    };
+    awaiting.answered();
     let mut fell_back = false;
     // A bodiless idempotent request the canary fails is replayed on stable:
     // the client never sees the canary's error, the judge does.
@@ -498,6 +505,7 @@ async fn exchange(
             let stable_head = reencode_for(worker, meta, Target::Stable, &head[..request.len], id);
             served_by = Target::Stable;
             fell_back = true;
+            let awaiting = worker.awaiting(served_by, start);
             // Boxed: a rare path, kept out of every request's future.
             let replay = send(
                 worker,
@@ -506,7 +514,11 @@ async fn exchange(
                 &request.method,
                 Instant::now(),
             );
-            result = Box::pin(replay).await;
+            let Some(replayed) = Box::pin(unless_client_leaves(stream, replay)).await else {
+                return false;
+            };
+            awaiting.answered();
+            result = replayed;
         }
     }
     let resp = match result {
@@ -603,6 +615,31 @@ async fn exchange(
         }
         out.clear();
     }
+}
+
+/// Waits for `work` unless the client closes or resets its connection first
+/// (`None`). A client that sends more bytes meanwhile (a pipelined request)
+/// is not watched any further: its bytes stay in the socket for the loop,
+/// and a peek past them cannot see the close. Watching costs no system call
+/// until the client's socket turns readable.
+async fn unless_client_leaves<T>(stream: &TcpStream, work: impl Future<Output = T>) -> Option<T> {
+    let mut work = pin!(work);
+    let mut watching = true;
+    poll_fn(|cx| {
+        if let Poll::Ready(done) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        if watching {
+            let mut probe = [0u8; 1];
+            match stream.poll_peek(cx, &mut ReadBuf::new(&mut probe)) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(_)) => watching = false,
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Sends the encoded request to `target` under the response timeout.

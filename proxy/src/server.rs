@@ -311,6 +311,35 @@ async fn serve_connection(
 
 // === the request path ===
 
+/// Stands for a bodiless request while its upstream works on it. Dropped
+/// before [`Awaiting::answered`], which happens when the request's future is
+/// dropped because its client left (hyper's path) or when serin's own loop
+/// sees the client go, it records the request as abandoned (see
+/// [`crate::stats::UpstreamStats::record_abandoned`]): the judge sees a canary
+/// slower than its clients' patience instead of nothing.
+pub(crate) struct Awaiting<'a> {
+    worker: &'a Worker,
+    target: Target,
+    start: Instant,
+}
+
+impl Awaiting<'_> {
+    /// The upstream answered or failed: nothing more to record here.
+    pub(crate) fn answered(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.worker
+            .stats
+            .upstream(self.target)
+            .record_abandoned(now, now.saturating_duration_since(self.start));
+    }
+}
+
 /// Decrements the worker's in-flight count when the request is done.
 pub(crate) struct InflightGuard(pub(crate) Rc<Worker>);
 
@@ -448,7 +477,8 @@ async fn proxy(
         )
     });
 
-    let (body, upload) = if body.is_end_stream() {
+    let bodiless = body.is_end_stream();
+    let (body, upload) = if bodiless {
         (RequestBody::Client(body), None)
     } else {
         let ended = UploadEnd::default();
@@ -456,7 +486,12 @@ async fn proxy(
         (RequestBody::Upload { body, ended }, upload)
     };
     let req = Request::from_parts(parts, body);
+    // Only a bodiless request's wait is the upstream's alone.
+    let awaiting = bodiless.then(|| worker.awaiting(target, start));
     let mut result = worker.forward(target, req, start, upload.as_ref()).await;
+    if let Some(awaiting) = awaiting {
+        awaiting.answered();
+    }
     let mut served_by = target;
     let mut fell_back = false;
 
@@ -471,8 +506,10 @@ async fn proxy(
             *req.method_mut() = method;
             *req.uri_mut() = uri;
             *req.headers_mut() = headers;
+            let awaiting = worker.awaiting(Target::Stable, start);
             // Boxed: a rare path, kept out of every request's future.
             result = Box::pin(worker.forward(Target::Stable, req, Instant::now(), None)).await;
+            awaiting.answered();
             served_by = Target::Stable;
             fell_back = true;
         }
@@ -645,6 +682,15 @@ impl Worker {
         self.stats
             .upstream(target)
             .record(now, now.saturating_duration_since(start), error);
+    }
+
+    /// A request to `target` that started at `start` is now waiting on it.
+    pub(crate) fn awaiting(&self, target: Target, start: Instant) -> Awaiting<'_> {
+        Awaiting {
+            worker: self,
+            target,
+            start,
+        }
     }
 
     /// Records an outcome whose latency was measured earlier (gRPC trailers).

@@ -296,6 +296,8 @@ pub struct UpstreamStats {
     alarm: Arc<tokio::sync::Notify>,
     successes_total: AtomicU64,
     errors_total: AtomicU64,
+    /// Requests whose client left before the upstream answered.
+    abandoned_total: AtomicU64,
     /// Non-cumulative counts per [`DURATION_BOUNDS_SECONDS`] bucket, plus +Inf.
     duration_buckets: [AtomicU64; DURATION_BOUNDS_MICROS.len() + 1],
     duration_sum_micros: AtomicU64,
@@ -309,6 +311,7 @@ impl UpstreamStats {
             alarm,
             successes_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
+            abandoned_total: AtomicU64::new(0),
             duration_buckets: Default::default(),
             duration_sum_micros: AtomicU64::new(0),
         }
@@ -347,6 +350,17 @@ impl UpstreamStats {
         let sum = &self.duration_sum_micros;
         sum.store(sum.load(Relaxed).wrapping_add(micros), Relaxed);
     }
+
+    /// Records a request whose client left after `waited` without an answer
+    /// from the upstream. The window counts it, with `waited` as its latency
+    /// and not as an error: a lower bound on how slow the upstream was, so a
+    /// canary slower than its clients' patience still shows in its p95. It
+    /// is neither a success nor an error in the totals, and leaves the run
+    /// of consecutive errors as it was.
+    pub fn record_abandoned(&self, now: Instant, waited: Duration) {
+        self.window.record(now, waited, false);
+        bump(&self.abandoned_total);
+    }
 }
 
 /// Cumulative totals for one upstream since start: what Prometheus reads.
@@ -356,6 +370,8 @@ pub struct Totals {
     pub successes: u64,
     /// Requests classified as errors.
     pub errors: u64,
+    /// Requests whose client left before the upstream answered.
+    pub abandoned: u64,
     /// Cumulative counts for each bound of [`DURATION_BOUNDS_SECONDS`]
     /// (Prometheus `le` semantics), then the `+Inf` count.
     pub duration_cumulative: Vec<u64>,
@@ -454,14 +470,16 @@ impl Stats {
             .sum()
     }
 
-    /// Requests recorded for one upstream since start (successes plus errors),
-    /// summed over workers. Cheap: two loads per worker.
+    /// Requests recorded for one upstream since start (successes, errors and
+    /// abandoned), summed over workers. Cheap: three loads per worker.
     pub fn request_count(&self, target: Target) -> u64 {
         self.workers
             .iter()
             .map(|w| {
                 let u = w.upstream(target);
-                u.successes_total.load(Relaxed) + u.errors_total.load(Relaxed)
+                u.successes_total.load(Relaxed)
+                    + u.errors_total.load(Relaxed)
+                    + u.abandoned_total.load(Relaxed)
             })
             .sum()
     }
@@ -477,6 +495,7 @@ impl Stats {
             let u = worker.upstream(target);
             totals.successes += u.successes_total.load(Relaxed);
             totals.errors += u.errors_total.load(Relaxed);
+            totals.abandoned += u.abandoned_total.load(Relaxed);
             sum_micros += u.duration_sum_micros.load(Relaxed);
             for (sum, b) in totals
                 .duration_cumulative

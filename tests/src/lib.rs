@@ -49,6 +49,8 @@ struct UpstreamState {
     requests: AtomicU64,
     connections: AtomicU64,
     aborted_uploads: AtomicU64,
+    /// Delayed answers dropped before their delay ended (the client left).
+    cancelled: AtomicU64,
 }
 
 /// A scriptable upstream HTTP server (HTTP/1.1 and h2c) on 127.0.0.1.
@@ -78,6 +80,7 @@ impl TestUpstream {
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             aborted_uploads: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
         });
         let accept_state = state.clone();
         let task = tokio::spawn(async move {
@@ -117,6 +120,12 @@ impl TestUpstream {
     /// `/upload` bodies that broke off before their end.
     pub fn aborted_uploads(&self) -> u64 {
         self.state.aborted_uploads.load(Ordering::SeqCst)
+    }
+
+    /// Delayed answers that were dropped before their delay ended, because
+    /// the client (the proxy) closed the connection meanwhile.
+    pub fn cancelled(&self) -> u64 {
+        self.state.cancelled.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
@@ -199,7 +208,16 @@ async fn answer(
     let n = state.requests.fetch_add(1, Ordering::SeqCst);
     let behavior = state.behavior.lock().unwrap().clone();
     if !behavior.delay.is_zero() {
+        // Counts the answer as cancelled if hyper drops it mid-delay.
+        struct Delaying<'a>(&'a AtomicU64);
+        impl Drop for Delaying<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let delaying = Delaying(&state.cancelled);
         tokio::time::sleep(behavior.delay).await;
+        std::mem::forget(delaying);
     }
     if behavior.reset {
         return Err(std::io::Error::other("scripted reset"));

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serin_proxy::{Proxy, ProxyConfig, RouteTable, Routes, Upstream, UpstreamProtocol};
-use serin_tests::{closed_port_url, TestUpstream};
+use serin_proxy::{Proxy, ProxyConfig, RouteTable, Routes, Target, Upstream, UpstreamProtocol};
+use serin_tests::{closed_port_url, eventually, Behavior, TestUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -1108,4 +1108,78 @@ async fn responses_serin_makes_itself_to_head_requests_have_no_body() {
         .await;
     let r = c.response().await;
     assert_eq!((r.status, r.text().as_str()), (200, "canary"), "{}", r.head);
+}
+
+// === 12. a client that leaves while the upstream works ===
+
+/// A proxy whose response timeout (120 s) outlasts every wait here, in
+/// front of a stable upstream that answers after 300 s, or at once after
+/// `answer_now`.
+async fn slow_stable() -> (TestUpstream, Proxy) {
+    let up = TestUpstream::start("stable").await;
+    up.set(Behavior {
+        delay: Duration::from_secs(300),
+        ..Behavior::default()
+    });
+    let mut config = ProxyConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        Upstream::parse(&up.url(), UpstreamProtocol::Http1).unwrap(),
+        Upstream::parse(&closed_port_url(), UpstreamProtocol::Http1).unwrap(),
+    );
+    config.response_timeout = Duration::from_secs(120);
+    let proxy = Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap();
+    (up, proxy)
+}
+
+/// After the client `c` left with its request `nth` still at the upstream:
+/// the upstream request was dropped, the request counts as abandoned (in
+/// the judge's window, with no error), and the proxy serves the next client.
+async fn assert_abandoned(up: &TestUpstream, proxy: &Proxy, c: Client, nth: u64) {
+    eventually(WAIT, "the upstream got the request", || async {
+        up.requests() == nth
+    })
+    .await;
+    drop(c);
+    eventually(WAIT, "the proxy dropped the upstream request", || async {
+        up.cancelled() == 1
+    })
+    .await;
+    let stats = proxy.stats();
+    eventually(WAIT, "the request counted as abandoned", || async {
+        stats.totals(Target::Stable).abandoned == 1
+    })
+    .await;
+    let totals = stats.totals(Target::Stable);
+    assert_eq!((totals.successes, totals.errors), (nth - 1, 0));
+    let window = stats.window_snapshot(Target::Stable, Instant::now());
+    assert_eq!((window.requests, window.errors), (nth, 0));
+    up.set(Behavior::default());
+    let mut next = Client::connect(proxy.local_addr()).await;
+    next.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    assert_eq!(next.response().await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_its_upstream_request_on_the_own_loop() {
+    let (up, proxy) = slow_stable().await;
+    let mut c = Client::connect(proxy.local_addr()).await;
+    c.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    assert_abandoned(&up, &proxy, c, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_its_upstream_request_on_hypers_path() {
+    let (up, proxy) = slow_stable().await;
+    up.set(Behavior::default());
+    let mut c = Client::connect(proxy.local_addr()).await;
+    // A body hands the connection to hyper for the rest of its life.
+    c.send(b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
+    assert_eq!(c.response().await.status, 200);
+    up.set(Behavior {
+        delay: Duration::from_secs(300),
+        ..Behavior::default()
+    });
+    c.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    assert_abandoned(&up, &proxy, c, 2).await;
 }
