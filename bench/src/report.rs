@@ -1,7 +1,8 @@
 //! `bench/REPORT.md` and its SVG plots, built from one [`Results`].
 //!
-//! Every number is a median over the rounds with its min–max range; ratios
-//! are serin ÷ peer on medians. The SVGs are written by hand (no plotting
+//! Every number is a median over the rounds with its min–max range (the
+//! open-loop latencies: over the slices, with quartiles); ratios are serin ÷
+//! peer on medians. The SVGs are written by hand (no plotting
 //! crate): latency percentile curves, throughput bars and CPU bars.
 
 use std::fmt::Write as _;
@@ -265,6 +266,12 @@ fn pss_mib(map: &std::collections::BTreeMap<String, crate::procs::Memory>, name:
         .unwrap_or(0.0)
 }
 
+/// Above this share of stolen CPU time during an open-loop rate, its latency
+/// figures are not judged against targets: a descheduled vCPU stalls the
+/// generator, the upstream and the proxy alike for milliseconds, far more
+/// than any proxy adds, and the direct connection's own tail shows it.
+const MAX_STEAL_PERCENT: f64 = 2.0;
+
 fn targets_section(s: &mut String, res: &Results) {
     let _ = writeln!(s, "\n## DESIGN.md §5 targets\n");
     let best = |f: &dyn Fn(&str) -> f64, lower: bool| {
@@ -345,11 +352,15 @@ fn targets_section(s: &mut String, res: &Results) {
                 .filter(|n| *n != "serin" && *n != "direct")
                 .map(|n| added(n))
                 .fold(f64::INFINITY, f64::min);
+            let judged = if rate.steal_percent > MAX_STEAL_PERCENT {
+                format!("not judged: {:.1}% steal", rate.steal_percent)
+            } else {
+                verdict(serin <= best_peer).to_string()
+            };
             let _ = writeln!(
                 s,
-                "| added {label} at {:.0} req/s ≤ best peer's | ≤ {best_peer:.0} µs | {serin:.0} µs | {} |",
+                "| added {label} at {:.0} req/s ≤ best peer's | ≤ {best_peer:.0} µs | {serin:.0} µs | {judged} |",
                 rate.rate,
-                verdict(serin <= best_peer)
             );
         }
     }
@@ -495,8 +506,16 @@ fn latency_section(s: &mut String, res: &Results) {
         );
         let _ = writeln!(
             s,
-            "The hypervisor stole {:.1}% of the machine's CPU time while this rate was measured.{}\n",
+            "The hypervisor stole {:.1}% of the machine's CPU time while this rate was measured{}.{}\n",
             rate.steal_percent,
+            if rate.steal_percent > MAX_STEAL_PERCENT {
+                format!(
+                    ": above {MAX_STEAL_PERCENT}% these figures show the hypervisor's stalls more than the \
+                     targets' latency (compare direct's own tail), and the targets table does not judge them"
+                )
+            } else {
+                String::new()
+            },
             paired_p99(res, i)
                 .map(|(wins, passes, peers)| format!(
                     " In {wins} of {passes} passes serin's p99 was at or below the lowest p99 among {peers} in the same pass."
@@ -574,6 +593,10 @@ fn paired_p99(res: &Results, i: usize) -> Option<(usize, usize, String)> {
         .filter(|n| *n != "serin" && *n != "direct")
         .filter(|n| !open_runs(res, i, n).is_empty())
         .collect();
+    let named = match peers.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => peers.join(""),
+    };
     if serin.is_empty()
         || peers.is_empty()
         || peers
@@ -591,7 +614,7 @@ fn paired_p99(res: &Results, i: usize) -> Option<(usize, usize, String)> {
             serin[k].p99_us <= best
         })
         .count();
-    Some((wins, serin.len(), peers.join(" and ")))
+    Some((wins, serin.len(), named))
 }
 
 fn memory_section(s: &mut String, res: &Results) {

@@ -500,18 +500,30 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         for pass in 0..open_slices {
             let mut order: Vec<&Running> = running.iter().collect();
             order.rotate_left(pass % running.len().max(1));
-            for r in order {
-                let name = r.kind.name();
-                let what = format!("{name} open loop {rate}/s, slice {}", pass + 1);
-                let measured = quiet(&mut res, &what, || {
-                    measure::open_loop(r.h1, rate, Duration::from_secs(open_s), 32)
-                });
-                match measured {
-                    Ok(o) => runs.entry(name.into()).or_default().push(o),
-                    Err(e) => {
-                        eprintln!("{what} failed: {e}");
-                        res.notes.push(format!("{what} failed: {e}"));
+            // The quiet check and build watch cover the whole pass: a pass
+            // disturbed by a build is run again, and a pass where any target
+            // failed is dropped for every target, so passes stay aligned.
+            let what = format!("open loop {rate}/s, pass {}", pass + 1);
+            let measured = quiet(&mut res, &what, || {
+                order
+                    .iter()
+                    .map(|r| {
+                        measure::open_loop(r.h1, rate, Duration::from_secs(open_s), 32)
+                            .map(|o| (r.kind.name(), o))
+                            .map_err(|e| std::io::Error::other(format!("{}: {e}", r.kind.name())))
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+            });
+            match measured {
+                Ok(slices) => {
+                    for (name, o) in slices {
+                        runs.entry(name.into()).or_default().push(o);
                     }
+                }
+                Err(e) => {
+                    eprintln!("{what} failed and is left out: {e}");
+                    res.notes
+                        .push(format!("{what} failed and is left out: {e}"));
                 }
             }
             if (pass + 1) % 4 == 0 || pass + 1 == open_slices {
