@@ -24,6 +24,7 @@ use serin_control::config::{Config, Overrides};
 use serin_control::Running;
 use serin_tests::*;
 use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 type HttpClient = Client<HttpConnector, ClientBody>;
@@ -443,6 +444,85 @@ async fn with_stable_fallback_get_clients_see_no_failure_yet_the_judge_reverts()
         sample(&metrics, "serin_rollbacks_total{actor=\"judge\"}"),
         1.0
     );
+    serin.stop().await;
+}
+
+/// A canary that hangs longer than its clients wait: each canary client
+/// gives up after 300 ms and closes its connection, so no canary response
+/// ever arrives. serin cancels those requests and counts them as abandoned,
+/// with their wait as latency, so the judge reverts the canary on its p95
+/// against stable's instead of never hearing from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_slower_than_its_clients_patience_is_reverted_on_latency() {
+    let serin = Serin::start("").await;
+    serin.api.set_weight(10.0).await;
+    serin.canary.set(Behavior {
+        delay: Duration::from_secs(120),
+        ..Behavior::default()
+    });
+    let proxy_addr = serin.running.proxy.local_addr();
+    let start = Instant::now();
+    let mut gave_up = 0;
+    let status = loop {
+        let status = serin.api.status().await;
+        if status["phase"] == "rolled_back" {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30) && gave_up < 400,
+            "no revert after {gave_up} abandoned canary requests: {status}"
+        );
+        // Stable traffic for the comparison, then canary clients that give up.
+        let stable = join_all((0..CONCURRENCY).map(|_| {
+            let req = Request::get(&serin.proxy)
+                .header("x-serin-canary", "never")
+                .body(empty())
+                .unwrap();
+            send(&serin.client, req)
+        }))
+        .await;
+        assert!(stable
+            .iter()
+            .all(|a| a.status == StatusCode::OK && a.upstream() == "stable"));
+        // Once the judge has reverted (possibly mid-batch), the override no
+        // longer reaches the canary and stable answers: only the clients that
+        // waited in vain count.
+        let waits = join_all((0..CONCURRENCY).map(|_| async move {
+            let mut stream = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: app\r\nx-serin-canary: always\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf))
+                .await
+                .is_err()
+        }))
+        .await;
+        gave_up += waits.iter().filter(|gave_up| **gave_up).count();
+    };
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains("p95"), "{status}");
+    let metrics = serin.api.metrics().await;
+    let abandoned = sample(
+        &metrics,
+        "serin_requests_total{upstream=\"canary\",class=\"abandoned\"}",
+    );
+    assert!(abandoned >= 20.0, "min_requests abandoned: {abandoned}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "serin_requests_total{upstream=\"canary\",class=\"error\"}"
+        ),
+        0.0,
+        "a client leaving is not the canary's error"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "every abandoned canary request was cancelled upstream",
+        || async { serin.canary.cancelled() == serin.canary.requests() },
+    )
+    .await;
     serin.stop().await;
 }
 
