@@ -480,14 +480,10 @@ async fn exchange(
     worker.inflight.set(worker.inflight.get() + 1);
     let _inflight = InflightGuard(worker.clone());
     let mut served_by = request.target;
-    let awaiting = worker.awaiting(served_by, start);
-    let sent = send(worker, served_by, upstream_head, &request.method, start);
-    // A client that leaves drops the upstream request, as nginx and hyper
-    // do; `awaiting` records it as abandoned.
-    let Some(mut result) = unless_client_leaves(stream, sent).await else {
+    let sent = send_watched(worker, stream, served_by, upstream_head, request, start);
+    let Some(mut result) = sent.await else {
         return false;
     };
-    awaiting.answered();
     let mut fell_back = false;
     // A bodiless idempotent request the canary fails is replayed on stable:
     // the client never sees the canary's error, the judge does.
@@ -505,19 +501,18 @@ async fn exchange(
             let stable_head = reencode_for(worker, meta, Target::Stable, &head[..request.len], id);
             served_by = Target::Stable;
             fell_back = true;
-            let awaiting = worker.awaiting(served_by, start);
             // Boxed: a rare path, kept out of every request's future.
-            let replay = send(
+            let replay = send_watched(
                 worker,
+                stream,
                 served_by,
                 &stable_head,
-                &request.method,
+                request,
                 Instant::now(),
             );
-            let Some(replayed) = Box::pin(unless_client_leaves(stream, replay)).await else {
+            let Some(replayed) = Box::pin(replay).await else {
                 return false;
             };
-            awaiting.answered();
             result = replayed;
         }
     }
@@ -615,6 +610,24 @@ async fn exchange(
         }
         out.clear();
     }
+}
+
+/// Sends the encoded request to `target` (see [`send`]) while watching the
+/// client: a client that leaves drops the upstream request, as nginx and
+/// hyper do, and the request is recorded as abandoned (`None`).
+async fn send_watched(
+    worker: &Worker,
+    stream: &TcpStream,
+    target: Target,
+    upstream_head: &[u8],
+    request: &Request,
+    sent_at: Instant,
+) -> Option<Result<crate::h1::RawResponse, UpstreamError>> {
+    let awaiting = worker.awaiting(target, request.start);
+    let sent = send(worker, target, upstream_head, &request.method, sent_at);
+    let result = unless_client_leaves(stream, sent).await?;
+    awaiting.answered();
+    Some(result)
 }
 
 /// Waits for `work` unless the client closes or resets its connection first
