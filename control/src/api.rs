@@ -153,6 +153,10 @@ impl Api {
             return resp;
         }
         if method != Method::GET && !self.authorised(&req) {
+            // Read what the client sent first: answering before its body has
+            // arrived makes hyper close the connection under the client's
+            // next request on it.
+            let _ = Limited::new(req.into_body(), MAX_BODY).collect().await;
             let mut resp = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token; send Authorization: Bearer <token>",

@@ -89,10 +89,12 @@ pub struct Running {
 
 impl Running {
     /// Starts everything `config` describes. Binds the proxy and the control
-    /// API, loads the saved state (the canary serves at 0% until it is
-    /// loaded), and starts the judge loop.
+    /// API, loads the saved state, and starts the judge loop. Until the
+    /// state is loaded the route table is closed (every request to stable,
+    /// overrides included), so a rolled-back canary is never reachable, and
+    /// the control API, which answers `/readyz`, is not yet serving.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
-        let routes = Routes::new(RouteTable::new(0));
+        let routes = Routes::new(RouteTable::closed());
         let proxy = Proxy::start(config.proxy.clone(), routes.clone())?;
         let admin = config.admin.listen;
         let listener = tokio::net::TcpListener::bind(admin)

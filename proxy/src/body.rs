@@ -1,81 +1,53 @@
-//! The response body serin streams back to the client.
+//! The response body serin streams back to a client on hyper's path.
 //!
 //! It is the upstream's body passed through frame by frame (never buffered;
 //! an HTTP/1.1 upstream connection returns to its pool by itself when its
-//! body ends, see [`crate::h1`]). For gRPC responses whose status arrives in
-//! trailers, the outcome is recorded once the trailers are seen. Responses
-//! that serin makes itself (errors) are a small fixed body.
+//! body ends, see [`crate::upstream`]), carrying the request's
+//! [`OutcomeRecord`] to the end: the body's end, its trailers, an upstream
+//! that breaks off, or a client that stops reading each settle the outcome
+//! once. Responses that serin makes itself are a small fixed body.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::Instant;
 
-use crate::classify::{Classifier, Outcome};
-use crate::forward::{UpstreamBody, WireError};
-use crate::split::Target;
-use crate::stats::WorkerStats;
+use crate::outcome::OutcomeRecord;
+use crate::upstream::{UpstreamBody, WireError};
 
-/// An outcome whose recording waits for gRPC trailers.
-pub(crate) struct PendingGrpc {
-    pub(crate) stats: Arc<WorkerStats>,
-    pub(crate) classifier: Arc<Classifier>,
-    pub(crate) target: Target,
-    /// Time to response headers: what the judge compares.
-    pub(crate) latency: Duration,
-}
-
-impl PendingGrpc {
-    fn record(self, trailers: Option<&http::HeaderMap>) {
-        let error = self.classifier.classify_trailers(trailers) == Outcome::Error;
-        self.stats
-            .upstream(self.target)
-            .record(Instant::now(), self.latency, error);
-    }
-}
-
-/// The body of every response serin sends.
-pub struct ProxyBody {
+/// The body of every response serin sends on hyper's path.
+pub(crate) struct ProxyBody {
     kind: Kind,
 }
 
+// The large variant is the common one: boxing it would cost an allocation
+// per request to save a few bytes on serin's own error answers.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Upstream {
         body: UpstreamBody,
-        grpc: Option<PendingGrpc>,
+        record: OutcomeRecord,
     },
     Fixed(Option<Bytes>),
 }
 
 impl ProxyBody {
-    pub(crate) fn upstream(body: UpstreamBody, mut grpc: Option<PendingGrpc>) -> Self {
-        // A gRPC response that is already complete (no body, no trailers)
-        // is recorded now.
+    /// An upstream's body, with the outcome its end settles.
+    pub(crate) fn upstream(body: UpstreamBody, mut record: OutcomeRecord) -> Self {
+        // A body that is already complete is never polled.
         if body.is_end_stream() {
-            if let Some(g) = grpc.take() {
-                g.record(None);
-            }
+            record.end(None);
         }
         Self {
-            kind: Kind::Upstream { body, grpc },
+            kind: Kind::Upstream { body, record },
         }
     }
 
     /// A complete body of these bytes.
-    pub fn fixed(bytes: impl Into<Bytes>) -> Self {
+    pub(crate) fn fixed(bytes: impl Into<Bytes>) -> Self {
         Self {
             kind: Kind::Fixed(Some(bytes.into())),
-        }
-    }
-
-    /// An empty body.
-    pub fn empty() -> Self {
-        Self {
-            kind: Kind::Fixed(None),
         }
     }
 }
@@ -88,30 +60,24 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
-        let this = self.get_mut();
-        let Kind::Upstream { body, grpc } = &mut this.kind else {
-            let Kind::Fixed(bytes) = &mut this.kind else {
-                unreachable!()
-            };
-            return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))));
+        let (body, record) = match &mut self.get_mut().kind {
+            Kind::Fixed(bytes) => return Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream { body, record } => (body, record),
         };
         let frame = match Pin::new(&mut *body).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(frame) => frame,
         };
-        if let Some(Ok(f)) = &frame {
-            if let Some(trailers) = f.trailers_ref() {
-                if let Some(g) = grpc.take() {
-                    g.record(Some(trailers));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(trailers) = f.trailers_ref() {
+                    record.end(Some(trailers));
+                } else if body.is_end_stream() {
+                    record.end(None);
                 }
             }
-        }
-        // The end, or a broken body: a gRPC stream that ended without
-        // trailers is recorded as an error.
-        if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
-            if let Some(g) = grpc.take() {
-                g.record(None);
-            }
+            Some(Err(_)) => record.broke(),
+            None => record.end(None),
         }
         Poll::Ready(frame)
     }

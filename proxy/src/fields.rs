@@ -1,19 +1,25 @@
-//! Read access to a message's header fields, wherever they are held.
+//! A message's header fields, wherever they are held: read through
+//! [`Fields`], written through [`FieldSink`].
 //!
-//! The split decision, the outcome classifier and the HTTP/1.1 framing rules
-//! only read header fields. On hyper's path the fields are in a
-//! [`HeaderMap`]; on serin's own HTTP/1.1 path ([`crate::h1_server`]) they
-//! are still in the raw bytes of the head, and building a map just to read
-//! three of them would cost more than the rest of the request. This trait
-//! lets each rule be written once for both.
+//! The request policy, the split decision, the outcome classifier and the
+//! HTTP/1.1 framing rules read header fields. On hyper's path the fields are
+//! in a [`HeaderMap`]; on serin's own HTTP/1.1 path ([`crate::server::own_h1`])
+//! they are still in the raw bytes of the head, and building a map just to
+//! read three of them would cost more than the rest of the request. The
+//! rewrites write fields either as HTTP/1.1 wire bytes or into a map. These
+//! two traits let each rule be written once for every path.
 
+use bytes::Bytes;
 use http::header::CONNECTION;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// A message's header fields.
 pub trait Fields {
     /// The values of every field called `name`, in order.
     fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a;
+
+    /// Every field as (name, value), in order.
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
 
     /// The first value of field `name`.
     fn value<'a>(&'a self, name: &'a HeaderName) -> Option<&'a [u8]> {
@@ -25,6 +31,11 @@ impl Fields for HeaderMap {
     fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.get_all(name).iter().map(|v| v.as_bytes())
     }
+
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+    }
 }
 
 impl Fields for [httparse::Header<'_>] {
@@ -32,6 +43,83 @@ impl Fields for [httparse::Header<'_>] {
         self.iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name.as_str()))
             .map(|h| h.value)
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter().map(|h| (h.name.as_bytes(), h.value))
+    }
+}
+
+// === sinks ===
+
+/// Where rewritten header fields go.
+pub(crate) trait FieldSink {
+    /// Appends one field. `name` is a valid field name and `value` a valid
+    /// field value: both come from a parsed message or from serin itself.
+    fn field(&mut self, name: &[u8], value: &[u8]);
+
+    /// Appends one field whose value is `parts` joined with ", ".
+    fn joined_field<'a>(&mut self, name: &[u8], parts: impl Iterator<Item = &'a [u8]>) {
+        let mut value = Vec::new();
+        for part in parts {
+            if !value.is_empty() {
+                value.extend_from_slice(b", ");
+            }
+            value.extend_from_slice(part);
+        }
+        self.field(name, &value);
+    }
+}
+
+/// HTTP/1.1 wire form: `name: value\r\n`.
+impl FieldSink for Vec<u8> {
+    #[inline]
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        self.extend_from_slice(name);
+        self.extend_from_slice(b": ");
+        self.extend_from_slice(value);
+        self.extend_from_slice(b"\r\n");
+    }
+
+    fn joined_field<'a>(&mut self, name: &[u8], parts: impl Iterator<Item = &'a [u8]>) {
+        self.extend_from_slice(name);
+        self.extend_from_slice(b": ");
+        for (i, part) in parts.enumerate() {
+            if i > 0 {
+                self.extend_from_slice(b", ");
+            }
+            self.extend_from_slice(part);
+        }
+        self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A [`HeaderMap`] being filled. Values that are slices of `shared` (a
+/// parsed head kept as [`Bytes`]) are shared with it instead of copied.
+pub(crate) struct MapSink<'a> {
+    pub(crate) map: &'a mut HeaderMap,
+    pub(crate) shared: Option<&'a Bytes>,
+}
+
+impl FieldSink for MapSink<'_> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        let Ok(name) = HeaderName::from_bytes(name) else {
+            return;
+        };
+        let within = |b: &Bytes| {
+            let start = b.as_ptr() as usize;
+            let at = value.as_ptr() as usize;
+            at >= start && at + value.len() <= start + b.len()
+        };
+        let value = match self.shared {
+            Some(head) if !value.is_empty() && within(head) => {
+                HeaderValue::from_maybe_shared(head.slice_ref(value))
+            }
+            _ => HeaderValue::from_bytes(value),
+        };
+        if let Ok(value) = value {
+            self.map.append(name, value);
+        }
     }
 }
 
@@ -80,6 +168,10 @@ impl Fields for RawFields<'_> {
         self.iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
             .map(|(_, v)| v)
+    }
+
+    fn each(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter()
     }
 }
 

@@ -9,14 +9,17 @@
 
 mod body;
 pub mod classify;
+pub mod defaults;
 pub mod fields;
-pub mod forward;
-mod h1;
-mod h1_server;
-pub mod server;
+mod http1;
+mod outcome;
+mod policy;
+mod server;
 pub mod split;
 pub mod stats;
 pub mod tls;
+mod upstream;
+mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,12 +30,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use body::ProxyBody;
 pub use classify::Classifier;
-pub use forward::{PoolSettings, Upstream, UpstreamProtocol, UpstreamUrlError};
-pub use server::rescue;
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
+pub use upstream::{PoolSettings, Upstream, UpstreamProtocol, UpstreamUrlError};
 
 /// Which headers serin adds or rewrites.
 #[derive(Clone, Debug)]
@@ -50,9 +51,9 @@ pub struct HeaderPolicy {
 impl Default for HeaderPolicy {
     fn default() -> Self {
         Self {
-            rewrite_host: false,
-            via: false,
-            upstream_header: true,
+            rewrite_host: defaults::REWRITE_HOST,
+            via: defaults::VIA,
+            upstream_header: defaults::UPSTREAM_HEADER,
         }
     }
 }
@@ -109,21 +110,21 @@ impl ProxyConfig {
     pub fn new(listen: SocketAddr, stable: Upstream, canary: Upstream) -> Self {
         Self {
             listen,
-            workers: 1,
+            workers: defaults::WORKERS,
             stable,
             canary,
             split: SplitRules::default(),
             classifier: Classifier::default(),
             pool: PoolSettings::default(),
-            response_timeout: Duration::from_secs(30),
-            header_read_timeout: Duration::from_secs(30),
-            max_header_bytes: 64 * 1024,
-            max_inflight: 10_000,
-            drain_timeout: Duration::from_secs(30),
-            canary_fallback: true,
+            response_timeout: defaults::RESPONSE_TIMEOUT,
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
+            max_inflight: defaults::MAX_INFLIGHT,
+            drain_timeout: defaults::DRAIN_TIMEOUT,
+            canary_fallback: defaults::CANARY_FALLBACK,
             headers: HeaderPolicy::default(),
             tls: None,
-            window: Duration::from_secs(10),
+            window: defaults::WINDOW,
         }
     }
 }
@@ -194,8 +195,8 @@ impl Proxy {
             listeners.push(listener);
         }
         let stats = Stats::new(workers, config.window, tokio::time::Instant::now());
-        let shared = Arc::new(server::Shared {
-            classifier: Arc::new(config.classifier.clone()),
+        let shared = Arc::new(worker::Shared {
+            classifier: config.classifier.clone(),
             config,
             routes: routes.clone(),
             tls,

@@ -771,8 +771,8 @@ async fn request_hop_by_hop_headers_are_removed_and_forwarding_headers_rewritten
         seen[0].head
     );
 
-    // `te: trailers` is end to end; without a client id, one is made,
-    // forwarded and returned.
+    // `te: trailers` is end to end, with its `Connection` option (RFC 9110
+    // §10.1.4); without a client id, one is made, forwarded and returned.
     c.send(b"GET /grpcish HTTP/1.1\r\nHost: shop.example\r\nte: trailers\r\n\r\n")
         .await;
     let r = c.response().await;
@@ -784,6 +784,7 @@ async fn request_hop_by_hop_headers_are_removed_and_forwarding_headers_rewritten
     assert_generated_id(&id);
     let seen = &up.seen()[1];
     let expected: Vec<(String, String)> = [
+        ("connection", "te"),
         ("host", "shop.example"),
         ("te", "trailers"),
         ("x-forwarded-for", "127.0.0.1"),

@@ -222,7 +222,7 @@ pub(crate) fn inject_pod(
         return Err(s.unsafe_("it has no pod spec".to_owned()));
     };
     let app_containers = spec.get("containers").and_then(Value::as_array);
-    if app_containers.map_or(true, Vec::is_empty) {
+    if app_containers.is_none_or(Vec::is_empty) {
         return Err(s.unsafe_("its pod spec has no containers".to_owned()));
     }
     if containers(spec).any(|c| c.get("name").and_then(Value::as_str) == Some(CONTAINER_NAME)) {

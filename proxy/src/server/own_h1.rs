@@ -6,49 +6,53 @@
 //! hyper to encode it again. That was a third of serin's CPU per request.
 //! For an HTTP/1.x request without a body, without an upgrade and sent to
 //! an HTTP/1.1 upstream, this loop does the exchange on the raw bytes
-//! instead, as nginx and pingora do: it parses the client's head in place,
-//! decides the split from it, writes the upstream request straight from it,
-//! and writes the client's response head straight from the upstream's.
+//! instead, as nginx and pingora do: it parses the client's head in place
+//! ([`crate::http1::head`]), asks the request policy ([`crate::policy`])
+//! whether and how to forward it, writes the upstream request straight from
+//! it, and writes the client's response head straight from the upstream's.
 //!
-//! Anything else (a request body, `Expect`, an upgrade, an absolute-form
-//! target, an HTTP/2 preface, a malformed or oversized head) hands the
-//! connection to hyper, with the bytes already read, and hyper serves it from
-//! then on. So hyper stays the one place that answers malformed input (400,
-//! 431) and that handles uploads, upgrades and HTTP/2; the proxy rules
-//! (split, rewrites, classification, fallback, error statuses, and what a
-//! client that leaves mid-request costs) are the same functions on both paths.
+//! A request with a body, `Expect` or an upgrade, a target not in origin
+//! form, or an HTTP/2 preface hands the connection to hyper
+//! ([`crate::server::hyper`]), with the bytes already read, and hyper serves
+//! it from then on. Both adapters call the same policy, so a request gets
+//! the same answer, and its upstream the same bytes, on either.
 
 use std::future::{poll_fn, Future};
 use std::io::{self, Write as _};
-use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, Method, StatusCode};
+use http::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING, UPGRADE};
+use http::{Method, Version};
 use tokio::io::{AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::classify::Outcome;
-use crate::fields::{keeps_alive, tokens, Fields};
-use crate::forward::UpstreamError;
-use crate::h1::Copied;
-use crate::server::{rescue_status, ConnMeta, InflightGuard, ProxyError, Worker};
+use crate::fields::{keeps_alive, Fields};
+use crate::http1::chunked::encode_last_chunk;
+use crate::http1::head::{
+    field_slots, parse_request, write_request_line, write_status_line, HeadError,
+};
+use crate::outcome::OutcomeRecord;
+use crate::policy::{
+    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
+    write_response_fields, Admitted, Answering, ConnMeta, Forwarding, Refusal, RequestHead,
+    X_REQUEST_ID,
+};
 use crate::split::Target;
+use crate::upstream::{
+    Copied, H1Request, RequestBody, RequestFraming, UpstreamError, UpstreamResponse,
+};
+use crate::worker::Worker;
 
-/// The most header fields accepted in a request head here; a head with more
-/// goes to hyper, which answers 431 past its own limit.
-const MAX_HEADERS: usize = 64;
 /// How long an idle keep-alive connection is kept (nginx's default).
 const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(75);
 /// Response bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
-
 /// Serves requests on `stream` until it closes, or returns the bytes read so
 /// far when hyper has to take the connection over.
 pub(crate) async fn serve(
@@ -72,16 +76,13 @@ pub(crate) async fn serve(
         let request = if buf.is_empty() {
             None
         } else {
-            match parse_request(worker, meta, &buf, &mut upstream_head) {
+            match parse(worker, meta, &buf, &mut upstream_head) {
                 Parsed::Partial => None,
                 Parsed::Handoff => return Some(buf),
                 Parsed::Ready(request) => Some(request),
             }
         };
         let Some(request) = request else {
-            if buf.len() >= config.max_header_bytes {
-                return Some(buf);
-            }
             if !buf.is_empty() && head_started.is_none() {
                 let started = Instant::now();
                 head_started = Some(started);
@@ -197,8 +198,9 @@ struct Request {
     /// The client allows another request on this connection.
     keep_alive: bool,
     request_id: RequestId,
+    admitted: Admitted,
     /// Answer this instead of forwarding.
-    refuse: Option<ProxyError>,
+    refusal: Option<Refusal>,
 }
 
 /// The request's id: the client's own, or one serin made.
@@ -215,6 +217,13 @@ impl RequestId {
             RequestId::Generated(id) => id,
         }
     }
+
+    fn generated(&self) -> Option<&[u8]> {
+        match self {
+            RequestId::Client(..) => None,
+            RequestId::Generated(id) => Some(id),
+        }
+    }
 }
 
 enum Parsed {
@@ -224,25 +233,38 @@ enum Parsed {
     Ready(Request),
 }
 
-/// Parses the request head at the front of `buf`, decides its upstream and
-/// encodes the upstream request into `upstream_head`.
-fn parse_request(
-    worker: &Worker,
-    meta: &ConnMeta,
-    buf: &[u8],
-    upstream_head: &mut Vec<u8>,
-) -> Parsed {
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+/// Parses the request head at the front of `buf`, asks the policy about it,
+/// decides its upstream and encodes the upstream request into `upstream_head`.
+fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], upstream_head: &mut Vec<u8>) -> Parsed {
+    let config = worker.config();
+    let mut slots = field_slots();
     let mut req = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default()
-        .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
-    {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Handoff,
+    let refused = |refusal| {
+        // The head could not be read: answered as HTTP/1.1, then closed.
+        Parsed::Ready(Request {
+            start: Instant::now(),
+            len: buf.len(),
+            minor: 1,
+            method: Method::GET,
+            target: Target::Stable,
+            keep_alive: false,
+            request_id: RequestId::Generated(worker.next_request_id_bytes()),
+            admitted: Admitted::default(),
+            refusal: Some(refusal),
+        })
+    };
+    let len = match parse_request(&mut req, buf, &mut slots, config.max_header_bytes) {
+        Ok(Some(len)) => len,
+        Ok(None) => return Parsed::Partial,
+        Err(HeadError::Http2Preface) => return Parsed::Handoff,
+        Err(HeadError::TooLarge) => return refused(Refusal::HeadTooLarge),
+        Err(HeadError::Malformed(what)) => {
+            tracing::debug!(what, "malformed request head");
+            return refused(Refusal::Malformed);
+        }
     };
     let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
-        return Parsed::Handoff;
+        return refused(Refusal::Malformed);
     };
     let fields = &*req.headers;
     let bodiless = fields.value(&TRANSFER_ENCODING).is_none()
@@ -255,33 +277,38 @@ fn parse_request(
         return Parsed::Handoff;
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-        return Parsed::Handoff;
+        return refused(Refusal::Malformed);
     };
-    let keep_alive = keeps_alive(fields, minor);
-    let request_id = match fields.value(&crate::server::X_REQUEST_ID) {
+    let request_id = match fields.value(&X_REQUEST_ID) {
         Some(id) => {
             let start = id.as_ptr() as usize - buf.as_ptr() as usize;
             RequestId::Client(start, start + id.len())
         }
         None => RequestId::Generated(worker.next_request_id_bytes()),
     };
-    let config = &worker.shared.config;
-    let refuse = if minor == 1 && fields.value(&HOST).is_none() {
-        Some(ProxyError::MissingHost)
-    } else if worker.inflight.get() >= config.max_inflight {
-        Some(ProxyError::Overloaded)
-    } else {
-        None
+    let head = RequestHead {
+        method: &method,
+        version: if minor == 1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        },
+        fields,
+    };
+    let (admitted, refusal) = match admit(&head, worker.inflight(), config) {
+        Ok(admitted) => (admitted, None),
+        Err(refusal) => (Admitted::default(), Some(refusal)),
     };
     let target = worker.decide(fields);
-    if refuse.is_none() {
+    if refusal.is_none() {
         upstream_head.clear();
         encode_upstream_head(
             worker,
             meta,
             target,
             &req,
-            request_id.bytes(buf),
+            admitted,
+            &request_id,
             upstream_head,
         );
     }
@@ -289,12 +316,43 @@ fn parse_request(
         start: Instant::now(),
         len,
         minor,
+        keep_alive: keeps_alive(fields, minor),
         method,
         target,
-        keep_alive,
         request_id,
-        refuse,
+        admitted,
+        refusal,
     })
+}
+
+/// Writes the upstream request for `target`: the request line, then the
+/// fields as the policy rewrites them.
+fn encode_upstream_head(
+    worker: &Worker,
+    meta: &ConnMeta,
+    target: Target,
+    req: &httparse::Request<'_, '_>,
+    admitted: Admitted,
+    request_id: &RequestId,
+    out: &mut Vec<u8>,
+) {
+    let method = req.method.unwrap_or("GET").as_bytes();
+    write_request_line(out, method, req.path.unwrap_or("/").as_bytes());
+    let forwarding = Forwarding {
+        conn: meta,
+        version: if req.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        },
+        config: worker.config(),
+        admitted,
+        authority: None,
+        upstream_authority: worker.pool(target).upstream().authority.as_bytes(),
+        generated_id: request_id.generated(),
+    };
+    write_request_fields(&*req.headers, &forwarding, out);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Re-encodes a request head for another upstream (the canary fallback).
@@ -302,160 +360,24 @@ fn reencode_for(
     worker: &Worker,
     meta: &ConnMeta,
     target: Target,
+    request: &Request,
     head: &[u8],
-    id: &[u8],
 ) -> Vec<u8> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut slots = [httparse::EMPTY_HEADER; crate::http1::head::MAX_FIELDS];
     let mut req = httparse::Request::new(&mut slots);
     let mut out = Vec::with_capacity(head.len() + 128);
     if let Ok(httparse::Status::Complete(_)) = req.parse(head) {
-        encode_upstream_head(worker, meta, target, &req, id, &mut out);
-    }
-    out
-}
-
-/// The request fields serin itself rewrites, by name.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Rewritten {
-    /// Hop-by-hop: never forwarded.
-    HopByHop,
-    Te,
-    Host,
-    ForwardedFor,
-    ForwardedProto,
-    /// Forwarded as it is.
-    Other,
-}
-
-fn rewritten(name: &[u8]) -> Rewritten {
-    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
-    match name.len() {
-        2 if is("te") => Rewritten::Te,
-        4 if is("host") => Rewritten::Host,
-        7 if is("trailer") || is("upgrade") => Rewritten::HopByHop,
-        10 if is("connection") || is("keep-alive") => Rewritten::HopByHop,
-        15 if is("x-forwarded-for") => Rewritten::ForwardedFor,
-        16 if is("proxy-connection") => Rewritten::HopByHop,
-        17 if is("transfer-encoding") => Rewritten::HopByHop,
-        17 if is("x-forwarded-proto") => Rewritten::ForwardedProto,
-        _ => Rewritten::Other,
-    }
-}
-
-/// Writes the upstream request: the client's head with the same rewrites as
-/// hyper's path (hop-by-hop fields out, `X-Forwarded-*`, `x-request-id`,
-/// `Host` and optional `Via`).
-fn encode_upstream_head(
-    worker: &Worker,
-    meta: &ConnMeta,
-    target: Target,
-    req: &httparse::Request<'_, '_>,
-    request_id: &[u8],
-    out: &mut Vec<u8>,
-) {
-    let config = &worker.shared.config;
-    let fields = &*req.headers;
-    let named = connection_named(fields);
-    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut has_host = false;
-    let mut has_id = false;
-    for field in fields {
-        let name = field.name.as_bytes();
-        match rewritten(name) {
-            Rewritten::HopByHop | Rewritten::ForwardedFor | Rewritten::ForwardedProto => continue,
-            Rewritten::Te => {
-                // gRPC needs `te: trailers` end to end; any other TE is hop-by-hop.
-                if field.value.eq_ignore_ascii_case(b"trailers") {
-                    out.extend_from_slice(b"te: trailers\r\n");
-                }
-                continue;
-            }
-            Rewritten::Host => {
-                has_host = true;
-                if config.headers.rewrite_host {
-                    continue;
-                }
-            }
-            Rewritten::Other => {
-                if named.contains(name) {
-                    continue;
-                }
-                has_id |= name.eq_ignore_ascii_case(b"x-request-id");
-            }
-        }
-        put_field(out, name, field.value);
-    }
-    if config.headers.rewrite_host || !has_host {
-        put_field(
-            out,
-            b"host",
-            worker.pool(target).upstream().authority.as_bytes(),
+        encode_upstream_head(
+            worker,
+            meta,
+            target,
+            &req,
+            request.admitted,
+            &request.request_id,
+            &mut out,
         );
     }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for value in fields
-        .iter()
-        .filter(|f| rewritten(f.name.as_bytes()) == Rewritten::ForwardedFor)
-    {
-        out.extend_from_slice(value.value);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(meta.client_ip.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    put_field(out, b"x-forwarded-proto", meta.proto.as_bytes());
-    if !has_id {
-        put_field(out, b"x-request-id", request_id);
-    }
-    if config.headers.via {
-        out.extend_from_slice(b"via: 1.1 serin\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Field names listed in `Connection` (hop-by-hop by RFC 9110 §7.6.1).
-struct ConnectionNamed<'a> {
-    names: [&'a [u8]; 8],
-    len: usize,
-}
-
-impl ConnectionNamed<'_> {
-    fn contains(&self, name: &[u8]) -> bool {
-        self.names[..self.len]
-            .iter()
-            .any(|n| n.eq_ignore_ascii_case(name))
-    }
-}
-
-fn connection_named<'a, F: Fields + ?Sized>(fields: &'a F) -> ConnectionNamed<'a> {
-    let mut named = ConnectionNamed {
-        names: [&[]; 8],
-        len: 0,
-    };
-    for token in tokens(fields, &CONNECTION) {
-        // `close` and `keep-alive` are connection options, not field names.
-        if token.is_empty()
-            || token.eq_ignore_ascii_case(b"close")
-            || token.eq_ignore_ascii_case(b"keep-alive")
-        {
-            continue;
-        }
-        if named.len == named.names.len() {
-            break;
-        }
-        named.names[named.len] = token;
-        named.len += 1;
-    }
-    named
-}
-
-fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// Forwards one request and writes the response. Returns whether the
@@ -469,74 +391,67 @@ async fn exchange(
     upstream_head: &[u8],
     out: &mut Vec<u8>,
 ) -> bool {
-    let config = &worker.shared.config;
+    let config = worker.config();
     let id = request.request_id.bytes(head);
     out.clear();
-    if let Some(error) = &request.refuse {
-        let keep_alive = write_rescue(out, worker, request, error, id, false);
+    if let Some(refusal) = &request.refusal {
+        let keep_alive = write_local(out, worker, request, refusal, id, false);
         return stream.write_all(out).await.is_ok() && keep_alive;
     }
     let start = request.start;
-    worker.inflight.set(worker.inflight.get() + 1);
-    let _inflight = InflightGuard(worker.clone());
-    let mut served_by = request.target;
-    let sent = send_watched(worker, stream, served_by, upstream_head, request, start);
+    let mut record = OutcomeRecord::new(worker.clone(), request.target, start, true);
+    let sent = send_watched(
+        worker,
+        stream,
+        request.target,
+        upstream_head,
+        request,
+        start,
+    );
     let Some(mut result) = sent.await else {
         return false;
     };
     let mut fell_back = false;
     // A bodiless idempotent request the canary fails is replayed on stable:
     // the client never sees the canary's error, the judge does.
-    if served_by == Target::Canary
-        && config.canary_fallback
-        && matches!(request.method, Method::GET | Method::HEAD | Method::OPTIONS)
+    if may_fall_back(config, request.target, &request.method, true, false)
+        && canary_failed(
+            &worker.shared.classifier,
+            result.as_ref().ok().map(UpstreamResponse::status),
+        )
     {
-        let canary_failed = match &result {
-            Ok(resp) => worker.shared.classifier.is_error_status(resp.status()),
-            Err(_) => true,
+        record.fall_back();
+        fell_back = true;
+        drop(result);
+        let stable_head = reencode_for(worker, meta, Target::Stable, request, &head[..request.len]);
+        // Boxed: a rare path, kept out of every request's future.
+        let replay = send_watched(
+            worker,
+            stream,
+            Target::Stable,
+            &stable_head,
+            request,
+            Instant::now(),
+        );
+        let Some(replayed) = Box::pin(replay).await else {
+            return false;
         };
-        if canary_failed {
-            worker.record(Target::Canary, start, true);
-            drop(result);
-            let stable_head = reencode_for(worker, meta, Target::Stable, &head[..request.len], id);
-            served_by = Target::Stable;
-            fell_back = true;
-            // Boxed: a rare path, kept out of every request's future.
-            let replay = send_watched(
-                worker,
-                stream,
-                served_by,
-                &stable_head,
-                request,
-                Instant::now(),
-            );
-            let Some(replayed) = Box::pin(replay).await else {
-                return false;
-            };
-            result = replayed;
-        }
+        result = replayed;
     }
+    let served_by = record.target();
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
-            if !matches!(e, UpstreamError::ClientAborted { .. }) {
-                worker.record(served_by, start, true);
-            }
+            record.failed(&e);
             tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
-            let error = ProxyError::Upstream(served_by, e);
-            let keep_alive = write_rescue(out, worker, request, &error, id, fell_back);
+            let refusal = Refusal::Upstream(served_by, e);
+            let keep_alive = write_local(out, worker, request, &refusal, id, fell_back);
             return stream.write_all(out).await.is_ok() && keep_alive;
         }
     };
 
     let status = resp.status();
-    let awaits_trailers = match worker.shared.classifier.classify(status, &resp.fields()) {
-        Outcome::AwaitTrailers => true,
-        outcome => {
-            worker.record(served_by, start, outcome == Outcome::Error);
-            false
-        }
-    };
+    record.headers(status, &resp.fields());
     // The client's framing: the upstream's length when it has one, else
     // chunked for HTTP/1.1 and the end of the connection for HTTP/1.0.
     let chunked = !resp.length_delimited() && request.minor == 1;
@@ -544,37 +459,13 @@ async fn exchange(
         && !worker.draining.get()
         && (resp.length_delimited() || request.minor == 1);
     write_status_line(out, request.minor, status);
-    let fields = resp.fields();
-    let named = connection_named(&fields);
-    let mut has_id = false;
-    for (name, value) in fields.iter() {
-        match rewritten(name) {
-            Rewritten::HopByHop | Rewritten::Te => continue,
-            _ if named.contains(name) => continue,
-            // A length next to chunked framing is wrong (RFC 9112 §6.3).
-            _ if !resp.length_delimited() && name.eq_ignore_ascii_case(b"content-length") => {
-                continue
-            }
-            _ => {}
-        }
-        if config.headers.upstream_header
-            && (name.eq_ignore_ascii_case(b"x-serin-upstream")
-                || name.eq_ignore_ascii_case(b"x-serin-fallback"))
-        {
-            continue;
-        }
-        has_id |= name.eq_ignore_ascii_case(b"x-request-id");
-        put_field(out, name, value);
-    }
-    if config.headers.upstream_header {
-        put_field(out, b"x-serin-upstream", served_by.as_str().as_bytes());
-        if fell_back {
-            put_field(out, b"x-serin-fallback", b"canary");
-        }
-    }
-    if !has_id {
-        put_field(out, b"x-request-id", id);
-    }
+    let answering = Answering {
+        config,
+        served_by,
+        fell_back,
+        request_id: id,
+    };
+    write_response_fields(&resp.fields(), &answering, out);
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -587,17 +478,13 @@ async fn exchange(
             Ok(Copied::More) => {}
             Ok(Copied::End(trailers)) => {
                 if chunked {
-                    write_last_chunk(out, trailers.as_ref());
+                    encode_last_chunk(out, trailers.as_ref());
                 }
-                if awaits_trailers {
-                    record_trailers(worker, served_by, start, trailers.as_ref());
-                }
+                record.end(trailers.as_ref());
                 return stream.write_all(out).await.is_ok() && keep_alive;
             }
             Err(e) => {
-                if awaits_trailers {
-                    record_trailers(worker, served_by, start, None);
-                }
+                record.broke();
                 tracing::debug!(upstream = %served_by, error = %e, "upstream response body broke off");
                 // The client cannot be told after the head: it sees the
                 // connection close before the body is complete.
@@ -614,7 +501,7 @@ async fn exchange(
 
 /// Sends the encoded request to `target` (see [`send`]) while watching the
 /// client: a client that leaves drops the upstream request, as nginx and
-/// hyper do, and the request is recorded as abandoned (`None`).
+/// hyper do (`None`; the dropped [`OutcomeRecord`] counts it as abandoned).
 async fn send_watched(
     worker: &Worker,
     stream: &TcpStream,
@@ -622,12 +509,9 @@ async fn send_watched(
     upstream_head: &[u8],
     request: &Request,
     sent_at: Instant,
-) -> Option<Result<crate::h1::RawResponse, UpstreamError>> {
-    let awaiting = worker.awaiting(target, request.start);
+) -> Option<Result<UpstreamResponse, UpstreamError>> {
     let sent = send(worker, target, upstream_head, &request.method, sent_at);
-    let result = unless_client_leaves(stream, sent).await?;
-    awaiting.answered();
-    Some(result)
+    unless_client_leaves(stream, sent).await
 }
 
 /// Waits for `work` unless the client closes or resets its connection first
@@ -662,35 +546,23 @@ async fn send(
     upstream_head: &[u8],
     method: &Method,
     sent_at: Instant,
-) -> Result<crate::h1::RawResponse, UpstreamError> {
+) -> Result<UpstreamResponse, UpstreamError> {
     let pool = worker.pool(target);
-    let timeout = worker.shared.config.response_timeout;
-    let send = pool.send_raw(|w| w.extend_from_slice(upstream_head), method, sent_at);
-    match tokio::time::timeout_at(sent_at + timeout, send).await {
+    let timeout = worker.config().response_timeout;
+    let request = H1Request {
+        method,
+        encode: |w: &mut Vec<u8>| w.extend_from_slice(upstream_head),
+        body: RequestBody::Empty,
+        framing: RequestFraming::None,
+        upgrade: false,
+    };
+    match tokio::time::timeout_at(sent_at + timeout, pool.send_h1(request, sent_at)).await {
         Ok(result) => result,
         Err(_) => Err(UpstreamError::Timeout {
             url: pool.upstream().url.clone(),
             timeout,
         }),
     }
-}
-
-/// Records a gRPC-style outcome that waited for the trailers.
-fn record_trailers(worker: &Worker, target: Target, start: Instant, trailers: Option<&HeaderMap>) {
-    let error = worker.shared.classifier.classify_trailers(trailers) == Outcome::Error;
-    worker.record_latency(target, start.elapsed(), error);
-}
-
-fn write_status_line(out: &mut Vec<u8>, minor: u8, status: StatusCode) {
-    out.extend_from_slice(if minor == 1 {
-        b"HTTP/1.1 "
-    } else {
-        b"HTTP/1.0 "
-    });
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
 }
 
 /// `Connection` for the client: close when the connection ends after this
@@ -703,44 +575,28 @@ fn put_connection(out: &mut Vec<u8>, minor: u8, keep_alive: bool) {
     }
 }
 
-/// The last chunk of a chunked response, with its trailers.
-fn write_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        put_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Writes the response serin makes itself for `error` (see
-/// [`rescue_status`]); returns whether the connection stays open.
-fn write_rescue(
+/// Writes the response serin makes itself for `refusal` (see
+/// [`local_answer`]); returns whether the connection stays open.
+fn write_local(
     out: &mut Vec<u8>,
     worker: &Worker,
     request: &Request,
-    error: &ProxyError,
+    refusal: &Refusal,
     id: &[u8],
     fell_back: bool,
 ) -> bool {
-    let (status, text) = rescue_status(error);
-    write_status_line(out, request.minor, status);
-    out.extend_from_slice(b"content-type: text/plain\r\ncontent-length: ");
-    let _ = write!(out, "{}", text.len());
+    let answer = local_answer(refusal);
+    write_status_line(out, request.minor, answer.status);
+    write_local_fields(&answer, worker.config(), fell_back, id, out);
+    out.extend_from_slice(b"content-length: ");
+    let _ = write!(out, "{}", answer.text.len());
     out.extend_from_slice(b"\r\n");
-    if let ProxyError::Upstream(target, _) = error {
-        // Named even when the header is turned off: it says whose failure it was.
-        put_field(out, b"x-serin-upstream", target.as_str().as_bytes());
-        if fell_back && worker.shared.config.headers.upstream_header {
-            put_field(out, b"x-serin-fallback", b"canary");
-        }
-    }
-    put_field(out, b"x-request-id", id);
-    let keep_alive = request.keep_alive && !worker.draining.get();
+    let keep_alive = request.keep_alive && !answer.close && !worker.draining.get();
     put_connection(out, request.minor, keep_alive);
     out.extend_from_slice(b"\r\n");
     // A response to HEAD has the length of the body it would have, not the body.
     if request.method != Method::HEAD {
-        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(answer.text.as_bytes());
     }
     keep_alive
 }

@@ -1,0 +1,44 @@
+//! Every default of the data plane's settings, in one place.
+//!
+//! [`crate::ProxyConfig::new`], the config file loader and the CLI's help
+//! all read these constants, and a test checks that the README's example
+//! config, which shows each default, parses to the same values.
+
+use std::time::Duration;
+
+/// `listen`: where clients connect.
+pub const LISTEN: &str = "127.0.0.1:8080";
+/// `workers`: worker threads, each with its own listener and pools (one,
+/// as for a sidecar; use more for a standalone proxy).
+pub const WORKERS: usize = 1;
+/// `timeouts.response`: time allowed for an upstream's response head (→ 504).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `timeouts.header_read`: time allowed for a client to send a request head.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// `timeouts.connect`: time allowed to open an upstream connection (→ 504).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// `timeouts.upstream_idle`: a pooled upstream connection idle for longer is
+/// closed instead of reused.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `timeouts.drain`: how long shutdown waits for requests in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `limits.max_header_bytes`: the largest request head accepted (→ 431).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// `limits.max_inflight`: requests in flight per worker before serin answers 503.
+pub const MAX_INFLIGHT: usize = 10_000;
+/// `limits.max_idle_per_upstream`: idle connections kept per upstream per worker.
+pub const MAX_IDLE_PER_UPSTREAM: usize = 256;
+/// `split.canary_fallback`: replay a failed bodiless GET/HEAD/OPTIONS from
+/// the canary on stable (the judge still sees the canary's failure).
+pub const CANARY_FALLBACK: bool = true;
+/// `headers.rewrite_host`: replace the client's `Host` with the upstream's
+/// (off: the client's `Host` is kept, as NGINX ingress does).
+pub const REWRITE_HOST: bool = false;
+/// `headers.via`: add `Via: 1.1 serin` to requests (off, as in NGINX and
+/// Envoy; RFC 9110 §7.6.3 asks a gateway for it, see the README).
+pub const VIA: bool = false;
+/// `headers.upstream_header`: tell the client which upstream answered, in
+/// `x-serin-upstream`.
+pub const UPSTREAM_HEADER: bool = true;
+/// `judge.window`: the length of the rolling stats window.
+pub const WINDOW: Duration = Duration::from_secs(10);

@@ -1,0 +1,622 @@
+//! The request policy: every rule about what serin lets through, rewrites
+//! and answers itself, written once for every path that carries a request.
+//!
+//! serin serves HTTP/1.1 on two paths (its own loop, [`crate::server::own_h1`],
+//! and hyper, [`crate::server::hyper`]) and HTTP/2 on hyper. Those are
+//! protocol adapters: they move bytes and frames. What a request may look
+//! like, which fields reach the upstream and the client, when a canary
+//! failure is replayed on stable, and which status an error becomes are
+//! decided here, in the order pingora's `ProxyHttp` hooks run:
+//!
+//! 1. [`admit`]: framing (RFC 9112 §6), `Host` (§3.2), methods serin does not
+//!    forward, `Max-Forwards` (RFC 9110 §7.6.2) and overload. A refusal is a
+//!    [`Refusal`].
+//! 2. [`write_request_fields`]: hop-by-hop fields out, every field named in
+//!    `Connection` out (no cap), `Host`, `X-Forwarded-For`/`-Proto`, `Via`,
+//!    `Max-Forwards` and the request id.
+//! 3. [`may_fall_back`] and [`canary_failed`]: the canary fallback.
+//! 4. [`write_response_fields`]: the same hop-by-hop rules on the way back,
+//!    serin's own `x-serin-*` fields, and the request id.
+//! 5. [`local_answer`] and [`write_local_fields`]: every response serin makes
+//!    itself. This is the only place that picks an error status.
+//!
+//! A difference between the paths that is not a difference in the protocol
+//! (a body's framing, HTTP/2's pseudo-headers) is a bug. The rules only
+//! read fields through [`Fields`] and write through [`FieldSink`], so they
+//! cost no allocation on serin's own HTTP/1.1 path.
+
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Version};
+
+use crate::classify::Classifier;
+use crate::fields::{tokens, FieldSink, Fields};
+use crate::http1::framing::{content_length, FramingError};
+use crate::split::Target;
+use crate::upstream::UpstreamError;
+use crate::ProxyConfig;
+
+/// Facts about a client connection that the rewrites use, computed once per
+/// connection.
+pub(crate) struct ConnMeta {
+    /// The client's address, as `X-Forwarded-For` gives it.
+    pub(crate) client_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub(crate) proto: HeaderValue,
+}
+
+static MAX_FORWARDS: HeaderName = HeaderName::from_static("max-forwards");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The methods named in `Allow` when serin answers for the upstream.
+const ALLOWED: &[u8] = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+// === admission ===
+
+/// What admission reads of a request, from either path.
+pub(crate) struct RequestHead<'a, F: ?Sized> {
+    pub(crate) method: &'a Method,
+    pub(crate) version: Version,
+    pub(crate) fields: &'a F,
+}
+
+/// What admission learnt that the rewrites need.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Admitted {
+    /// `Max-Forwards` to send instead of the client's (OPTIONS and TRACE).
+    pub(crate) max_forwards: Option<u32>,
+}
+
+/// Decides whether a request may be forwarded, before anything is sent.
+pub(crate) fn admit<F: Fields + ?Sized>(
+    head: &RequestHead<'_, F>,
+    inflight: usize,
+    config: &ProxyConfig,
+) -> Result<Admitted, Refusal> {
+    let fields = head.fields;
+    check_framing(head)?;
+    check_host(head)?;
+    if head.method == Method::CONNECT {
+        return Err(Refusal::Connect);
+    }
+    let mut admitted = Admitted::default();
+    if head.method == Method::OPTIONS || head.method == Method::TRACE {
+        if let Some(n) = fields.value(&MAX_FORWARDS).and_then(parse_decimal) {
+            if n == 0 {
+                return Err(Refusal::MaxForwards(head.method.clone()));
+            }
+            admitted.max_forwards = Some((n - 1).min(u64::from(u32::MAX)) as u32);
+        }
+    }
+    if inflight >= config.max_inflight {
+        return Err(Refusal::Overloaded);
+    }
+    Ok(admitted)
+}
+
+/// RFC 9112 §6: a request's body must have one unambiguous length. serin
+/// decodes exactly one transfer coding, chunked; it never guesses.
+fn check_framing<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<(), Refusal> {
+    let fields = head.fields;
+    if fields.value(&TRANSFER_ENCODING).is_some() {
+        if head.version == Version::HTTP_10 {
+            return Err(Refusal::Framing(
+                "serin: bad request framing: Transfer-Encoding in an HTTP/1.0 request\n",
+            ));
+        }
+        if fields.value(&CONTENT_LENGTH).is_some() {
+            return Err(Refusal::Framing(
+                "serin: bad request framing: both Transfer-Encoding and Content-Length\n",
+            ));
+        }
+        // Exactly `chunked`: a coding before it would be lost when serin
+        // decodes the body, and a second `chunked` is not allowed (§7).
+        let mut codings = tokens(fields, &TRANSFER_ENCODING);
+        let only_chunked = codings
+            .next()
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+            && codings.next().is_none();
+        if !only_chunked {
+            return Err(Refusal::Framing(
+                "serin: bad request framing: the only Transfer-Encoding accepted is chunked\n",
+            ));
+        }
+        return Ok(());
+    }
+    if tokens(fields, &CONTENT_LENGTH).nth(1).is_some() {
+        return Err(Refusal::Framing(
+            "serin: bad request framing: more than one Content-Length\n",
+        ));
+    }
+    match content_length(fields) {
+        Ok(_) => Ok(()),
+        Err(FramingError::BadLength) => Err(Refusal::Framing(
+            "serin: bad request framing: invalid Content-Length\n",
+        )),
+        Err(FramingError::ConflictingLengths) => Err(Refusal::Framing(
+            "serin: bad request framing: conflicting Content-Length values\n",
+        )),
+    }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one valid `Host`, even
+/// when its target carries the authority; no request has two. (HTTP/2
+/// carries the authority in `:authority`.)
+fn check_host<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<(), Refusal> {
+    let mut hosts = head.fields.values(&HOST);
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Refusal::Host(
+            "serin: bad request: more than one Host header\n",
+        ));
+    }
+    match host {
+        Some(value) if !valid_host(value) => Err(Refusal::Host(
+            "serin: bad request: the Host header is not a valid host[:port]\n",
+        )),
+        None if head.version == Version::HTTP_11 => Err(Refusal::Host(
+            "serin: an HTTP/1.1 request needs a Host header\n",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2); empty is allowed (RFC 9112 §3.2).
+fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        Some(i)
+            if !value[..i].contains(&b':')
+                || value.starts_with(b"[") && value[..i].ends_with(b"]") =>
+        {
+            (&value[..i], Some(&value[i + 1..]))
+        }
+        _ => (value, None),
+    };
+    let port_ok = port.is_none_or(|p| p.iter().all(u8::is_ascii_digit));
+    let host_ok = if let Some(literal) = host.strip_prefix(b"[") {
+        literal.strip_suffix(b"]").is_some_and(|ip| {
+            !ip.is_empty()
+                && ip
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        })
+    } else {
+        // reg-name or IPv4: unreserved, pct-encoded and sub-delims.
+        host.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
+    };
+    port_ok && host_ok
+}
+
+/// `1*DIGIT`, as `Max-Forwards` is written.
+fn parse_decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        value
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')),
+    )
+}
+
+// === request rewrites ===
+
+/// What the request rewrite needs besides the client's fields.
+pub(crate) struct Forwarding<'a> {
+    pub(crate) conn: &'a ConnMeta,
+    /// The version the client spoke.
+    pub(crate) version: Version,
+    pub(crate) config: &'a ProxyConfig,
+    /// What admission decided.
+    pub(crate) admitted: Admitted,
+    /// The authority of an absolute-form target or `:authority`, which
+    /// replaces the client's `Host` (RFC 9112 §3.2.2).
+    pub(crate) authority: Option<&'a [u8]>,
+    /// The upstream's `host:port`.
+    pub(crate) upstream_authority: &'a [u8],
+    /// The id serin made for a request that came without one.
+    pub(crate) generated_id: Option<&'a [u8]>,
+}
+
+/// A request or response field serin treats specially, by name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Special {
+    /// Hop-by-hop (RFC 9110 §7.6.1, plus the legacy `keep-alive` and
+    /// `proxy-connection`): never forwarded.
+    HopByHop,
+    Te,
+    Host,
+    ContentLength,
+    ForwardedFor,
+    ForwardedProto,
+    MaxForwards,
+    RequestId,
+    /// `x-serin-*`: serin's own fields, never taken from an upstream.
+    Serin,
+    Other,
+}
+
+fn special(name: &[u8]) -> Special {
+    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    match name.len() {
+        2 if is("te") => Special::Te,
+        4 if is("host") => Special::Host,
+        7 if is("trailer") || is("upgrade") => Special::HopByHop,
+        10 if is("connection") || is("keep-alive") => Special::HopByHop,
+        12 if is("max-forwards") => Special::MaxForwards,
+        12 if is("x-request-id") => Special::RequestId,
+        14 if is("content-length") => Special::ContentLength,
+        15 if is("x-forwarded-for") => Special::ForwardedFor,
+        16 if is("proxy-connection") => Special::HopByHop,
+        17 if is("transfer-encoding") => Special::HopByHop,
+        17 if is("x-forwarded-proto") => Special::ForwardedProto,
+        n if n > 7 && name[..7].eq_ignore_ascii_case(b"x-serin") && name[7] == b'-' => {
+            Special::Serin
+        }
+        _ => Special::Other,
+    }
+}
+
+/// Writes the fields the upstream receives: the client's, in order, minus
+/// the hop-by-hop ones, then the ones serin adds. The request line and the
+/// body's framing fields are the protocol adapter's.
+pub(crate) fn write_request_fields<F: Fields + ?Sized>(
+    fields: &F,
+    fwd: &Forwarding<'_>,
+    out: &mut impl FieldSink,
+) {
+    let headers = &fwd.config.headers;
+    let named = ConnectionNamed::of(fields);
+    let replace_host = headers.rewrite_host || fwd.authority.is_some();
+    let mut has_host = false;
+    let mut replaced_max_forwards = false;
+    for (name, value) in fields.each() {
+        match special(name) {
+            Special::HopByHop | Special::ForwardedFor | Special::ForwardedProto => continue,
+            Special::Te => {
+                // gRPC needs `te: trailers` end to end; any other TE is
+                // hop-by-hop. Its sender also names it in `Connection`
+                // (RFC 9110 §10.1.4).
+                if value.eq_ignore_ascii_case(b"trailers") {
+                    out.field(b"te", b"trailers");
+                    out.field(b"connection", b"te");
+                }
+                continue;
+            }
+            Special::Host => {
+                has_host = true;
+                if replace_host {
+                    continue;
+                }
+            }
+            Special::MaxForwards => {
+                // Decremented once, in place of every line the client sent.
+                if let Some(n) = fwd.admitted.max_forwards {
+                    if !replaced_max_forwards {
+                        replaced_max_forwards = true;
+                        let mut digits = [0u8; 10];
+                        out.field(b"max-forwards", decimal(&mut digits, n));
+                    }
+                    continue;
+                }
+            }
+            _ if named.contains(name) => continue,
+            _ => {}
+        }
+        out.field(name, value);
+    }
+    match fwd.authority {
+        _ if headers.rewrite_host => out.field(b"host", fwd.upstream_authority),
+        Some(authority) => out.field(b"host", authority),
+        None if !has_host => out.field(b"host", fwd.upstream_authority),
+        None => {}
+    }
+    // Every line the client sent, in order, then the client: unless the
+    // client named the field in `Connection`, which makes its lines hop-by-hop.
+    let client_ip = fwd.conn.client_ip.as_bytes();
+    let forwarded_hop = named.contains(b"x-forwarded-for");
+    out.joined_field(
+        b"x-forwarded-for",
+        fields
+            .each()
+            .filter(|(n, _)| !forwarded_hop && special(n) == Special::ForwardedFor)
+            .map(|(_, v)| v)
+            .chain(std::iter::once(client_ip)),
+    );
+    out.field(b"x-forwarded-proto", fwd.conn.proto.as_bytes());
+    if let Some(id) = fwd.generated_id {
+        out.field(b"x-request-id", id);
+    }
+    if headers.via {
+        // The protocol serin received the request in (RFC 9110 §7.6.3).
+        let via: &[u8] = match fwd.version {
+            Version::HTTP_10 => b"1.0 serin",
+            Version::HTTP_2 => b"2 serin",
+            _ => b"1.1 serin",
+        };
+        out.field(b"via", via);
+    }
+}
+
+/// Writes `n` in decimal into `buf`; returns the digits.
+fn decimal(buf: &mut [u8; 10], mut n: u32) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// The field names a message's `Connection` header lists (RFC 9110
+/// §7.6.1): hop-by-hop, so never forwarded. Every name counts, however many
+/// there are: the first few are kept at hand, the rest are looked up in the
+/// header again.
+struct ConnectionNamed<'a, F: ?Sized> {
+    fields: &'a F,
+    first: [&'a [u8]; 4],
+    len: usize,
+    more: bool,
+}
+
+impl<'a, F: Fields + ?Sized> ConnectionNamed<'a, F> {
+    fn of(fields: &'a F) -> Self {
+        let mut named = Self {
+            fields,
+            first: [&[]; 4],
+            len: 0,
+            more: false,
+        };
+        for token in connection_names(fields) {
+            if named.len == named.first.len() {
+                named.more = true;
+                break;
+            }
+            named.first[named.len] = token;
+            named.len += 1;
+        }
+        named
+    }
+
+    fn contains(&self, name: &[u8]) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        if self.more {
+            return connection_names(self.fields).any(|t| t.eq_ignore_ascii_case(name));
+        }
+        self.first[..self.len]
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(name))
+    }
+}
+
+/// The field names in `Connection`: its tokens, less the connection options
+/// `close` and `keep-alive`.
+fn connection_names<F: Fields + ?Sized>(fields: &F) -> impl Iterator<Item = &[u8]> {
+    tokens(fields, &http::header::CONNECTION).filter(|t| {
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+    })
+}
+
+// === canary fallback ===
+
+/// Whether a failure of this request on the canary may be replayed on
+/// stable: a bodiless GET, HEAD or OPTIONS that asks for no upgrade, so
+/// sending it twice is safe (RFC 9110 §9.2.2) and nothing of it is lost.
+pub(crate) fn may_fall_back(
+    config: &ProxyConfig,
+    target: Target,
+    method: &Method,
+    bodiless: bool,
+    upgrade: bool,
+) -> bool {
+    config.canary_fallback
+        && target == Target::Canary
+        && bodiless
+        && !upgrade
+        && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Whether the canary's answer (a status, or a failure) is one to replay on
+/// stable: whatever the judge counts as an error.
+pub(crate) fn canary_failed(classifier: &Classifier, status: Option<StatusCode>) -> bool {
+    status.is_none_or(|s| classifier.is_error_status(s))
+}
+
+// === response rewrites ===
+
+/// What the response rewrite needs besides the upstream's fields.
+pub(crate) struct Answering<'a> {
+    pub(crate) config: &'a ProxyConfig,
+    pub(crate) served_by: Target,
+    /// The canary failed and stable answered instead.
+    pub(crate) fell_back: bool,
+    /// The request's id, sent back unless the upstream set its own.
+    pub(crate) request_id: &'a [u8],
+}
+
+/// Writes the fields the client receives from an upstream's response: the
+/// upstream's, in order, minus the hop-by-hop ones, a `Content-Length` that
+/// `Transfer-Encoding` overrides (RFC 9112 §6.3) and any `x-serin-*`, then
+/// serin's own. The status line and the framing fields are the adapter's.
+pub(crate) fn write_response_fields<F: Fields + ?Sized>(
+    fields: &F,
+    ans: &Answering<'_>,
+    out: &mut impl FieldSink,
+) {
+    let named = ConnectionNamed::of(fields);
+    let framed_by_coding = fields.value(&TRANSFER_ENCODING).is_some();
+    let mut has_id = false;
+    for (name, value) in fields.each() {
+        match special(name) {
+            Special::HopByHop | Special::Te | Special::Serin => continue,
+            Special::ContentLength if framed_by_coding => continue,
+            Special::RequestId => has_id = true,
+            _ if named.contains(name) => continue,
+            _ => {}
+        }
+        out.field(name, value);
+    }
+    if ans.config.headers.upstream_header {
+        write_upstream_fields(Some(ans.served_by), ans.fell_back, out);
+    }
+    if !has_id {
+        out.field(b"x-request-id", ans.request_id);
+    }
+}
+
+/// `x-serin-upstream` and `x-serin-fallback`.
+fn write_upstream_fields(upstream: Option<Target>, fell_back: bool, out: &mut impl FieldSink) {
+    if let Some(target) = upstream {
+        out.field(b"x-serin-upstream", target.as_str().as_bytes());
+    }
+    if fell_back {
+        out.field(b"x-serin-fallback", b"canary");
+    }
+}
+
+// === serin's own answers ===
+
+/// Why serin answers a request itself instead of passing on an upstream's answer.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The upstream failed (connect, reset, timeout), or the client's upload broke off.
+    Upstream(Target, UpstreamError),
+    /// This worker has too many requests in flight.
+    Overloaded,
+    /// The body's length is ambiguous or invalid (RFC 9112 §6): answered,
+    /// then the connection is closed, as the rest of it cannot be trusted.
+    /// The text says which rule.
+    Framing(&'static str),
+    /// A missing, repeated or invalid `Host` (RFC 9112 §3.2). The text says which.
+    Host(&'static str),
+    /// CONNECT: serin is a reverse proxy, not a forward one.
+    Connect,
+    /// OPTIONS or TRACE with `Max-Forwards: 0`: serin is the final recipient
+    /// (RFC 9110 §7.6.2).
+    MaxForwards(Method),
+    /// The request head is larger than `max_header_bytes` allows.
+    HeadTooLarge,
+    /// The request head is not valid HTTP/1.1.
+    Malformed,
+}
+
+/// A response serin makes itself.
+pub(crate) struct LocalAnswer {
+    pub(crate) status: StatusCode,
+    /// The plain-text body: what happened and what to do.
+    pub(crate) text: &'static str,
+    /// The connection must close after it: its framing cannot be trusted.
+    pub(crate) close: bool,
+    /// Whose failure it was.
+    pub(crate) upstream: Option<Target>,
+    /// The answer lists the methods allowed.
+    pub(crate) allow: bool,
+}
+
+/// Maps a refusal to the response the client sees: 400 for a bad request,
+/// 502 for a connect failure or reset, 504 for a timeout, 503 for overload.
+pub(crate) fn local_answer(refusal: &Refusal) -> LocalAnswer {
+    let answer = |status, text| LocalAnswer {
+        status,
+        text,
+        close: false,
+        upstream: None,
+        allow: false,
+    };
+    match refusal {
+        Refusal::Overloaded => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "serin: overloaded, too many requests in flight; retry later\n",
+        ),
+        Refusal::Framing(text) => LocalAnswer {
+            close: true,
+            ..answer(StatusCode::BAD_REQUEST, text)
+        },
+        // The framing is sound: the connection can carry the next request.
+        Refusal::Host(text) => answer(StatusCode::BAD_REQUEST, text),
+        Refusal::Connect => LocalAnswer {
+            allow: true,
+            ..answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "serin: CONNECT is not forwarded; serin is a reverse proxy\n",
+            )
+        },
+        Refusal::MaxForwards(method) if method == Method::OPTIONS => LocalAnswer {
+            allow: true,
+            ..answer(StatusCode::OK, "")
+        },
+        Refusal::MaxForwards(_) => LocalAnswer {
+            allow: true,
+            ..answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "serin: TRACE reached Max-Forwards 0 and serin does not answer TRACE itself\n",
+            )
+        },
+        Refusal::HeadTooLarge => LocalAnswer {
+            close: true,
+            ..answer(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "serin: the request head is larger than limits.max_header_bytes\n",
+            )
+        },
+        Refusal::Malformed => LocalAnswer {
+            close: true,
+            ..answer(StatusCode::BAD_REQUEST, "serin: malformed request\n")
+        },
+        Refusal::Upstream(target, e) => {
+            let (status, text) = match e {
+                UpstreamError::Timeout { .. } => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "serin: upstream did not respond in time\n",
+                ),
+                UpstreamError::ConnectTimeout { .. } => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "serin: upstream connect timed out\n",
+                ),
+                UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
+                    (StatusCode::BAD_GATEWAY, "serin: upstream connect failed\n")
+                }
+                UpstreamError::ClientAborted { .. } => (
+                    StatusCode::BAD_REQUEST,
+                    "serin: the request body ended early; nothing was counted against the upstream\n",
+                ),
+                UpstreamError::Broken { .. } => (
+                    StatusCode::BAD_GATEWAY,
+                    "serin: upstream reset or closed the connection\n",
+                ),
+            };
+            LocalAnswer {
+                upstream: Some(*target),
+                close: matches!(e, UpstreamError::ClientAborted { .. }),
+                ..answer(status, text)
+            }
+        }
+    }
+}
+
+/// Writes the fields of a response serin makes itself, but its framing.
+pub(crate) fn write_local_fields(
+    answer: &LocalAnswer,
+    config: &ProxyConfig,
+    fell_back: bool,
+    request_id: &[u8],
+    out: &mut impl FieldSink,
+) {
+    out.field(b"content-type", b"text/plain");
+    if answer.allow {
+        out.field(b"allow", ALLOWED);
+    }
+    // An error serin answers for an upstream names it even with
+    // `upstream_header` off: it says whose failure it was.
+    write_upstream_fields(
+        answer.upstream,
+        fell_back && config.headers.upstream_header,
+        out,
+    );
+    out.field(b"x-request-id", request_id);
+}

@@ -1,0 +1,461 @@
+//! The hyper adapter: HTTP/2 clients, TLS clients, uploads, upgrades, and
+//! every HTTP/1.1 connection serin's own loop hands over.
+//!
+//! It turns hyper's request into the policy's terms ([`crate::policy`]) and
+//! the policy's decisions back into hyper's: it moves the request to the
+//! upstream (HTTP/1.1 heads are encoded by the same functions as on the own
+//! loop; h2c heads go into a header map), the response head into a header
+//! map that shares the upstream's bytes, and the body through
+//! [`ProxyBody`], which settles the request's outcome at its end.
+
+use std::convert::Infallible;
+use std::rc::Rc;
+
+use http::header::{CONNECTION, COOKIE, HOST, UPGRADE};
+use http::request::Parts;
+use http::uri::Authority;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::fields::{FieldSink, Fields, MapSink};
+use crate::http1::framing::content_length;
+use crate::http1::head::write_request_line;
+use crate::outcome::OutcomeRecord;
+use crate::policy::{
+    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
+    write_response_fields, Admitted, Answering, ConnMeta, Forwarding, Refusal, RequestHead,
+    X_REQUEST_ID,
+};
+use crate::split::Target;
+use crate::upstream::{
+    H1Request, RequestBody, RequestFraming, Tunnel, UploadEnd, UpstreamBody, UpstreamError,
+    UpstreamProtocol, UpstreamResponse,
+};
+use crate::worker::Worker;
+
+/// Serves one request from hyper.
+pub(crate) async fn proxy(
+    worker: Rc<Worker>,
+    meta: Rc<ConnMeta>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let client_id = parts.headers.get(&X_REQUEST_ID).cloned();
+    let generated_id = client_id.is_none().then(|| worker.next_request_id_bytes());
+    let request_id = match (&client_id, &generated_id) {
+        (Some(id), _) => id.as_bytes(),
+        (None, Some(id)) => &id[..],
+        (None, None) => &[],
+    };
+    let authority = parts.uri.authority().cloned();
+    let head = RequestHead {
+        method: &parts.method,
+        version: parts.version,
+        fields: &parts.headers,
+    };
+    let admitted = match admit(&head, worker.inflight(), worker.config()) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            return Ok(answer_locally(
+                &worker,
+                &refusal,
+                false,
+                request_id,
+                parts.version,
+            ))
+        }
+    };
+    let target = worker.decide(&parts.headers);
+    // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
+    // is forwarded with its `Upgrade` header and, after a 101, the two
+    // connections are spliced together. Only the handshake is judged.
+    let upgrade = requested_upgrade(&parts);
+    let client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+    if parts.version == Version::HTTP_2 {
+        join_cookie_crumbs(&mut parts.headers);
+    }
+    let bodiless = body.is_end_stream();
+    let fallback = may_fall_back(
+        worker.config(),
+        target,
+        &parts.method,
+        bodiless,
+        upgrade.is_some(),
+    );
+    let (body, upload) = if bodiless {
+        (RequestBody::Client(body), None)
+    } else {
+        let ended = UploadEnd::default();
+        (
+            RequestBody::Upload {
+                body,
+                ended: ended.clone(),
+            },
+            Some(ended),
+        )
+    };
+    let request = Outgoing {
+        worker: &worker,
+        parts: &parts,
+        meta: &meta,
+        admitted,
+        authority: authority.as_ref(),
+        generated_id: generated_id.as_ref().map(|id| &id[..]),
+        upgrade: upgrade.as_ref(),
+    };
+    let mut record = OutcomeRecord::new(worker.clone(), target, start, bodiless);
+    let mut result = request.send(target, body, start, upload.as_ref()).await;
+    let mut fell_back = false;
+    if fallback
+        && canary_failed(
+            &worker.shared.classifier,
+            result.as_ref().ok().map(Answer::status),
+        )
+    {
+        record.fall_back();
+        fell_back = true;
+        drop(result);
+        // Boxed: a rare path, kept out of every request's future.
+        result =
+            Box::pin(request.send(Target::Stable, RequestBody::Empty, Instant::now(), None)).await;
+    }
+    let served_by = record.target();
+    let answering = Answering {
+        config: worker.config(),
+        served_by,
+        fell_back,
+        request_id,
+    };
+    let mut resp = match result {
+        Err(e) => {
+            record.failed(&e);
+            tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
+            return Ok(answer_locally(
+                &worker,
+                &Refusal::Upstream(served_by, e),
+                fell_back,
+                request_id,
+                parts.version,
+            ));
+        }
+        Ok(Answer::Http1(resp)) => {
+            record.headers(resp.status(), &resp.fields());
+            let status = resp.status();
+            // The policy drops `Upgrade` as hop-by-hop; a 101 puts it back.
+            let protocol = (status == StatusCode::SWITCHING_PROTOCOLS)
+                .then(|| resp.fields().value(&UPGRADE).map(HeaderValue::from_bytes))
+                .flatten()
+                .and_then(Result::ok);
+            let mut headers = HeaderMap::new();
+            let mut body = resp_split(resp, &answering, &mut headers);
+            let mut out = Response::new(());
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                if let (Some(client), Some(tunnel), Some(protocol)) =
+                    (client_upgrade, body.take_tunnel(), protocol)
+                {
+                    tokio::task::spawn_local(splice(client, tunnel));
+                    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                    headers.insert(UPGRADE, protocol);
+                }
+            }
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            out.map(|()| ProxyBody::upstream(UpstreamBody::Http1(body), record))
+        }
+        Ok(Answer::Http2(resp)) => {
+            record.headers(resp.status(), resp.headers());
+            let (head, body) = resp.into_parts();
+            let mut headers = HeaderMap::with_capacity(head.headers.len() + 3);
+            write_response_fields(
+                &head.headers,
+                &answering,
+                &mut MapSink {
+                    map: &mut headers,
+                    shared: None,
+                },
+            );
+            let mut out = Response::new(ProxyBody::upstream(UpstreamBody::Http2(body), record));
+            *out.status_mut() = head.status;
+            *out.headers_mut() = headers;
+            out
+        }
+    };
+    *resp.version_mut() = parts.version;
+    Ok(resp)
+}
+
+/// The response head into `headers`, through the policy; returns the body.
+fn resp_split(
+    resp: UpstreamResponse,
+    answering: &Answering<'_>,
+    headers: &mut HeaderMap,
+) -> crate::upstream::ResponseBody {
+    resp.split(|fields, head| {
+        write_response_fields(
+            &fields,
+            answering,
+            &mut MapSink {
+                map: headers,
+                shared: Some(head),
+            },
+        )
+    })
+}
+
+/// An upstream's answer, as each protocol gives it.
+enum Answer {
+    Http1(UpstreamResponse),
+    Http2(Response<Incoming>),
+}
+
+impl Answer {
+    fn status(&self) -> StatusCode {
+        match self {
+            Answer::Http1(resp) => resp.status(),
+            Answer::Http2(resp) => resp.status(),
+        }
+    }
+}
+
+/// A request on its way to an upstream: what [`Outgoing::send`] needs to
+/// send it to either one (the canary fallback sends it twice).
+struct Outgoing<'a> {
+    worker: &'a Worker,
+    parts: &'a Parts,
+    meta: &'a ConnMeta,
+    admitted: Admitted,
+    authority: Option<&'a Authority>,
+    generated_id: Option<&'a [u8]>,
+    upgrade: Option<&'a HeaderValue>,
+}
+
+impl Outgoing<'_> {
+    fn forwarding<'f>(&'f self, upstream_authority: &'f [u8]) -> Forwarding<'f> {
+        Forwarding {
+            conn: self.meta,
+            version: self.parts.version,
+            config: self.worker.config(),
+            admitted: self.admitted,
+            authority: self.authority.map(|a| a.as_str().as_bytes()),
+            upstream_authority,
+            generated_id: self.generated_id,
+        }
+    }
+
+    /// Sends the request to `target` under the response timeout, counted
+    /// from `sent_at` or, for an upload, from the upload's end (as Envoy's
+    /// route timeout does: a slow upload is not the upstream's fault).
+    async fn send(
+        &self,
+        target: Target,
+        body: RequestBody,
+        sent_at: Instant,
+        upload: Option<&UploadEnd>,
+    ) -> Result<Answer, UpstreamError> {
+        let pool = self.worker.pool(target);
+        let upstream = pool.upstream();
+        let timeout = self.worker.config().response_timeout;
+        let send = async {
+            match upstream.protocol {
+                UpstreamProtocol::Http1 => {
+                    self.send_h1(target, body, sent_at).await.map(Answer::Http1)
+                }
+                // Boxed: h2c's future is large and rare; unboxed it would grow
+                // every request's future.
+                UpstreamProtocol::Http2 => Box::pin(self.send_h2(target, body))
+                    .await
+                    .map(Answer::Http2),
+            }
+        };
+        let mut send = std::pin::pin!(send);
+        let mut deadline = sent_at + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, send.as_mut()).await {
+                Ok(result) => return result,
+                Err(_) => match upload.map(|u| u.get()) {
+                    // Still uploading: look again one timeout from now.
+                    Some(None) => deadline = Instant::now() + timeout,
+                    Some(Some(end)) if end + timeout > deadline => deadline = end + timeout,
+                    _ => {
+                        return Err(UpstreamError::Timeout {
+                            url: upstream.url.clone(),
+                            timeout,
+                        })
+                    }
+                },
+            }
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        target: Target,
+        body: RequestBody,
+        sent_at: Instant,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let pool = self.worker.pool(target);
+        let parts = self.parts;
+        let framing = if body.is_end_stream() {
+            RequestFraming::None
+        } else if matches!(content_length(&parts.headers), Ok(Some(_))) {
+            RequestFraming::Length
+        } else {
+            RequestFraming::Chunked
+        };
+        let forwarding = self.forwarding(pool.upstream().authority.as_bytes());
+        let target_form = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let encode = |out: &mut Vec<u8>| {
+            write_request_line(
+                out,
+                parts.method.as_str().as_bytes(),
+                target_form.as_bytes(),
+            );
+            write_request_fields(&parts.headers, &forwarding, out);
+            if framing == RequestFraming::Chunked {
+                out.field(b"transfer-encoding", b"chunked");
+            }
+            if let Some(protocol) = self.upgrade {
+                out.field(b"connection", b"upgrade");
+                out.field(b"upgrade", protocol.as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+        };
+        let request = H1Request {
+            method: &parts.method,
+            encode,
+            body,
+            framing,
+            upgrade: self.upgrade.is_some(),
+        };
+        pool.send_h1(request, sent_at).await
+    }
+
+    async fn send_h2(
+        &self,
+        target: Target,
+        body: RequestBody,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let pool = self.worker.pool(target);
+        let parts = self.parts;
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
+        let forwarding = self.forwarding(pool.upstream().authority.as_bytes());
+        write_request_fields(
+            &parts.headers,
+            &forwarding,
+            &mut MapSink {
+                map: &mut headers,
+                shared: None,
+            },
+        );
+        // HTTP/2 has no `Connection` (the policy's `connection: te` is for
+        // HTTP/1.1), and carries the authority in the URI, not in Host.
+        headers.remove(CONNECTION);
+        let host = headers.remove(HOST);
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = headers;
+        pool.send_h2(req).await
+    }
+}
+
+/// The response serin makes itself for `refusal`.
+fn answer_locally(
+    worker: &Worker,
+    refusal: &Refusal,
+    fell_back: bool,
+    request_id: &[u8],
+    version: Version,
+) -> Response<ProxyBody> {
+    let answer = local_answer(refusal);
+    let mut headers = HeaderMap::with_capacity(5);
+    write_local_fields(
+        &answer,
+        worker.config(),
+        fell_back,
+        request_id,
+        &mut MapSink {
+            map: &mut headers,
+            shared: None,
+        },
+    );
+    if answer.close && version < Version::HTTP_2 {
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    let mut resp = Response::new(ProxyBody::fixed(answer.text));
+    *resp.status_mut() = answer.status;
+    *resp.headers_mut() = headers;
+    *resp.version_mut() = version;
+    resp
+}
+
+/// HTTP/2 clients may send each cookie as its own field; HTTP/1.1 needs them
+/// in one `Cookie` header, joined with "; " (RFC 9113 §8.2.3).
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for (i, crumb) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to, if it asks.
+fn requested_upgrade(parts: &Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = crate::fields::tokens(&parts.headers, &CONNECTION)
+        .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+    asks.then(|| parts.headers.get(UPGRADE).cloned()).flatten()
+}
+
+/// Copies bytes both ways between an upgraded client connection and an
+/// upgraded upstream connection until either side closes.
+async fn splice(client: OnUpgrade, mut upstream: Tunnel) {
+    let client = match client.await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    // What the upstream sent right after its 101 came in with the head.
+    if !upstream.early.is_empty() {
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &upstream.early).await {
+            tracing::debug!(error = %e, "upgraded connection ended");
+            return;
+        }
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.io).await {
+        tracing::debug!(error = %e, "upgraded connection ended");
+    }
+}

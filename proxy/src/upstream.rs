@@ -1,0 +1,328 @@
+//! The upstream side: where an upstream is, how serin talks to it, and what
+//! can go wrong.
+//!
+//! Each worker owns one [`Pool`] per upstream ([`pool`]). HTTP/1.1 goes
+//! through serin's own client ([`connection`], [`upload`], [`body`]), built on
+//! the same codec as the server ([`crate::http1`]); an h2c upstream is spoken
+//! to with hyper's client over one shared connection per worker.
+//!
+//! Dependencies run one way: `pool` → `body` → `idle` → `connection` →
+//! `upload`; none of them knows the server side.
+
+mod body;
+mod connection;
+mod idle;
+mod pool;
+mod upload;
+
+use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+pub(crate) use body::{Copied, ResponseBody, Tunnel, UpstreamResponse};
+pub(crate) use pool::H1Request;
+pub use pool::Pool;
+pub(crate) use upload::RequestFraming;
+
+use crate::http1::chunked::ChunkedError;
+use crate::http1::framing::FramingError;
+use crate::http1::head::HeadError;
+
+/// Which HTTP version serin speaks to an upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive (the default; what most apps speak).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): needed for gRPC upstreams.
+    Http2,
+}
+
+/// Why an upstream URL was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamUrlError {
+    /// Not a parseable URI.
+    #[error("`{url}` is not a valid URL: {reason}")]
+    Invalid { url: String, reason: String },
+    /// Only plain http is proxied to.
+    #[error("`{url}` must start with http:// (serin speaks plain HTTP or h2c to upstreams; terminate TLS in serin's listener instead)")]
+    Scheme { url: String },
+    /// A path or query would be silently ignored.
+    #[error("`{url}` has a path; write only scheme, host and port, e.g. http://127.0.0.1:8080")]
+    Path { url: String },
+}
+
+/// Where an upstream is and how to talk to it. Built once at start-up.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The URL as the user wrote it (for status output).
+    pub url: String,
+    host: String,
+    port: u16,
+    /// `host:port`, used as the `Host` header when `rewrite_host` is on.
+    pub(crate) authority: HeaderValue,
+    /// The protocol spoken to it.
+    pub protocol: UpstreamProtocol,
+}
+
+impl Upstream {
+    /// Parses `http://host[:port]` (port 80 by default).
+    pub fn parse(url: &str, protocol: UpstreamProtocol) -> Result<Self, UpstreamUrlError> {
+        let uri: Uri =
+            url.parse()
+                .map_err(|e: http::uri::InvalidUri| UpstreamUrlError::Invalid {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })?;
+        if uri.scheme_str() != Some("http") {
+            return Err(UpstreamUrlError::Scheme {
+                url: url.to_string(),
+            });
+        }
+        if uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+        {
+            return Err(UpstreamUrlError::Path {
+                url: url.to_string(),
+            });
+        }
+        let authority = uri.authority().ok_or_else(|| UpstreamUrlError::Invalid {
+            url: url.to_string(),
+            reason: "no host".to_string(),
+        })?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(80);
+        Ok(Self {
+            url: url.to_string(),
+            authority: HeaderValue::from_str(authority.as_str()).map_err(|e| {
+                UpstreamUrlError::Invalid {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                }
+            })?,
+            host,
+            port,
+            protocol,
+        })
+    }
+}
+
+/// Timeouts and limits of the upstream side.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    /// Time allowed to open a TCP connection (default 3 s).
+    pub connect_timeout: Duration,
+    /// A pooled connection unused for longer is closed instead of reused (default 60 s).
+    pub idle_timeout: Duration,
+    /// Idle connections kept per upstream per worker (default 256).
+    pub max_idle: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: crate::defaults::CONNECT_TIMEOUT,
+            idle_timeout: crate::defaults::UPSTREAM_IDLE_TIMEOUT,
+            max_idle: crate::defaults::MAX_IDLE_PER_UPSTREAM,
+        }
+    }
+}
+
+// === errors ===
+
+/// What went wrong talking to an upstream. [`crate::policy::local_answer`]
+/// maps it to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No TCP connection could be made (refused, unreachable, DNS).
+    #[error("connect to {url} failed: {source}")]
+    Connect { url: String, source: io::Error },
+    /// The TCP connect did not finish in time.
+    #[error("connect to {url} timed out after {timeout:?}")]
+    ConnectTimeout { url: String, timeout: Duration },
+    /// The HTTP handshake failed.
+    #[error("handshake with {url} failed: {source}")]
+    Handshake { url: String, source: hyper::Error },
+    /// The connection broke before a response arrived (reset, closed, bad response).
+    #[error("{url} failed before responding: {source}")]
+    Broken { url: String, source: WireError },
+    /// The client's request body broke off while it was being forwarded:
+    /// the client's fault, never counted against the upstream.
+    #[error("the client's request body broke off: {source}")]
+    ClientAborted { source: hyper::Error },
+    /// No response headers within the response timeout.
+    #[error("{url} did not respond within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+}
+
+/// Why an HTTP/1.1 exchange with an upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Http1Error {
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The upstream closed the connection before its message was complete.
+    #[error("the upstream closed the connection before the response was complete")]
+    Closed,
+    /// The upstream's response head is not valid HTTP/1.1.
+    #[error("invalid response from the upstream: {0}")]
+    Head(#[from] HeadError),
+    /// The upstream's response framing is invalid.
+    #[error("invalid response from the upstream: {0}")]
+    Framing(#[from] FramingError),
+    /// The upstream's chunked body is invalid.
+    #[error("invalid chunked body from the upstream: {0}")]
+    Chunked(#[from] ChunkedError),
+    /// The upstream switched protocols unasked.
+    #[error("the upstream answered 101 to a request that asked for no upgrade")]
+    UnaskedUpgrade,
+}
+
+/// How an exchange with an upstream failed on the wire: before the response
+/// (`UpstreamError::Broken`) or while its body streamed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// HTTP/1.1 upstream.
+    #[error(transparent)]
+    Http1(#[from] Http1Error),
+    /// h2c upstream.
+    #[error(transparent)]
+    Http2(#[from] hyper::Error),
+}
+
+// === impl RequestBody ===
+
+/// The body sent upstream: the client's, streamed, or none.
+pub enum RequestBody {
+    /// The client's body, complete when the request is sent (none, or
+    /// already received).
+    Client(Incoming),
+    /// The client's body, still arriving: streamed through, and its end time
+    /// noted so that the response timeout can count from it.
+    Upload {
+        /// The body.
+        body: Incoming,
+        /// Set when the last frame has gone by.
+        ended: UploadEnd,
+    },
+    /// No body.
+    Empty,
+}
+
+/// When a streamed request body ended: written by the body, read by the
+/// response timeout. Only uploads allocate one.
+pub type UploadEnd = Rc<Cell<Option<Instant>>>;
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Client(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Upload { body, ended } => {
+                let frame = Pin::new(&mut *body).poll_frame(cx);
+                if matches!(frame, Poll::Ready(None)) || body.is_end_stream() {
+                    ended.set(Some(Instant::now()));
+                }
+                frame
+            }
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Client(b) | RequestBody::Upload { body: b, .. } => b.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Client(b) | RequestBody::Upload { body: b, .. } => b.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+// === impl UpstreamBody ===
+
+/// A response body as it comes from an upstream.
+pub enum UpstreamBody {
+    /// From serin's HTTP/1.1 client: read straight off the connection.
+    Http1(ResponseBody),
+    /// From a shared h2c connection (hyper).
+    Http2(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = WireError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(WireError::from),
+            UpstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(WireError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Http2(b) => b.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_are_validated() {
+        let u = Upstream::parse("http://127.0.0.1:8080", UpstreamProtocol::Http1).unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 8080));
+        assert_eq!(u.authority, "127.0.0.1:8080");
+        let u = Upstream::parse("http://app.ns.svc/", UpstreamProtocol::Http1).unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("app.ns.svc", 80));
+        let u = Upstream::parse("http://[::1]:9000", UpstreamProtocol::Http1).unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 9000));
+        assert!(matches!(
+            Upstream::parse("https://x:1", UpstreamProtocol::Http1),
+            Err(UpstreamUrlError::Scheme { .. })
+        ));
+        assert!(matches!(
+            Upstream::parse("http://x:1/api", UpstreamProtocol::Http1),
+            Err(UpstreamUrlError::Path { .. })
+        ));
+        assert!(Upstream::parse("not a url", UpstreamProtocol::Http1).is_err());
+    }
+}

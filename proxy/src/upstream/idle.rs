@@ -1,0 +1,86 @@
+//! The idle HTTP/1.1 connections to one upstream, shared by its pool (which
+//! checks them out) and the response bodies (which check them back in when
+//! they end).
+
+use std::cell::{Cell, RefCell};
+use std::io;
+
+use tokio::io::Interest;
+use tokio::time::Instant;
+
+use super::connection::Connection;
+use super::PoolSettings;
+
+struct Idle {
+    conn: Connection,
+    since: Instant,
+}
+
+/// A bounded list of idle connections, most recently used last.
+pub(crate) struct IdleConnections {
+    settings: PoolSettings,
+    idle: RefCell<Vec<Idle>>,
+    /// When the latest request through this pool started: the clock for
+    /// idle bookkeeping, so it reads no clock of its own. It runs behind by
+    /// at most one request, which only makes idle connections expire sooner.
+    recent: Cell<Instant>,
+}
+
+impl IdleConnections {
+    pub(crate) fn new(settings: PoolSettings) -> Self {
+        Self {
+            settings,
+            idle: RefCell::new(Vec::new()),
+            recent: Cell::new(Instant::now()),
+        }
+    }
+
+    pub(crate) fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    /// A request starts now.
+    pub(crate) fn set_now(&self, now: Instant) {
+        self.recent.set(now);
+    }
+
+    /// The most recently used idle connection that is still usable.
+    pub(crate) async fn checkout(&self) -> Option<Connection> {
+        let now = self.recent.get();
+        loop {
+            // The borrow ends with this statement: never held across an await.
+            let idle = self.idle.borrow_mut().pop()?;
+            let expired = now.saturating_duration_since(idle.since) >= self.settings.idle_timeout;
+            if expired || idle.conn.closed_while_idle().await {
+                continue;
+            }
+            return Some(idle.conn);
+        }
+    }
+
+    /// Returns a connection whose exchange has ended, if it can carry another.
+    pub(crate) fn checkin(&self, conn: Connection) {
+        if !conn.read.is_empty() {
+            return;
+        }
+        // The socket is still marked readable from the response just read.
+        // Clearing the mark (no system call) lets the next exchange, and the
+        // idle check, trust it again: without this each request paid one
+        // recv(2) that found nothing. A close or data that arrives later
+        // sets it anew.
+        let _ = conn.io.try_io(Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() < self.settings.max_idle {
+            idle.push(Idle {
+                conn,
+                since: self.recent.get(),
+            });
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! One worker's request-path state: its upstream pools, its stats, its view
+//! of the route table, its random numbers and request ids.
+//!
+//! Serin runs N workers (default 1), each one OS thread with a
+//! current-thread tokio runtime (see [`crate::server`]). Everything here
+//! lives on that thread only (`Rc`, `Cell`): nothing on the request path is
+//! shared between workers except the route table (one pointer load per
+//! request) and the read-only configuration.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio_rustls::TlsAcceptor;
+
+use crate::classify::Classifier;
+use crate::fields::Fields;
+use crate::split::{FastRng, LocalRoutes, Target};
+use crate::stats::{UpstreamStats, WorkerStats};
+use crate::upstream::{Pool, UpstreamProtocol};
+use crate::{ProxyConfig, Routes};
+
+/// What every worker shares (read-only, or atomic).
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) routes: Routes,
+    pub(crate) classifier: Classifier,
+    pub(crate) tls: Option<TlsAcceptor>,
+}
+
+/// One worker's request-path state. Lives on the worker's thread only.
+pub(crate) struct Worker {
+    pub(crate) shared: Arc<Shared>,
+    pools: [Rc<Pool>; 2],
+    stats: Arc<WorkerStats>,
+    routes: LocalRoutes,
+    rng: FastRng,
+    inflight: Cell<usize>,
+    /// Shutdown has begun: connections close after their current response.
+    pub(crate) draining: Cell<bool>,
+    /// Both upstreams speak HTTP/1.1, so plain HTTP/1.1 clients are served
+    /// by serin's own loop ([`crate::server::own_h1`]) until a request needs hyper.
+    pub(crate) own_h1: bool,
+    request_seq: Cell<u64>,
+    request_prefix: u64,
+}
+
+impl Worker {
+    /// The state of worker `index`.
+    pub(crate) fn new(index: usize, shared: Arc<Shared>, stats: Arc<WorkerStats>) -> Self {
+        let rng = FastRng::from_entropy(index as u64);
+        let request_prefix = rng.next_u64();
+        let config = &shared.config;
+        let own_h1 = config.stable.protocol == UpstreamProtocol::Http1
+            && config.canary.protocol == UpstreamProtocol::Http1;
+        Self {
+            pools: [
+                Rc::new(Pool::new(config.stable.clone(), config.pool.clone())),
+                Rc::new(Pool::new(config.canary.clone(), config.pool.clone())),
+            ],
+            routes: shared.routes.local(),
+            shared,
+            stats,
+            rng,
+            inflight: Cell::new(0),
+            draining: Cell::new(false),
+            own_h1,
+            request_seq: Cell::new(0),
+            request_prefix,
+        }
+    }
+
+    /// The proxy's configuration.
+    #[inline]
+    pub(crate) fn config(&self) -> &ProxyConfig {
+        &self.shared.config
+    }
+
+    /// The split decision for a request with these header fields.
+    #[inline]
+    pub(crate) fn decide<H: Fields + ?Sized>(&self, headers: &H) -> Target {
+        let rules = &self.shared.config.split;
+        self.routes
+            .with(|table| rules.decide(table, headers, &self.rng).0)
+    }
+
+    /// The pool of connections to `target`.
+    pub(crate) fn pool(&self, target: Target) -> &Rc<Pool> {
+        &self.pools[target.index()]
+    }
+
+    /// This worker's stats for `target`.
+    #[inline]
+    pub(crate) fn stats(&self, target: Target) -> &UpstreamStats {
+        self.stats.upstream(target)
+    }
+
+    /// Requests in flight on this worker (sent, response not yet finished).
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.get()
+    }
+
+    pub(crate) fn request_started(&self) {
+        self.inflight.set(self.inflight.get() + 1);
+    }
+
+    pub(crate) fn request_ended(&self) {
+        self.inflight.set(self.inflight.get() - 1);
+    }
+
+    /// A request id unique across workers and restarts in practice:
+    /// a random per-worker prefix and a counter, 24 hex digits.
+    pub(crate) fn next_request_id_bytes(&self) -> [u8; 24] {
+        let seq = self.request_seq.get().wrapping_add(1);
+        self.request_seq.set(seq);
+        let mut id = [0u8; 24];
+        write_hex(&mut id[..16], self.request_prefix);
+        write_hex(&mut id[16..], seq);
+        id
+    }
+}
+
+fn write_hex(out: &mut [u8], mut value: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_hex() {
+        let mut buf = [0u8; 8];
+        write_hex(&mut buf, 0xdead_beef);
+        assert_eq!(&buf, b"deadbeef");
+    }
+}
