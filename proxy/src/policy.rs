@@ -95,7 +95,7 @@ pub(crate) fn admit<F: Fields + ?Sized>(
 
 /// RFC 9112 §6: a request's body must have one unambiguous length. serin
 /// decodes exactly one transfer coding, chunked; it never guesses.
-fn check_framing<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<(), Refusal> {
+pub(crate) fn check_framing<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<(), Refusal> {
     let fields = head.fields;
     if fields.value(&TRANSFER_ENCODING).is_some() {
         if head.version == Version::HTTP_10 {
@@ -271,7 +271,14 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
     let mut has_host = false;
     let mut replaced_max_forwards = false;
     for (name, value) in fields.each() {
-        match special(name) {
+        let kind = special(name);
+        // A field the client named in `Connection` is hop-by-hop, whatever
+        // it is; but `te: trailers` is named there by design, and the
+        // request id stays the one the client gave.
+        if kind != Special::Te && kind != Special::RequestId && named.contains(name) {
+            continue;
+        }
+        match kind {
             Special::HopByHop | Special::ForwardedFor | Special::ForwardedProto => continue,
             Special::Te => {
                 // gRPC needs `te: trailers` end to end; any other TE is
@@ -300,7 +307,6 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
                     continue;
                 }
             }
-            _ if named.contains(name) => continue,
             _ => {}
         }
         out.field(name, value);

@@ -49,10 +49,12 @@ impl Chunked {
         loop {
             match self {
                 Chunked::Size => {
-                    let Some(line_end) = find_crlf(buf) else {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Err(ChunkedError("chunk size line too long"));
-                        }
+                    // The same limit whether the line arrives whole or in pieces.
+                    let line_end = find_crlf(buf);
+                    if line_end.unwrap_or(buf.len()) > MAX_CHUNK_LINE {
+                        return Err(ChunkedError("chunk size line too long"));
+                    }
+                    let Some(line_end) = line_end else {
                         return Ok(None);
                     };
                     let size = match httparse::parse_chunk_size(&buf[..line_end + 2]) {

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
-use crate::fields::{FieldSink, Fields, MapSink};
+use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
 use crate::http1::framing::content_length;
 use crate::http1::head::write_request_line;
 use crate::outcome::OutcomeRecord;
@@ -44,6 +44,24 @@ pub(crate) async fn proxy(
     meta: Rc<ConnMeta>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let version = req.version();
+    // hyper keeps an HTTP/1.0 connection open only when the response says so.
+    let keep_alive_10 = version == Version::HTTP_10 && keeps_alive(req.headers(), 0);
+    let mut resp = answer(worker, meta, req).await;
+    *resp.version_mut() = version;
+    if keep_alive_10 && !resp.headers().contains_key(CONNECTION) {
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
+    Ok(resp)
+}
+
+/// The response to one request: the upstream's, or serin's own.
+async fn answer(
+    worker: Rc<Worker>,
+    meta: Rc<ConnMeta>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let client_id = parts.headers.get(&X_REQUEST_ID).cloned();
@@ -61,15 +79,7 @@ pub(crate) async fn proxy(
     };
     let admitted = match admit(&head, worker.inflight(), worker.config()) {
         Ok(admitted) => admitted,
-        Err(refusal) => {
-            return Ok(answer_locally(
-                &worker,
-                &refusal,
-                false,
-                request_id,
-                parts.version,
-            ))
-        }
+        Err(refusal) => return answer_locally(&worker, &refusal, false, request_id, parts.version),
     };
     let target = worker.decide(&parts.headers);
     // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
@@ -134,17 +144,17 @@ pub(crate) async fn proxy(
         fell_back,
         request_id,
     };
-    let mut resp = match result {
+    match result {
         Err(e) => {
             record.failed(&e);
             tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
-            return Ok(answer_locally(
+            answer_locally(
                 &worker,
                 &Refusal::Upstream(served_by, e),
                 fell_back,
                 request_id,
                 parts.version,
-            ));
+            )
         }
         Ok(Answer::Http1(resp)) => {
             record.headers(resp.status(), &resp.fields());
@@ -187,9 +197,7 @@ pub(crate) async fn proxy(
             *out.headers_mut() = headers;
             out
         }
-    };
-    *resp.version_mut() = parts.version;
-    Ok(resp)
+    }
 }
 
 /// The response head into `headers`, through the policy; returns the body.
@@ -405,7 +413,6 @@ fn answer_locally(
     let mut resp = Response::new(ProxyBody::fixed(answer.text));
     *resp.status_mut() = answer.status;
     *resp.headers_mut() = headers;
-    *resp.version_mut() = version;
     resp
 }
 

@@ -39,9 +39,9 @@ use crate::http1::head::{
 };
 use crate::outcome::OutcomeRecord;
 use crate::policy::{
-    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
-    write_response_fields, Admitted, Answering, ConnMeta, Forwarding, Refusal, RequestHead,
-    X_REQUEST_ID,
+    admit, canary_failed, check_framing, local_answer, may_fall_back, write_local_fields,
+    write_request_fields, write_response_fields, Admitted, Answering, ConnMeta, Forwarding,
+    Refusal, RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
 use crate::upstream::{
@@ -239,20 +239,22 @@ fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], upstream_head: &mut Vec<u
     let config = worker.config();
     let mut slots = field_slots();
     let mut req = httparse::Request::new(&mut []);
-    let refused = |refusal| {
-        // The head could not be read: answered as HTTP/1.1, then closed.
+    // A request answered at once, whose bytes are all dropped.
+    let refused_with = |refusal, minor, method, keep_alive| {
         Parsed::Ready(Request {
             start: Instant::now(),
             len: buf.len(),
-            minor: 1,
-            method: Method::GET,
+            minor,
+            method,
             target: Target::Stable,
-            keep_alive: false,
+            keep_alive,
             request_id: RequestId::Generated(worker.next_request_id_bytes()),
             admitted: Admitted::default(),
             refusal: Some(refusal),
         })
     };
+    // The head could not be read: answered as HTTP/1.1, then closed.
+    let refused = |refusal| refused_with(refusal, 1, Method::GET, false);
     let len = match parse_request(&mut req, buf, &mut slots, config.max_header_bytes) {
         Ok(Some(len)) => len,
         Ok(None) => return Parsed::Partial,
@@ -267,6 +269,26 @@ fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], upstream_head: &mut Vec<u
         return refused(Refusal::Malformed);
     };
     let fields = &*req.headers;
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return refused(Refusal::Malformed);
+    };
+    let version = if minor == 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let head = RequestHead {
+        method: &method,
+        version,
+        fields,
+    };
+    // Framing is judged here, on the bytes as sent, before a request with a
+    // body goes to hyper: hyper would normalise what serin refuses (it merges
+    // repeated Content-Length lines and drops Content-Length next to
+    // Transfer-Encoding).
+    if let Err(refusal) = check_framing(&head) {
+        return refused_with(refusal, minor, method, keeps_alive(fields, minor));
+    }
     let bodiless = fields.value(&TRANSFER_ENCODING).is_none()
         && fields.values(&CONTENT_LENGTH).all(|v| v == b"0");
     if !path.starts_with('/')
@@ -276,24 +298,12 @@ fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], upstream_head: &mut Vec<u
     {
         return Parsed::Handoff;
     }
-    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-        return refused(Refusal::Malformed);
-    };
     let request_id = match fields.value(&X_REQUEST_ID) {
         Some(id) => {
             let start = id.as_ptr() as usize - buf.as_ptr() as usize;
             RequestId::Client(start, start + id.len())
         }
         None => RequestId::Generated(worker.next_request_id_bytes()),
-    };
-    let head = RequestHead {
-        method: &method,
-        version: if minor == 1 {
-            Version::HTTP_11
-        } else {
-            Version::HTTP_10
-        },
-        fields,
     };
     let (admitted, refusal) = match admit(&head, worker.inflight(), config) {
         Ok(admitted) => (admitted, None),
