@@ -441,16 +441,19 @@ impl Upload {
 /// A parsed response head; its fields are in [`Connection::spans`].
 pub(crate) struct HeadInfo {
     /// Length of the head in bytes.
-    len: usize,
+    pub(crate) len: usize,
     pub(crate) status: StatusCode,
     pub(crate) version: Version,
     /// The upstream allows another request on this connection.
-    keep_alive: bool,
+    pub(crate) keep_alive: bool,
 }
 
 /// Parses a response head at the front of `buf` (left in place), recording
 /// where its fields are in `spans`; `None` if more bytes are needed.
-fn parse_head(buf: &[u8], spans: &mut Vec<Span>) -> Result<Option<HeadInfo>, Http1Error> {
+pub(crate) fn parse_head(
+    buf: &[u8],
+    spans: &mut Vec<Span>,
+) -> Result<Option<HeadInfo>, Http1Error> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default()
@@ -490,7 +493,7 @@ fn parse_head(buf: &[u8], spans: &mut Vec<Span>) -> Result<Option<HeadInfo>, Htt
 }
 
 /// Builds the header map of a head: its values are shared slices of `head`.
-fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Http1Error> {
+pub(crate) fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Http1Error> {
     let fields = RawFields { head, spans };
     let mut headers = HeaderMap::with_capacity(spans.len());
     for (name, value) in fields.iter() {
@@ -504,7 +507,7 @@ fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, Http1Error> {
 }
 
 /// How the body of a response with a body is delimited (RFC 9112 §6.3).
-fn response_framing<H: Fields + ?Sized>(headers: &H) -> Result<State, Http1Error> {
+pub(crate) fn response_framing<H: Fields + ?Sized>(headers: &H) -> Result<State, Http1Error> {
     if let Some(te) = headers.values(&TRANSFER_ENCODING).last() {
         let chunked_last = te
             .rsplit(|&b| b == b',')
@@ -540,7 +543,7 @@ fn response_framing<H: Fields + ?Sized>(headers: &H) -> Result<State, Http1Error
 // === impl ResponseBody ===
 
 /// Where a response body stands.
-enum State {
+pub(crate) enum State {
     /// The whole body was read with the head.
     Full(Option<Bytes>),
     /// This many bytes are still to come.
@@ -870,7 +873,7 @@ impl Body for ResponseBody {
 
 /// Where a chunked body's decoder stands.
 #[derive(Debug, PartialEq, Eq)]
-enum Chunked {
+pub(crate) enum Chunked {
     /// Expecting a chunk-size line.
     Size,
     /// Inside a chunk: this many data bytes to go.
@@ -881,7 +884,7 @@ enum Chunked {
     Trailers,
 }
 
-enum Decoded {
+pub(crate) enum Decoded {
     /// This many data bytes are at the front of the buffer; the caller
     /// consumes them.
     Data(usize),
@@ -895,7 +898,7 @@ impl Chunked {
     /// Decodes what `buf` holds: a piece of data, the end, or `None` when
     /// more bytes are needed. Framing bytes are removed from `buf`; data is
     /// left for the caller to take.
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, Http1Error> {
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, Http1Error> {
         loop {
             match self {
                 Chunked::Size => {

@@ -40,6 +40,7 @@ use crate::forward::UpstreamError;
 use crate::h1::Copied;
 use crate::server::{rescue_status, ConnMeta, InflightGuard, ProxyError, Worker};
 use crate::split::Target;
+use crate::HeaderPolicy;
 
 /// The most header fields accepted in a request head here; a head with more
 /// goes to hyper, which answers 431 past its own limit.
@@ -353,7 +354,26 @@ fn encode_upstream_head(
     request_id: &[u8],
     out: &mut Vec<u8>,
 ) {
-    let config = &worker.shared.config;
+    encode_upstream_head_with(
+        &worker.shared.config.headers,
+        worker.pool(target).upstream().authority.as_bytes(),
+        meta,
+        req,
+        request_id,
+        out,
+    );
+}
+
+/// [`encode_upstream_head`] given what it needs of the worker: the header
+/// policy and the upstream's `host:port` (also the fuzz targets' way in).
+pub(crate) fn encode_upstream_head_with(
+    policy: &HeaderPolicy,
+    authority: &[u8],
+    meta: &ConnMeta,
+    req: &httparse::Request<'_, '_>,
+    request_id: &[u8],
+    out: &mut Vec<u8>,
+) {
     let fields = &*req.headers;
     let named = connection_named(fields);
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
@@ -375,7 +395,7 @@ fn encode_upstream_head(
             }
             Rewritten::Host => {
                 has_host = true;
-                if config.headers.rewrite_host {
+                if policy.rewrite_host {
                     continue;
                 }
             }
@@ -388,12 +408,8 @@ fn encode_upstream_head(
         }
         put_field(out, name, field.value);
     }
-    if config.headers.rewrite_host || !has_host {
-        put_field(
-            out,
-            b"host",
-            worker.pool(target).upstream().authority.as_bytes(),
-        );
+    if policy.rewrite_host || !has_host {
+        put_field(out, b"host", authority);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     for value in fields
@@ -409,7 +425,7 @@ fn encode_upstream_head(
     if !has_id {
         put_field(out, b"x-request-id", request_id);
     }
-    if config.headers.via {
+    if policy.via {
         out.extend_from_slice(b"via: 1.1 serin\r\n");
     }
     out.extend_from_slice(b"\r\n");

@@ -11,6 +11,8 @@ mod body;
 pub mod classify;
 pub mod fields;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1;
 mod h1_server;
 pub mod server;
