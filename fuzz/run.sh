@@ -36,7 +36,8 @@ for target in "${targets[@]}"; do
         passed=$((passed + 1))
     else
         echo "fuzz $target: FAILED"
-        grep -v '^#\|^INFO:' "$log" | tail -n 40
+        # The panic (or libFuzzer's own verdict: timeout, out of memory).
+        grep -m 1 -A 12 'panicked at\|ERROR: libFuzzer\|^ALARM' "$log" || tail -n 40 "$log"
         crash=$(grep -o 'Test unit written to .*' "$log" | sed 's/Test unit written to //' || true)
         echo "fuzz $target: crash input: ${crash:-none written (see the log above)}"
         echo "reproduce: cargo fuzz run $target -s none ${crash:-}"
