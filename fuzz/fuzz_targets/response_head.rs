@@ -2,7 +2,7 @@
 //! `h1::response_framing`) on arbitrary bytes.
 //!
 //! Properties: it never panics; a parsed head is no longer than the input,
-//! parses the same on its own, and every shorter prefix of it is merely
+//! has a three-digit status, parses the same on its own, and every shorter prefix of it is merely
 //! incomplete (so a head split across reads parses as one); the header map
 //! holds exactly the raw fields, or is refused only for a field `http`
 //! rejects; keep-alive follows RFC 9112 §9.3; and the body framing follows
@@ -20,6 +20,7 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     assert!(head.len <= input.len(), "head longer than its input");
+    assert!((100..1000).contains(&head.status), "status {}", head.status);
     let alone = parse_response_head(&input[..head.len]);
     let alone = alone
         .expect("the head alone is an error")
