@@ -2,7 +2,7 @@
 //! decision (the route table check plus the rules), recording an outcome in the
 //! rolling window, and the judge's merged window snapshot.
 //!
-//! DESIGN.md §5 budgets route decision plus stats record at ≤ 100 ns.
+//! bench/README.md ("Targets") budgets route decision plus stats record at ≤ 100 ns.
 //! `cargo run --release -p serin-bench -- peers` copies the latest numbers
 //! into `bench/REPORT.md`; run with `cargo bench -p serin-bench --bench hot_path`.
 
@@ -87,7 +87,7 @@ Cookie: theme=dark; session=4f1c2a9e7d; lang=en\r\n\r\n";
 
 /// What the request path adds per request: one route table check and
 /// decision, one clock read and one stats record (the ≤ 100 ns budget of
-/// DESIGN.md §5). `decide_and_record` is the HTTP/1.1 path (raw fields,
+/// bench/README.md). `decide_and_record` is the HTTP/1.1 path (raw fields,
 /// the worker's route view); `/header_map` is hyper's path (HTTP/2, uploads).
 fn decide_and_record(c: &mut Criterion) {
     let routes = Routes::new(RouteTable::new(1_000));

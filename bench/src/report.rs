@@ -273,7 +273,7 @@ fn pss_mib(map: &std::collections::BTreeMap<String, crate::procs::Memory>, name:
 const MAX_STEAL_PERCENT: f64 = 2.0;
 
 fn targets_section(s: &mut String, res: &Results) {
-    let _ = writeln!(s, "\n## DESIGN.md §5 targets\n");
+    let _ = writeln!(s, "\n## Targets (bench/README.md)\n");
     let best = |f: &dyn Fn(&str) -> f64, lower: bool| {
         ["nginx", "haproxy"]
             .iter()
@@ -844,7 +844,7 @@ fn safety_section(s: &mut String, res: &Results) {
         s,
         "\nFlagger's defaults for the same traffic: a failing canary is rolled back after `threshold` (5) failed \
          checks at `interval` (60 s), about 300 s after the onset, by which time about {:.0} canary requests \
-         ({canary_rps:.0} req/s × 300 s) have failed or been slow. DESIGN.md §5: revert ≤ 50 ms, ≤ 30 failed \
+         ({canary_rps:.0} req/s × 300 s) have failed or been slow. bench/README.md targets: revert ≤ 50 ms, ≤ 30 failed \
          responses (0 with stable fallback).",
         canary_rps * 300.0
     );

@@ -1,5 +1,6 @@
 //! The control API (default 127.0.0.1:9901): status, weights, rollouts,
-//! history, metrics and probes, as JSON over HTTP/1.1. See DESIGN.md §3.
+//! history, metrics and probes, as JSON over HTTP/1.1. The contract is in
+//! README.md, "Control API".
 //!
 //! [`Api::handle`] is the whole router as one async function over a request,
 //! so tests drive it without a socket; [`serve`] puts it on a listener.

@@ -1,4 +1,5 @@
-//! Prometheus exposition (`GET /metrics`) with the names of DESIGN.md §3.
+//! Prometheus exposition (`GET /metrics`) with the names README.md lists
+//! ("State, webhooks and metrics").
 //!
 //! Data-plane figures are not kept twice: a custom collector reads the
 //! proxy's own counters and windows at scrape time (relaxed atomic loads,

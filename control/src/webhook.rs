@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::client::send;
 use crate::config::WebhookSettings;
 
-/// The JSON body of every webhook (DESIGN.md §3).
+/// The JSON body of every webhook (README.md, "State, webhooks and metrics").
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct WebhookEvent {
     /// Unique id of this event (the same across retries).

@@ -341,7 +341,7 @@ fn sample(metrics: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_failing_mid_run_is_reverted_with_few_client_failures() {
-    // The blast-radius scenario of DESIGN.md §5: the canary at 10%, here
+    // The blast-radius scenario of bench/README.md ("Targets"): the canary at 10%, here
     // under as much load as the client can make (thousands of req/s).
     let serin = Serin::start("").await;
     let status = serin.api.set_weight(10.0).await;
@@ -625,7 +625,7 @@ async fn a_promoted_canary_that_breaks_is_reverted_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_judge_revert_override_always_does_not_reach_the_canary() {
-    // DESIGN.md §1: "A revert to 0 moves everyone back to stable"; §3: after
+    // The README: a revert to 0 moves everyone back to stable; after
     // a revert, "traffic goes back to the canary only on an explicit
     // rollout, weight or resume call".
     let serin = Serin::start("").await;

@@ -11,6 +11,8 @@ mod body;
 pub mod classify;
 pub mod defaults;
 pub mod fields;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http1;
 mod outcome;
 mod policy;

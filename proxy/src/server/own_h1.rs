@@ -186,25 +186,25 @@ async fn wait_for_bytes(
 
 /// What the loop needs of a request once its head has been parsed and the
 /// upstream request encoded.
-struct Request {
+pub(crate) struct Request {
     /// When its head was complete: the start of its latency.
     start: Instant,
     /// Length of the head.
-    len: usize,
+    pub(crate) len: usize,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     minor: u8,
     method: Method,
     target: Target,
     /// The client allows another request on this connection.
     keep_alive: bool,
-    request_id: RequestId,
+    pub(crate) request_id: RequestId,
     admitted: Admitted,
     /// Answer this instead of forwarding.
-    refusal: Option<Refusal>,
+    pub(crate) refusal: Option<Refusal>,
 }
 
 /// The request's id: the client's own, or one serin made.
-enum RequestId {
+pub(crate) enum RequestId {
     /// Where the client's `x-request-id` value sits in the head.
     Client(usize, usize),
     Generated([u8; 24]),
@@ -218,7 +218,7 @@ impl RequestId {
         }
     }
 
-    fn generated(&self) -> Option<&[u8]> {
+    pub(crate) fn generated(&self) -> Option<&[u8]> {
         match self {
             RequestId::Client(..) => None,
             RequestId::Generated(id) => Some(id),
@@ -226,7 +226,7 @@ impl RequestId {
     }
 }
 
-enum Parsed {
+pub(crate) enum Parsed {
     Partial,
     /// Not for this path: hyper takes the connection.
     Handoff,
@@ -235,7 +235,12 @@ enum Parsed {
 
 /// Parses the request head at the front of `buf`, asks the policy about it,
 /// decides its upstream and encodes the upstream request into `upstream_head`.
-fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], upstream_head: &mut Vec<u8>) -> Parsed {
+pub(crate) fn parse(
+    worker: &Worker,
+    meta: &ConnMeta,
+    buf: &[u8],
+    upstream_head: &mut Vec<u8>,
+) -> Parsed {
     let config = worker.config();
     let mut slots = field_slots();
     let mut req = httparse::Request::new(&mut []);
