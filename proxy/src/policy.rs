@@ -30,7 +30,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode, Version};
 
 use crate::classify::Classifier;
 use crate::fields::{tokens, FieldSink, Fields};
-use crate::http1::framing::{content_length, FramingError};
+use crate::http1::framing::decimal;
 use crate::split::Target;
 use crate::upstream::UpstreamError;
 use crate::ProxyConfig;
@@ -80,7 +80,7 @@ pub(crate) fn admit<F: Fields + ?Sized>(
     }
     let mut admitted = Admitted::default();
     if head.method == Method::OPTIONS || head.method == Method::TRACE {
-        if let Some(n) = fields.value(&MAX_FORWARDS).and_then(parse_decimal) {
+        if let Some(n) = fields.value(&MAX_FORWARDS).and_then(decimal) {
             if n == 0 {
                 return Err(Refusal::MaxForwards(head.method.clone()));
             }
@@ -122,19 +122,15 @@ pub(crate) fn check_framing<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Re
         }
         return Ok(());
     }
-    if tokens(fields, &CONTENT_LENGTH).nth(1).is_some() {
-        return Err(Refusal::Framing(
+    let mut lengths = tokens(fields, &CONTENT_LENGTH);
+    match (lengths.next(), lengths.next()) {
+        (_, Some(_)) => Err(Refusal::Framing(
             "serin: bad request framing: more than one Content-Length\n",
-        ));
-    }
-    match content_length(fields) {
-        Ok(_) => Ok(()),
-        Err(FramingError::BadLength) => Err(Refusal::Framing(
+        )),
+        (Some(length), None) if decimal(length).is_none() => Err(Refusal::Framing(
             "serin: bad request framing: invalid Content-Length\n",
         )),
-        Err(FramingError::ConflictingLengths) => Err(Refusal::Framing(
-            "serin: bad request framing: conflicting Content-Length values\n",
-        )),
+        _ => Ok(()),
     }
 }
 
@@ -185,18 +181,6 @@ fn valid_host(value: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
     };
     port_ok && host_ok
-}
-
-/// `1*DIGIT`, as `Max-Forwards` is written.
-fn parse_decimal(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(
-        value
-            .iter()
-            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')),
-    )
 }
 
 // === request rewrites ===
@@ -302,7 +286,7 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
                     if !replaced_max_forwards {
                         replaced_max_forwards = true;
                         let mut digits = [0u8; 10];
-                        out.field(b"max-forwards", decimal(&mut digits, n));
+                        out.field(b"max-forwards", write_decimal(&mut digits, n));
                     }
                     continue;
                 }
@@ -345,7 +329,7 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
 }
 
 /// Writes `n` in decimal into `buf`; returns the digits.
-fn decimal(buf: &mut [u8; 10], mut n: u32) -> &[u8] {
+fn write_decimal(buf: &mut [u8; 10], mut n: u32) -> &[u8] {
     let mut at = buf.len();
     loop {
         at -= 1;
@@ -625,4 +609,123 @@ pub(crate) fn write_local_fields(
         out,
     );
     out.field(b"x-request-id", request_id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Upstream, UpstreamProtocol};
+
+    fn config() -> ProxyConfig {
+        let up = Upstream::parse("http://up.test:81", UpstreamProtocol::Http1).unwrap();
+        ProxyConfig::new("127.0.0.1:0".parse().unwrap(), up.clone(), up)
+    }
+
+    fn parsed(head: &[u8], f: impl FnOnce(&[httparse::Header<'_>])) {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        assert!(req.parse(head).unwrap().is_complete());
+        f(req.headers);
+    }
+
+    fn forwarded(head: &[u8]) -> String {
+        let config = config();
+        let conn = ConnMeta {
+            client_ip: HeaderValue::from_static("192.0.2.1"),
+            proto: HeaderValue::from_static("http"),
+        };
+        let mut out = Vec::new();
+        parsed(head, |fields| {
+            let fwd = Forwarding {
+                conn: &conn,
+                version: Version::HTTP_11,
+                config: &config,
+                admitted: Admitted::default(),
+                authority: None,
+                upstream_authority: b"up.test:81",
+                generated_id: None,
+            };
+            write_request_fields(fields, &fwd, &mut out);
+        });
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hosts_are_host_and_port_only() {
+        for good in [
+            "app",
+            "app:8080",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:8080",
+            "a-b.c_d~e",
+            "",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "app other",
+            "user@app",
+            "app:http",
+            "app/p",
+            "[::1",
+            "app:80:81",
+            "[]",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_field_named_in_connection_is_dropped_however_many() {
+        let mut head = b"GET / HTTP/1.1\r\nHost: app\r\nConnection: keep-alive".to_vec();
+        for i in 0..20 {
+            head.extend_from_slice(format!(", x-hop-{i}").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        for i in 0..20 {
+            head.extend_from_slice(format!("X-Hop-{i}: {i}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"x-kept: yes\r\n\r\n");
+        assert_eq!(
+            forwarded(&head),
+            "Host: app\r\nx-kept: yes\r\nx-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: http\r\n"
+        );
+    }
+
+    #[test]
+    fn forwarded_for_lines_are_joined_in_order_unless_named_in_connection() {
+        let joined = forwarded(
+            b"GET / HTTP/1.1\r\nX-Forwarded-For: a, b\r\nHost: app\r\nx-forwarded-for: c\r\n\r\n",
+        );
+        assert_eq!(
+            joined,
+            "Host: app\r\nx-forwarded-for: a, b, c, 192.0.2.1\r\nx-forwarded-proto: http\r\n"
+        );
+        let named = forwarded(
+            b"GET / HTTP/1.1\r\nHost: app\r\nConnection: x-forwarded-for\r\nX-Forwarded-For: a\r\n\r\n",
+        );
+        assert!(named.contains("x-forwarded-for: 192.0.2.1\r\n"), "{named}");
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_fields_serins_own_and_a_length_beside_a_coding() {
+        let config = config();
+        let mut out = Vec::new();
+        let head = b"GET / HTTP/1.1\r\nConnection: x-a\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n\
+                     Content-Length: 3\r\nx-serin-fallback: canary\r\nX-Kept: 2\r\n\r\n";
+        parsed(head, |fields| {
+            let ans = Answering {
+                config: &config,
+                served_by: Target::Stable,
+                fell_back: false,
+                request_id: b"id-1",
+            };
+            write_response_fields(fields, &ans, &mut out);
+        });
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "X-Kept: 2\r\nx-serin-upstream: stable\r\nx-request-id: id-1\r\n"
+        );
+    }
 }

@@ -71,16 +71,22 @@ pub(crate) fn response_framing<F: Fields + ?Sized>(
 pub(crate) fn content_length<F: Fields + ?Sized>(fields: &F) -> Result<Option<u64>, FramingError> {
     let mut length = None;
     for part in tokens(fields, &CONTENT_LENGTH) {
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-            return Err(FramingError::BadLength);
-        }
-        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        let n = decimal(part).ok_or(FramingError::BadLength)?;
         if length.is_some_and(|l| l != n) {
             return Err(FramingError::ConflictingLengths);
         }
         length = Some(n);
     }
     Ok(length)
+}
+
+/// `1*DIGIT` (as `Content-Length` and `Max-Forwards` are written), up to 19
+/// digits so it cannot overflow.
+pub(crate) fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
 #[cfg(test)]
