@@ -1,4 +1,4 @@
-//! The chunked body decoder (`h1::Chunked::decode`) fed the way a socket
+//! The chunked body decoder (`http1::chunked::Chunked::decode`) fed the way a socket
 //! feeds it: all at once, one byte at a time, and in pieces the fuzzer
 //! chooses (the first two input bytes seed the cut points; the rest is the
 //! body).

@@ -1,5 +1,5 @@
-//! The upstream response-head parser (`h1::parse_head`, `h1::header_map`,
-//! `h1::response_framing`) on arbitrary bytes.
+//! The upstream response-head parser (`http1::head::parse_response`, the header map
+//! hyper's path builds, `http1::framing::response_framing`) on arbitrary bytes.
 //!
 //! Properties: it never panics; a parsed head is no longer than the input,
 //! has a three-digit status, parses the same on its own, and every shorter prefix of it is merely

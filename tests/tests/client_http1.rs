@@ -1,4 +1,4 @@
-//! serin's own HTTP/1.1 server path (`proxy/src/h1_server.rs`), asserted on
+//! serin's own HTTP/1.1 server path (`proxy/src/server/own_h1.rs`), asserted on
 //! the wire.
 //!
 //! When both upstreams speak HTTP/1.1, serin no longer lets hyper serve

@@ -80,13 +80,18 @@ pub(crate) fn content_length<F: Fields + ?Sized>(fields: &F) -> Result<Option<u6
     Ok(length)
 }
 
-/// `1*DIGIT` (as `Content-Length` and `Max-Forwards` are written), up to 19
-/// digits so it cannot overflow.
+/// `1*DIGIT` (as `Content-Length` and `Max-Forwards` are written) that fits
+/// in 64 bits.
 pub(crate) fn decimal(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+    if value.is_empty() {
         return None;
     }
-    Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
+    value.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 #[cfg(test)]
