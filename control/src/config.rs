@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::defaults;
 use crate::judge::JudgePolicy;
-use crate::rollout::{basis_points, parse_hold, validate_steps, DEFAULT_HOLD, DEFAULT_STEPS};
+use crate::rollout::{basis_points, parse_hold, validate_steps};
 use serin_proxy::{
     Classifier, HeaderPolicy, PoolSettings, ProxyConfig, SplitRules, StickyKey, TlsFiles, Upstream,
     UpstreamProtocol,
@@ -200,7 +201,7 @@ pub struct Overrides {
 pub struct JudgeSettings {
     /// What counts as a breach; defaults in [`JudgePolicy::default`].
     pub policy: JudgePolicy,
-    /// How often the judge looks (default 10 ms).
+    /// How often the judge looks (default [`defaults::JUDGE_INTERVAL`]).
     pub interval: Duration,
 }
 
@@ -208,7 +209,7 @@ impl Default for JudgeSettings {
     fn default() -> Self {
         Self {
             policy: JudgePolicy::default(),
-            interval: Duration::from_millis(10),
+            interval: defaults::JUDGE_INTERVAL,
         }
     }
 }
@@ -216,20 +217,22 @@ impl Default for JudgeSettings {
 /// Progressive rollout defaults, validated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RolloutSettings {
-    /// Canary weights in percent, strictly increasing, ending at 100 (default 5, 25, 50, 100).
+    /// Canary weights in percent, strictly increasing, ending at 100
+    /// (default [`defaults::ROLLOUT_STEPS`]).
     pub steps: Vec<f64>,
-    /// Minimum time on each step (default 60 s).
+    /// Minimum time on each step (default [`defaults::ROLLOUT_HOLD`]).
     pub hold: Duration,
-    /// Canary requests each step must serve before advancing (default 50).
+    /// Canary requests each step must serve before advancing (default
+    /// [`defaults::MIN_REQUESTS_PER_STEP`]).
     pub min_requests_per_step: u64,
 }
 
 impl Default for RolloutSettings {
     fn default() -> Self {
         Self {
-            steps: DEFAULT_STEPS.to_vec(),
-            hold: DEFAULT_HOLD,
-            min_requests_per_step: 50,
+            steps: defaults::ROLLOUT_STEPS.to_vec(),
+            hold: defaults::ROLLOUT_HOLD,
+            min_requests_per_step: defaults::MIN_REQUESTS_PER_STEP,
         }
     }
 }
@@ -241,14 +244,14 @@ pub struct WebhookSettings {
     pub url: String,
     /// HMAC-SHA256 key for `X-Serin-Signature` (default none: unsigned).
     pub secret: Option<String>,
-    /// Events sent (default all: rollback, promoted, step, paused, judge_blocked).
+    /// Events sent (default all of [`WEBHOOK_EVENTS`]).
     pub events: Vec<String>,
 }
 
 /// The control API's settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdminSettings {
-    /// Listen address (default 127.0.0.1:9901).
+    /// Listen address (default [`defaults::ADMIN`]).
     pub listen: SocketAddr,
     /// Bearer token for mutating calls (default none; required off loopback).
     pub token: Option<String>,
@@ -259,13 +262,14 @@ pub struct AdminSettings {
 pub struct Config {
     /// The data plane.
     pub proxy: ProxyConfig,
-    /// Starting canary weight in basis points, used when no state is saved (default 0).
+    /// Starting canary weight in basis points, used when no state is saved
+    /// (default [`defaults::CANARY_WEIGHT`] percent).
     pub canary_weight_bp: u16,
     /// The control API.
     pub admin: AdminSettings,
-    /// Where state is persisted (default ./serin-state).
+    /// Where state is persisted (default [`defaults::STATE_DIR`]).
     pub state_dir: PathBuf,
-    /// Log filter, tracing syntax (default "info").
+    /// Log filter, tracing syntax (default [`defaults::LOG`]).
     pub log: String,
     /// The judge.
     pub judge: JudgeSettings,
@@ -309,9 +313,9 @@ impl Config {
             o.listen
                 .as_deref()
                 .or(raw.listen.as_deref())
-                .unwrap_or("127.0.0.1:8080"),
+                .unwrap_or(defaults::LISTEN),
         )?;
-        let workers = o.workers.or(raw.workers).unwrap_or(1);
+        let workers = o.workers.or(raw.workers).unwrap_or(defaults::WORKERS);
         if workers == 0 || workers > 256 {
             return Err(ConfigError::invalid(
                 "workers",
@@ -330,7 +334,10 @@ impl Config {
             o.canary.as_deref().or(raw.canary.url.as_deref()),
             raw.canary.protocol.as_deref(),
         )?;
-        let weight = o.canary_weight.or(raw.canary_weight).unwrap_or(0.0);
+        let weight = o
+            .canary_weight
+            .or(raw.canary_weight)
+            .unwrap_or(defaults::CANARY_WEIGHT);
         let canary_weight_bp = percent_to_bp("canary_weight", weight)?;
 
         let split = split_rules(&raw.split)?;
@@ -340,23 +347,29 @@ impl Config {
             connect_timeout: duration_or(
                 "timeouts.connect",
                 t.connect.as_deref(),
-                Duration::from_secs(3),
+                defaults::CONNECT_TIMEOUT,
             )?,
             idle_timeout: duration_or(
                 "timeouts.upstream_idle",
                 t.upstream_idle.as_deref(),
-                Duration::from_secs(60),
+                defaults::UPSTREAM_IDLE_TIMEOUT,
             )?,
-            max_idle: raw.limits.max_idle_per_upstream.unwrap_or(256),
+            max_idle: raw
+                .limits
+                .max_idle_per_upstream
+                .unwrap_or(defaults::MAX_IDLE_PER_UPSTREAM),
         };
-        let max_header_bytes = raw.limits.max_header_bytes.unwrap_or(64 * 1024);
+        let max_header_bytes = raw
+            .limits
+            .max_header_bytes
+            .unwrap_or(defaults::MAX_HEADER_BYTES);
         if !(8 * 1024..=1024 * 1024).contains(&max_header_bytes) {
             return Err(ConfigError::invalid(
                 "limits.max_header_bytes",
                 format!("must be between 8192 and 1048576 (got {max_header_bytes})"),
             ));
         }
-        let max_inflight = raw.limits.max_inflight.unwrap_or(10_000);
+        let max_inflight = raw.limits.max_inflight.unwrap_or(defaults::MAX_INFLIGHT);
         if max_inflight == 0 {
             return Err(ConfigError::invalid(
                 "limits.max_inflight",
@@ -374,25 +387,31 @@ impl Config {
             response_timeout: duration_or(
                 "timeouts.response",
                 t.response.as_deref(),
-                Duration::from_secs(30),
+                defaults::RESPONSE_TIMEOUT,
             )?,
             header_read_timeout: duration_or(
                 "timeouts.header_read",
                 t.header_read.as_deref(),
-                Duration::from_secs(30),
+                defaults::HEADER_READ_TIMEOUT,
             )?,
             max_header_bytes,
             max_inflight,
             drain_timeout: duration_or(
                 "timeouts.drain",
                 t.drain.as_deref(),
-                Duration::from_secs(30),
+                defaults::DRAIN_TIMEOUT,
             )?,
-            canary_fallback: raw.split.canary_fallback.unwrap_or(true),
+            canary_fallback: raw
+                .split
+                .canary_fallback
+                .unwrap_or(defaults::CANARY_FALLBACK),
             headers: HeaderPolicy {
-                rewrite_host: raw.headers.rewrite_host.unwrap_or(false),
-                via: raw.headers.via.unwrap_or(false),
-                upstream_header: raw.headers.upstream_header.unwrap_or(true),
+                rewrite_host: raw.headers.rewrite_host.unwrap_or(defaults::REWRITE_HOST),
+                via: raw.headers.via.unwrap_or(defaults::VIA),
+                upstream_header: raw
+                    .headers
+                    .upstream_header
+                    .unwrap_or(defaults::UPSTREAM_HEADER),
             },
             tls: raw.tls.map(|t| TlsFiles {
                 cert: t.cert,
@@ -407,7 +426,7 @@ impl Config {
             o.admin
                 .as_deref()
                 .or(raw.admin.as_deref())
-                .unwrap_or("127.0.0.1:9901"),
+                .unwrap_or(defaults::ADMIN),
         )?;
         let token = o
             .admin_token
@@ -439,8 +458,8 @@ impl Config {
                 .state_dir
                 .clone()
                 .or(raw.state_dir)
-                .unwrap_or_else(|| PathBuf::from("./serin-state")),
-            log: raw.log.unwrap_or_else(|| "info".to_string()),
+                .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
+            log: raw.log.unwrap_or_else(|| defaults::LOG.to_string()),
             judge,
             rollout,
             webhooks,
@@ -467,10 +486,11 @@ fn upstream(
         key,
         hint: "give the upstream's URL, e.g. --stable http://127.0.0.1:8081 --canary http://127.0.0.1:8082",
     })?;
-    let protocol = match protocol.unwrap_or("http1") {
-        "http1" => UpstreamProtocol::Http1,
-        "http2" | "h2c" => UpstreamProtocol::Http2,
-        other => {
+    let protocol = match protocol {
+        None => UpstreamProtocol::default(),
+        Some("http1") => UpstreamProtocol::Http1,
+        Some("http2" | "h2c") => UpstreamProtocol::Http2,
+        Some(other) => {
             return Err(ConfigError::invalid(
                 protocol_key,
                 format!(
@@ -564,7 +584,11 @@ fn classifier(raw: &RawClassify) -> Result<Classifier, ConfigError> {
     let mut c = Classifier::none();
     let key = "classify.error_statuses";
     match &raw.error_statuses {
-        None => c.add_status_range(500, 599),
+        None => {
+            for &(low, high) in defaults::ERROR_STATUSES {
+                c.add_status_range(low, high);
+            }
+        }
         Some(list) => {
             for item in list {
                 let (low, high) = match item {
@@ -592,10 +616,12 @@ fn classifier(raw: &RawClassify) -> Result<Classifier, ConfigError> {
             }
         }
     }
-    let codes = raw
-        .grpc_error_codes
-        .clone()
-        .unwrap_or_else(|| vec![2, 4, 13, 14]);
+    let codes = raw.grpc_error_codes.clone().unwrap_or_else(|| {
+        defaults::GRPC_ERROR_CODES
+            .iter()
+            .map(|&code| i64::from(code))
+            .collect()
+    });
     for code in codes {
         if !(0..=16).contains(&code) {
             return Err(ConfigError::invalid(
@@ -620,7 +646,7 @@ fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSettings, Config
     let interval = duration_or(
         "judge.interval",
         raw.interval.as_deref(),
-        Duration::from_millis(10),
+        defaults::JUDGE_INTERVAL,
     )?;
     if interval > window {
         return Err(ConfigError::invalid(
@@ -717,15 +743,24 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_the_documented_ones() {
+    fn defaults_are_the_constants() {
+        // Every value is compared in control/tests/readme_config.rs; these
+        // are the ones not set from a data-plane `Default`.
         let c = load("", &upstreams()).unwrap();
-        assert_eq!(c.proxy.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().unwrap());
-        assert_eq!(c.canary_weight_bp, 0);
+        assert_eq!(c.proxy.listen, defaults::LISTEN.parse().unwrap());
+        assert_eq!(c.admin.listen, defaults::ADMIN.parse().unwrap());
+        assert_eq!(
+            f64::from(c.canary_weight_bp) / 100.0,
+            defaults::CANARY_WEIGHT
+        );
+        assert_eq!(c.state_dir, Path::new(defaults::STATE_DIR));
+        assert_eq!(c.log, defaults::LOG);
         assert_eq!(c.judge, JudgeSettings::default());
+        assert_eq!(c.judge.interval, defaults::JUDGE_INTERVAL);
         assert_eq!(c.rollout, RolloutSettings::default());
-        assert_eq!(c.proxy.workers, 1);
-        assert!(c.proxy.canary_fallback);
+        assert_eq!(c.proxy.workers, defaults::WORKERS);
+        assert_eq!(c.proxy.classifier, Classifier::default());
+        assert_eq!(c.proxy.canary_fallback, defaults::CANARY_FALLBACK);
     }
 
     #[test]

@@ -28,10 +28,10 @@ use serin_proxy::{RouteTable, Routes, Stats, Target, WindowSnapshot};
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::defaults;
 use crate::judge::{Judge, JudgePolicy, PolicyError};
 use crate::rollout::{
     percent, rfc3339, Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, Transition,
-    DEFAULT_HOLD, DEFAULT_STEPS,
 };
 use crate::store::{PersistedState, StateStore, StoreError};
 
@@ -43,22 +43,24 @@ pub struct ControllerConfig {
     /// The judge's policy. Default [`JudgePolicy::default`]. The [`Stats`]
     /// given to the controller should use the same window.
     pub policy: JudgePolicy,
-    /// How often the judge loop looks at the windows. Default 10 ms.
+    /// How often the judge loop looks at the windows. Default
+    /// [`defaults::JUDGE_INTERVAL`].
     pub interval: Duration,
     /// The loop evaluates only when a request completed since its last
     /// look, or when this long has passed (windows age and holds elapse
     /// without traffic). Default 1 s.
     pub idle_interval: Duration,
     /// Canary requests a rollout step must serve before it may advance.
-    /// Default 50.
+    /// Default [`defaults::MIN_REQUESTS_PER_STEP`].
     pub min_requests_per_step: u64,
     /// Steps of a rollout started without any, in percent. Default
-    /// `[5, 25, 50, 100]`.
+    /// [`defaults::ROLLOUT_STEPS`].
     pub default_steps: Vec<f64>,
-    /// Hold of a rollout started without one. Default 60 s.
+    /// Hold of a rollout started without one. Default
+    /// [`defaults::ROLLOUT_HOLD`].
     pub default_hold: Duration,
     /// Canary weight, in percent, when there is no saved state (a corrupt
-    /// one always starts at 0). Default 0.
+    /// one always starts at 0). Default [`defaults::CANARY_WEIGHT`].
     pub initial_weight: f64,
     /// The stable upstream's URL, as shown in `/status`. Default empty.
     pub stable_url: String,
@@ -70,12 +72,12 @@ impl Default for ControllerConfig {
     fn default() -> Self {
         Self {
             policy: JudgePolicy::default(),
-            interval: Duration::from_millis(10),
+            interval: defaults::JUDGE_INTERVAL,
             idle_interval: Duration::from_secs(1),
-            min_requests_per_step: 50,
-            default_steps: DEFAULT_STEPS.to_vec(),
-            default_hold: DEFAULT_HOLD,
-            initial_weight: 0.0,
+            min_requests_per_step: defaults::MIN_REQUESTS_PER_STEP,
+            default_steps: defaults::ROLLOUT_STEPS.to_vec(),
+            default_hold: defaults::ROLLOUT_HOLD,
+            initial_weight: defaults::CANARY_WEIGHT,
             stable_url: String::new(),
             canary_url: String::new(),
         }

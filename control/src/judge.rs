@@ -31,6 +31,8 @@ use std::time::Duration;
 
 use serin_proxy::WindowSnapshot;
 
+use crate::defaults;
+
 /// The quantile that the latency checks are about.
 const P95: f64 = 0.95;
 
@@ -51,71 +53,58 @@ const MIN_EXPECTED_ERRORS_FOR_Z: f64 = 5.0;
 // === impl JudgePolicy ===
 
 /// What the judge considers a breach. All fields are configurable; the
-/// defaults come from the seed runbooks and from the false-revert budget
-/// (≤ 1% of healthy rollouts).
+/// defaults, in [`crate::defaults`], come from the seed runbooks and from the
+/// false-revert budget (≤ 1% of healthy rollouts).
 #[derive(Clone, Debug, PartialEq)]
 pub struct JudgePolicy {
-    /// The rolling window both upstreams are judged over. Default 10 s.
+    /// The rolling window both upstreams are judged over. Default
+    /// [`defaults::WINDOW`].
     ///
     /// The judge only quotes it in reasons; the [`serin_proxy::Stats`] the
     /// controller reads must be built with the same window.
     pub window: Duration,
     /// Canary requests needed in the window before any verdict other than
     /// [`Verdict::Insufficient`]; also the stable requests needed before the
-    /// relative checks run. Default 20.
+    /// relative checks run. Default [`defaults::MIN_REQUESTS`].
     pub min_requests: u64,
     /// Highest acceptable canary error rate, as a ratio in (0, 1]. Default
-    /// 0.05 (5%). A breach needs the rate's lower confidence bound above it.
+    /// [`defaults::MAX_ERROR_RATE`]. A breach needs the rate's lower
+    /// confidence bound above it.
     pub max_error_rate: f64,
     /// Highest acceptable canary p95 latency (time to response headers).
-    /// Default 1000 ms.
+    /// Default [`defaults::MAX_P95`].
     pub max_p95: Duration,
-    /// Highest acceptable ratio of canary p95 to stable p95. Default 1.5.
+    /// Highest acceptable ratio of canary p95 to stable p95. Default
+    /// [`defaults::MAX_P95_RATIO`].
     pub max_p95_ratio: f64,
     /// One-sided confidence required of every statistical check, in
-    /// (0.5, 1). Default 0.999999 (z ≈ 4.75).
-    ///
-    /// Why so high: the judge looks every ~10 ms, so over one rollout it
-    /// makes thousands of strongly correlated tests. A sliding 10 s window
-    /// over a 4-step rollout with a 60 s hold is worth a few dozen
-    /// independent tests, and watching continuously multiplies the chance of
-    /// catching a random excursion further. The seeded simulation in the
-    /// tests (identical canary and stable at 1% errors, judged every 100 ms)
-    /// measured false reverts per whole rollout of about 5% at 0.999, 0.7% at
-    /// 0.9999 and 0.1% at 0.99999. The bench's judge simulator (bench/REPORT.md,
-    /// 1,000 healthy rollouts at 100 canary req/s) still measured 1.7% at
-    /// 0.99999, every one from the relative test near z ≈ 4.3, so the default
-    /// is one nine higher, for a margin under the 1% budget when judging
-    /// every 10 ms and for other traffic shapes. Power stays: a canary at 4% errors against stable at 1% is still reverted in
-    /// nearly every rollout at 200 req/s.
+    /// (0.5, 1). Default [`defaults::CONFIDENCE`], which says why it is so
+    /// high.
     pub confidence: f64,
     /// The canary's error rate must exceed stable's by at least this much
     /// (absolute, ratio in [0, 1)) before the relative check can breach.
-    /// Default 0.01 (one percentage point): at high traffic a z-test finds
-    /// even a 0.1-point difference "significant", which is not worth a
-    /// revert.
+    /// Default [`defaults::MIN_ERROR_RATE_DIFFERENCE`].
     pub min_error_rate_difference: f64,
     /// Canary errors in a row that revert at once, whatever the window says,
     /// unless stable also has this many errors in a row (then the fault is
     /// shared, not the canary's). Shorter runs (3 or more) revert too when
     /// they are improbable given stable's error rate (see the module
     /// documentation): against a healthy stable, 4 failures. 0 disables both
-    /// fast paths. Default 10: even at a 15% base error rate ten in a row
-    /// happens by chance with probability below 1e-8.
+    /// fast paths. Default [`defaults::MAX_CONSECUTIVE_ERRORS`].
     pub max_consecutive_errors: u32,
 }
 
 impl Default for JudgePolicy {
     fn default() -> Self {
         Self {
-            window: Duration::from_secs(10),
-            min_requests: 20,
-            max_error_rate: 0.05,
-            max_p95: Duration::from_millis(1000),
-            max_p95_ratio: 1.5,
-            confidence: 0.999_999,
-            min_error_rate_difference: 0.01,
-            max_consecutive_errors: 10,
+            window: defaults::WINDOW,
+            min_requests: defaults::MIN_REQUESTS,
+            max_error_rate: defaults::MAX_ERROR_RATE,
+            max_p95: defaults::MAX_P95,
+            max_p95_ratio: defaults::MAX_P95_RATIO,
+            confidence: defaults::CONFIDENCE,
+            min_error_rate_difference: defaults::MIN_ERROR_RATE_DIFFERENCE,
+            max_consecutive_errors: defaults::MAX_CONSECUTIVE_ERRORS,
         }
     }
 }

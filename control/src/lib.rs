@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod defaults;
 pub mod demo;
 
 pub mod inject;

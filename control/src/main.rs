@@ -82,7 +82,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 fn inject(args: serin_control::inject::InjectArgs) -> ExitCode {
-    serin_control::init_logging("info");
+    serin_control::init_logging(serin_control::defaults::LOG);
     finish("serin inject", 2, serin_control::inject::run(args))
 }
 

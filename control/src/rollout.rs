@@ -27,12 +27,9 @@ use serde::{Deserialize, Serialize};
 use serin_proxy::split::MAX_BASIS_POINTS;
 use tokio::time::Instant;
 
+use crate::defaults;
 use crate::judge::{Secs, Verdict};
 
-/// The default rollout steps, in percent.
-pub const DEFAULT_STEPS: [f64; 4] = [5.0, 25.0, 50.0, 100.0];
-/// The default hold at each step.
-pub const DEFAULT_HOLD: Duration = Duration::from_secs(60);
 /// Transitions kept in the history; older ones are dropped first.
 pub const HISTORY_LIMIT: usize = 1000;
 /// Most steps a rollout may have.
@@ -315,9 +312,9 @@ impl Rollout {
         Self {
             phase: Phase::Steady,
             weight_bp: 0,
-            steps: DEFAULT_STEPS.to_vec(),
+            steps: defaults::ROLLOUT_STEPS.to_vec(),
             step: 0,
-            hold: DEFAULT_HOLD,
+            hold: defaults::ROLLOUT_HOLD,
             latched: false,
             reason: String::new(),
             resume: None,

@@ -20,8 +20,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::rollout::RolloutState;
 
-/// The default `--state-dir`.
-pub const DEFAULT_STATE_DIR: &str = "./serin-state";
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
 /// The format version this build writes and reads.

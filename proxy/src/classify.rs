@@ -10,6 +10,7 @@
 use http::header::{HeaderMap, HeaderName, CONTENT_TYPE};
 use http::StatusCode;
 
+use crate::defaults;
 use crate::fields::Fields;
 
 /// The verdict on a response's headers.
@@ -33,11 +34,14 @@ pub struct Classifier {
 }
 
 impl Default for Classifier {
-    /// Every 5xx, and gRPC codes 2, 4, 13 and 14.
+    /// [`defaults::ERROR_STATUSES`] (every 5xx) and
+    /// [`defaults::GRPC_ERROR_CODES`] (2, 4, 13 and 14).
     fn default() -> Self {
         let mut c = Self::none();
-        c.add_status_range(500, 599);
-        for code in [2, 4, 13, 14] {
+        for &(low, high) in defaults::ERROR_STATUSES {
+            c.add_status_range(low, high);
+        }
+        for &code in defaults::GRPC_ERROR_CODES {
             c.add_grpc_code(code);
         }
         c

@@ -40,5 +40,11 @@ pub const VIA: bool = false;
 /// `headers.upstream_header`: tell the client which upstream answered, in
 /// `x-serin-upstream`.
 pub const UPSTREAM_HEADER: bool = true;
+/// `classify.error_statuses`: the HTTP statuses that count as errors, as
+/// inclusive ranges (every 5xx, serin's own 502/503/504 included).
+pub const ERROR_STATUSES: &[(u16, u16)] = &[(500, 599)];
+/// `classify.grpc_error_codes`: the gRPC statuses that count as errors
+/// (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE).
+pub const GRPC_ERROR_CODES: &[u8] = &[2, 4, 13, 14];
 /// `judge.window`: the length of the rolling stats window.
 pub const WINDOW: Duration = Duration::from_secs(10);

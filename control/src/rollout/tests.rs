@@ -24,7 +24,12 @@ fn insufficient() -> Verdict {
 fn started(canary: u64) -> Rollout {
     let mut r = Rollout::new(Instant::now());
     let event = r
-        .start_rollout(&DEFAULT_STEPS, HOLD, Instant::now(), canary)
+        .start_rollout(
+            &crate::defaults::ROLLOUT_STEPS,
+            HOLD,
+            Instant::now(),
+            canary,
+        )
         .unwrap();
     assert_eq!(event, Some(Event::Step));
     assert_eq!((r.phase(), r.canary_weight_bp()), (Phase::Progressing, 500));
