@@ -196,7 +196,7 @@ pub struct Overrides {
 
 // === typed (validated) ===
 
-/// The judge, validated: its policy (DESIGN.md §3) and how often it looks.
+/// The judge, validated: its policy (README.md, "The judge") and how often it looks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JudgeSettings {
     /// What counts as a breach; defaults in [`JudgePolicy::default`].
