@@ -40,8 +40,10 @@ impl Fields for HeaderMap {
 
 impl Fields for [httparse::Header<'_>] {
     fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        // Once, not per field: for a standard name it is a large match.
+        let name = name.as_str();
         self.iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name.as_str()))
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     }
 
@@ -165,8 +167,9 @@ impl<'a> RawFields<'a> {
 
 impl Fields for RawFields<'_> {
     fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let name = name.as_str().as_bytes();
         self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
     }
 
@@ -179,19 +182,53 @@ impl Fields for RawFields<'_> {
 pub(crate) fn tokens<'a, F: Fields + ?Sized>(
     fields: &'a F,
     name: &'a HeaderName,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
-    fields
-        .values(name)
-        .flat_map(|v| v.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
+) -> Tokens<'a, impl Iterator<Item = &'a [u8]> + 'a> {
+    Tokens {
+        values: fields.values(name),
+        current: None,
+    }
+}
+
+/// See [`tokens`]. Written out rather than as `flat_map(split)`: it runs for
+/// `Connection` on every request and response.
+pub(crate) struct Tokens<'a, I> {
+    values: I,
+    /// What is left of the value being split.
+    current: Option<&'a [u8]>,
+}
+
+impl<'a, I: Iterator<Item = &'a [u8]>> Iterator for Tokens<'a, I> {
+    type Item = &'a [u8];
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let rest = match self.current {
+            Some(rest) => rest,
+            None => self.values.next()?,
+        };
+        match rest.iter().position(|&b| b == b',') {
+            Some(i) => {
+                self.current = Some(&rest[i + 1..]);
+                Some(rest[..i].trim_ascii())
+            }
+            None => {
+                self.current = None;
+                Some(rest.trim_ascii())
+            }
+        }
+    }
 }
 
 /// Whether an HTTP/1.`minor` message lets its connection carry another
 /// one: HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
 /// `Connection: keep-alive` (RFC 9112 §9.3).
 pub(crate) fn keeps_alive<F: Fields + ?Sized>(fields: &F, minor: u8) -> bool {
-    let says = |option: &[u8]| tokens(fields, &CONNECTION).any(|t| t.eq_ignore_ascii_case(option));
-    !says(b"close") && (minor == 1 || says(b"keep-alive"))
+    let (mut close, mut keep_alive) = (false, false);
+    for token in tokens(fields, &CONNECTION) {
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    !close && (minor == 1 || keep_alive)
 }
 
 #[cfg(test)]

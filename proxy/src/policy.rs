@@ -59,11 +59,25 @@ pub(crate) struct RequestHead<'a, F: ?Sized> {
     pub(crate) fields: &'a F,
 }
 
-/// What admission learnt that the rewrites need.
+/// What admission learnt that the adapters and the rewrites need.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Admitted {
+    /// How the request's body is framed.
+    pub(crate) body: BodyLength,
     /// `Max-Forwards` to send instead of the client's (OPTIONS and TRACE).
     pub(crate) max_forwards: Option<u32>,
+}
+
+/// How a request's body is framed (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum BodyLength {
+    /// No body, or `Content-Length: 0`.
+    #[default]
+    Empty,
+    /// `Content-Length`.
+    Known(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
 }
 
 /// Decides whether a request may be forwarded, before anything is sent.
@@ -73,12 +87,15 @@ pub(crate) fn admit<F: Fields + ?Sized>(
     config: &ProxyConfig,
 ) -> Result<Admitted, Refusal> {
     let fields = head.fields;
-    check_framing(head)?;
+    let body = check_framing(head)?;
     check_host(head)?;
     if head.method == Method::CONNECT {
         return Err(Refusal::Connect);
     }
-    let mut admitted = Admitted::default();
+    let mut admitted = Admitted {
+        body,
+        max_forwards: None,
+    };
     if head.method == Method::OPTIONS || head.method == Method::TRACE {
         if let Some(n) = fields.value(&MAX_FORWARDS).and_then(decimal) {
             if n == 0 {
@@ -95,7 +112,7 @@ pub(crate) fn admit<F: Fields + ?Sized>(
 
 /// RFC 9112 §6: a request's body must have one unambiguous length. serin
 /// decodes exactly one transfer coding, chunked; it never guesses.
-pub(crate) fn check_framing<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<(), Refusal> {
+fn check_framing<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<BodyLength, Refusal> {
     let fields = head.fields;
     if fields.value(&TRANSFER_ENCODING).is_some() {
         if head.version == Version::HTTP_10 {
@@ -120,17 +137,21 @@ pub(crate) fn check_framing<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Re
                 "serin: bad request framing: the only Transfer-Encoding accepted is chunked\n",
             ));
         }
-        return Ok(());
+        return Ok(BodyLength::Chunked);
     }
     let mut lengths = tokens(fields, &CONTENT_LENGTH);
     match (lengths.next(), lengths.next()) {
-        (_, Some(_)) => Err(Refusal::Framing(
+        (None, _) => Ok(BodyLength::Empty),
+        (Some(_), Some(_)) => Err(Refusal::Framing(
             "serin: bad request framing: more than one Content-Length\n",
         )),
-        (Some(length), None) if decimal(length).is_none() => Err(Refusal::Framing(
-            "serin: bad request framing: invalid Content-Length\n",
-        )),
-        _ => Ok(()),
+        (Some(length), None) => match decimal(length) {
+            Some(0) => Ok(BodyLength::Empty),
+            Some(n) => Ok(BodyLength::Known(n)),
+            None => Err(Refusal::Framing(
+                "serin: bad request framing: invalid Content-Length\n",
+            )),
+        },
     }
 }
 
@@ -158,30 +179,53 @@ fn check_host<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<(), Refus
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2); empty is allowed (RFC 9112 §3.2).
 fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = match value.iter().rposition(|&b| b == b':') {
-        Some(i)
-            if !value[..i].contains(&b':')
-                || value.starts_with(b"[") && value[..i].ends_with(b"]") =>
-        {
-            (&value[..i], Some(&value[i + 1..]))
+    if let Some(literal) = value.strip_prefix(b"[") {
+        // An IP literal, then an optional port.
+        let Some(end) = literal.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let (ip, after) = (&literal[..end], &literal[end + 1..]);
+        return !ip.is_empty()
+            && ip
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && (after.is_empty()
+                || after
+                    .strip_prefix(b":")
+                    .is_some_and(|p| p.iter().all(u8::is_ascii_digit)));
+    }
+    // A reg-name or IPv4 address, then an optional port: one pass.
+    let mut in_port = false;
+    value.iter().all(|&b| {
+        if in_port {
+            b.is_ascii_digit()
+        } else if b == b':' {
+            in_port = true;
+            true
+        } else {
+            REG_NAME[usize::from(b)]
         }
-        _ => (value, None),
-    };
-    let port_ok = port.is_none_or(|p| p.iter().all(u8::is_ascii_digit));
-    let host_ok = if let Some(literal) = host.strip_prefix(b"[") {
-        literal.strip_suffix(b"]").is_some_and(|ip| {
-            !ip.is_empty()
-                && ip
-                    .iter()
-                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        })
-    } else {
-        // reg-name or IPv4: unreserved, pct-encoded and sub-delims.
-        host.iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b))
-    };
-    port_ok && host_ok
+    })
 }
+
+/// The bytes of a reg-name or IPv4 address: unreserved, pct-encoded and
+/// sub-delims (RFC 3986 §3.2.2).
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let others = b"-._~%!$&'()*+,;=";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 // === request rewrites ===
 
@@ -253,6 +297,7 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
     let named = ConnectionNamed::of(fields);
     let replace_host = headers.rewrite_host || fwd.authority.is_some();
     let mut has_host = false;
+    let mut has_forwarded_for = false;
     let mut replaced_max_forwards = false;
     for (name, value) in fields.each() {
         let kind = special(name);
@@ -263,7 +308,11 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
             continue;
         }
         match kind {
-            Special::HopByHop | Special::ForwardedFor | Special::ForwardedProto => continue,
+            Special::ForwardedFor => {
+                has_forwarded_for = true;
+                continue;
+            }
+            Special::HopByHop | Special::ForwardedProto => continue,
             Special::Te => {
                 // gRPC needs `te: trailers` end to end; any other TE is
                 // hop-by-hop. Its sender also names it in `Connection`
@@ -304,15 +353,18 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
     // Every line the client sent, in order, then the client: unless the
     // client named the field in `Connection`, which makes its lines hop-by-hop.
     let client_ip = fwd.conn.client_ip.as_bytes();
-    let forwarded_hop = named.contains(b"x-forwarded-for");
-    out.joined_field(
-        b"x-forwarded-for",
-        fields
-            .each()
-            .filter(|(n, _)| !forwarded_hop && special(n) == Special::ForwardedFor)
-            .map(|(_, v)| v)
-            .chain(std::iter::once(client_ip)),
-    );
+    if has_forwarded_for {
+        out.joined_field(
+            b"x-forwarded-for",
+            fields
+                .each()
+                .filter(|(n, _)| special(n) == Special::ForwardedFor)
+                .map(|(_, v)| v)
+                .chain(std::iter::once(client_ip)),
+        );
+    } else {
+        out.field(b"x-forwarded-for", client_ip);
+    }
     out.field(b"x-forwarded-proto", fwd.conn.proto.as_bytes());
     if let Some(id) = fwd.generated_id {
         out.field(b"x-request-id", id);
@@ -371,6 +423,7 @@ impl<'a, F: Fields + ?Sized> ConnectionNamed<'a, F> {
         named
     }
 
+    #[inline]
     fn contains(&self, name: &[u8]) -> bool {
         if self.len == 0 {
             return false;

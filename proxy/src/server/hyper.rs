@@ -23,13 +23,12 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
-use crate::http1::framing::content_length;
 use crate::http1::head::write_request_line;
 use crate::outcome::OutcomeRecord;
 use crate::policy::{
     admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
-    write_response_fields, Admitted, Answering, ConnMeta, Forwarding, Refusal, RequestHead,
-    X_REQUEST_ID,
+    write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
+    RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
 use crate::upstream::{
@@ -313,7 +312,7 @@ impl Outgoing<'_> {
         let parts = self.parts;
         let framing = if body.is_end_stream() {
             RequestFraming::None
-        } else if matches!(content_length(&parts.headers), Ok(Some(_))) {
+        } else if matches!(self.admitted.body, BodyLength::Known(_)) {
             RequestFraming::Length
         } else {
             RequestFraming::Chunked

@@ -39,9 +39,9 @@ use crate::http1::head::{
 };
 use crate::outcome::OutcomeRecord;
 use crate::policy::{
-    admit, canary_failed, check_framing, local_answer, may_fall_back, write_local_fields,
-    write_request_fields, write_response_fields, Admitted, Answering, ConnMeta, Forwarding,
-    Refusal, RequestHead, X_REQUEST_ID,
+    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
+    write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
+    RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
 use crate::upstream::{
@@ -287,32 +287,38 @@ pub(crate) fn parse(
         version,
         fields,
     };
-    // Framing is judged here, on the bytes as sent, before a request with a
-    // body goes to hyper: hyper would normalise what serin refuses (it merges
+    // The policy judges the request here, on the bytes as sent, even one that
+    // goes on to hyper: hyper would normalise what serin refuses (it merges
     // repeated Content-Length lines and drops Content-Length next to
     // Transfer-Encoding).
-    if let Err(refusal) = check_framing(&head) {
-        return refused_with(refusal, minor, method, keeps_alive(fields, minor));
-    }
-    let bodiless = fields.value(&TRANSFER_ENCODING).is_none()
-        && fields.values(&CONTENT_LENGTH).all(|v| v == b"0");
-    if !path.starts_with('/')
+    let admitted = admit(&head, worker.inflight(), config);
+    let bodiless = match &admitted {
+        Ok(admitted) => admitted.body == BodyLength::Empty,
+        Err(_) => {
+            fields.value(&TRANSFER_ENCODING).is_none()
+                && fields.values(&CONTENT_LENGTH).all(|v| v == b"0")
+        }
+    };
+    let hyper_needed = !path.starts_with('/')
         || !bodiless
         || fields.value(&UPGRADE).is_some()
-        || fields.value(&EXPECT).is_some()
-    {
-        return Parsed::Handoff;
-    }
+        || fields.value(&EXPECT).is_some();
+    let (admitted, refusal) = match admitted {
+        Ok(_) if hyper_needed => return Parsed::Handoff,
+        Ok(admitted) => (admitted, None),
+        // A refused request's body would be read as the next request: the
+        // connection closes after the answer.
+        Err(refusal) if !bodiless => {
+            return refused_with(refusal, minor, method, false);
+        }
+        Err(refusal) => (Admitted::default(), Some(refusal)),
+    };
     let request_id = match fields.value(&X_REQUEST_ID) {
         Some(id) => {
             let start = id.as_ptr() as usize - buf.as_ptr() as usize;
             RequestId::Client(start, start + id.len())
         }
         None => RequestId::Generated(worker.next_request_id_bytes()),
-    };
-    let (admitted, refusal) = match admit(&head, worker.inflight(), config) {
-        Ok(admitted) => (admitted, None),
-        Err(refusal) => (Admitted::default(), Some(refusal)),
     };
     let target = worker.decide(fields);
     if refusal.is_none() {
