@@ -66,11 +66,14 @@ pub enum ServeError {
 }
 
 /// Logs to stderr with the given filter (e.g. "info", "serin_proxy=debug"),
-/// overridden by `RUST_LOG` when set.
+/// overridden by `RUST_LOG` when set. Colour codes only on a terminal: a
+/// file, a pipe or a log collector gets plain text.
 pub fn init_logging(filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
     let _ = tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();

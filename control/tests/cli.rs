@@ -275,3 +275,49 @@ async fn a_100_mb_upload_and_download_stream_through_with_flat_memory() {
         "peak RSS grew by {growth_mib} MiB moving 2 × 100 MiB: bodies are being buffered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let stable = TestUpstream::start("stable").await;
+    let canary = TestUpstream::start("canary").await;
+    let state = temp_dir("plain-logs");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_serin"))
+        .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--stable", &stable.url(), "--canary", &canary.url()])
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("proxy listening") {
+                return;
+            }
+        }
+        panic!("serin exited before listening");
+    })
+    .await
+    .expect("serin listens within 30 s");
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut stderr = String::new();
+    let mut pipe = child.stderr.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), pipe.read_to_string(&mut stderr))
+        .await
+        .expect("serin exits within 30 s")
+        .unwrap();
+    assert!(stderr.contains("SIGTERM: draining"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes in piped logs: {stderr:?}"
+    );
+}
