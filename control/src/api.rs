@@ -11,7 +11,7 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,10 +34,16 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// The control API's state.
 pub struct Api {
-    controller: Controller,
-    metrics: Arc<Metrics>,
+    /// Set once the saved state is loaded; until then only the probes answer.
+    plane: OnceLock<ControlPlane>,
     token: Option<String>,
     ready: AtomicBool,
+}
+
+/// What the API drives once serin has started.
+struct ControlPlane {
+    controller: Controller,
+    metrics: Arc<Metrics>,
 }
 
 /// `PUT /weight`.
@@ -93,14 +99,22 @@ fn controller_error(e: ControllerError) -> ApiResponse {
 }
 
 impl Api {
-    /// An API over `controller`; `token` guards mutating calls.
-    pub fn new(controller: Controller, metrics: Arc<Metrics>, token: Option<String>) -> Self {
+    /// An API that answers its probes (not ready) until [`Api::attach`];
+    /// `token` guards mutating calls.
+    pub fn starting(token: Option<String>) -> Self {
         Self {
-            controller,
-            metrics,
+            plane: OnceLock::new(),
             token,
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// The saved state is loaded: every endpoint answers from now on.
+    pub fn attach(&self, controller: Controller, metrics: Arc<Metrics>) {
+        let _ = self.plane.set(ControlPlane {
+            controller,
+            metrics,
+        });
     }
 
     /// Marks the service ready (listener bound, state loaded): `/readyz` → 200.
@@ -168,25 +182,34 @@ impl Api {
             );
             return resp;
         }
-        let c = &self.controller;
         match path.as_str() {
-            "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"})),
-            "/readyz" => {
-                if self.ready.load(Ordering::SeqCst) {
-                    json_response(StatusCode::OK, json!({"status": "ready"}))
-                } else {
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: starting or shutting down",
-                    )
-                }
+            "/healthz" => return json_response(StatusCode::OK, json!({"status": "ok"})),
+            "/readyz" if self.ready.load(Ordering::SeqCst) => {
+                return json_response(StatusCode::OK, json!({"status": "ready"}))
             }
+            "/readyz" => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: starting (loading the saved state) or shutting down",
+                )
+            }
+            _ => {}
+        }
+        let Some(plane) = self.plane.get() else {
+            let _ = Limited::new(req.into_body(), MAX_BODY).collect().await;
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "serin is starting: the saved state is loading; retry in a moment",
+            );
+        };
+        let c = &plane.controller;
+        match path.as_str() {
             "/status" => ok(&c.status().await),
             "/history" => ok(&c.history().await),
             "/metrics" => {
                 let status = c.status().await;
-                self.metrics.set_rollout_step(status.rollout.step as i64);
-                let mut resp = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                plane.metrics.set_rollout_step(status.rollout.step as i64);
+                let mut resp = Response::new(Full::new(Bytes::from(plane.metrics.render())));
                 resp.headers_mut().insert(
                     CONTENT_TYPE,
                     http::HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -96,7 +96,7 @@ impl Running {
     /// API, loads the saved state, and starts the judge loop. Until the
     /// state is loaded the route table is closed (every request to stable,
     /// overrides included), so a rolled-back canary is never reachable, and
-    /// the control API, which answers `/readyz`, is not yet serving.
+    /// the control API's `/readyz` answers 503.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
         let routes = Routes::new(RouteTable::closed());
         let proxy = Proxy::start(config.proxy.clone(), routes.clone())?;
@@ -113,6 +113,12 @@ impl Running {
                 addr: admin,
                 source,
             })?;
+
+        // The API answers from now on: its probes say "not ready" until the
+        // saved state is loaded, and every other call says to retry.
+        let api = Arc::new(Api::starting(config.admin.token.clone()));
+        let (stop_api, stopped) = watch::channel(false);
+        tokio::spawn(api::serve(listener, api.clone(), stopped));
 
         let (events, notifications) = mpsc::channel(256);
         let controller_config = ControllerConfig {
@@ -138,13 +144,7 @@ impl Running {
         let metrics = Arc::new(Metrics::new(controller.clone(), webhooks.stats().clone()));
         tokio::spawn(forward_notifications(notifications, webhooks));
 
-        let api = Arc::new(Api::new(
-            controller.clone(),
-            metrics,
-            config.admin.token.clone(),
-        ));
-        let (stop_api, stopped) = watch::channel(false);
-        tokio::spawn(api::serve(listener, api.clone(), stopped));
+        api.attach(controller.clone(), metrics);
         api.set_ready(true);
         Ok(Self {
             proxy,
