@@ -177,7 +177,11 @@ pub fn parse_response_head(input: &[u8]) -> Result<Option<ResponseHead>, String>
     Ok(Some(ResponseHead {
         len: head.len,
         status: head.status.as_u16(),
-        http11: input.starts_with(b"HTTP/1.1"),
+        // httparse skips empty lines before a message's start line.
+        http11: input
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .is_some_and(|start| input[start..].starts_with(b"HTTP/1.1")),
         keep_alive: head.keep_alive,
         fields: raw.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
         map: Ok(map),
