@@ -49,9 +49,11 @@ impl Chunked {
         loop {
             match self {
                 Chunked::Size => {
-                    // The same limit whether the line arrives whole or in pieces.
-                    let line_end = find_crlf(buf);
-                    if line_end.unwrap_or(buf.len()) > MAX_CHUNK_LINE {
+                    // The same limit whether the line arrives whole or in
+                    // pieces, and no search past it.
+                    let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
+                    let line_end = find_crlf(window);
+                    if line_end.unwrap_or(window.len()) > MAX_CHUNK_LINE {
                         return Err(ChunkedError("chunk size line too long"));
                     }
                     let Some(line_end) = line_end else {
