@@ -50,14 +50,15 @@ impl Chunked {
             match self {
                 Chunked::Size => {
                     // The same limit whether the line arrives whole or in
-                    // pieces, and no search past it.
+                    // pieces (a line with its CRLF fits in the window), and
+                    // no search past it.
                     let window = &buf[..buf.len().min(MAX_CHUNK_LINE + 2)];
-                    let line_end = find_crlf(window);
-                    if line_end.unwrap_or(window.len()) > MAX_CHUNK_LINE {
-                        return Err(ChunkedError("chunk size line too long"));
-                    }
-                    let Some(line_end) = line_end else {
-                        return Ok(None);
+                    let line_end = match find_crlf(window) {
+                        Some(end) => end,
+                        None if window.len() == MAX_CHUNK_LINE + 2 => {
+                            return Err(ChunkedError("chunk size line too long"))
+                        }
+                        None => return Ok(None),
                     };
                     let size = match httparse::parse_chunk_size(&buf[..line_end + 2]) {
                         Ok(httparse::Status::Complete((_, size))) => size,
@@ -189,6 +190,17 @@ mod tests {
         let trailers = trailers.unwrap();
         assert_eq!(trailers["grpc-status"], "0");
         assert_eq!(trailers["x-t"], "1");
+    }
+
+    #[test]
+    fn a_size_line_at_the_limit_decodes_however_it_arrives() {
+        let mut body = b"1;".to_vec();
+        body.resize(MAX_CHUNK_LINE, b'x');
+        body.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+        // decode_all feeds one byte at a time.
+        assert_eq!(decode_all(&body).unwrap().0, b"a");
+        body.insert(2, b'x');
+        assert!(decode_all(&body).is_err(), "one byte over the limit");
     }
 
     #[test]
