@@ -57,14 +57,22 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   say "installing ${missing[*]} (Debian)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-command -v cargo >/dev/null || die "needs cargo (the crate's version)"
+command -v cargo >/dev/null || [[ $# -eq 1 ]] || die "needs cargo to build the image; or pass an ARCHIVE"
 
-meta="$(cargo metadata --locked --no-deps --format-version 1)"
-pkg() { jq -r --arg f "$1" '.packages[] | select(.name == "serin-control") | .[$f] // empty' <<<"$meta"; }
+# The crate's metadata, as deploy/image.sh reads it.
+if command -v cargo >/dev/null; then
+  meta="$(cargo metadata --locked --no-deps --format-version 1)"
+  pkg() { jq -r --arg f "$1" '.packages[] | select(.name == "serin-control") | .[$f] // empty' <<<"$meta"; }
+  target_dir="$(jq -r .target_directory <<<"$meta")"
+else
+  pkg() { awk -v k="$1" '/^\[/ { in_ws = ($0 == "[workspace.package]") }
+    in_ws && $1 == k { sub(/^[^=]*= *"/, ""); sub(/".*/, ""); print; exit }' Cargo.toml; }
+  target_dir="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
+fi
 version="$(pkg version)"
 source_url="$(pkg repository)"
 license="$(pkg license)"
-target_dir="$(jq -r .target_directory <<<"$meta")"
+[[ -n "$version" ]] || die "cannot read serin-control's version"
 
 # --- the archive -------------------------------------------------------------------------
 built_here=""
@@ -76,6 +84,7 @@ else
   built_here=1
 fi
 
+mkdir -p "$target_dir"
 work="$(mktemp -d "$target_dir/.image-check.XXXXXX")"
 chmod 0711 "$work" # 65532 must reach the rootfs (the probes), as in a runtime's layout
 pids=()

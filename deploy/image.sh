@@ -58,16 +58,24 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   fi
 fi
 [[ $(id -u) -eq 0 ]] || die "run as root (buildah with the vfs driver, files owned by root in the image)"
-command -v cargo >/dev/null || die "needs cargo (the crate's version, and the build)"
 
 # --- what to build -----------------------------------------------------------------------
-meta="$(cargo metadata --locked --no-deps --format-version 1)"
-pkg() { jq -r --arg f "$1" '.packages[] | select(.name == "serin-control") | .[$f] // empty' <<<"$meta"; }
+# The crate's metadata from cargo; without cargo (root's PATH under sudo often lacks it), from
+# [workspace.package] in Cargo.toml, which serin-control inherits.
+if command -v cargo >/dev/null; then
+  meta="$(cargo metadata --locked --no-deps --format-version 1)"
+  pkg() { jq -r --arg f "$1" '.packages[] | select(.name == "serin-control") | .[$f] // empty' <<<"$meta"; }
+  target_dir="$(jq -r .target_directory <<<"$meta")"
+else
+  [[ -n "$binary" ]] || die "needs cargo to build serin; or build it yourself and pass --binary"
+  pkg() { awk -v k="$1" '/^\[/ { in_ws = ($0 == "[workspace.package]") }
+    in_ws && $1 == k { sub(/^[^=]*= *"/, ""); sub(/".*/, ""); print; exit }' Cargo.toml; }
+  target_dir="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
+fi
 version="$(pkg version)"
 source_url="$(pkg repository)"
 license="$(pkg license)"
-target_dir="$(jq -r .target_directory <<<"$meta")"
-[[ -n "$version" && -n "$source_url" ]] || die "cannot read serin-control's version and repository from cargo metadata"
+[[ -n "$version" && -n "$source_url" ]] || die "cannot read serin-control's version and repository"
 
 if [[ -z "$binary" ]]; then
   say "cargo build --locked --release -p serin-control --bin serin"
