@@ -1261,3 +1261,49 @@ async fn complete_responses_are_one_success_each_on_both_paths() {
     let window = stats.window_snapshot(Target::Stable, Instant::now());
     assert_eq!((window.requests, window.errors), (2, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_a_quiet_stream_closes_its_upstream_connection_at_once() {
+    // An event stream: the head and a first event, then nothing for as
+    // long as the connection lasts.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while find(&head, b"\r\n\r\n").is_none() {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the request never came");
+            head.extend_from_slice(&chunk[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\n")
+            .await
+            .unwrap();
+        // Serin must close this connection when its client leaves.
+        tokio::time::timeout(WAIT, conn.read(&mut chunk)).await
+    });
+    let proxy = start_proxy(&url, &closed_port_url());
+    let mut c = Client::connect(proxy.local_addr()).await;
+    c.send(b"GET /events HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    let deadline = Instant::now() + WAIT;
+    while find(&c.buf, b"data: 1").is_none() {
+        assert!(
+            c.fill(deadline, "the first event").await > 0,
+            "closed early"
+        );
+    }
+    drop(c);
+    let closed = upstream.await.unwrap();
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the upstream connection outlived the client: {closed:?}"
+    );
+    let stats = proxy.stats();
+    eventually(WAIT, "the stream counted as the success it was", || async {
+        stats.totals(Target::Stable).successes == 1
+    })
+    .await;
+    let totals = stats.totals(Target::Stable);
+    assert_eq!((totals.errors, totals.abandoned), (0, 0), "{totals:?}");
+}

@@ -495,7 +495,14 @@ async fn exchange(
 
     let mut body = resp.into_body();
     loop {
-        match poll_fn(|cx| body.poll_copy(cx, out, chunked)).await {
+        // While the upstream is quiet (a long poll, an event stream), the
+        // client is watched too: one that leaves closes the upstream
+        // connection now, not at the next write.
+        let copied = unless_client_leaves(stream, poll_fn(|cx| body.poll_copy(cx, out, chunked)));
+        let Some(copied) = copied.await else {
+            return false;
+        };
+        match copied {
             Ok(Copied::More) => {}
             Ok(Copied::End(trailers)) => {
                 if chunked {
