@@ -45,33 +45,13 @@ die() {
 [[ $# -le 1 ]] || die "usage: deploy/image-check.sh [ARCHIVE]"
 
 # --- tools -------------------------------------------------------------------------------
-declare -A provides=([buildah]=buildah [skopeo]=skopeo [umoci]=umoci [jq]=jq [readelf]=binutils
-  [objcopy]=binutils [curl]=curl [python3]=python3 [nsenter]=util-linux [setpriv]=util-linux)
-missing=()
-for tool in "${!provides[@]}"; do
-  command -v "$tool" >/dev/null || missing+=("${provides[$tool]}")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-  command -v apt-get >/dev/null || die "needs ${missing[*]}"
-  say "installing ${missing[*]} (Debian)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# shellcheck source=deploy/image-lib.sh
+source deploy/image-lib.sh
+install_tools buildah=buildah skopeo=skopeo umoci=umoci jq=jq readelf=binutils objcopy=binutils \
+  curl=curl python3=python3 nsenter=util-linux setpriv=util-linux
 command -v cargo >/dev/null || [[ $# -eq 1 ]] || die "needs cargo to build the image; or pass an ARCHIVE"
 
-# The crate's metadata, as deploy/image.sh reads it.
-if command -v cargo >/dev/null; then
-  meta="$(cargo metadata --locked --no-deps --format-version 1)"
-  pkg() { jq -r --arg f "$1" '.packages[] | select(.name == "serin-control") | .[$f] // empty' <<<"$meta"; }
-  target_dir="$(jq -r .target_directory <<<"$meta")"
-else
-  pkg() { awk -v k="$1" '/^\[/ { in_ws = ($0 == "[workspace.package]") }
-    in_ws && $1 == k { sub(/^[^=]*= *"/, ""); sub(/".*/, ""); print; exit }' Cargo.toml; }
-  target_dir="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
-fi
-version="$(pkg version)"
-source_url="$(pkg repository)"
-license="$(pkg license)"
+read_crate
 [[ -n "$version" ]] || die "cannot read serin-control's version"
 
 # --- the archive -------------------------------------------------------------------------

@@ -45,36 +45,15 @@ while [[ $# -gt 0 ]]; do
 done
 
 # --- tools -------------------------------------------------------------------------------
-missing=()
-command -v buildah >/dev/null || missing+=(buildah)
-command -v jq >/dev/null || missing+=(jq)
-command -v objcopy >/dev/null || missing+=(binutils)
-if [[ ${#missing[@]} -gt 0 ]]; then
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    say "installing ${missing[*]} (Debian)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    die "needs ${missing[*]}: apt-get install -y ${missing[*]}"
-  fi
-fi
+# shellcheck source=deploy/image-lib.sh
+source deploy/image-lib.sh
+install_tools buildah=buildah jq=jq objcopy=binutils
 [[ $(id -u) -eq 0 ]] || die "run as root (buildah with the vfs driver, files owned by root in the image)"
 
 # --- what to build -----------------------------------------------------------------------
-# The crate's metadata from cargo; without cargo (root's PATH under sudo often lacks it), from
-# [workspace.package] in Cargo.toml, which serin-control inherits.
-if command -v cargo >/dev/null; then
-  meta="$(cargo metadata --locked --no-deps --format-version 1)"
-  pkg() { jq -r --arg f "$1" '.packages[] | select(.name == "serin-control") | .[$f] // empty' <<<"$meta"; }
-  target_dir="$(jq -r .target_directory <<<"$meta")"
-else
-  [[ -n "$binary" ]] || die "needs cargo to build serin; or build it yourself and pass --binary"
-  pkg() { awk -v k="$1" '/^\[/ { in_ws = ($0 == "[workspace.package]") }
-    in_ws && $1 == k { sub(/^[^=]*= *"/, ""); sub(/".*/, ""); print; exit }' Cargo.toml; }
-  target_dir="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
-fi
-version="$(pkg version)"
-source_url="$(pkg repository)"
-license="$(pkg license)"
+command -v cargo >/dev/null || [[ -n "$binary" ]] ||
+  die "needs cargo to build serin; or build it yourself and pass --binary"
+read_crate
 [[ -n "$version" && -n "$source_url" ]] || die "cannot read serin-control's version and repository"
 
 if [[ -z "$binary" ]]; then
