@@ -66,6 +66,9 @@ struct Head {
     target: String,
     http10: bool,
     fields: Vec<(String, String)>,
+    /// The field names `Connection` lists, lowercased, split and trimmed
+    /// from the raw bytes (the escaped values would keep a tab as `\t`).
+    connection_names: Vec<String>,
 }
 
 impl Head {
@@ -89,6 +92,19 @@ fn parse(head: &[u8]) -> Head {
         method: req.method.expect("complete").to_string(),
         target: req.path.expect("complete").to_string(),
         http10: req.version == Some(0),
+        connection_names: req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .map(|t| {
+                t.trim_ascii()
+                    .escape_ascii()
+                    .to_string()
+                    .to_ascii_lowercase()
+            })
+            .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+            .collect(),
         fields: req
             .headers
             .iter()
@@ -108,14 +124,7 @@ fn expected_fields(
     policy: &HeaderPolicy,
     generated_id: Option<&str>,
 ) -> Vec<(String, String)> {
-    // Connection options name hop-by-hop fields, except the two that are
-    // options of the connection itself.
-    let named: Vec<String> = client
-        .values("connection")
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim_ascii().to_ascii_lowercase())
-        .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-        .collect();
+    let named = &client.connection_names;
     let hop_by_hop = |name: &str| HOP_BY_HOP.contains(&name) || named.iter().any(|n| n == name);
     // OPTIONS and TRACE: the first Max-Forwards, if a number, is decremented
     // and stands for all of them.
@@ -167,7 +176,14 @@ fn expected_fields(
         add("x-request-id", generated_id.expect("serin made an id"));
     }
     if policy.via {
-        add("via", if client.http10 { "1.0 serin" } else { "1.1 serin" });
+        add(
+            "via",
+            if client.http10 {
+                "1.0 serin"
+            } else {
+                "1.1 serin"
+            },
+        );
     }
     fields
 }
