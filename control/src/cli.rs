@@ -91,6 +91,8 @@ pub enum Command {
     Promote(AdminArgs),
     /// Send no traffic to the canary, latched: phase `rolled_back`.
     Rollback(AdminArgs),
+    /// Print the SerinRollout CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    Crd,
     /// Validate a config file and print what is wrong and where.
     Check {
         /// The TOML config file to check.

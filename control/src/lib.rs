@@ -13,6 +13,7 @@ pub mod config;
 pub mod controller;
 pub mod defaults;
 pub mod demo;
+pub mod fleet;
 
 pub mod inject;
 pub mod judge;

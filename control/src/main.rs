@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         Command::Resume(admin) => call(Call::Resume, admin),
         Command::Promote(admin) => call(Call::Promote, admin),
         Command::Rollback(admin) => call(Call::Rollback, admin),
+        Command::Crd => {
+            print!("{}", serin_control::fleet::crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
         Command::Check { config } => match Config::load(Some(&config), &Overrides::default()) {
             Ok(c) => {
                 println!(

@@ -365,7 +365,7 @@ fn simulate_errors(
             canary.requests = canary.requests + nc - old.2;
             canary.errors = canary.errors + ec - old.3;
             slice += 1;
-            if slice % every == 0 {
+            if slice.is_multiple_of(every) {
                 let v = judge.evaluate(&stable, &canary, stable_out.run, canary_out.run);
                 if let Verdict::Breach { reason } = v {
                     return Some((weight, reason));
