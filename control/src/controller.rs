@@ -66,6 +66,11 @@ pub struct ControllerConfig {
     pub stable_url: String,
     /// The canary upstream's URL, as shown in `/status`. Default empty.
     pub canary_url: String,
+    /// A fleet member (`serin run --fleet`): start closed and ignore the
+    /// saved state until the fleet's rollout is adopted
+    /// ([`Controller::adopt_fleet`]), and leave the steps to the fleet's
+    /// leader; the local judge still reverts at once. Default false.
+    pub fleet_member: bool,
 }
 
 impl Default for ControllerConfig {
@@ -80,6 +85,7 @@ impl Default for ControllerConfig {
             initial_weight: defaults::CANARY_WEIGHT,
             stable_url: String::new(),
             canary_url: String::new(),
+            fleet_member: false,
         }
     }
 }
@@ -178,6 +184,38 @@ pub struct Notification {
     pub upstreams: Upstreams,
 }
 
+/// What a fleet member's controller knows of its fleet.
+#[derive(Default)]
+struct FleetView {
+    epoch: AtomicU64,
+    adopted: std::sync::atomic::AtomicBool,
+}
+
+/// What [`Controller::adopt_fleet`] did with the fleet's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adopted {
+    /// The member now runs the fleet's rollout.
+    Applied,
+    /// Nothing but the reason differed.
+    Unchanged,
+    /// The member rolled back in this epoch and the fleet has not heard yet:
+    /// the local rollback stands, and must be written to the fleet.
+    KeptLocalRollback,
+    /// The fleet's epoch is older than the one the member runs; ignored.
+    Stale,
+}
+
+/// A fleet member's local rollout, as [`Controller::fleet_view`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberView {
+    /// The fleet epoch the member runs.
+    pub epoch: u64,
+    /// Whether it has adopted the fleet's state yet.
+    pub adopted: bool,
+    /// Its rollout, in the persisted form (without history).
+    pub state: crate::rollout::RolloutState,
+}
+
 // === impl Controller ===
 
 /// The control plane's handle. Cheap to clone; the judge loop stops when
@@ -195,8 +233,15 @@ struct Inner {
     store: StateStore,
     events: Option<mpsc::Sender<Notification>>,
     config: ControllerConfig,
-    rollbacks: [AtomicU64; 3],
+    rollbacks: [AtomicU64; 4],
     evaluations: AtomicU64,
+    /// A fleet member's view of its fleet: the epoch of the rollout it runs,
+    /// and whether it has adopted one yet (until then the routes stay
+    /// closed). Changed only under the `rollout` lock.
+    fleet: FleetView,
+    /// Bumped after every change of the rollout, for whoever must follow it
+    /// (a fleet member publishes its local rollbacks).
+    changes: tokio::sync::watch::Sender<u64>,
     /// Cumulative canary requests at the last API change. A run of canary
     /// errors counts only the requests since then, so the run that caused a
     /// revert cannot revert the canary again the moment an operator brings
@@ -233,7 +278,15 @@ impl Controller {
         }
         let now = Instant::now();
         let canary_total = stats.request_count(Target::Canary);
-        let rollout = load_rollout(&store, &config, now, canary_total).await?;
+        let rollout = if config.fleet_member {
+            // Closed until the fleet's state is read: a rolled-back fleet
+            // must stay at 0 on a new pod, whatever its disk says.
+            let mut rollout = Rollout::new(now);
+            rollout.record_startup(0, "fleet member: closed until the fleet's rollout is read".into());
+            rollout
+        } else {
+            load_rollout(&store, &config, now, canary_total).await?
+        };
         let inner = Arc::new(Inner {
             rollout: Mutex::new(rollout),
             routes,
@@ -244,6 +297,8 @@ impl Controller {
             config,
             rollbacks: Default::default(),
             evaluations: AtomicU64::new(0),
+            fleet: FleetView::default(),
+            changes: tokio::sync::watch::channel(0).0,
             runs_counted_from: AtomicU64::new(canary_total),
         });
         {
@@ -352,6 +407,98 @@ impl Controller {
             .apply(|r, _, _| Ok(r.rollback(Actor::Api, "rolled back by api".to_string())))
             .await
     }
+
+    /// Follows every change of the rollout: the value is bumped after each
+    /// one (routes already swapped).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// A fleet member's local rollout and the fleet epoch it belongs to.
+    pub async fn fleet_view(&self) -> MemberView {
+        let rollout = self.inner.rollout.lock().await;
+        let mut state = rollout.to_state();
+        state.history.clear();
+        MemberView {
+            epoch: self.inner.fleet.epoch.load(Relaxed),
+            adopted: self.inner.fleet.adopted.load(Relaxed),
+            state,
+        }
+    }
+
+    /// Applies the fleet's rollout (`state`, of fleet `epoch`) to this
+    /// member, unless that would undo what the member knows better:
+    /// - an older epoch is ignored ([`Adopted::Stale`]);
+    /// - in the same epoch, a local rollback stands against a fleet that has
+    ///   not recorded it yet ([`Adopted::KeptLocalRollback`]): a rollback is
+    ///   undone only by an explicit raise, which starts a new epoch.
+    ///
+    /// The check and the change happen under one lock, so a breach the local
+    /// judge finds meanwhile is never overwritten.
+    pub async fn adopt_fleet(
+        &self,
+        state: crate::rollout::RolloutState,
+        epoch: u64,
+    ) -> Result<Adopted, ControllerError> {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let canary_total = inner.stats.request_count(Target::Canary);
+        let mut rollout = inner.rollout.lock().await;
+        let local_epoch = inner.fleet.epoch.load(Relaxed);
+        let adopted = inner.fleet.adopted.load(Relaxed);
+        if adopted && epoch < local_epoch {
+            return Ok(Adopted::Stale);
+        }
+        if adopted && epoch == local_epoch && rollout.latched() && !state.latched {
+            return Ok(Adopted::KeptLocalRollback);
+        }
+        let current = rollout.to_state();
+        let same_course = adopted
+            && current.phase == state.phase
+            && current.canary_weight_bp == state.canary_weight_bp
+            && current.step == state.step
+            && current.steps == state.steps
+            && current.hold_ms == state.hold_ms
+            && current.latched == state.latched
+            && current.resume == state.resume;
+        if same_course {
+            rollout.set_reason(state.reason);
+            return Ok(Adopted::Unchanged);
+        }
+        let was_latched = rollout.latched();
+        let before = rollout.canary_weight_bp();
+        rollout.adopt(state, now, canary_total)?;
+        inner.fleet.epoch.store(epoch, Relaxed);
+        inner.fleet.adopted.store(true, Relaxed);
+        if rollout.canary_weight_bp() != before || was_latched != rollout.latched() {
+            inner.runs_counted_from.store(canary_total, Relaxed);
+        }
+        if was_latched && !rollout.latched() {
+            inner.stats.restart_window(Target::Canary, now);
+        }
+        let upstreams = inner.upstreams(now);
+        let saved = inner.commit(&rollout, None, &upstreams).await;
+        tracing::info!(epoch, phase = %rollout.phase(), canary_weight = percent(rollout.canary_weight_bp()),
+            reason = %rollout.reason(), "applied the fleet's rollout");
+        saved?;
+        Ok(Adopted::Applied)
+    }
+
+    /// Closes the routes again (every request to stable, overrides
+    /// included) until the fleet's rollout is next adopted: the fleet's
+    /// object is gone, so nothing says the canary may have traffic.
+    pub async fn close_for_fleet(&self, why: &str) {
+        let inner = &self.inner;
+        let mut rollout = inner.rollout.lock().await;
+        inner.fleet.adopted.store(false, Relaxed);
+        if rollout.canary_weight_bp() > 0 || !rollout.latched() {
+            rollout.rollback(Actor::Fleet, format!("fleet: {why}"));
+        }
+        let upstreams = inner.upstreams(Instant::now());
+        if let Err(e) = inner.commit(&rollout, None, &upstreams).await {
+            tracing::error!(error = %e, "could not save the closed state");
+        }
+    }
 }
 
 /// Builds the starting rollout from the store, on the safe side.
@@ -426,6 +573,7 @@ fn actor_index(actor: Actor) -> usize {
         Actor::Judge => 0,
         Actor::Api => 1,
         Actor::Startup => 2,
+        Actor::Fleet => 3,
     }
 }
 
@@ -472,7 +620,12 @@ impl Inner {
         );
         let mut rollout = self.rollout.lock().await;
         let min_per_step = self.config.min_requests_per_step;
-        let Some(event) = rollout.tick(now, canary_total, &verdict, min_per_step) else {
+        let event = if self.config.fleet_member {
+            rollout.guard(&verdict)
+        } else {
+            rollout.tick(now, canary_total, &verdict, min_per_step)
+        };
+        let Some(event) = event else {
             return;
         };
         let upstreams = Upstreams {
@@ -493,6 +646,7 @@ impl Inner {
         upstreams: &Upstreams,
     ) -> Result<(), StoreError> {
         self.apply_routes(rollout);
+        self.changes.send_modify(|n| *n += 1);
         let saved = self.persist(rollout).await;
         if let Some(event) = event {
             self.notify(rollout, event, upstreams);
@@ -501,7 +655,8 @@ impl Inner {
     }
 
     fn apply_routes(&self, rollout: &Rollout) {
-        let table = if rollout.latched() {
+        let closed_for_fleet = self.config.fleet_member && !self.fleet.adopted.load(Relaxed);
+        let table = if rollout.latched() || closed_for_fleet {
             RouteTable::closed()
         } else {
             RouteTable::new(rollout.canary_weight_bp())

@@ -85,11 +85,14 @@ pub enum Actor {
     Api,
     /// Loading state at start-up.
     Startup,
+    /// The fleet's shared rollout (`serin run --fleet`), applied from the
+    /// Kubernetes API.
+    Fleet,
 }
 
 impl Actor {
     /// Every actor, for per-actor counters.
-    pub const ALL: [Actor; 3] = [Actor::Judge, Actor::Api, Actor::Startup];
+    pub const ALL: [Actor; 4] = [Actor::Judge, Actor::Api, Actor::Startup, Actor::Fleet];
 
     /// The snake_case name used in JSON and metric labels.
     pub fn as_str(self) -> &'static str {
@@ -97,6 +100,7 @@ impl Actor {
             Actor::Judge => "judge",
             Actor::Api => "api",
             Actor::Startup => "startup",
+            Actor::Fleet => "fleet",
         }
     }
 }
@@ -427,6 +431,11 @@ impl Rollout {
         &self.reason
     }
 
+    /// Replaces the reason without a transition (a fleet's hold report).
+    pub fn set_reason(&mut self, reason: String) {
+        self.reason = reason;
+    }
+
     /// Recent transitions, oldest first.
     pub fn history(&self) -> &VecDeque<Transition> {
         &self.history
@@ -610,12 +619,8 @@ impl Rollout {
         verdict: &Verdict,
         min_requests_per_step: u64,
     ) -> Option<Event> {
-        if let Verdict::Breach { reason } = verdict {
-            return if self.weight_bp > 0 {
-                self.rollback(Actor::Judge, reason.clone())
-            } else {
-                None
-            };
+        if verdict.is_breach() {
+            return self.guard(verdict);
         }
         if self.phase != Phase::Progressing
             || now.saturating_duration_since(self.step_started) < self.hold
@@ -662,6 +667,38 @@ impl Rollout {
         );
         self.record(from, Actor::Judge, self.reason.clone());
         Some(Event::Step)
+    }
+
+    /// The part of [`Rollout::tick`] that only ever lowers the weight: a
+    /// breach while the canary has weight reverts it (actor `judge`). A fleet
+    /// member runs only this; its fleet's leader moves the steps.
+    pub fn guard(&mut self, verdict: &Verdict) -> Option<Event> {
+        match verdict {
+            Verdict::Breach { reason } if self.weight_bp > 0 => {
+                self.rollback(Actor::Judge, reason.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes over `state` (the fleet's rollout) whole, keeping this
+    /// rollout's own history and adding one transition, by
+    /// [`Actor::Fleet`], that says what changed and why. A running rollout's
+    /// step clock restarts at `now` and `canary_requests`.
+    pub fn adopt(
+        &mut self,
+        state: RolloutState,
+        now: Instant,
+        canary_requests: u64,
+    ) -> Result<(), RolloutError> {
+        let history = std::mem::take(&mut self.history);
+        let from = self.weight_bp;
+        let mut adopted = Rollout::from_state(state, now, canary_requests)?;
+        adopted.history = history;
+        let reason = format!("fleet: {}", adopted.reason);
+        *self = adopted;
+        self.record(from, Actor::Fleet, reason);
+        Ok(())
     }
 
     fn enter_step(&mut self, index: usize, now: Instant, canary_requests: u64) {

@@ -275,6 +275,36 @@ impl WindowSnapshot {
         Duration::from_micros(MAX_MICROS)
     }
 
+    /// The non-empty latency buckets as `(bucket, count)`, for sending a
+    /// window elsewhere to be merged exactly ([`WindowSnapshot::from_buckets`]).
+    pub fn latency_buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.latency
+            .iter()
+            .enumerate()
+            .filter(|(_, count)| **count > 0)
+            .map(|(bucket, count)| (bucket, *count))
+    }
+
+    /// Rebuilds a window from its counts and [`WindowSnapshot::latency_buckets`];
+    /// buckets out of range are ignored.
+    pub fn from_buckets(
+        requests: u64,
+        errors: u64,
+        buckets: impl IntoIterator<Item = (usize, u64)>,
+    ) -> Self {
+        let mut snap = Self {
+            requests,
+            errors,
+            ..Self::default()
+        };
+        for (bucket, count) in buckets {
+            if let Some(slot) = snap.latency.get_mut(bucket) {
+                *slot = slot.saturating_add(count);
+            }
+        }
+        snap
+    }
+
     /// Adds another snapshot's counts into this one.
     pub fn merge(&mut self, other: &WindowSnapshot) {
         self.requests += other.requests;
