@@ -634,7 +634,7 @@ fn classifier(raw: &RawClassify) -> Result<Classifier, ConfigError> {
     Ok(c)
 }
 
-fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSettings, ConfigError> {
+pub(crate) fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSettings, ConfigError> {
     let d = JudgePolicy::default();
     let window = duration_or("judge.window", raw.window.as_deref(), d.window)?;
     if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {

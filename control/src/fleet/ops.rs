@@ -1,0 +1,299 @@
+//! The operators' calls on a fleet's `SerinRollout`, through the Kubernetes
+//! API as kubectl reaches it: `serin status|weight|rollout|pause|resume|
+//! promote|rollback --fleet NAMESPACE/NAME`, and a member's own control API,
+//! whose mutating calls act on the fleet rather than on the one pod.
+//!
+//! `weight`, `rollout` and `pause` change the spec (a new generation, the
+//! desired state that GitOps would also write), then apply it to the status
+//! at once, so the change does not wait for the fleet's leader (or need
+//! one). `promote`, `rollback` and `resume` act on the status. Every status
+//! write carries the `resourceVersion` it was computed from; on a conflict
+//! it is computed again from a fresh read, so a concurrent rollback is never
+//! overwritten.
+
+use std::time::{Duration, SystemTime};
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
+use serde_json::{json, Value};
+
+use super::crd::{SerinRollout, SerinRolloutStatus};
+use super::state::{self, Call, RolloutDefaults};
+use super::FleetRef;
+use crate::defaults;
+use crate::rollout::{rfc3339, validate_steps, Phase, RolloutError};
+
+/// Attempts at a status write that keeps meeting conflicts.
+const CONFLICT_RETRIES: usize = 20;
+
+/// Why a fleet call failed. The text is shown to users as is.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// No kubeconfig or in-cluster configuration.
+    #[error(
+        "cannot configure a Kubernetes client: {0}. Set KUBECONFIG or run inside a pod \
+         with a service account"
+    )]
+    Config(String),
+    /// The object does not exist.
+    #[error(
+        "SerinRollout {0} not found; create it (see deploy/README.md, \"Fleet rollouts\") \
+         after installing the CRD with `serin crd | kubectl apply -f -`"
+    )]
+    NotFound(FleetRef),
+    /// The API server answered with an error, or could not be reached.
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    /// The call makes no sense in the current state; nothing changed.
+    #[error(transparent)]
+    Refused(#[from] RolloutError),
+    /// Writes kept conflicting with others.
+    #[error("SerinRollout {0}: gave up after {CONFLICT_RETRIES} conflicting writes; try again")]
+    Contended(FleetRef),
+}
+
+impl FleetError {
+    /// True when the call was refused because of the rollout's state (an
+    /// API answers 409) rather than a bad value (400).
+    pub fn is_state_conflict(&self) -> bool {
+        matches!(
+            self,
+            FleetError::Refused(
+                RolloutError::Latched
+                    | RolloutError::NotProgressing { .. }
+                    | RolloutError::NothingToResume { .. }
+            )
+        )
+    }
+}
+
+/// True for a 409 Conflict from the API server.
+pub fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 409)
+}
+
+/// True for a 404 Not Found from the API server.
+pub fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 404)
+}
+
+/// The rollout defaults of a fleet: serin's built-in ones, so that the same
+/// spec means the same rollout whoever applies it (the CLI, or a member
+/// configured otherwise).
+pub fn fleet_defaults() -> RolloutDefaults {
+    RolloutDefaults {
+        steps: defaults::ROLLOUT_STEPS.to_vec(),
+        hold: defaults::ROLLOUT_HOLD,
+        min_requests_per_step: defaults::MIN_REQUESTS_PER_STEP,
+    }
+}
+
+/// One fleet's object in the API.
+#[derive(Clone)]
+pub struct Fleet {
+    api: Api<SerinRollout>,
+    target: FleetRef,
+    defaults: RolloutDefaults,
+}
+
+impl Fleet {
+    /// A client as kubectl would find one: `KUBECONFIG` or `~/.kube/config`,
+    /// else the pod's service account.
+    pub async fn connect(target: FleetRef) -> Result<Self, FleetError> {
+        let client = Client::try_default()
+            .await
+            .map_err(|e| FleetError::Config(e.to_string()))?;
+        Ok(Self::new(client, target))
+    }
+
+    /// The fleet `target` through `client`.
+    pub fn new(client: Client, target: FleetRef) -> Self {
+        Self {
+            api: Api::namespaced(client, &target.namespace),
+            target,
+            defaults: fleet_defaults(),
+        }
+    }
+
+    /// `NAMESPACE/NAME`.
+    pub fn target(&self) -> &FleetRef {
+        &self.target
+    }
+
+    /// The typed API handle.
+    pub fn api(&self) -> &Api<SerinRollout> {
+        &self.api
+    }
+
+    /// The defaults its spec falls back on.
+    pub fn defaults(&self) -> &RolloutDefaults {
+        &self.defaults
+    }
+
+    /// Reads the object.
+    pub async fn get(&self) -> Result<SerinRollout, FleetError> {
+        self.api
+            .get_opt(&self.target.name)
+            .await?
+            .ok_or_else(|| FleetError::NotFound(self.target.clone()))
+    }
+
+    /// Computes a new status from a fresh read with `next` and writes it
+    /// with that read's `resourceVersion` as a precondition, again from a
+    /// fresh read on every conflict. `next` returning `None` writes nothing.
+    /// Returns the object as last read or written.
+    pub async fn update_status<F>(&self, mut next: F) -> Result<SerinRollout, FleetError>
+    where
+        F: FnMut(&SerinRollout) -> Result<Option<SerinRolloutStatus>, FleetError>,
+    {
+        for _ in 0..CONFLICT_RETRIES {
+            let object = self.get().await?;
+            let Some(status) = next(&object)? else {
+                return Ok(object);
+            };
+            let rv = object.metadata.resource_version.clone().unwrap_or_default();
+            let patch = state::rollout_patch(&status, &rv);
+            match self
+                .api
+                .patch_status(&self.target.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(written) => return Ok(written),
+                Err(e) if is_conflict(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FleetError::Contended(self.target.clone()))
+    }
+
+    /// Merges `patch` into the spec (a new generation when it changes
+    /// anything), then applies the spec to the status.
+    async fn change_spec(&self, patch: Value, actor: &str) -> Result<SerinRollout, FleetError> {
+        self.api
+            .patch(
+                &self.target.name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "spec": patch })),
+            )
+            .await
+            .map_err(|e| {
+                if is_not_found(&e) {
+                    FleetError::NotFound(self.target.clone())
+                } else {
+                    e.into()
+                }
+            })?;
+        self.reconcile(actor).await
+    }
+
+    /// Applies the spec's generation to the status if nobody has yet.
+    pub async fn reconcile(&self, actor: &str) -> Result<SerinRollout, FleetError> {
+        let defaults = self.defaults.clone();
+        self.update_status(|object| {
+            Ok(state::reconcile(
+                object,
+                &defaults,
+                actor,
+                SystemTime::now(),
+            ))
+        })
+        .await
+    }
+
+    /// `serin weight PCT --fleet`: phase `manual` at `pct`, a new epoch.
+    pub async fn set_weight(&self, pct: f64, actor: &str) -> Result<SerinRollout, FleetError> {
+        let pct = state::checked_weight(pct)?;
+        self.change_spec(
+            json!({"canaryWeight": pct, "rollout": null, "paused": null,
+                   "restartedAt": rfc3339(SystemTime::now())}),
+            actor,
+        )
+        .await
+    }
+
+    /// `serin rollout --fleet`: a progressive rollout from step 1, a new
+    /// epoch. `None` keeps the spec's default (serin's built-in steps and
+    /// hold).
+    pub async fn rollout(
+        &self,
+        steps: Option<Vec<f64>>,
+        hold: Option<Duration>,
+        actor: &str,
+    ) -> Result<SerinRollout, FleetError> {
+        if let Some(steps) = &steps {
+            validate_steps(steps)?;
+        }
+        let mut plan = serde_json::Map::new();
+        if let Some(steps) = steps {
+            plan.insert("steps".into(), json!(steps));
+        }
+        if let Some(hold) = hold {
+            plan.insert("hold".into(), json!(defaults::duration_text(hold)));
+        }
+        self.change_spec(
+            json!({"rollout": plan, "canaryWeight": null, "paused": null,
+                   "restartedAt": rfc3339(SystemTime::now())}),
+            actor,
+        )
+        .await
+    }
+
+    /// `serin pause --fleet`: `spec.paused`, refused unless a rollout runs.
+    pub async fn pause(&self, actor: &str) -> Result<SerinRollout, FleetError> {
+        let object = self.get().await?;
+        let phase = current_phase(&object);
+        match phase {
+            Phase::Progressing | Phase::Paused => {}
+            Phase::RolledBack => return Err(RolloutError::Latched.into()),
+            phase => return Err(RolloutError::NotProgressing { phase }.into()),
+        }
+        self.change_spec(json!({"paused": true}), actor).await
+    }
+
+    /// `serin resume --fleet`: a paused rollout runs again; a rolled-back
+    /// canary returns to where it was (a new epoch).
+    pub async fn resume(&self, actor: &str) -> Result<SerinRollout, FleetError> {
+        let object = self.get().await?;
+        if object.spec.paused {
+            self.change_spec(json!({"paused": null}), actor).await?;
+        }
+        self.call(Call::Resume, actor).await
+    }
+
+    /// `serin promote --fleet`.
+    pub async fn promote(&self, actor: &str) -> Result<SerinRollout, FleetError> {
+        self.call(Call::Promote, actor).await
+    }
+
+    /// `serin rollback --fleet`.
+    pub async fn rollback(&self, actor: &str) -> Result<SerinRollout, FleetError> {
+        self.call(Call::Rollback, actor).await
+    }
+
+    async fn call(&self, call: Call, actor: &str) -> Result<SerinRollout, FleetError> {
+        let defaults = self.defaults.clone();
+        let mut first = true;
+        self.update_status(|object| {
+            let status = object.status.clone().unwrap_or_default();
+            match state::call(&status, &call, &defaults, actor, SystemTime::now()) {
+                Ok(next) => {
+                    first = false;
+                    Ok(next)
+                }
+                // Resuming what another call already resumed is done.
+                Err(RolloutError::NothingToResume { .. }) if !first => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+}
+
+/// The phase the object's status is in (`steady` before any).
+pub fn current_phase(object: &SerinRollout) -> Phase {
+    object
+        .status
+        .as_ref()
+        .and_then(|s| state::parse_phase(&s.phase))
+        .unwrap_or(Phase::Steady)
+}
