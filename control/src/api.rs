@@ -26,6 +26,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::controller::{Controller, ControllerError};
+use crate::fleet::member::Member;
+use crate::fleet::ops::FleetError;
 use crate::metrics::Metrics;
 use crate::rollout::{parse_hold, RolloutError};
 
@@ -44,6 +46,8 @@ pub struct Api {
 struct ControlPlane {
     controller: Controller,
     metrics: Arc<Metrics>,
+    /// Set on a fleet member: mutating calls act on the fleet's object.
+    fleet: Option<Member>,
 }
 
 /// `PUT /weight`.
@@ -110,10 +114,13 @@ impl Api {
     }
 
     /// The saved state is loaded: every endpoint answers from now on.
-    pub fn attach(&self, controller: Controller, metrics: Arc<Metrics>) {
+    /// On a fleet member (`fleet`), every mutating call changes the fleet's
+    /// `SerinRollout`, which every member (this one included) then applies.
+    pub fn attach(&self, controller: Controller, metrics: Arc<Metrics>, fleet: Option<Member>) {
         let _ = self.plane.set(ControlPlane {
             controller,
             metrics,
+            fleet,
         });
     }
 
@@ -203,8 +210,19 @@ impl Api {
             );
         };
         let c = &plane.controller;
+        if let (Some(member), false) = (&plane.fleet, method == Method::GET) {
+            return fleet_call(member, &path, req).await;
+        }
         match path.as_str() {
-            "/status" => ok(&c.status().await),
+            "/status" => match &plane.fleet {
+                None => ok(&c.status().await),
+                Some(member) => {
+                    let mut status = serde_json::to_value(c.status().await).expect("serialisable");
+                    status["fleet"] =
+                        serde_json::to_value(member.status().await).expect("serialisable");
+                    json_response(StatusCode::OK, status)
+                }
+            },
             "/history" => ok(&c.history().await),
             "/metrics" => {
                 let status = c.status().await;
@@ -249,6 +267,59 @@ impl Api {
             "/rollback" => c.rollback().await.map_or_else(controller_error, |s| ok(&s)),
             _ => unreachable!("paths were matched above"),
         }
+    }
+}
+
+fn fleet_error(e: FleetError) -> ApiResponse {
+    match &e {
+        FleetError::Refused(_) if e.is_state_conflict() => error(StatusCode::CONFLICT, e),
+        FleetError::Refused(_) => error(StatusCode::BAD_REQUEST, e),
+        FleetError::NotFound(_) => error(StatusCode::NOT_FOUND, e),
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// A mutating call on a fleet member: it changes the fleet's object, and
+/// answers with the fleet's rollout (`fleet::ops::summary`).
+async fn fleet_call<B>(member: &Member, path: &str, req: Request<B>) -> ApiResponse
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let fleet = member.fleet();
+    let actor = member.api_actor();
+    let done = match path {
+        "/weight" => match read_json::<WeightBody, B>(req).await {
+            Ok(Some(body)) => fleet.set_weight(body.canary, &actor).await,
+            Ok(None) => return error(StatusCode::BAD_REQUEST, "body required: {\"canary\": 12.5}"),
+            Err(resp) => return resp,
+        },
+        "/rollout" => match read_json::<RolloutBody, B>(req).await {
+            Ok(body) => {
+                let body = body.unwrap_or_default();
+                let hold = match body.hold.as_deref().map(parse_hold).transpose() {
+                    Ok(Some(hold)) if hold.is_zero() => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "hold must be longer than 0s, e.g. \"60s\"",
+                        )
+                    }
+                    Ok(hold) => hold,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
+                };
+                fleet.rollout(body.steps, hold, &actor).await
+            }
+            Err(resp) => return resp,
+        },
+        "/pause" => fleet.pause(&actor).await,
+        "/resume" => fleet.resume(&actor).await,
+        "/promote" => fleet.promote(&actor).await,
+        "/rollback" => fleet.rollback(&actor).await,
+        _ => unreachable!("paths were matched above"),
+    };
+    match done {
+        Ok(object) => json_response(StatusCode::OK, crate::fleet::ops::summary(&object)),
+        Err(e) => fleet_error(e),
     }
 }
 

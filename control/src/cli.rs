@@ -110,7 +110,15 @@ pub enum Command {
     mut_arg("state_dir", with_default(defaults::STATE_DIR)),
     mut_arg("workers", with_default(defaults::WORKERS)),
     mut_arg("judge_max_error_rate", with_default(defaults::MAX_ERROR_RATE)),
-    mut_arg("judge_max_p95", with_default(duration_text(defaults::MAX_P95)))
+    mut_arg("judge_max_p95", with_default(duration_text(defaults::MAX_P95))),
+    mut_arg(
+        "fleet_report_interval",
+        with_default(duration_text(defaults::FLEET_REPORT_INTERVAL))
+    ),
+    mut_arg(
+        "fleet_lease_duration",
+        with_default(duration_text(defaults::FLEET_LEASE_DURATION))
+    )
 )]
 pub struct RunArgs {
     /// TOML config file (optional; flags and SERIN_* variables override it).
@@ -146,6 +154,18 @@ pub struct RunArgs {
     /// Judge: absolute ceiling on the canary p95, e.g. 800ms.
     #[arg(long, env = "SERIN_JUDGE_MAX_P95")]
     pub judge_max_p95: Option<String>,
+    /// Join the fleet of this SerinRollout (NAMESPACE/NAME): one rollout for every member.
+    #[arg(long, env = "SERIN_FLEET")]
+    pub fleet: Option<String>,
+    /// This member's name in the fleet [default: the host name, which is the pod's name].
+    #[arg(long, env = "SERIN_FLEET_MEMBER")]
+    pub fleet_member: Option<String>,
+    /// How often a fleet member reports its windows.
+    #[arg(long, env = "SERIN_FLEET_REPORT_INTERVAL")]
+    pub fleet_report_interval: Option<String>,
+    /// How long the fleet's leader may go without renewing its Lease.
+    #[arg(long, env = "SERIN_FLEET_LEASE_DURATION")]
+    pub fleet_lease_duration: Option<String>,
 }
 
 impl RunArgs {
@@ -162,6 +182,10 @@ impl RunArgs {
             workers: self.workers,
             max_error_rate: self.judge_max_error_rate,
             max_p95: self.judge_max_p95.clone(),
+            fleet: self.fleet.clone(),
+            fleet_member: self.fleet_member.clone(),
+            fleet_report_interval: self.fleet_report_interval.clone(),
+            fleet_lease_duration: self.fleet_lease_duration.clone(),
         }
     }
 }
@@ -178,6 +202,10 @@ pub struct AdminArgs {
     /// Print the server's JSON answer instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Act on a fleet's SerinRollout (NAMESPACE/NAME) through kubeconfig, as kubectl does,
+    /// instead of one serin's control API.
+    #[arg(long, env = "SERIN_FLEET")]
+    pub fleet: Option<String>,
 }
 
 /// Flags of `serin demo`.

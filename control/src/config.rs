@@ -192,9 +192,75 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub max_error_rate: Option<f64>,
     pub max_p95: Option<String>,
+    /// `--fleet NAMESPACE/NAME`.
+    pub fleet: Option<String>,
+    /// `--fleet-member`.
+    pub fleet_member: Option<String>,
+    /// `--fleet-report-interval`.
+    pub fleet_report_interval: Option<String>,
+    /// `--fleet-lease-duration`.
+    pub fleet_lease_duration: Option<String>,
 }
 
 // === typed (validated) ===
+
+/// Fleet membership (`serin run --fleet`), validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetSettings {
+    /// The fleet's `SerinRollout`.
+    pub target: crate::fleet::FleetRef,
+    /// This member's name: `--fleet-member`, else the host name (a pod's name).
+    pub member: String,
+    /// How often the member reports its windows (default 10s).
+    pub report_interval: Duration,
+    /// The fleet Lease's duration (default 15s).
+    pub lease_duration: Duration,
+}
+
+fn fleet_settings(o: &Overrides) -> Result<Option<FleetSettings>, ConfigError> {
+    let Some(target) = &o.fleet else {
+        return Ok(None);
+    };
+    let target = target
+        .parse()
+        .map_err(|e: String| ConfigError::invalid("fleet", e))?;
+    let member = o
+        .fleet_member
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| format!("serin-{}", std::process::id()));
+    let report_interval = duration_or(
+        "fleet_report_interval",
+        o.fleet_report_interval.as_deref(),
+        defaults::FLEET_REPORT_INTERVAL,
+    )?;
+    let lease_duration = duration_or(
+        "fleet_lease_duration",
+        o.fleet_lease_duration.as_deref(),
+        defaults::FLEET_LEASE_DURATION,
+    )?;
+    if report_interval < Duration::from_millis(100) {
+        return Err(ConfigError::invalid(
+            "fleet_report_interval",
+            "must be at least 100ms",
+        ));
+    }
+    if lease_duration < Duration::from_secs(1) {
+        return Err(ConfigError::invalid(
+            "fleet_lease_duration",
+            "must be at least 1s",
+        ));
+    }
+    Ok(Some(FleetSettings {
+        target,
+        member,
+        report_interval,
+        lease_duration,
+    }))
+}
 
 /// The judge, validated: its policy (README.md, "The judge") and how often it looks.
 #[derive(Clone, Debug, PartialEq)]
@@ -277,6 +343,8 @@ pub struct Config {
     pub rollout: RolloutSettings,
     /// Webhook receivers (default none).
     pub webhooks: Vec<WebhookSettings>,
+    /// Fleet membership (`--fleet`; default none: a fleet of one).
+    pub fleet: Option<FleetSettings>,
 }
 
 /// The event names a webhook may subscribe to.
@@ -463,6 +531,7 @@ impl Config {
             judge,
             rollout,
             webhooks,
+            fleet: fleet_settings(o)?,
         })
     }
 }

@@ -282,7 +282,10 @@ impl Controller {
             // Closed until the fleet's state is read: a rolled-back fleet
             // must stay at 0 on a new pod, whatever its disk says.
             let mut rollout = Rollout::new(now);
-            rollout.record_startup(0, "fleet member: closed until the fleet's rollout is read".into());
+            rollout.record_startup(
+                0,
+                "fleet member: closed until the fleet's rollout is read".into(),
+            );
             rollout
         } else {
             load_rollout(&store, &config, now, canary_total).await?

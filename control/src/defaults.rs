@@ -101,6 +101,11 @@ pub fn steps_text(steps: &[f64]) -> String {
         .join(",")
 }
 
+/// How often a fleet member reports its windows to the fleet's object.
+pub const FLEET_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// The fleet Lease's duration (client-go's default).
+pub const FLEET_LEASE_DURATION: Duration = Duration::from_secs(15);
+
 #[cfg(test)]
 mod tests {
     use super::*;

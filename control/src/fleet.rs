@@ -80,7 +80,11 @@ pub fn judge_settings(
 ) -> Result<JudgeSettings, ConfigError> {
     let p = &base.policy;
     let raw = RawJudge {
-        window: Some(spec.window.clone().unwrap_or_else(|| duration_text(p.window))),
+        window: Some(
+            spec.window
+                .clone()
+                .unwrap_or_else(|| duration_text(p.window)),
+        ),
         interval: Some(
             spec.interval
                 .clone()
@@ -88,7 +92,11 @@ pub fn judge_settings(
         ),
         min_requests: Some(spec.min_requests.unwrap_or(p.min_requests)),
         max_error_rate: Some(spec.max_error_rate.unwrap_or(p.max_error_rate)),
-        max_p95: Some(spec.max_p95.clone().unwrap_or_else(|| duration_text(p.max_p95))),
+        max_p95: Some(
+            spec.max_p95
+                .clone()
+                .unwrap_or_else(|| duration_text(p.max_p95)),
+        ),
         max_p95_ratio: Some(spec.max_p95_ratio.unwrap_or(p.max_p95_ratio)),
         confidence: Some(spec.confidence.unwrap_or(p.confidence)),
         min_error_rate_difference: Some(

@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::api::Api;
 use crate::config::Config;
+use crate::fleet::member::{Member, MemberSettings};
 use crate::metrics::Metrics;
 use crate::webhook::{RetryPolicy, WebhookEvent, Webhooks};
 
@@ -61,6 +62,9 @@ pub enum ServeError {
     /// The controller refused the policy.
     #[error(transparent)]
     Controller(#[from] ControllerError),
+    /// Fleet mode could not start (no Kubernetes configuration).
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::ops::FleetError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -131,6 +135,7 @@ impl Running {
             initial_weight: f64::from(config.canary_weight_bp) / 100.0,
             stable_url: config.proxy.stable.url.clone(),
             canary_url: config.proxy.canary.url.clone(),
+            fleet_member: config.fleet.is_some(),
             ..ControllerConfig::default()
         };
         let controller = Controller::start(
@@ -145,7 +150,22 @@ impl Running {
         let metrics = Arc::new(Metrics::new(controller.clone(), webhooks.stats().clone()));
         tokio::spawn(forward_notifications(notifications, webhooks));
 
-        api.attach(controller.clone(), metrics);
+        let member = match &config.fleet {
+            None => None,
+            Some(fleet) => {
+                let mut settings = MemberSettings::new(
+                    fleet.target.clone(),
+                    fleet.member.clone(),
+                    config.judge.clone(),
+                );
+                settings.report_interval = fleet.report_interval;
+                settings.lease_duration = fleet.lease_duration;
+                let member = Member::start(settings, controller.clone()).await?;
+                metrics.attach_fleet(member.clone());
+                Some(member)
+            }
+        };
+        api.attach(controller.clone(), metrics, member.clone());
         api.set_ready(true);
         Ok(Self {
             proxy,

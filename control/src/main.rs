@@ -91,6 +91,18 @@ fn inject(args: serin_control::inject::InjectArgs) -> ExitCode {
 }
 
 fn call(call: Call, args: AdminArgs) -> ExitCode {
+    if let Some(fleet) = args.fleet {
+        let target = match fleet.parse() {
+            Ok(target) => target,
+            Err(e) => {
+                eprintln!("serin: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        return finish("serin", 1, async move {
+            serin_control::fleet::ops::run_cli(call, target, args.json).await
+        });
+    }
     finish("serin", 1, async move {
         let admin = AdminTarget::new(&args.admin, args.token)?;
         client::run(call, &admin, args.json).await

@@ -8,7 +8,7 @@
 //! the rollout step, which the API sets before each scrape.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{
@@ -19,6 +19,7 @@ use serin_proxy::stats::DURATION_BOUNDS_SECONDS;
 use serin_proxy::Target;
 
 use crate::controller::Controller;
+use crate::fleet::member::Member;
 use crate::rollout::Actor;
 use crate::webhook::DeliveryStats;
 
@@ -29,6 +30,7 @@ const QUANTILES: [(f64, &str); 3] = [(0.5, "0.5"), (0.95, "0.95"), (0.99, "0.99"
 pub struct Metrics {
     registry: Registry,
     rollout_step: IntGauge,
+    fleet: Arc<OnceLock<Member>>,
 }
 
 impl Metrics {
@@ -44,13 +46,21 @@ impl Metrics {
         registry
             .register(Box::new(rollout_step.clone()))
             .expect("unique metric");
+        let exporter = Exporter::new(controller, webhooks);
+        let fleet = exporter.fleet.clone();
         registry
-            .register(Box::new(Exporter::new(controller, webhooks)))
+            .register(Box::new(exporter))
             .expect("unique metrics");
         Self {
             registry,
             rollout_step,
+            fleet,
         }
+    }
+
+    /// Adds the fleet member's gauges and counters (`serin_fleet_*`).
+    pub fn attach_fleet(&self, member: Member) {
+        let _ = self.fleet.set(member);
     }
 
     /// Sets the rollout step gauge.
@@ -75,10 +85,11 @@ impl Metrics {
 struct Exporter {
     controller: Controller,
     webhooks: Arc<DeliveryStats>,
+    fleet: Arc<OnceLock<Member>>,
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 7] = [
+const FAMILIES: [(&str, &str); 10] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -107,6 +118,18 @@ const FAMILIES: [(&str, &str); 7] = [
         "serin_rollbacks_total",
         "Canary rollbacks since start, by who did them",
     ),
+    (
+        "serin_fleet_connected",
+        "1 while this fleet member follows its SerinRollout through the Kubernetes API, else 0",
+    ),
+    (
+        "serin_fleet_leader",
+        "1 while this fleet member holds the fleet's Lease, else 0",
+    ),
+    (
+        "serin_fleet_disconnects_total",
+        "Times this fleet member lost the Kubernetes API",
+    ),
 ];
 
 impl Exporter {
@@ -126,6 +149,7 @@ impl Exporter {
         Self {
             controller,
             webhooks,
+            fleet: Arc::default(),
             descs,
         }
     }
@@ -237,7 +261,7 @@ impl Collector for Exporter {
             counter(&[("outcome", "failed")], w.failed.load(Ordering::Relaxed)),
             counter(&[("outcome", "dropped")], w.dropped.load(Ordering::Relaxed)),
         ];
-        vec![
+        let mut families = vec![
             family(0, MetricType::COUNTER, requests),
             family(1, MetricType::HISTOGRAM, durations),
             family(2, MetricType::GAUGE, vec![gauge(&[], weight)]),
@@ -252,7 +276,26 @@ impl Collector for Exporter {
                     .map(|a| counter(&[("actor", a.as_str())], self.controller.rollbacks_total(a)))
                     .collect(),
             ),
-        ]
+        ];
+        if let Some(member) = self.fleet.get() {
+            let flag = |b: bool| if b { 1.0 } else { 0.0 };
+            families.push(family(
+                7,
+                MetricType::GAUGE,
+                vec![gauge(&[], flag(member.connected()))],
+            ));
+            families.push(family(
+                8,
+                MetricType::GAUGE,
+                vec![gauge(&[], flag(member.is_leader()))],
+            ));
+            families.push(family(
+                9,
+                MetricType::COUNTER,
+                vec![counter(&[], member.disconnects())],
+            ));
+        }
+        families
     }
 }
 

@@ -56,6 +56,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         judge,
         rollout,
         webhooks,
+        fleet,
     } = c;
     let ProxyConfig {
         listen,
@@ -158,6 +159,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "rollout.hold" => hold,
         "rollout.min_requests_per_step" => min_requests_per_step,
         "webhook" => webhooks,
+        "--fleet (flags and environment only)" => fleet,
     }
 }
 

@@ -35,9 +35,7 @@ use serin_proxy::{Target, WindowSnapshot};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::crd::{
-    FleetAggregate, MemberSummary, SerinRollout, UpstreamAggregate, WindowSummary,
-};
+use super::crd::{FleetAggregate, MemberSummary, SerinRollout, UpstreamAggregate, WindowSummary};
 use super::ops::{is_conflict, Fleet, FleetError};
 use super::state::{self, parse_time};
 use super::FleetRef;
@@ -127,7 +125,10 @@ impl Member {
     /// Joins the fleet through a client found as kubectl would (in a pod:
     /// its service account) and starts the member's tasks. Returns at once:
     /// the routes stay closed until the object is read.
-    pub async fn start(settings: MemberSettings, controller: Controller) -> Result<Self, FleetError> {
+    pub async fn start(
+        settings: MemberSettings,
+        controller: Controller,
+    ) -> Result<Self, FleetError> {
         let client = Client::try_default()
             .await
             .map_err(|e| FleetError::Config(e.to_string()))?;
@@ -229,7 +230,12 @@ impl Backoff {
 fn jitter_unit() -> f64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64);
+    h.write_u64(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64,
+    );
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -252,7 +258,11 @@ impl Shared {
             .store(object.metadata.generation.unwrap_or(0), Relaxed);
         if let Some(status) = object.status.as_ref().filter(|s| !s.phase.is_empty()) {
             match state::rollout_state(status, self.fleet.defaults()) {
-                Ok(fleet_state) => match self.controller.adopt_fleet(fleet_state, status.epoch).await {
+                Ok(fleet_state) => match self
+                    .controller
+                    .adopt_fleet(fleet_state, status.epoch)
+                    .await
+                {
                     Ok(Adopted::Applied) => self.note_step(status.epoch, status.step),
                     Ok(Adopted::KeptLocalRollback) => {
                         tracing::info!("keeping this member's rollback until the fleet records it")
@@ -264,7 +274,9 @@ impl Shared {
                     Ok(Adopted::Unchanged) => {}
                     Err(e) => tracing::error!(error = %e, "could not apply the fleet's rollout"),
                 },
-                Err(e) => tracing::error!(error = %e, "the SerinRollout's status is invalid; keeping the last state"),
+                Err(e) => {
+                    tracing::error!(error = %e, "the SerinRollout's status is invalid; keeping the last state")
+                }
             }
         }
         self.latest.send_replace(Some(object));
@@ -471,9 +483,7 @@ async fn summary(shared: &Shared) -> MemberSummary {
 /// The step as the status shows it: from 1 in a rollout, else 0.
 fn rollout_step(state: &crate::rollout::RolloutState) -> u32 {
     let in_rollout = matches!(state.phase, Phase::Progressing | Phase::Paused)
-        || state
-            .resume
-            .is_some_and(|r| r.phase == Phase::Progressing);
+        || state.resume.is_some_and(|r| r.phase == Phase::Progressing);
     if in_rollout {
         state.step as u32 + 1
     } else {
@@ -601,7 +611,10 @@ async fn try_lease(shared: &Shared, observed: &mut Observed) -> Result<bool, kub
     let holder = spec.holder_identity.clone().unwrap_or_default();
     let record = Some((
         holder.clone(),
-        spec.renew_time.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+        spec.renew_time
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
         lease.metadata.resource_version.clone().unwrap_or_default(),
     ));
     if record != observed.record {
@@ -635,7 +648,11 @@ async fn try_lease(shared: &Shared, observed: &mut Observed) -> Result<bool, kub
     }))
     .expect("a lease");
     updated.metadata.labels = lease.metadata.labels.clone();
-    match shared.leases.replace(&name, &PostParams::default(), &updated).await {
+    match shared
+        .leases
+        .replace(&name, &PostParams::default(), &updated)
+        .await
+    {
         Ok(written) => {
             observed.record = Some((
                 me,

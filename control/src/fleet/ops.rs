@@ -155,7 +155,11 @@ impl Fleet {
             let patch = state::rollout_patch(&status, &rv);
             match self
                 .api
-                .patch_status(&self.target.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(
+                    &self.target.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
                 .await
             {
                 Ok(written) => return Ok(written),
@@ -296,4 +300,156 @@ pub fn current_phase(object: &SerinRollout) -> Phase {
         .as_ref()
         .and_then(|s| state::parse_phase(&s.phase))
         .unwrap_or(Phase::Steady)
+}
+
+/// The fleet's rollout as `serin status --fleet --json` and a member's
+/// control API show it: the status's rollout keys with `canary_weight` in
+/// percent (as `/status`), and every member's summary without histograms.
+pub fn summary(object: &SerinRollout) -> Value {
+    let status = object.status.clone().unwrap_or_default();
+    let members: Vec<Value> = status
+        .members
+        .iter()
+        .map(|m| {
+            json!({
+                "pod": m.pod, "updated_at": m.updated_at, "epoch": m.epoch,
+                "generation": m.generation, "phase": m.phase,
+                "canary_weight": crate::rollout::percent(m.weight_bp), "step": m.step,
+                "step_requests": m.step_requests,
+                "stable": {"requests": m.stable.requests, "errors": m.stable.errors, "p95_ms": m.stable.p95_ms},
+                "canary": {"requests": m.canary.requests, "errors": m.canary.errors, "p95_ms": m.canary.p95_ms},
+            })
+        })
+        .collect();
+    json!({
+        "fleet": format!("{}/{}", object.metadata.namespace.clone().unwrap_or_default(),
+                         object.metadata.name.clone().unwrap_or_default()),
+        "generation": object.metadata.generation.unwrap_or(0),
+        "observed_generation": status.observed_generation,
+        "phase": if status.phase.is_empty() { "steady".to_string() } else { status.phase.clone() },
+        "canary_weight": crate::rollout::percent(status.weight_bp),
+        "step": status.step,
+        "steps": status.steps,
+        "hold": status.hold,
+        "latched": status.latched,
+        "reason": status.reason,
+        "actor": status.actor,
+        "epoch": status.epoch,
+        "conditions": status.conditions,
+        "aggregate": status.fleet,
+        "members": members,
+        "history": status.history,
+    })
+}
+
+/// `serin status|weight|rollout|pause|resume|promote|rollback --fleet`:
+/// one call on the fleet's object through kubeconfig, then a summary of the
+/// fleet (or its JSON with `json`). `status --watch` refreshes every second.
+pub async fn run_cli(
+    call: crate::client::Call,
+    target: FleetRef,
+    json: bool,
+) -> Result<(), FleetError> {
+    use crate::client::Call as C;
+    let fleet = Fleet::connect(target).await?;
+    let actor = "cli";
+    loop {
+        let object = match &call {
+            C::Status { .. } => fleet.get().await?,
+            C::Weight(pct) => fleet.set_weight(*pct, actor).await?,
+            C::Rollout { steps, hold } => {
+                let hold = hold
+                    .as_deref()
+                    .map(crate::rollout::parse_hold)
+                    .transpose()?;
+                fleet.rollout(steps.clone(), hold, actor).await?
+            }
+            C::Pause => fleet.pause(actor).await?,
+            C::Resume => fleet.resume(actor).await?,
+            C::Promote => fleet.promote(actor).await?,
+            C::Rollback => fleet.rollback(actor).await?,
+        };
+        let summary = summary(&object);
+        if json {
+            println!("{summary:#}");
+        } else {
+            print!("{}", summary_text(&summary, SystemTime::now()));
+        }
+        if !matches!(call, C::Status { watch: true }) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The human summary of [`summary`]: the fleet's rollout, then one line per
+/// member, marking those that have not reported lately or run another epoch.
+pub fn summary_text(summary: &Value, now: SystemTime) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let s = |key: &str| summary[key].to_string().trim_matches('"').to_string();
+    let _ = writeln!(
+        out,
+        "fleet {}: {} at {}% (step {} of {}), epoch {}, generation {}/{} applied",
+        s("fleet"),
+        s("phase"),
+        s("canary_weight"),
+        s("step"),
+        summary["steps"].as_array().map_or(0, Vec::len),
+        s("epoch"),
+        s("observed_generation"),
+        s("generation"),
+    );
+    if !summary["reason"].as_str().unwrap_or("").is_empty() {
+        let _ = writeln!(out, "reason: {} (by {})", s("reason"), s("actor"));
+    }
+    if let Some(agg) = summary["aggregate"].as_object() {
+        let _ = writeln!(
+            out,
+            "aggregate of {} members (leader {}): stable {} req / {} err, p95 {:.1} ms; canary {} req / {} err, p95 {:.1} ms",
+            agg["members"], agg["leader"].as_str().unwrap_or(""),
+            agg["stable"]["requests"], agg["stable"]["errors"], agg["stable"]["p95_ms"].as_f64().unwrap_or(0.0),
+            agg["canary"]["requests"], agg["canary"]["errors"], agg["canary"]["p95_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let epoch = summary["epoch"].as_u64().unwrap_or(0);
+    let generation = summary["generation"].as_i64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "{:<32} {:>8} {:>12} {:>22} {:>22}  state",
+        "MEMBER", "WEIGHT", "PHASE", "STABLE req/err/p95", "CANARY req/err/p95"
+    );
+    for m in summary["members"].as_array().into_iter().flatten() {
+        let age = m["updated_at"]
+            .as_str()
+            .and_then(state::parse_time)
+            .and_then(|t| now.duration_since(t).ok())
+            .unwrap_or_default();
+        let mut notes = Vec::new();
+        notes.push(format!("reported {}s ago", age.as_secs()));
+        if m["epoch"].as_u64() != Some(epoch) || m["generation"].as_i64() != Some(generation) {
+            notes.push("not on the latest generation".to_string());
+        } else {
+            notes.push("latest generation".to_string());
+        }
+        let window = |w: &Value| {
+            format!(
+                "{}/{}/{:.1}ms",
+                w["requests"],
+                w["errors"],
+                w["p95_ms"].as_f64().unwrap_or(0.0)
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{:<32} {:>7}% {:>12} {:>22} {:>22}  {}",
+            m["pod"].as_str().unwrap_or(""),
+            m["canary_weight"],
+            m["phase"].as_str().unwrap_or(""),
+            window(&m["stable"]),
+            window(&m["canary"]),
+            notes.join(", ")
+        );
+    }
+    out
 }

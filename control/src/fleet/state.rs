@@ -173,7 +173,9 @@ fn machine(
 
 /// Parses an RFC 3339 time.
 pub fn parse_time(text: &str) -> Option<SystemTime> {
-    text.parse::<k8s_openapi::jiff::Timestamp>().ok().map(SystemTime::from)
+    text.parse::<k8s_openapi::jiff::Timestamp>()
+        .ok()
+        .map(SystemTime::from)
 }
 
 fn starts_step(before: &SerinRolloutStatus, after: &SerinRolloutStatus) -> bool {
@@ -185,8 +187,7 @@ fn starts_step(before: &SerinRolloutStatus, after: &SerinRolloutStatus) -> bool 
 fn stamp_step(before: &SerinRolloutStatus, after: &mut SerinRolloutStatus, now: SystemTime) {
     if starts_step(before, after) {
         after.step_start_time = Some(rfc3339(now));
-    } else if after.phase != Phase::Progressing.as_str() && after.phase != Phase::Paused.as_str()
-    {
+    } else if after.phase != Phase::Progressing.as_str() && after.phase != Phase::Paused.as_str() {
         after.step_start_time = None;
     }
 }
@@ -229,7 +230,11 @@ fn set_rolled_back_condition(status: &mut SerinRolloutStatus, generation: i64, n
     } else {
         (false, "CanaryNotRolledBack")
     };
-    let message = if on { status.reason.clone() } else { String::new() };
+    let message = if on {
+        status.reason.clone()
+    } else {
+        String::new()
+    };
     set_condition(status, "RolledBack", on, reason, message, generation, now);
 }
 
