@@ -229,7 +229,8 @@ struct Inner {
     rollout: Mutex<Rollout>,
     routes: Routes,
     stats: Stats,
-    judge: Judge,
+    /// Swapped whole when a fleet's spec changes the policy.
+    judge: std::sync::Mutex<Arc<Judge>>,
     store: StateStore,
     events: Option<mpsc::Sender<Notification>>,
     config: ControllerConfig,
@@ -294,7 +295,7 @@ impl Controller {
             rollout: Mutex::new(rollout),
             routes,
             stats,
-            judge,
+            judge: std::sync::Mutex::new(Arc::new(judge)),
             store,
             events,
             config,
@@ -411,6 +412,30 @@ impl Controller {
             .await
     }
 
+    /// The judge's policy now.
+    pub fn policy(&self) -> JudgePolicy {
+        self.inner.judge.lock().expect("judge").policy().clone()
+    }
+
+    /// Judges with `policy` from the next look on (a fleet's `spec.judge`).
+    /// The window cannot change while serving: the data plane's windows
+    /// keep the one they started with, and the policy keeps it too.
+    pub fn set_policy(&self, mut policy: JudgePolicy) -> Result<(), PolicyError> {
+        let window = self.inner.stats.window();
+        if policy.window != window {
+            tracing::warn!(wanted = ?policy.window, kept = ?window,
+                "the judge's window is fixed at start; keeping this serin's");
+            policy.window = window;
+        }
+        let judge = Judge::new(policy)?;
+        let mut current = self.inner.judge.lock().expect("judge");
+        if current.policy() != judge.policy() {
+            tracing::info!(policy = ?judge.policy(), "judge policy changed");
+            *current = Arc::new(judge);
+        }
+        Ok(())
+    }
+
     /// Follows every change of the rollout: the value is bumped after each
     /// one (routes already swapped).
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -438,10 +463,15 @@ impl Controller {
     ///
     /// The check and the change happen under one lock, so a breach the local
     /// judge finds meanwhile is never overwritten.
+    ///
+    /// With `notify`, the change is announced as an event (webhooks, logs),
+    /// as if this member had made it: the fleet's leader does so, so that a
+    /// fleet's transitions fire once, not once per member.
     pub async fn adopt_fleet(
         &self,
         state: crate::rollout::RolloutState,
         epoch: u64,
+        notify: bool,
     ) -> Result<Adopted, ControllerError> {
         let inner = &self.inner;
         let now = Instant::now();
@@ -470,6 +500,7 @@ impl Controller {
         }
         let was_latched = rollout.latched();
         let before = rollout.canary_weight_bp();
+        let event = notify.then(|| fleet_event(&current, &state)).flatten();
         rollout.adopt(state, now, canary_total)?;
         inner.fleet.epoch.store(epoch, Relaxed);
         inner.fleet.adopted.store(true, Relaxed);
@@ -480,7 +511,7 @@ impl Controller {
             inner.stats.restart_window(Target::Canary, now);
         }
         let upstreams = inner.upstreams(now);
-        let saved = inner.commit(&rollout, None, &upstreams).await;
+        let saved = inner.commit(&rollout, event, &upstreams).await;
         tracing::info!(epoch, phase = %rollout.phase(), canary_weight = percent(rollout.canary_weight_bp()),
             reason = %rollout.reason(), "applied the fleet's rollout");
         saved?;
@@ -501,6 +532,24 @@ impl Controller {
         if let Err(e) = inner.commit(&rollout, None, &upstreams).await {
             tracing::error!(error = %e, "could not save the closed state");
         }
+    }
+}
+
+/// The event a change from `before` to `after` (a fleet's rollout) is.
+fn fleet_event(
+    before: &crate::rollout::RolloutState,
+    after: &crate::rollout::RolloutState,
+) -> Option<Event> {
+    match after.phase {
+        Phase::RolledBack if before.phase != Phase::RolledBack => Some(Event::Rollback),
+        Phase::Promoted if before.phase != Phase::Promoted => Some(Event::Promoted),
+        Phase::Paused if before.phase != Phase::Paused => Some(Event::Paused),
+        Phase::Progressing
+            if before.phase != Phase::Progressing || before.step != after.step =>
+        {
+            Some(Event::Step)
+        }
+        _ => None,
     }
 }
 
@@ -615,7 +664,8 @@ impl Inner {
         let canary = self.stats.window_snapshot(Target::Canary, now);
         let since_change = canary_total.saturating_sub(self.runs_counted_from.load(Relaxed));
         let canary_run = u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_change);
-        let verdict = self.judge.evaluate(
+        let judge = self.judge.lock().expect("judge").clone();
+        let verdict = judge.evaluate(
             &stable,
             &canary,
             self.stats.consecutive_errors(Target::Stable),

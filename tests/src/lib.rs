@@ -504,9 +504,20 @@ impl SerinProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Self::spawn_env(bin, args, &[]).await
+    }
+
+    /// As [`SerinProcess::spawn`], with `env` added to the child's
+    /// environment (e.g. `KUBECONFIG`).
+    pub async fn spawn_env<I, S>(bin: &str, args: I, env: &[(&str, &str)]) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true)

@@ -260,7 +260,7 @@ impl Shared {
             match state::rollout_state(status, self.fleet.defaults()) {
                 Ok(fleet_state) => match self
                     .controller
-                    .adopt_fleet(fleet_state, status.epoch)
+                    .adopt_fleet(fleet_state, status.epoch, self.leader.load(Relaxed))
                     .await
                 {
                     Ok(Adopted::Applied) => self.note_step(status.epoch, status.step),
@@ -279,7 +279,26 @@ impl Shared {
                 }
             }
         }
+        self.apply_policy(&object);
         self.latest.send_replace(Some(object));
+    }
+
+    /// The spec's judge keys over this member's own configuration; an
+    /// invalid spec keeps the current policy (the leader's `SpecApplied`
+    /// condition says why).
+    fn apply_policy(&self, object: &SerinRollout) {
+        let wanted = match &object.spec.judge {
+            None => Ok(self.settings.judge.clone()),
+            Some(spec) => super::judge_settings(spec, &self.settings.judge),
+        };
+        match wanted {
+            Ok(settings) => {
+                if let Err(e) = self.controller.set_policy(settings.policy) {
+                    tracing::warn!(error = %e, "spec.judge not applied");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "spec.judge not applied"),
+        }
     }
 
     /// Records the canary count when this member entered a new step, so its
@@ -403,24 +422,29 @@ async fn publish(shared: Arc<Shared>) {
             let pod = shared.settings.pod.clone();
             let defaults = shared.fleet.defaults().clone();
             let reason = view.state.reason.clone();
+            let mut wrote = false;
             let written = shared
                 .fleet
                 .update_status(|object| {
                     let status = object.status.clone().unwrap_or_default();
-                    Ok(state::member_rollback(
+                    let next = state::member_rollback(
                         &status,
                         view.epoch,
                         &reason,
                         &pod,
                         &defaults,
                         SystemTime::now(),
-                    ))
+                    );
+                    wrote = next.is_some();
+                    Ok(next)
                 })
                 .await;
             match written {
                 Ok(object) => {
-                    tracing::warn!(fleet = %shared.settings.target, %reason,
-                        "wrote this member's rollback to the fleet");
+                    if wrote {
+                        tracing::warn!(fleet = %shared.settings.target, %reason,
+                            "wrote this member's rollback to the fleet");
+                    }
                     backoff.reset();
                     shared.latest.send_replace(Some(Arc::new(object)));
                     break;
@@ -541,7 +565,10 @@ struct Observed {
 }
 
 async fn lead(shared: Arc<Shared>) {
+    // The holder renews every third of the duration; the others look more
+    // often, so a dead holder is noticed soon after its lease runs out.
     let renew_every = shared.settings.lease_duration / 3;
+    let look_every = (shared.settings.lease_duration / 5).min(Duration::from_secs(2));
     let mut observed = Observed {
         record: None,
         at: Instant::now(),
@@ -565,7 +592,12 @@ async fn lead(shared: Arc<Shared>) {
                 tracing::info!(fleet = %shared.settings.target, leader = held,
                     "fleet leadership {}", if held { "taken" } else { "lost" });
             }
-            next_renew = now + renew_every;
+            next_renew = now
+                + if held {
+                    renew_every
+                } else {
+                    look_every
+                };
         }
         if shared.leader.load(Relaxed) {
             let may_write_reason = last_reason_write.elapsed() >= shared.settings.report_interval;
