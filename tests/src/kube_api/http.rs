@@ -410,23 +410,24 @@ async fn resource(
         (def, label)
     };
     let method = req.method().clone();
-    let verb =
-        match (&method, &t.name) {
-            (&Method::GET, _) if q.flag("watch") => "watch",
-            (&Method::GET, Some(_)) => "get",
-            (&Method::GET, None) => "list",
-            (&Method::POST, None) if t.sub == Sub::Main && t.ns.is_some() => "create",
-            (&Method::PUT, Some(_)) => "update",
-            (&Method::PATCH, Some(_)) if media == "application/apply-patch+yaml" => "apply",
-            (&Method::PATCH, Some(_)) => "patch",
-            (&Method::DELETE, Some(_)) => "delete",
-            _ => return Err(StatusError::from_code(
+    let verb = match (&method, &t.name) {
+        (&Method::GET, _) if q.flag("watch") => "watch",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None) => "list",
+        (&Method::POST, None) if t.sub == Sub::Main && t.ns.is_some() => "create",
+        (&Method::PUT, Some(_)) => "update",
+        (&Method::PATCH, Some(_)) if media == "application/apply-patch+yaml" => "apply",
+        (&Method::PATCH, Some(_)) => "patch",
+        (&Method::DELETE, Some(_)) => "delete",
+        _ => {
+            return Err(StatusError::from_code(
                 405,
                 format!(
                     "the server does not allow this method on the requested resource ({method})"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     inner.count(verb, &label);
     if matches!(verb, "create" | "update" | "patch" | "apply" | "delete") {
         if let Some(code) = inner.take_failure() {

@@ -709,7 +709,15 @@ impl Store {
         dry_run: bool,
     ) -> Value {
         let def = &self.resources[res];
-        meta_mut(&mut object).remove("managedFields");
+        let m = meta_mut(&mut object);
+        m.remove("managedFields");
+        // ObjectMeta's omitempty fields.
+        m.retain(|k, v| {
+            !(USER_META.contains(&k.as_str())
+                && (v.is_null()
+                    || v.as_object().is_some_and(Map::is_empty)
+                    || v.as_array().is_some_and(Vec::is_empty)))
+        });
         if let Some(old) = old {
             let mut before = old.object.clone();
             meta_mut(&mut before).remove("managedFields");
