@@ -21,7 +21,8 @@
 //!   [`FakeKube::apply`], [`FakeKube::apply_status`], [`FakeKube::delete`].
 //!   Resources are named by plural (`"serinrollouts"`, `"leases"`) or
 //!   `plural.group`.
-//! - Faults: [`FakeKube::drop_watches`] (cut every open watch mid-stream),
+//! - Faults: [`FakeKube::drop_watches`] (close every open watch's connection
+//!   mid-stream),
 //!   [`FakeKube::end_watches`] (end them cleanly, as a server-side timeout),
 //!   [`FakeKube::compact`] (forget the event history: older
 //!   resourceVersions get 410), [`FakeKube::go_down`] /
@@ -76,11 +77,13 @@
 //!   immediate).
 //! - List ignores `limit`/`continue` (one page) and `resourceVersion` /
 //!   `resourceVersionMatch` (always the latest state); items always carry
-//!   `apiVersion` and `kind`.
+//!   `apiVersion` and `kind`. Field selectors support `metadata.name` and
+//!   `metadata.namespace` only (others answer 400, as for custom resources);
+//!   label selectors are implemented (equality, existence, `in`, `notin`).
 //! - A watch from a resourceVersion newer than the current one answers
 //!   504 at once instead of waiting up to 3 s for the cache.
 //! - A watch without `timeoutSeconds` lasts 30 minutes (the real server picks
-//!   30 to 60). Slow watchers that fall 4096 events behind are closed.
+//!   30 to 60). A watcher that falls 1024 events behind is closed.
 //! - `null` in an applied configuration is ignored; list-maps are only the
 //!   declared ones (other lists are atomic); sets (`listType=set`) are atomic.
 //! - Managed fields sent by clients are ignored; updates never conflict.
@@ -476,8 +479,10 @@ preferences: {{}}
         Ok(())
     }
 
-    /// Ends every open watch abruptly: the connection is cut mid-stream (no
-    /// terminating chunk), so the client sees an error.
+    /// Ends every open watch abruptly: the connection is closed mid-stream
+    /// (no terminating chunk). hyper's client reports an error; kube-rs maps
+    /// that unexpected EOF to the end of the watch stream (and logs "eof in
+    /// poll"), as it does when a real API server's connection breaks.
     pub fn drop_watches(&self) {
         self.inner.end_watches(true);
     }

@@ -397,7 +397,9 @@ impl Managed {
             .iter()
             .map(|(k, e)| {
                 let mut m = Map::new();
-                m.insert("manager".into(), Value::from(k.manager.clone()));
+                if !k.manager.is_empty() {
+                    m.insert("manager".into(), Value::from(k.manager.clone()));
+                }
                 let op = match k.operation {
                     Operation::Apply => "Apply",
                     Operation::Update => "Update",

@@ -463,19 +463,21 @@ async fn resource(
     }
 
     // Writes.
-    let manager = q
-        .get("fieldManager")
-        .filter(|m| !m.is_empty())
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            req.headers()
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|ua| ua.split('/').next())
-                .filter(|m| !m.is_empty())
-                .unwrap_or("unknown")
-                .to_owned()
-        });
+    // As the real server: the fieldManager, else the User-Agent's product
+    // (before the first '/'), printable characters only, at most 128.
+    let manager: String = match q.get("fieldManager").filter(|m| !m.is_empty()) {
+        Some(m) => m.to_owned(),
+        None => req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split('/').next())
+            .unwrap_or_default()
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect(),
+    };
     let dry_run = q.get("dryRun") == Some("All");
     if verb == "patch" && q.get("force").is_some() {
         return Err(patch_options_invalid(
@@ -592,6 +594,12 @@ fn watch(
         ),
         None => DEFAULT_WATCH_TIMEOUT,
     };
+    // 0 means the server's default, as on the real server.
+    let timeout = if timeout.is_zero() {
+        DEFAULT_WATCH_TIMEOUT
+    } else {
+        timeout
+    };
     let start =
         match q.get("resourceVersion") {
             _ if initial_events => WatchStart::Current,
@@ -688,10 +696,13 @@ impl WatchTask {
         if ev.res != self.res || self.ns.as_ref().is_some_and(|ns| *ns != ev.namespace) {
             return None;
         }
-        let now = self.selector.matches(&ev.object);
+        let now = self.selector.matches(&ev.meta);
         let kind = match ev.kind {
             EventType::Modified => {
-                let before = ev.prev.as_ref().is_none_or(|p| self.selector.matches(p));
+                let before = ev
+                    .prev_meta
+                    .as_ref()
+                    .is_none_or(|p| self.selector.matches(p));
                 match (before, now) {
                     (true, true) => EventType::Modified,
                     (false, true) => EventType::Added,
@@ -705,7 +716,7 @@ impl WatchTask {
         Some(Bytes::from(format!(
             "{{\"type\":\"{}\",\"object\":{}}}\n",
             kind.as_str(),
-            ev.json()
+            ev.json
         )))
     }
 

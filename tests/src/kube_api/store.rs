@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
@@ -179,16 +179,33 @@ pub(crate) struct Event {
     pub(crate) namespace: String,
     pub(crate) name: String,
     pub(crate) kind: EventType,
-    pub(crate) object: Arc<Value>,
-    /// The object before a `MODIFIED` (for label-selector transitions).
-    pub(crate) prev: Option<Arc<Value>>,
     /// The object's JSON, serialized once for every watcher.
-    json: OnceLock<String>,
+    pub(crate) json: String,
+    /// What selectors look at: `{"metadata": {name, namespace, labels}}`.
+    pub(crate) meta: Value,
+    /// The same before a `MODIFIED`, for label-selector transitions.
+    pub(crate) prev_meta: Option<Value>,
+}
+
+/// The part of an object selectors read.
+fn selector_view(object: &Value) -> Value {
+    let m = &object["metadata"];
+    json!({"metadata": {"name": m["name"], "namespace": m["namespace"], "labels": m["labels"]}})
 }
 
 impl Event {
-    pub(crate) fn json(&self) -> &str {
-        self.json.get_or_init(|| self.object.to_string())
+    fn new(rv: u64, res: usize, kind: EventType, object: &Value, prev: Option<&Value>) -> Self {
+        let m = &object["metadata"];
+        Self {
+            rv,
+            res,
+            namespace: m["namespace"].as_str().unwrap_or_default().to_owned(),
+            name: m["name"].as_str().unwrap_or_default().to_owned(),
+            kind,
+            json: object.to_string(),
+            meta: selector_view(object),
+            prev_meta: prev.map(selector_view),
+        }
     }
 }
 
@@ -217,17 +234,20 @@ pub(crate) struct WatchFeed {
     pub(crate) progress: u64,
 }
 
-/// Who writes: the field manager and, for the test helpers and unknown
-/// clients, a default.
+/// Who writes (the `fieldManager`, else the User-Agent's product, or
+/// `fake-kube` for the handle's helpers), and whether only to try.
 pub(crate) struct WriteCtx<'a> {
     pub(crate) manager: &'a str,
     pub(crate) dry_run: bool,
 }
 
+/// Events buffered for each watcher before a slow one is closed.
+pub(crate) const EVENT_BUFFER: usize = 1024;
+
 /// Metadata fields a client sets and field ownership tracks.
 const USER_META: [&str; 4] = ["labels", "annotations", "finalizers", "ownerReferences"];
 /// Metadata fields only the server sets.
-const SERVER_META: [&str; 9] = [
+const SERVER_META: [&str; 8] = [
     "uid",
     "resourceVersion",
     "generation",
@@ -236,7 +256,6 @@ const SERVER_META: [&str; 9] = [
     "selfLink",
     "deletionTimestamp",
     "deletionGracePeriodSeconds",
-    "generateName",
 ];
 
 pub(crate) struct Store {
@@ -354,7 +373,7 @@ impl Store {
             floor: 1,
             uid_seq: 0,
             uid_seed: splitmix(seed),
-            events: broadcast::channel(4096).0,
+            events: broadcast::channel(EVENT_BUFFER).0,
         }
     }
 
@@ -414,17 +433,14 @@ impl Store {
                 .objects
                 .iter()
                 .filter(|((r, n, _), _)| *r == res && ns.is_none_or(|ns| ns == n))
-                .map(|((_, n, name), s)| {
-                    Arc::new(Event {
-                        rv: rv_of(&s.object),
+                .map(|(_, s)| {
+                    Arc::new(Event::new(
+                        rv_of(&s.object),
                         res,
-                        namespace: n.clone(),
-                        name: name.clone(),
-                        kind: EventType::Added,
-                        object: Arc::new(s.object.clone()),
-                        prev: None,
-                        json: OnceLock::new(),
-                    })
+                        EventType::Added,
+                        &s.object,
+                        None,
+                    ))
                 })
                 .collect(),
             WatchStart::After(rv) if rv < self.floor => {
@@ -751,20 +767,12 @@ impl Store {
                 managed,
             },
         );
-        self.emit(Event {
-            rv,
-            res,
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            kind: if old.is_some() {
-                EventType::Modified
-            } else {
-                EventType::Added
-            },
-            object: Arc::new(object.clone()),
-            prev: old.map(|o| Arc::new(o.object.clone())),
-            json: OnceLock::new(),
-        });
+        let kind = if old.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
+        self.emit(Event::new(rv, res, kind, &object, old.map(|o| &o.object)));
         object
     }
 
@@ -1058,16 +1066,7 @@ impl Store {
         meta_mut(&mut object).insert("resourceVersion".into(), Value::from(self.rv.to_string()));
         let out = answer(&object);
         self.objects.remove(&(res, ns.to_owned(), name.to_owned()));
-        self.emit(Event {
-            rv: self.rv,
-            res,
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            kind: EventType::Deleted,
-            object: Arc::new(object),
-            prev: None,
-            json: OnceLock::new(),
-        });
+        self.emit(Event::new(self.rv, res, EventType::Deleted, &object, None));
         Ok(out)
     }
 }
