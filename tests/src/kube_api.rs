@@ -72,9 +72,10 @@
 //!
 //! # Deviations from the real API server
 //!
-//! - No authentication, authorization, admission, OpenAPI schema validation,
-//!   defaulting, pruning of unknown fields, or finalizer handling (delete is
-//!   immediate).
+//! - No authentication (the kubeconfig's token is ignored), authorization,
+//!   admission, OpenAPI schema validation, defaulting, pruning of unknown
+//!   fields, or finalizer handling (delete is immediate). Namespaces need not
+//!   exist.
 //! - List ignores `limit`/`continue` (one page) and `resourceVersion` /
 //!   `resourceVersionMatch` (always the latest state); items always carry
 //!   `apiVersion` and `kind`. Field selectors support `metadata.name` and

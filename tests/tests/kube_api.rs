@@ -307,6 +307,21 @@ async fn create_get_list_have_the_real_shapes() {
     assert_eq!(code, 422);
     assert_status(&invalid, 422, "Invalid");
 
+    let (code, _) = api
+        .call(Method::DELETE, &format!("{ROLLOUTS}/api/status"), "", None)
+        .await;
+    assert_eq!(code, 405);
+    let stale = json!({"preconditions": {"resourceVersion": "1"}});
+    let (code, refused) = api
+        .call(
+            Method::DELETE,
+            &format!("{ROLLOUTS}/api"),
+            "application/json",
+            Some(&stale),
+        )
+        .await;
+    assert_eq!(code, 409);
+    assert_status(&refused, 409, "Conflict");
     let (code, deleted) = api
         .call(Method::DELETE, &format!("{ROLLOUTS}/api"), "", None)
         .await;

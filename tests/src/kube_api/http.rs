@@ -418,7 +418,7 @@ async fn resource(
         (&Method::PUT, Some(_)) => "update",
         (&Method::PATCH, Some(_)) if media == "application/apply-patch+yaml" => "apply",
         (&Method::PATCH, Some(_)) => "patch",
-        (&Method::DELETE, Some(_)) => "delete",
+        (&Method::DELETE, Some(_)) if t.sub == Sub::Main => "delete",
         _ => {
             return Err(StatusError::from_code(
                 405,
