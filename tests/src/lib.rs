@@ -8,6 +8,8 @@
 //! `/download/N` streams N bytes. Nothing here sleeps to wait for a
 //! condition: use [`eventually`] to poll with a deadline.
 
+pub mod kube_api;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
