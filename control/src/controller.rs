@@ -544,9 +544,7 @@ fn fleet_event(
         Phase::RolledBack if before.phase != Phase::RolledBack => Some(Event::Rollback),
         Phase::Promoted if before.phase != Phase::Promoted => Some(Event::Promoted),
         Phase::Paused if before.phase != Phase::Paused => Some(Event::Paused),
-        Phase::Progressing
-            if before.phase != Phase::Progressing || before.step != after.step =>
-        {
+        Phase::Progressing if before.phase != Phase::Progressing || before.step != after.step => {
             Some(Event::Step)
         }
         _ => None,

@@ -122,7 +122,12 @@ impl Fleet {
     }
 
     async fn status(&self, index: usize) -> Value {
-        let answer = get(&http1_client(), &format!("{}/status", self.admin[index]), &[]).await;
+        let answer = get(
+            &http1_client(),
+            &format!("{}/status", self.admin[index]),
+            &[],
+        )
+        .await;
         serde_json::from_str(&answer.body).unwrap()
     }
 
@@ -133,15 +138,19 @@ impl Fleet {
     /// Waits until every live member's route table holds `pct`.
     async fn all_at(&self, pct: f64, what: &str) {
         for i in self.alive() {
-            eventually(DEADLINE, &format!("{what}: m{i} at {pct}%"), || async move {
-                self.weight(i).await == pct
-            })
+            eventually(
+                DEADLINE,
+                &format!("{what}: m{i} at {pct}%"),
+                || async move { self.weight(i).await == pct },
+            )
             .await;
         }
     }
 
     fn object(&self) -> Value {
-        self.api.get("serinrollouts", NS, NAME).expect("the SerinRollout")
+        self.api
+            .get("serinrollouts", NS, NAME)
+            .expect("the SerinRollout")
     }
 
     fn fleet_status(&self) -> Value {
@@ -206,7 +215,10 @@ async fn a_rollout_started_once_advances_on_every_member_together() {
     assert!(out.contains("progressing at 20%"), "{out}");
     fleet.all_at(20.0, "step 1").await;
     let status = fleet.fleet_status();
-    assert_eq!((status["epoch"].as_u64(), status["actor"].as_str()), (Some(1), Some("cli")));
+    assert_eq!(
+        (status["epoch"].as_u64(), status["actor"].as_str()),
+        (Some(1), Some("cli"))
+    );
 
     // Traffic through every member; the fleet's judge holds each step for
     // its hold and 100 canary requests summed over the members.
@@ -224,7 +236,10 @@ async fn a_rollout_started_once_advances_on_every_member_together() {
         if status["phase"] == "promoted" {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(90), "rollout stuck: {status:#}");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "rollout stuck: {status:#}"
+        );
         for i in 0..5 {
             fleet.traffic(i, 16).await;
         }
@@ -233,8 +248,14 @@ async fn a_rollout_started_once_advances_on_every_member_together() {
     let status = fleet.fleet_status();
     assert_eq!(status["phase"], "promoted", "{status:#}");
     assert!(seen_steps.contains(&2), "steps seen: {seen_steps:?}");
-    assert!(status["actor"].as_str().unwrap().starts_with("leader@m"), "{status:#}");
-    assert!(status["fleet"]["members"].as_u64().unwrap() >= 5, "{status:#}");
+    assert!(
+        status["actor"].as_str().unwrap().starts_with("leader@m"),
+        "{status:#}"
+    );
+    assert!(
+        status["fleet"]["members"].as_u64().unwrap() >= 5,
+        "{status:#}"
+    );
     // Every member's own /status says which generation it applied.
     for i in 0..5 {
         let s = fleet.status(i).await;
@@ -270,7 +291,10 @@ async fn one_members_breach_reverts_every_member_and_a_new_pod_stays_at_zero() {
     let status = fleet.fleet_status();
     assert_eq!(status["phase"], "rolled_back", "{status:#}");
     assert_eq!(status["actor"], "m0", "{status:#}");
-    assert!(status["reason"].as_str().unwrap().contains("judge of m0"), "{status:#}");
+    assert!(
+        status["reason"].as_str().unwrap().contains("judge of m0"),
+        "{status:#}"
+    );
     let rollbacks = status["history"]
         .as_array()
         .unwrap()
@@ -290,9 +314,18 @@ async fn one_members_breach_reverts_every_member_and_a_new_pod_stays_at_zero() {
     let client = http1_client();
     let canary_before = fleet.canary.requests();
     for _ in 0..20 {
-        get(&client, &format!("{}/", fleet.proxies[new]), &[("x-serin-canary", "always")]).await;
+        get(
+            &client,
+            &format!("{}/", fleet.proxies[new]),
+            &[("x-serin-canary", "always")],
+        )
+        .await;
     }
-    assert_eq!(fleet.canary.requests(), canary_before, "a latched fleet closes overrides too");
+    assert_eq!(
+        fleet.canary.requests(),
+        canary_before,
+        "a latched fleet closes overrides too"
+    );
 
     // Only an explicit resume raises it again, on every member.
     fleet.canary.set(Behavior::default());
@@ -318,9 +351,18 @@ async fn a_member_that_joins_takes_the_fleets_state_and_is_closed_until_it_reads
     let client = http1_client();
     let canary_before = fleet.canary.requests();
     for _ in 0..20 {
-        get(&client, &format!("{}/", fleet.proxies[late]), &[("x-serin-canary", "always")]).await;
+        get(
+            &client,
+            &format!("{}/", fleet.proxies[late]),
+            &[("x-serin-canary", "always")],
+        )
+        .await;
     }
-    assert_eq!(fleet.canary.requests(), canary_before, "closed until the object is read");
+    assert_eq!(
+        fleet.canary.requests(),
+        canary_before,
+        "closed until the object is read"
+    );
     // The others keep their last state while the API is away.
     assert_eq!(fleet.weight(joined).await, 30.0);
     fleet.api.come_back().await.unwrap();
@@ -346,7 +388,11 @@ async fn a_breach_while_the_api_is_down_reverts_at_once_and_is_written_when_it_r
             break;
         }
     }
-    assert_eq!(fleet.weight(2).await, 0.0, "m2 reverts locally without the API");
+    assert_eq!(
+        fleet.weight(2).await,
+        0.0,
+        "m2 reverts locally without the API"
+    );
     let s = fleet.status(2).await;
     assert_eq!(s["fleet"]["connected"], false, "{s:#}");
     // The fleet's object has not heard yet; the others keep what they had.
@@ -365,7 +411,10 @@ async fn a_breach_while_the_api_is_down_reverts_at_once_and_is_written_when_it_r
     fleet.all_at(0.0, "every member follows").await;
     let metrics = get(&http1_client(), &format!("{}/metrics", fleet.admin[2]), &[]).await;
     let metrics = metrics.body;
-    assert!(metrics.contains("serin_fleet_disconnects_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("serin_fleet_disconnects_total 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +426,10 @@ async fn the_lease_holder_killed_mid_rollout_is_replaced_and_the_rollout_goes_on
     )
     .await;
     fleet.all_at(20.0, "step 1").await;
-    eventually(DEADLINE, "a leader", || async { fleet.lease_holder().is_some() }).await;
+    eventually(DEADLINE, "a leader", || async {
+        fleet.lease_holder().is_some()
+    })
+    .await;
     let holder = fleet.lease_holder().unwrap();
     let index: usize = holder.trim_start_matches('m').parse().unwrap();
     fleet.kill(index).await;
@@ -388,12 +440,19 @@ async fn the_lease_holder_killed_mid_rollout_is_replaced_and_the_rollout_goes_on
     .await;
     let takeover = killed.elapsed();
     eprintln!("lease {LEASE}: taken over {takeover:?} after the holder was killed");
-    assert!(takeover < Duration::from_secs(10), "takeover took {takeover:?}");
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
 
     // The new leader moves the steps.
     let started = Instant::now();
     while fleet.fleet_status()["phase"] != "promoted" {
-        assert!(started.elapsed() < Duration::from_secs(60), "{:#}", fleet.fleet_status());
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:#}",
+            fleet.fleet_status()
+        );
         for i in fleet.alive() {
             fleet.traffic(i, 16).await;
         }
@@ -441,7 +500,10 @@ async fn conflicting_writes_and_expired_watches_lose_nothing() {
     // A promote on a rolled-back fleet is refused, and changes nothing.
     let out = fleet.cli(&["promote"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("rolled back"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rolled back"),
+        "{out:?}"
+    );
     assert_eq!(fleet.fleet_status()["weightBp"], 0);
     // A member's own control API acts on the fleet.
     let client = http1_client();

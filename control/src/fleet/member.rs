@@ -592,12 +592,7 @@ async fn lead(shared: Arc<Shared>) {
                 tracing::info!(fleet = %shared.settings.target, leader = held,
                     "fleet leadership {}", if held { "taken" } else { "lost" });
             }
-            next_renew = now
-                + if held {
-                    renew_every
-                } else {
-                    look_every
-                };
+            next_renew = now + if held { renew_every } else { look_every };
         }
         if shared.leader.load(Relaxed) {
             let may_write_reason = last_reason_write.elapsed() >= shared.settings.report_interval;

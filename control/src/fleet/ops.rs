@@ -173,20 +173,29 @@ impl Fleet {
     /// Merges `patch` into the spec (a new generation when it changes
     /// anything), then applies the spec to the status.
     async fn change_spec(&self, patch: Value, actor: &str) -> Result<SerinRollout, FleetError> {
-        self.api
-            .patch(
-                &self.target.name,
-                &PatchParams::default(),
-                &Patch::Merge(&json!({ "spec": patch })),
-            )
-            .await
-            .map_err(|e| {
-                if is_not_found(&e) {
-                    FleetError::NotFound(self.target.clone())
-                } else {
-                    e.into()
+        let body = json!({ "spec": patch });
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self
+                .api
+                .patch(
+                    &self.target.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&body),
+                )
+                .await
+            {
+                Ok(_) => break,
+                // A merge patch carries no precondition, so a conflict is the
+                // server's own contention: the same patch again is right.
+                Err(e) if is_conflict(&e) && attempts < CONFLICT_RETRIES => continue,
+                Err(e) if is_not_found(&e) => {
+                    return Err(FleetError::NotFound(self.target.clone()))
                 }
-            })?;
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.reconcile(actor).await
     }
 
@@ -387,7 +396,10 @@ pub async fn run_cli(
 pub fn summary_text(summary: &Value, now: SystemTime) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let s = |key: &str| summary[key].to_string().trim_matches('"').to_string();
+    let s = |key: &str| match &summary[key] {
+        Value::Number(n) => n.as_f64().map_or_else(|| n.to_string(), number_text),
+        other => other.to_string().trim_matches('"').to_string(),
+    };
     let _ = writeln!(
         out,
         "fleet {}: {} at {}% (step {} of {}), epoch {}, generation {}/{} applied",
@@ -444,7 +456,7 @@ pub fn summary_text(summary: &Value, now: SystemTime) -> String {
             out,
             "{:<32} {:>7}% {:>12} {:>22} {:>22}  {}",
             m["pod"].as_str().unwrap_or(""),
-            m["canary_weight"],
+            number_text(m["canary_weight"].as_f64().unwrap_or(0.0)),
             m["phase"].as_str().unwrap_or(""),
             window(&m["stable"]),
             window(&m["canary"]),
@@ -452,4 +464,13 @@ pub fn summary_text(summary: &Value, now: SystemTime) -> String {
         );
     }
     out
+}
+
+/// A number as people write it: `20`, `12.5`.
+fn number_text(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        format!("{}", x as i64)
+    } else {
+        x.to_string()
+    }
 }
