@@ -505,7 +505,40 @@ async fn conflicting_writes_and_expired_watches_lose_nothing() {
         "{out:?}"
     );
     assert_eq!(fleet.fleet_status()["weightBp"], 0);
-    // A member's own control API acts on the fleet.
+    // No write undoes a rollback in its epoch: a writer that un-latches the
+    // status in the same epoch (a stale copy written back) is overruled,
+    // the members stay at 0 and write the rollback again ...
+    let epoch = status["epoch"].as_u64().unwrap();
+    let stale = json!({"status": {"phase": "manual", "weightBp": 9000, "canaryWeight": 90.0,
+                                   "latched": false, "resume": null, "epoch": epoch}});
+    fleet
+        .api
+        .merge_patch_status("serinrollouts", NS, NAME, stale)
+        .unwrap();
+    eventually(DEADLINE, "the rollback is written again", || async {
+        fleet.fleet_status()["latched"] == true
+    })
+    .await;
+    // ... and a status from an older epoch (restored from an old copy) is
+    // ignored by every member.
+    let restored = json!({"status": {"phase": "manual", "weightBp": 9000, "canaryWeight": 90.0,
+                                      "latched": false, "resume": null, "epoch": 0}});
+    fleet
+        .api
+        .merge_patch_status("serinrollouts", NS, NAME, restored)
+        .unwrap();
+    // Members report every 200 ms, so once the object has moved on a few
+    // versions every member has read the stale one.
+    let seen = fleet.api.resource_version();
+    eventually(DEADLINE, "members read past the stale write", || async {
+        fleet.api.resource_version() > seen + 10
+    })
+    .await;
+    for i in fleet.alive() {
+        assert_eq!(fleet.weight(i).await, 0.0, "m{i} raised on a stale status");
+    }
+    // A member's own control API acts on the fleet, in a new epoch above
+    // every member's.
     let client = http1_client();
     let answer = send(
         &client,
@@ -521,4 +554,5 @@ async fn conflicting_writes_and_expired_watches_lose_nothing() {
     fleet.canary.set(Behavior::default());
     fleet.all_at(15.0, "weight through m4's API").await;
     assert_eq!(fleet.fleet_status()["actor"], "api@m4");
+    assert_eq!(fleet.fleet_status()["epoch"].as_u64(), Some(epoch + 1));
 }

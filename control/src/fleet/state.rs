@@ -171,6 +171,14 @@ fn machine(
     Ok((Rollout::from_state(state, started, 0)?, clock))
 }
 
+/// The epoch of an explicit raise: above every epoch the status or any
+/// member has run, so it beats even a status restored from an old copy (a
+/// member ignores a status from an epoch older than its own).
+fn next_epoch(status: &SerinRolloutStatus) -> u64 {
+    let members = status.members.iter().map(|m| m.epoch).max().unwrap_or(0);
+    status.epoch.max(members) + 1
+}
+
 /// Parses an RFC 3339 time.
 pub fn parse_time(text: &str) -> Option<SystemTime> {
     text.parse::<k8s_openapi::jiff::Timestamp>()
@@ -340,7 +348,7 @@ fn reconciled(
                 .min_requests_per_step
                 .unwrap_or(defaults.min_requests_per_step);
         }
-        after.epoch += 1;
+        after.epoch = next_epoch(before);
         after.applied = Some(wanted);
     }
     match (spec.paused, rollout.phase()) {
@@ -383,7 +391,7 @@ pub fn call(
             let was_latched = rollout.latched();
             let event = rollout.resume(clock, 0, Actor::Api)?;
             if was_latched {
-                after.epoch += 1;
+                after.epoch = next_epoch(status);
             }
             event
         }
