@@ -467,9 +467,9 @@ fn check_bound_account(
         return Err(InjectError::Unsafe {
             object: bound.object.clone(),
             reason: format!(
-                "annotation {}: its ServiceAccount {} sets automountServiceAccountToken: false, and a fleet member needs the token to reach the Kubernetes API; set automountServiceAccountToken: true in the pod spec",
-                annotations::FLEET,
-                key.shown()
+                "the ServiceAccount {} it runs as sets automountServiceAccountToken: false, and a fleet member (annotation {}) needs the token to reach the Kubernetes API; set automountServiceAccountToken: true in the pod spec",
+                key.shown(),
+                annotations::FLEET
             ),
         });
     }
