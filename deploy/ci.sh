@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Validates every Kubernetes manifest serin ships or generates:
-#   - the injected golden outputs (tests/fixtures/inject/*.golden.yaml), the examples and the
-#     webhook manifests, against the Kubernetes OpenAPI schema (kubernetes-validate, strict);
-#   - the Helm chart, linted and rendered with Helm's engine, then validated the same way.
+#   - the injected golden outputs (tests/fixtures/inject/*.golden.yaml, with the fleets'
+#     ServiceAccounts, Roles and RoleBindings), the examples and the webhook manifests,
+#     against the Kubernetes OpenAPI schema (kubernetes-validate, strict);
+#   - the SerinRollout CRD (deploy/crds/, the chart's crds/) as a CustomResourceDefinition,
+#     and every SerinRollout (the example, the chart's) against the CRD's openAPIV3Schema
+#     (jsonschema, strict);
+#   - the RBAC: no cluster role, no wildcard, names on rules, a fleet Role that is exactly
+#     what a member calls, and every fleet pod bound to it;
+#   - the Helm chart, linted and rendered with Helm's engine (fleet mode on and off), then
+#     validated the same way, and the values it must refuse.
 # The goldens are kept current by `cargo test -p serin-tests --test inject`, so run this
 # after the tests. Idempotent; needs only Debian packages and PyPI. Takes about a minute
 # (the first run downloads ~80 MB of wheels, cached afterwards).
@@ -20,6 +27,7 @@ rendered="${SERIN_RENDERED_DIR:-target/deploy-rendered}"
 requirements=(
   "kubernetes-validate==1.37.0"
   "helm-python-sdk==0.2.2"
+  "jsonschema==4.26.0"
   "PyYAML>=6"
 )
 
@@ -40,4 +48,5 @@ fi
   --out "$rendered" \
   tests/fixtures/inject/*.golden.yaml \
   deploy/examples/*.yaml \
-  deploy/webhook/*.yaml
+  deploy/webhook/*.yaml \
+  deploy/crds/*.yaml

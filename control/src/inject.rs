@@ -4,21 +4,27 @@
 //! multi-document YAML in the style of `linkerd inject`, and the mutating admission webhook
 //! (`serin inject --serve`), which answers an AdmissionReview with a JSONPatch.
 //!
+//! A pod annotated `serin.dev/fleet: NAME` joins a fleet (see [`fleet`]): both front ends
+//! give its sidecar the fleet env, and the CLI also writes the ServiceAccount, Role and
+//! RoleBinding it needs, as documents before the workload's.
+//!
 //! This module must never inject when it cannot do so safely. It refuses with an error that
 //! names the object and says what to change, and it leaves every object that did not opt in
 //! semantically unchanged.
 
+mod fleet;
 mod patch;
 mod serve;
 mod sidecar;
 mod yaml;
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 pub use patch::diff as json_patch;
 pub use serve::{review, serve, tls_config};
@@ -243,12 +249,17 @@ pub struct ObjectReport {
     pub object: String,
     /// What happened to it.
     pub outcome: Outcome,
+    /// What else was written for it, and warnings: e.g. the fleet's RBAC objects.
+    pub notes: Vec<String>,
 }
 
 impl std::fmt::Display for ObjectReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.outcome {
-            Outcome::Injected(mode) => write!(f, "{}: injected ({})", self.object, mode.as_str()),
+            Outcome::Injected(mode) => {
+                write!(f, "{}: injected ({})", self.object, mode.as_str())?;
+                self.notes.iter().try_for_each(|n| write!(f, "; {n}"))
+            }
             Outcome::AlreadyInjected => write!(f, "{}: already injected, unchanged", self.object),
             Outcome::NotOptedIn => write!(
                 f,
@@ -303,19 +314,166 @@ pub fn render_documents(docs: &[Value]) -> String {
     out
 }
 
-/// Injects the sidecar into every object of `input` that opts in.
+/// Injects the sidecar into every object of `input` that opts in. A fleet workload's RBAC
+/// objects are written as documents just before the document that holds it, so that
+/// `kubectl apply` creates them first.
 pub fn inject_manifests(input: &str, opts: &InjectOptions) -> Result<Injection, InjectError> {
-    let mut docs = parse_documents(input)?;
+    let docs = parse_documents(input)?;
+    let mut existing = HashMap::new();
+    for doc in &docs {
+        index_objects(doc, &mut existing);
+    }
     let mut report = Vec::new();
     let numbered = docs.len() > 1;
-    for (i, doc) in docs.iter_mut().enumerate() {
+    let mut out = Vec::with_capacity(docs.len());
+    let mut written: HashMap<ObjectKey, (Value, String)> = HashMap::new();
+    for (i, mut doc) in docs.into_iter().enumerate() {
         let context = numbered.then(|| format!("document {}", i + 1));
-        inject_object(doc, opts, context.as_deref(), None, &mut report)?;
+        let mut extra = FleetObjects::default();
+        inject_object(
+            &mut doc,
+            opts,
+            context.as_deref(),
+            None,
+            &mut report,
+            Some(&mut extra),
+        )?;
+        for bound in extra.bound {
+            check_bound_account(&bound, &existing)?;
+        }
+        for (object, owner) in extra.objects {
+            let key = object_key(&object);
+            let clash = |what: &str| InjectError::Unsafe {
+                object: owner.clone(),
+                reason: format!(
+                    "{} {} {what}; rename or remove one of them",
+                    key.kind,
+                    key.shown()
+                ),
+            };
+            if let Some(prev) = existing.get(&key) {
+                if *prev == object {
+                    continue;
+                }
+                return Err(clash(
+                    "is already in the manifest, and differs from the one serin writes for this fleet",
+                ));
+            }
+            if let Some((prev, first)) = written.get(&key) {
+                if *prev == object {
+                    continue;
+                }
+                return Err(clash(&format!(
+                    "is also written for {first}, with other content"
+                )));
+            }
+            written.insert(key, (object.clone(), owner));
+            out.push(object);
+        }
+        out.push(doc);
     }
     Ok(Injection {
-        output: render_documents(&docs),
+        output: render_documents(&out),
         report,
     })
+}
+
+/// What `serin inject -f` writes beside one document's fleet workloads.
+#[derive(Debug, Default)]
+pub(crate) struct FleetObjects {
+    /// The RBAC objects, each with the workload it is for (for messages).
+    objects: Vec<(Value, String)>,
+    /// Pods bound to a service account they name, which the manifest may hold.
+    bound: Vec<BoundAccount>,
+}
+
+/// A fleet pod that runs as a service account it names.
+#[derive(Debug)]
+struct BoundAccount {
+    /// The workload, for messages.
+    object: String,
+    namespace: Option<String>,
+    account: String,
+    /// The pod spec's `automountServiceAccountToken`.
+    automount: Option<bool>,
+}
+
+/// Identifies an object in a manifest: API group, kind, namespace, name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ObjectKey {
+    group: String,
+    kind: String,
+    namespace: Option<String>,
+    name: String,
+}
+
+impl ObjectKey {
+    fn shown(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+fn object_key(obj: &Value) -> ObjectKey {
+    let text = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let group = text("/apiVersion")
+        .rsplit_once('/')
+        .map_or("", |(g, _)| g)
+        .to_owned();
+    ObjectKey {
+        group,
+        kind: text("/kind").to_owned(),
+        namespace: Some(text("/metadata/namespace"))
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned),
+        name: text("/metadata/name").to_owned(),
+    }
+}
+
+/// Indexes every named object of a document (and of its `List` items).
+fn index_objects(doc: &Value, index: &mut HashMap<ObjectKey, Value>) {
+    let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+    if let Some(items) = doc.get("items").and_then(Value::as_array) {
+        if kind.ends_with("List") {
+            items.iter().for_each(|item| index_objects(item, index));
+            return;
+        }
+    }
+    let key = object_key(doc);
+    if !key.name.is_empty() {
+        index.insert(key, doc.clone());
+    }
+}
+
+/// Refuses a fleet pod whose service account, found in the manifest, turns the token off.
+fn check_bound_account(
+    bound: &BoundAccount,
+    existing: &HashMap<ObjectKey, Value>,
+) -> Result<(), InjectError> {
+    let key = ObjectKey {
+        group: String::new(),
+        kind: "ServiceAccount".to_owned(),
+        namespace: bound.namespace.clone(),
+        name: bound.account.clone(),
+    };
+    let off = existing
+        .get(&key)
+        .and_then(|sa| sa.get("automountServiceAccountToken"))
+        .and_then(Value::as_bool)
+        == Some(false);
+    if off && bound.automount != Some(true) {
+        return Err(InjectError::Unsafe {
+            object: bound.object.clone(),
+            reason: format!(
+                "the ServiceAccount {} it runs as sets automountServiceAccountToken: false, and a fleet member (annotation {}) needs the token to reach the Kubernetes API; set automountServiceAccountToken: true in the pod spec",
+                key.shown(),
+                annotations::FLEET
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Kinds whose pods run forever and carry a pod template at `spec.template`.
@@ -325,12 +483,15 @@ const WORKLOAD_KINDS: [&str; 4] = ["Deployment", "StatefulSet", "DaemonSet", "Re
 ///
 /// `context` is where the object sits (e.g. `document 2`), for error messages.
 /// `namespace` names the object when its metadata has none (the webhook's request).
+/// `fleet` collects the RBAC of fleet pods, and is `None` where only the pod can be
+/// changed (the webhook): then a fleet pod gets only its env.
 pub(crate) fn inject_object(
     obj: &mut Value,
     opts: &InjectOptions,
     context: Option<&str>,
     namespace: Option<&str>,
     report: &mut Vec<ObjectReport>,
+    mut fleet: Option<&mut FleetObjects>,
 ) -> Result<(), InjectError> {
     let kind = obj
         .get("kind")
@@ -349,12 +510,19 @@ pub(crate) fn inject_object(
                     Some(c) => format!("{c}, {kind} item {}", i + 1),
                     None => format!("{kind} item {}", i + 1),
                 };
-                inject_object(item, opts, Some(&inner), namespace, report)?;
+                inject_object(
+                    item,
+                    opts,
+                    Some(&inner),
+                    namespace,
+                    report,
+                    fleet.as_deref_mut(),
+                )?;
             }
             return Ok(());
         }
     }
-    let outcome = if kind == "Pod" {
+    let (outcome, fleet_pod) = if kind == "Pod" {
         sidecar::inject_pod(obj, &Map::new(), opts, &located)?
     } else if WORKLOAD_KINDS.contains(&kind.as_str()) {
         let owner = obj
@@ -372,7 +540,7 @@ pub(crate) fn inject_object(
                     reason: "it has no spec.template to inject into".to_owned(),
                 })
             }
-            _ => Outcome::NotOptedIn,
+            _ => (Outcome::NotOptedIn, None),
         }
     } else {
         if asks_for_injection(obj) {
@@ -391,9 +559,49 @@ pub(crate) fn inject_object(
         }
         return Ok(());
     };
+    let mut notes = Vec::new();
+    if let (Some(pod), Some(out)) = (fleet_pod, fleet) {
+        let text = |p: &str| {
+            obj.pointer(p)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        let workload = text("/metadata/name")
+            .or_else(|| text("/metadata/generateName"))
+            .unwrap_or("");
+        let ns = text("/metadata/namespace").or(namespace).map(str::to_owned);
+        let rbac =
+            fleet::rbac(workload, ns.as_deref(), &pod).map_err(|reason| InjectError::Unsafe {
+                object: located.clone(),
+                reason,
+            })?;
+        let template = if kind == "Pod" {
+            Some(&mut *obj)
+        } else {
+            obj.pointer_mut("/spec/template")
+        };
+        if let Some(account) = &rbac.created_account {
+            let spec = template
+                .and_then(|t| t.get_mut("spec"))
+                .and_then(Value::as_object_mut)
+                .expect("injected: the pod spec is an object");
+            spec.insert("serviceAccountName".to_owned(), json!(account));
+        } else if let Some(account) = pod.service_account {
+            out.bound.push(BoundAccount {
+                object: located.clone(),
+                namespace: ns,
+                account,
+                automount: pod.automount,
+            });
+        }
+        out.objects
+            .extend(rbac.objects.into_iter().map(|o| (o, located.clone())));
+        notes = rbac.notes;
+    }
     report.push(ObjectReport {
         object: name,
         outcome,
+        notes,
     });
     Ok(())
 }

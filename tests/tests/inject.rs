@@ -1,5 +1,6 @@
 //! `serin inject`, end to end: golden files over a corpus of realistic manifests, round-trip
-//! idempotence, the CLI entry point, and the admission webhook over real HTTPS.
+//! idempotence, the CLI entry point, fleet mode (env and least-privilege RBAC), and the
+//! admission webhook over real HTTPS.
 //!
 //! Golden files: `tests/fixtures/inject/NAME.yaml` is the input; `NAME.golden.yaml` is the
 //! expected output, or `NAME.error.txt` the expected error. `SERIN_BLESS=1` rewrites them.
@@ -135,6 +136,21 @@ fn refusals_name_the_object_and_the_problem() {
             "CronJob shop/nightly (document 2)",
             "unsupported kind",
         ),
+        (
+            "err-fleet-name",
+            "Deployment shop/checkout",
+            "annotation serin.dev/fleet: \"Checkout_V2\" is not a valid SerinRollout name",
+        ),
+        (
+            "err-fleet-automount",
+            "Deployment shop/checkout",
+            "sets automountServiceAccountToken: false",
+        ),
+        (
+            "err-fleet-account-automount",
+            "Deployment bank/ledger (document 2)",
+            "the ServiceAccount bank/ledger it runs as sets automountServiceAccountToken: false",
+        ),
     ];
     for (name, object, problem) in cases {
         let text = std::fs::read_to_string(fixtures().join(format!("{name}.yaml"))).unwrap();
@@ -169,7 +185,16 @@ fn injecting_the_output_again_changes_nothing() {
     }
 }
 
-/// Undoes exactly what injection adds, so the rest can be compared with the input.
+/// Whether `doc` is a fleet's RBAC object that `serin inject -f` wrote.
+fn written_for_a_fleet(doc: &Value) -> bool {
+    ["ServiceAccount", "Role", "RoleBinding"].contains(&doc["kind"].as_str().unwrap_or(""))
+        && doc
+            .pointer("/metadata/annotations/serin.dev~1fleet")
+            .is_some()
+}
+
+/// Undoes exactly what injection adds, so the rest can be compared with the input (the
+/// fleets' RBAC documents are dropped by the caller).
 fn uninject(doc: &mut Value) {
     if let Some(items) = doc.get_mut("items").and_then(Value::as_array_mut) {
         items.iter_mut().for_each(uninject);
@@ -199,6 +224,16 @@ fn uninject(doc: &mut Value) {
     let containers = spec["containers"].as_array_mut().unwrap();
     let serin = containers.pop().unwrap();
     assert_eq!(serin["name"], "serin");
+    let in_fleet = serin["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "SERIN_FLEET");
+    let account = spec.get("serviceAccountName").and_then(Value::as_str);
+    if in_fleet && account.is_some_and(|a| a.ends_with("-serin-fleet")) {
+        spec.remove("serviceAccountName");
+    }
+    let containers = spec["containers"].as_array_mut().unwrap();
     let renamed = |v: &mut Value| {
         if let Some(name) = v.as_str().and_then(|s| s.strip_prefix("app-")) {
             *v = json!(name);
@@ -238,6 +273,7 @@ fn everything_but_the_sidecar_is_left_equivalent() {
         before.iter_mut().for_each(uninject);
         let mut after =
             inject::parse_documents(&std::fs::read_to_string(golden_of(input)).unwrap()).unwrap();
+        after.retain(|d| !written_for_a_fleet(d));
         after.iter_mut().for_each(uninject);
         assert_eq!(after, before, "{}", input.display());
     }
@@ -259,6 +295,236 @@ fn the_deploy_example_is_the_injected_app() {
         &repo().join("deploy/examples/app-injected.yaml"),
         &out.output,
     );
+}
+
+#[test]
+fn the_fleet_example_is_the_injected_fleet() {
+    let text = std::fs::read_to_string(repo().join("deploy/examples/fleet.yaml")).unwrap();
+    let out = inject::inject_manifests(&text, &InjectOptions::default()).unwrap();
+    assert_eq!(
+        out.report.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["Deployment demo/hello: injected (inbound); fleet hello: ServiceAccount, Role and RoleBinding demo/hello-serin-fleet"]
+    );
+    check_golden(
+        &repo().join("deploy/examples/fleet-injected.yaml"),
+        &out.output,
+    );
+    // The SerinRollout example is the fleet the Deployment names.
+    let rollout =
+        std::fs::read_to_string(repo().join("deploy/examples/serinrollout.yaml")).unwrap();
+    let rollout = &inject::parse_documents(&rollout).unwrap()[0];
+    assert_eq!(rollout["kind"], "SerinRollout");
+    assert_eq!(rollout["metadata"]["name"], "hello");
+    assert_eq!(rollout["metadata"]["namespace"], "demo");
+}
+
+// === fleet mode ===
+
+fn inject_fixture(name: &str) -> (Vec<Value>, Vec<String>) {
+    let text = std::fs::read_to_string(fixtures().join(name)).unwrap();
+    let out = inject::inject_manifests(&text, &InjectOptions::default()).unwrap();
+    (
+        inject::parse_documents(&out.output).unwrap(),
+        out.report.iter().map(ToString::to_string).collect(),
+    )
+}
+
+fn sidecar_env(pod_spec: &Value) -> Vec<Value> {
+    let containers = pod_spec["containers"].as_array().unwrap();
+    let serin = containers.iter().find(|c| c["name"] == "serin").unwrap();
+    serin["env"].as_array().unwrap().clone()
+}
+
+/// The Role every fleet member needs, for fleet `name`: nothing more.
+fn contract_rules(name: &str) -> Value {
+    json!([
+        {"apiGroups": ["serin.dev"], "resources": ["serinrollouts"],
+         "resourceNames": [name], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": ["serin.dev"], "resources": ["serinrollouts/status"],
+         "resourceNames": [name], "verbs": ["get", "patch", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": [format!("serin-{name}")], "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ])
+}
+
+/// Least privilege, whatever the rules: namespaced kinds, no wildcard, names on every rule
+/// whose verb Kubernetes can restrict by name.
+fn assert_least_privilege(role: &Value) {
+    assert_eq!(role["kind"], "Role", "never a ClusterRole");
+    for rule in role["rules"].as_array().unwrap() {
+        for key in ["apiGroups", "resources", "verbs", "resourceNames"] {
+            for v in rule
+                .get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                assert!(!v.as_str().unwrap().contains('*'), "wildcard in {rule}");
+            }
+        }
+        if rule["verbs"] != json!(["create"]) {
+            assert!(
+                rule["resourceNames"]
+                    .as_array()
+                    .is_some_and(|n| !n.is_empty()),
+                "no resourceNames: {rule}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fleet_pods_get_the_downward_api_env_in_expansion_order() {
+    let (docs, _) = inject_fixture("fleet.yaml");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let env = sidecar_env(&deployment["spec"]["template"]["spec"]);
+    let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "SERIN_ADMIN_TOKEN",
+            "SERIN_JUDGE_MAX_ERROR_RATE",
+            "SERIN_FLEET_MEMBER",
+            "SERIN_POD_NAMESPACE",
+            "SERIN_FLEET"
+        ],
+        "SERIN_POD_NAMESPACE must come before SERIN_FLEET, which expands it"
+    );
+    assert_eq!(
+        env[2..],
+        [
+            json!({"name": "SERIN_FLEET_MEMBER",
+                   "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}),
+            json!({"name": "SERIN_POD_NAMESPACE",
+                   "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}}),
+            json!({"name": "SERIN_FLEET", "value": "$(SERIN_POD_NAMESPACE)/checkout"}),
+        ]
+    );
+    // Pods that do not name a fleet get none of it.
+    let (docs, _) = inject_fixture("deployment.yaml");
+    let env = sidecar_env(&docs[0]["spec"]["template"]["spec"]);
+    assert!(env
+        .iter()
+        .all(|e| !e["name"].as_str().unwrap().starts_with("SERIN_FLEET")));
+}
+
+#[test]
+fn fleet_rbac_is_exactly_what_a_member_calls_for_a_created_account() {
+    let (docs, report) = inject_fixture("fleet.yaml");
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "Deployment",
+            "Service"
+        ],
+        "the RBAC comes first, so that kubectl apply creates it before the pods"
+    );
+    assert_eq!(
+        report,
+        ["Deployment shop/checkout: injected (inbound); fleet checkout: ServiceAccount, Role and RoleBinding shop/checkout-serin-fleet"]
+    );
+    let meta = json!({"name": "checkout-serin-fleet", "namespace": "shop",
+                      "annotations": {"serin.dev/fleet": "checkout"}});
+    assert_eq!(
+        docs[0],
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta})
+    );
+    assert_eq!(
+        docs[1],
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+               "rules": contract_rules("checkout")})
+    );
+    assert_least_privilege(&docs[1]);
+    assert_eq!(
+        docs[2],
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                           "name": "checkout-serin-fleet"},
+               "subjects": [{"kind": "ServiceAccount", "name": "checkout-serin-fleet",
+                             "namespace": "shop"}]})
+    );
+    let pod = &docs[3]["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "checkout-serin-fleet");
+    assert!(
+        pod.get("automountServiceAccountToken").is_none(),
+        "the token is mounted by default"
+    );
+}
+
+#[test]
+fn fleet_binds_the_service_account_the_pod_already_names() {
+    let (docs, report) = inject_fixture("fleet-service-account.yaml");
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["ServiceAccount", "Role", "RoleBinding", "StatefulSet"],
+        "no ServiceAccount is written: the first is the input's own"
+    );
+    assert_eq!(
+        docs[0],
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "ledger", "namespace": "bank"}})
+    );
+    assert_eq!(
+        report,
+        ["StatefulSet bank/ledger: injected (inbound); fleet ledger.v2: Role and RoleBinding bank/ledger-serin-fleet for its ServiceAccount ledger"]
+    );
+    // The annotation was on the workload, and the name has a dot: the Lease follows it.
+    assert_eq!(docs[1]["rules"], contract_rules("ledger.v2"));
+    assert_least_privilege(&docs[1]);
+    assert_eq!(
+        docs[2]["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "ledger", "namespace": "bank"}])
+    );
+    assert_eq!(docs[2]["roleRef"]["name"], "ledger-serin-fleet");
+    let pod = &docs[3]["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "ledger", "left as it was");
+    let env = sidecar_env(pod);
+    assert!(
+        env.contains(&json!({"name": "SERIN_FLEET", "value": "$(SERIN_POD_NAMESPACE)/ledger.v2"}))
+    );
+}
+
+#[test]
+fn fleet_rbac_without_a_namespace_follows_kubectl_apply_n() {
+    let (docs, _) = inject_fixture("fleet-no-namespace.yaml");
+    for d in &docs[..3] {
+        assert!(d["metadata"].get("namespace").is_none(), "{d}");
+    }
+    assert_eq!(
+        docs[2]["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "frontend-serin-fleet"}]),
+        "a RoleBinding's ServiceAccount subject without a namespace is in the binding's"
+    );
+    assert_eq!(docs[1]["rules"], contract_rules("api"));
+    let pod = &docs[3]["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "frontend-serin-fleet");
+    assert_eq!(
+        pod["containers"][1]["args"][2], "127.0.0.1:15080",
+        "outbound"
+    );
+}
+
+#[test]
+fn an_invalid_fleet_name_is_refused_naming_the_annotation() {
+    let text = std::fs::read_to_string(fixtures().join("err-fleet-name.yaml")).unwrap();
+    let e = inject::inject_manifests(&text, &InjectOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "cannot inject Deployment shop/checkout: annotation serin.dev/fleet: \"Checkout_V2\" is not a valid SerinRollout name: use a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)"
+    );
+    let long = text.replace("Checkout_V2", &"a".repeat(248));
+    let e = inject::inject_manifests(&long, &InjectOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 247 fit"), "{e}");
 }
 
 fn args(cmdline: &[&str]) -> InjectArgs {
@@ -543,6 +809,50 @@ async fn webhook_patches_an_opted_in_pod_like_the_cli_does() {
     // The API server re-sends the patched pod on reinvocation: nothing more to do.
     let again = hook.review(admission_review("second", &patched)).await;
     assert!(again.get("patch").is_none(), "{again}");
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn webhook_gives_a_fleet_pod_the_cli_sidecar_but_no_rbac() {
+    let hook = Webhook::start().await;
+    let mut pod = shop_pod();
+    pod["metadata"]["annotations"]["serin.dev/fleet"] = json!("shop");
+    let response = hook.review(admission_review("fleet", &pod)).await;
+    assert!(response.get("warnings").is_none(), "{response}");
+    let patched = apply_patch(&pod, &response);
+    assert_eq!(
+        patched["spec"]["serviceAccountName"], "shop",
+        "the webhook patches only the pod: the account it runs as must be bound already"
+    );
+    let env = sidecar_env(&patched["spec"]);
+    assert_eq!(
+        env.last().unwrap(),
+        &json!({"name": "SERIN_FLEET", "value": "$(SERIN_POD_NAMESPACE)/shop"})
+    );
+
+    // The CLI gives the same pod the same sidecar, and writes the RBAC before it.
+    let cli = inject::inject_manifests(
+        &serde_json::to_string(&pod).unwrap(),
+        &InjectOptions::default(),
+    )
+    .unwrap();
+    let docs = inject::parse_documents(&cli.output).unwrap();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Role", "RoleBinding", "Pod"]);
+    assert_eq!(docs[2], patched);
+    assert_eq!(docs[0]["metadata"]["name"], "shop-7d9f8b6c4-serin-fleet");
+    assert_eq!(docs[1]["subjects"][0]["name"], "shop");
+
+    // A pod that turned its token off is allowed unchanged, and told why.
+    pod["spec"]["automountServiceAccountToken"] = json!(false);
+    let response = hook.review(admission_review("no-token", &pod)).await;
+    assert!(response.get("patch").is_none(), "{response}");
+    let warning = response["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("serin.dev/fleet")
+            && warning.contains("automountServiceAccountToken: false"),
+        "{warning}"
+    );
     hook.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! The mutating admission webhook: AdmissionReview v1 over HTTPS (rustls).
 //!
-//! It answers with a JSONPatch built by the same code as `serin inject`. It is
+//! It answers with a JSONPatch built by the same code as `serin inject`. A fleet pod gets
+//! the fleet env only: the RBAC its service account needs must already exist. It is
 //! failurePolicy-safe: a malformed review, or a pod that cannot be injected, gets an
 //! *allowed* response with a warning. It must never panic on input, and never block a pod.
 
@@ -99,7 +100,8 @@ pub fn review(body: &[u8], opts: &InjectOptions) -> Value {
     }
     let namespace = request.get("namespace").and_then(Value::as_str);
     let mut report = Vec::new();
-    if let Err(e) = inject_object(&mut object, opts, None, namespace, &mut report) {
+    // The webhook can patch only the pod: a fleet pod gets its env, not its RBAC.
+    if let Err(e) = inject_object(&mut object, opts, None, namespace, &mut report, None) {
         tracing::warn!(error = %e, "not injected");
         return response(uid, None, vec![format!("serin: not injected: {e}")]);
     }

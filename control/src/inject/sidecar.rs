@@ -1,4 +1,5 @@
-//! Adds the serin container to one pod template (or Pod).
+//! Adds the serin container to one pod template (or Pod), with the fleet env when the pod
+//! asks for a fleet.
 //!
 //! Everything is checked before anything is changed, so a refusal leaves the object as it
 //! was. It must never rename a port, or add a container or volume, that could clash with
@@ -6,6 +7,7 @@
 
 use serde_json::{json, Map, Value};
 
+use super::fleet::{self, FleetPod};
 use super::{InjectError, InjectOptions, Mode, Outcome};
 
 /// The annotations serin reads (on the pod template, or on the workload itself).
@@ -34,6 +36,9 @@ pub mod annotations {
     pub const MEMORY_REQUEST: &str = "serin.dev/proxy-memory-request";
     /// Sidecar memory limit. Default `128Mi`.
     pub const MEMORY_LIMIT: &str = "serin.dev/proxy-memory-limit";
+    /// Fleet mode: the name of the SerinRollout in the pod's namespace that the sidecar
+    /// joins. Absent: the sidecar keeps its own rollout.
+    pub const FLEET: &str = "serin.dev/fleet";
     /// Written by serin on injected pods: the mode.
     pub const INJECTED: &str = "serin.dev/injected";
 }
@@ -200,20 +205,21 @@ fn all_ports(spec: &Value) -> Vec<PortRef> {
     out
 }
 
-/// Injects into `template` (an object with `metadata` and `spec`).
+/// Injects into `template` (an object with `metadata` and `spec`). A fleet pod that was
+/// injected also gets what the caller needs to give it its RBAC.
 pub(crate) fn inject_pod(
     template: &mut Value,
     owner: &Map<String, Value>,
     opts: &InjectOptions,
     object: &str,
-) -> Result<Outcome, InjectError> {
+) -> Result<(Outcome, Option<FleetPod>), InjectError> {
     let pod_annotations = template
         .pointer("/metadata/annotations")
         .and_then(Value::as_object);
     let s = Settings::new(owner, pod_annotations, object);
     match s.get(annotations::INJECT)? {
         Some("enabled") => {}
-        None | Some("disabled") => return Ok(Outcome::NotOptedIn),
+        None | Some("disabled") => return Ok((Outcome::NotOptedIn, None)),
         Some(other) => {
             return Err(s.bad(annotations::INJECT, other, "must be enabled or disabled"))
         }
@@ -226,7 +232,7 @@ pub(crate) fn inject_pod(
         return Err(s.unsafe_("its pod spec has no containers".to_owned()));
     }
     if containers(spec).any(|c| c.get("name").and_then(Value::as_str) == Some(CONTAINER_NAME)) {
-        return Ok(Outcome::AlreadyInjected);
+        return Ok((Outcome::AlreadyInjected, None));
     }
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Err(s.unsafe_(
@@ -250,6 +256,27 @@ pub(crate) fn inject_pod(
     let weight = s.number(annotations::CANARY_WEIGHT, 100.0, " (percent)")?;
     let max_error_rate = s.number(annotations::MAX_ERROR_RATE, 1.0, "; write 0.05 for 5%")?;
     let max_p95 = s.duration(annotations::MAX_P95)?;
+    let fleet = match s.get(annotations::FLEET)? {
+        None => None,
+        Some(name) => {
+            fleet::check_name(name).map_err(|why| s.bad(annotations::FLEET, name, &why))?;
+            let automount = spec
+                .get("automountServiceAccountToken")
+                .and_then(Value::as_bool);
+            if automount == Some(false) {
+                return Err(s.unsafe_(format!(
+                    "annotation {}: a fleet member reads and writes its rollout in the Kubernetes API with the pod's service-account token, and the pod spec sets automountServiceAccountToken: false; remove that line (the token's Role reaches only SerinRollout {name} and Lease {}{name})",
+                    annotations::FLEET,
+                    fleet::LEASE_PREFIX
+                )));
+            }
+            Some(FleetPod {
+                name: name.to_owned(),
+                service_account: fleet::named_account(spec),
+                automount,
+            })
+        }
+    };
     let resources = json!({
         "requests": {
             "cpu": s.quantity(annotations::CPU_REQUEST, "50m")?,
@@ -390,6 +417,9 @@ pub(crate) fn inject_pod(
             env.push(json!({"name": name, "value": value}));
         }
     }
+    if let Some(f) = &fleet {
+        env.extend(fleet::env(&f.name));
+    }
     let mut container_ports = Vec::new();
     if mode == Mode::Inbound {
         container_ports
@@ -475,7 +505,7 @@ pub(crate) fn inject_pod(
             spec.insert("volumes".to_owned(), json!([volume]));
         }
     }
-    Ok(Outcome::Injected(mode))
+    Ok((Outcome::Injected(mode), fleet))
 }
 
 /// Renames the app container's port, and every probe or hook that names it.

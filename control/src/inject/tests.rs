@@ -1,4 +1,5 @@
-//! Unit tests of `serin inject`: the CLI shape, injection, refusals and pass-through.
+//! Unit tests of `serin inject`: the CLI shape, injection, refusals, pass-through, and
+//! the fleet's RBAC objects meeting each other and the manifest's own.
 
 use super::*;
 use serde_json::json;
@@ -247,4 +248,105 @@ fn other_unsafe_pods_are_refused() {
             "{problem}: {e}"
         );
     }
+}
+
+fn fleet_web(fleet: &str) -> String {
+    WEB.replace(
+        "serin.dev/inject: enabled",
+        &format!("serin.dev/inject: enabled\n        serin.dev/fleet: {fleet}"),
+    )
+}
+
+fn kinds_and_names(out: &str) -> Vec<String> {
+    parse_documents(out)
+        .unwrap()
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn two_workloads_of_one_name_share_identical_rbac_and_clash_on_different_rbac() {
+    let statefulset = fleet_web("web").replace("kind: Deployment", "kind: StatefulSet");
+    let both = format!("{}---{statefulset}", fleet_web("web"));
+    let out = inject(&both).unwrap();
+    assert_eq!(
+        kinds_and_names(&out.output),
+        [
+            "ServiceAccount web-serin-fleet",
+            "Role web-serin-fleet",
+            "RoleBinding web-serin-fleet",
+            "Deployment web",
+            "StatefulSet web"
+        ],
+        "written once"
+    );
+    let other = format!(
+        "{}---{}",
+        fleet_web("web"),
+        statefulset.replace("fleet: web", "fleet: api")
+    );
+    let e = inject(&other).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "cannot inject StatefulSet shop/web (document 2): ServiceAccount shop/web-serin-fleet is also written for Deployment shop/web (document 1), with other content; rename or remove one of them"
+    );
+}
+
+#[test]
+fn rbac_already_in_the_manifest_is_kept_when_equal_and_refused_when_not() {
+    let once = inject(&fleet_web("web")).unwrap().output;
+    // The RBAC documents and the un-injected workload together: nothing written twice.
+    let rbac_only: Vec<&str> = once.split("---\n").take(3).collect();
+    let input = format!("{}---\n{}", rbac_only.join("---\n"), fleet_web("web"));
+    let out = inject(&input).unwrap();
+    assert_eq!(out.output, once);
+
+    let edited = input.replace("  - watch\n", "  - watch\n  - delete\n");
+    let e = inject(&edited).unwrap_err().to_string();
+    assert!(
+        e.contains("Role shop/web-serin-fleet is already in the manifest, and differs"),
+        "{e}"
+    );
+}
+
+#[test]
+fn binding_the_default_account_is_a_warning_and_pods_are_named_by_generate_name() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  generateName: debug-\n  namespace: shop\n  annotations:\n    serin.dev/inject: enabled\n    serin.dev/fleet: web\n    serin.dev/canary: http://c.shop.svc:80\nspec:\n  serviceAccountName: default\n  containers:\n  - name: d\n    image: d\n    ports:\n    - {name: http, containerPort: 80}\n";
+    let out = inject(pod).unwrap();
+    let line = out.report[0].to_string();
+    assert!(
+        line.starts_with("Pod shop/debug-*: injected (inbound); fleet web: Role and RoleBinding shop/debug-serin-fleet for its ServiceAccount default; warning: ServiceAccount \"default\" is shared"),
+        "{line}"
+    );
+    let e = inject(&pod.replace("  generateName: debug-\n", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no metadata.name"), "{e}");
+}
+
+#[test]
+fn the_webhook_front_writes_no_rbac() {
+    let mut doc = parse_documents(&fleet_web("web")).unwrap().remove(0);
+    let mut report = Vec::new();
+    inject_object(
+        &mut doc,
+        &InjectOptions::default(),
+        None,
+        None,
+        &mut report,
+        None,
+    )
+    .unwrap();
+    assert_eq!(report[0].outcome, Outcome::Injected(Mode::Inbound));
+    assert!(report[0].notes.is_empty());
+    assert!(doc
+        .pointer("/spec/template/spec/serviceAccountName")
+        .is_none());
 }

@@ -44,3 +44,24 @@ app.kubernetes.io/name: {{ include "serin.name" $root }}
 app.kubernetes.io/instance: {{ $root.Release.Name }}
 app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
+
+{{/* The fleet's SerinRollout name, checked: "" when fleet mode is off. */}}
+{{- define "serin.fleetName" -}}
+{{- $name := .Values.fleet.name | default "" | toString -}}
+{{- if $name -}}
+{{- if or (gt (len $name) 247) (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$" $name)) -}}
+{{- fail (printf "fleet.name %q is not a valid SerinRollout name: use a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit) of at most 247 characters, so that the Lease serin-NAME fits" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- $name -}}
+{{- end -}}
+
+{{/* Name of the fleet's Role and RoleBinding. */}}
+{{- define "serin.fleetRbacName" -}}
+{{- printf "%s-fleet" (include "serin.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The ServiceAccount the fleet's members run as. */}}
+{{- define "serin.fleetServiceAccount" -}}
+{{- default (include "serin.fleetRbacName" .) .Values.fleet.serviceAccount.name -}}
+{{- end -}}
