@@ -118,7 +118,7 @@ def fleet_rules(name):
         {"apiGroups": ["serin.dev"], "resources": ["serinrollouts"], "resourceNames": [name],
          "verbs": ["get", "list", "watch", "patch"]},
         {"apiGroups": ["serin.dev"], "resources": ["serinrollouts/status"], "resourceNames": [name],
-         "verbs": ["get", "patch", "update"]},
+         "verbs": ["patch"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [f"serin-{name}"],
          "verbs": ["get", "update"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},

@@ -341,7 +341,7 @@ fn contract_rules(name: &str) -> Value {
         {"apiGroups": ["serin.dev"], "resources": ["serinrollouts"],
          "resourceNames": [name], "verbs": ["get", "list", "watch", "patch"]},
         {"apiGroups": ["serin.dev"], "resources": ["serinrollouts/status"],
-         "resourceNames": [name], "verbs": ["get", "patch", "update"]},
+         "resourceNames": [name], "verbs": ["patch"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
          "resourceNames": [format!("serin-{name}")], "verbs": ["get", "update"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},

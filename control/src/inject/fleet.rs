@@ -73,7 +73,7 @@ pub fn role_rules(name: &str) -> Value {
             "apiGroups": ["serin.dev"],
             "resources": ["serinrollouts/status"],
             "resourceNames": [name],
-            "verbs": ["get", "patch", "update"],
+            "verbs": ["patch"],
         },
         {
             "apiGroups": ["coordination.k8s.io"],
