@@ -42,10 +42,15 @@ pub const STATUS_HISTORY_LIMIT: usize = 30;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.canaryWeight) && has(self.rollout))",
+    "message": "give spec.canaryWeight or spec.rollout, not both"
+}]))]
 pub struct SerinRolloutSpec {
     /// Hold the canary at this weight, in percent (0-100): phase `manual`.
     /// Give this or `rollout`, not both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
     pub canary_weight: Option<f64>,
     /// Move the canary through these steps: phase `progressing`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,14 +78,14 @@ fn is_false(b: &bool) -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct RolloutSpec {
     /// Canary weights in percent, strictly increasing, ending at 100.
-    /// Default: each member's `rollout.steps`.
+    /// Default: serin's, [5, 25, 50, 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<f64>>,
-    /// Minimum time on each step, e.g. `60s` or `5m`. Default: `rollout.hold`.
+    /// Minimum time on each step, e.g. `60s` or `5m`. Default: serin's, 60s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<String>,
     /// Canary requests the whole fleet must serve on a step before it
-    /// advances. Default: `rollout.min_requests_per_step`.
+    /// advances. Default: serin's, 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_requests_per_step: Option<u64>,
 }
