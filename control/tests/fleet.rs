@@ -339,6 +339,28 @@ async fn a_member_that_joins_takes_the_fleets_state_and_is_closed_until_it_reads
     let mut fleet = Fleet::start("fleet-join", 5, json!({"canaryWeight": 30})).await;
     fleet.all_at(30.0, "manual 30%").await;
     fleet.kill(1).await;
+    // The killed member shows as gone, then its entry is removed.
+    eventually(DEADLINE, "serin status --fleet marks m1", || async {
+        let out = fleet.cli_ok(&["status"]);
+        out.lines()
+            .any(|l| l.starts_with("m1 ") && l.contains("DISCONNECTED or gone"))
+    })
+    .await;
+    eventually(
+        DEADLINE,
+        "m1's entry is removed from the status",
+        || async {
+            let members = fleet.fleet_status()["members"].clone();
+            let pods: Vec<&str> = members
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["pod"].as_str())
+                .collect();
+            !pods.contains(&"m1") && pods.len() == 4
+        },
+    )
+    .await;
     let joined = fleet.add_member().await;
     fleet.all_at(30.0, "the replacement").await;
 

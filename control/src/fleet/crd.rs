@@ -264,8 +264,12 @@ pub struct MemberSummary {
     /// The member's pod name (its identity in the fleet).
     pub pod: String,
     /// When it wrote this (RFC 3339). A member silent for three report
-    /// intervals counts as gone.
+    /// intervals counts as disconnected or gone, and its entry is removed
+    /// after ten.
     pub updated_at: String,
+    /// How often it reports, ms.
+    #[serde(default)]
+    pub report_interval_ms: u64,
     /// The epoch and generation it has applied.
     #[serde(default)]
     pub epoch: u64,

@@ -493,6 +493,7 @@ async fn summary(shared: &Shared) -> MemberSummary {
     MemberSummary {
         pod: shared.settings.pod.clone(),
         updated_at: rfc3339(SystemTime::now()),
+        report_interval_ms: shared.settings.report_interval.as_millis() as u64,
         epoch: view.epoch,
         generation: shared.generation.load(Relaxed),
         phase: view.state.phase.as_str().to_string(),
@@ -706,6 +707,59 @@ fn rfc3339_micro(t: SystemTime) -> String {
     format!("{}{micros:03}Z", millis.trim_end_matches('Z'))
 }
 
+/// A member that has not reported for this many of its report intervals
+/// counts as disconnected or gone: its window leaves the aggregate.
+pub const FRESH_INTERVALS: f64 = 3.0;
+/// ... and after this many, its entry is removed from `status.members`.
+pub const GONE_INTERVALS: f64 = 10.0;
+
+/// How long since `member` reported, in its own report intervals (0 for a
+/// time in the future: clocks differ a little between nodes).
+pub fn member_age(member: &MemberSummary, now: SystemTime) -> f64 {
+    let interval = Duration::from_millis(member.report_interval_ms.max(100));
+    parse_time(&member.updated_at)
+        .map(|t| now.duration_since(t).unwrap_or_default())
+        .map_or(f64::INFINITY, |age| {
+            age.as_secs_f64() / interval.as_secs_f64()
+        })
+}
+
+/// Removes the entries of members gone for [`GONE_INTERVALS`] (a replaced
+/// pod's name is never reused), so the object stays small. Written with the
+/// read's `resourceVersion`: a member that reported meanwhile is not lost.
+async fn prune(shared: &Shared, object: &SerinRollout, now: SystemTime) -> Result<(), FleetError> {
+    let status = object.status.clone().unwrap_or_default();
+    let keep: Vec<_> = status
+        .members
+        .iter()
+        .filter(|m| member_age(m, now) <= GONE_INTERVALS)
+        .collect();
+    let patch = json!({
+        "metadata": {"resourceVersion": object.metadata.resource_version},
+        "status": {"members": keep},
+    });
+    match shared
+        .fleet
+        .api()
+        .patch_status(
+            &shared.settings.target.name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(
+                removed = status.members.len() - keep.len(),
+                "removed members gone from the fleet"
+            );
+            Ok(())
+        }
+        Err(e) if is_conflict(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// One pass of the leader: apply a new spec, judge the aggregate, move the
 /// steps. Returns whether it wrote a hold reason (rate-limited).
 async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, FleetError> {
@@ -725,17 +779,19 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
 
     // The aggregate of every member that reported lately.
     let now = SystemTime::now();
-    let fresh_for = shared.settings.report_interval * 3;
     let fresh: Vec<_> = status
         .members
         .iter()
-        .filter(|m| {
-            parse_time(&m.updated_at)
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age <= fresh_for)
-                || parse_time(&m.updated_at).is_some_and(|t| t > now)
-        })
+        .filter(|m| member_age(m, now) <= FRESH_INTERVALS)
         .collect();
+    let gone: Vec<_> = status
+        .members
+        .iter()
+        .filter(|m| member_age(m, now) > GONE_INTERVALS)
+        .collect();
+    if !gone.is_empty() {
+        prune(shared, &object, now).await?;
+    }
     let mut stable = WindowSnapshot::default();
     let mut canary = WindowSnapshot::default();
     let mut step_requests = 0;

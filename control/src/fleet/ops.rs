@@ -322,6 +322,7 @@ pub fn summary(object: &SerinRollout) -> Value {
         .map(|m| {
             json!({
                 "pod": m.pod, "updated_at": m.updated_at, "epoch": m.epoch,
+                "report_interval_ms": m.report_interval_ms,
                 "generation": m.generation, "phase": m.phase,
                 "canary_weight": crate::rollout::percent(m.weight_bp), "step": m.step,
                 "step_requests": m.step_requests,
@@ -438,7 +439,19 @@ pub fn summary_text(summary: &Value, now: SystemTime) -> String {
             .and_then(|t| now.duration_since(t).ok())
             .unwrap_or_default();
         let mut notes = Vec::new();
-        notes.push(format!("reported {}s ago", age.as_secs()));
+        let member = super::crd::MemberSummary {
+            updated_at: m["updated_at"].as_str().unwrap_or("").to_string(),
+            report_interval_ms: m["report_interval_ms"].as_u64().unwrap_or(0),
+            ..Default::default()
+        };
+        if super::member::member_age(&member, now) > super::member::FRESH_INTERVALS {
+            notes.push(format!(
+                "DISCONNECTED or gone: no report for {}s",
+                age.as_secs()
+            ));
+        } else {
+            notes.push(format!("connected, reported {}s ago", age.as_secs()));
+        }
         if m["epoch"].as_u64() != Some(epoch) || m["generation"].as_i64() != Some(generation) {
             notes.push("not on the latest generation".to_string());
         } else {
