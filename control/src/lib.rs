@@ -103,6 +103,16 @@ impl Running {
     /// overrides included), so a rolled-back canary is never reachable, and
     /// the control API's `/readyz` answers 503.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
+        // A fleet member needs its Kubernetes client before anything binds,
+        // so a missing kubeconfig fails fast and says so.
+        let kube = match &config.fleet {
+            Some(_) => Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(|e| crate::fleet::ops::FleetError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
         let routes = Routes::new(RouteTable::closed());
         let proxy = Proxy::start(config.proxy.clone(), routes.clone())?;
         let admin = config.admin.listen;
@@ -150,9 +160,8 @@ impl Running {
         let metrics = Arc::new(Metrics::new(controller.clone(), webhooks.stats().clone()));
         tokio::spawn(forward_notifications(notifications, webhooks));
 
-        let member = match &config.fleet {
-            None => None,
-            Some(fleet) => {
+        let member = match (&config.fleet, kube) {
+            (Some(fleet), Some(client)) => {
                 let mut settings = MemberSettings::new(
                     fleet.target.clone(),
                     fleet.member.clone(),
@@ -160,10 +169,11 @@ impl Running {
                 );
                 settings.report_interval = fleet.report_interval;
                 settings.lease_duration = fleet.lease_duration;
-                let member = Member::start(settings, controller.clone()).await?;
+                let member = Member::with_client(client, settings, controller.clone());
                 metrics.attach_fleet(member.clone());
                 Some(member)
             }
+            _ => None,
         };
         api.attach(controller.clone(), metrics, member.clone());
         api.set_ready(true);

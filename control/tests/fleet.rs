@@ -578,3 +578,82 @@ async fn conflicting_writes_and_expired_watches_lose_nothing() {
     assert_eq!(fleet.fleet_status()["actor"], "api@m4");
     assert_eq!(fleet.fleet_status()["epoch"].as_u64(), Some(epoch + 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_errors_say_what_to_do_and_change_nothing() {
+    let fleet = Fleet::start("fleet-errors", 0, json!({"canaryWeight": 5})).await;
+    let run = |args: &[&str], kubeconfig: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_serin"))
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .output()
+            .unwrap()
+    };
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_string();
+
+    // No Kubernetes configuration: `serin run --fleet` stops before binding.
+    let out = run(
+        &[
+            "run",
+            "--stable",
+            "http://127.0.0.1:1",
+            "--canary",
+            "http://127.0.0.1:2",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--fleet",
+            FLEET,
+        ],
+        "/nonexistent/kubeconfig",
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Set KUBECONFIG"), "{}", stderr(&out));
+
+    let kubeconfig = fleet.kubeconfig.to_str().unwrap();
+    let out = run(&["status", "--fleet", "checkout"], kubeconfig);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("NAMESPACE/NAME"), "{}", stderr(&out));
+
+    let out = run(&["status", "--fleet", "shop/missing"], kubeconfig);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not found; create it"),
+        "{}",
+        stderr(&out)
+    );
+
+    let before = fleet.object();
+    let out = run(&["weight", "120", "--fleet", FLEET], kubeconfig);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("0 to 100"), "{}", stderr(&out));
+    let out = run(
+        &["rollout", "--steps", "10,50", "--fleet", FLEET],
+        kubeconfig,
+    );
+    assert!(
+        stderr(&out).contains("last rollout step must be 100"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["pause", "--fleet", FLEET], kubeconfig);
+    assert!(
+        stderr(&out).contains("no rollout to pause"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fleet.object()["metadata"]["resourceVersion"],
+        before["metadata"]["resourceVersion"]
+    );
+
+    // The API server gone: a clear error, not a hang.
+    fleet.api.go_down().await;
+    let out = run(&["status", "--fleet", FLEET], kubeconfig);
+    assert!(
+        stderr(&out).contains("cannot reach the API server"),
+        "{}",
+        stderr(&out)
+    );
+}

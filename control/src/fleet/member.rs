@@ -122,20 +122,9 @@ struct Shared {
 }
 
 impl Member {
-    /// Joins the fleet through a client found as kubectl would (in a pod:
+    /// Joins the fleet through `client` (found as kubectl would: in a pod,
     /// its service account) and starts the member's tasks. Returns at once:
     /// the routes stay closed until the object is read.
-    pub async fn start(
-        settings: MemberSettings,
-        controller: Controller,
-    ) -> Result<Self, FleetError> {
-        let client = Client::try_default()
-            .await
-            .map_err(|e| FleetError::Config(e.to_string()))?;
-        Ok(Self::with_client(client, settings, controller))
-    }
-
-    /// As [`Member::start`], with a given client.
     pub fn with_client(client: Client, settings: MemberSettings, controller: Controller) -> Self {
         let fleet = Fleet::new(client.clone(), settings.target.clone());
         let leases = Api::namespaced(client, &settings.target.namespace);

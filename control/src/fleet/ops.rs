@@ -42,7 +42,7 @@ pub enum FleetError {
     )]
     NotFound(FleetRef),
     /// The API server answered with an error, or could not be reached.
-    #[error("Kubernetes API: {0}")]
+    #[error("Kubernetes API: {}", describe(.0))]
     Api(#[from] kube::Error),
     /// The call makes no sense in the current state; nothing changed.
     #[error(transparent)]
@@ -64,6 +64,27 @@ impl FleetError {
                     | RolloutError::NothingToResume { .. }
             )
         )
+    }
+}
+
+/// An API error in words that say what to do next.
+fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) if status.code == 401 => format!(
+            "{} (401 Unauthorized): the API server refused these credentials; check the kubeconfig's user (or the pod's service account token)",
+            status.message
+        ),
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "{} (403 Forbidden): this account lacks the fleet's RBAC; see deploy/README.md, \"What the RBAC grants, and why\"",
+            status.message
+        ),
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        kube::Error::Service(_) | kube::Error::HyperError(_) => format!(
+            "cannot reach the API server ({e}); check KUBECONFIG, its current context and the network"
+        ),
+        e => e.to_string(),
     }
 }
 
