@@ -340,7 +340,10 @@ async fn follow(shared: Arc<Shared>) {
                 }
             };
             shared.set_connected(true);
+            let watched_at = Instant::now();
+            let mut events = 0u64;
             while let Some(event) = stream.next().await {
+                events += 1;
                 match event {
                     Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => {
                         version = o.metadata.resource_version.clone().unwrap_or(version);
@@ -368,8 +371,15 @@ async fn follow(shared: Arc<Shared>) {
                     }
                 }
             }
-            // The server ended the watch (its timeout): carry on from the
-            // last version seen.
+            // The server ended the watch (its timeout, or a connection
+            // closed under it): carry on from the last version seen, after a
+            // pause if it ended at once with nothing, so a server that keeps
+            // doing that is not hammered.
+            if events == 0 && watched_at.elapsed() < Duration::from_secs(1) {
+                backoff.wait().await;
+            } else {
+                backoff.reset();
+            }
         }
     }
 }
