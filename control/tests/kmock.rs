@@ -34,11 +34,11 @@
 //! - A status subresource apart from the object: a patch of `/status` is a
 //!   patch of the whole object, and the reverse.
 //!
-//! Skips, saying why, when no Python with the pinned kmock is found:
-//! `SERIN_KMOCK_PYTHON`, else the venv `.ci/run` creates
-//! (`${XDG_CACHE_HOME:-~/.cache}/serin-kmock-venv`), else `python3`. With
-//! `SERIN_KMOCK_PYTHON` set (as `.ci/run` does) it fails instead of
-//! skipping. Every wait polls with a deadline; all traffic is to 127.0.0.1.
+//! The pinned kmock comes from `SERIN_KMOCK_PYTHON`, or else from the venv
+//! `control/tests/kmock/venv.sh` creates once under
+//! `${XDG_CACHE_HOME:-~/.cache}/serin-kmock-venv` (from PyPI, as the Python
+//! client suite installs its own). Every wait polls with a deadline; all
+//! traffic is to 127.0.0.1.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -82,42 +82,34 @@ fn kmock_version(python: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// A Python with the pinned kmock, or why there is none.
-fn find_python() -> Result<String, String> {
+/// A Python with the pinned kmock: `SERIN_KMOCK_PYTHON`, else the venv that
+/// `control/tests/kmock/venv.sh` creates once (as the Python client suite
+/// does its own), so `cargo test --workspace` runs this on a fresh machine.
+fn find_python() -> String {
     let pinned = pinned_version();
-    if let Ok(python) = std::env::var("SERIN_KMOCK_PYTHON") {
-        let found = kmock_version(&python);
-        assert_eq!(
-            found.as_deref(),
-            Some(pinned.as_str()),
-            "SERIN_KMOCK_PYTHON={python} must import kmock=={pinned} \
-             (pip install -r control/tests/kmock/requirements.txt)"
-        );
-        return Ok(python);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    let venv = cache.map(|c| c.join("serin-kmock-venv/bin/python"));
-    let candidates = venv
-        .iter()
-        .filter(|p| p.exists())
-        .map(|p| p.to_string_lossy().into_owned())
-        .chain(["python3".to_string()]);
-    let mut seen = Vec::new();
-    for python in candidates {
-        match kmock_version(&python) {
-            Some(v) if v == pinned => return Ok(python),
-            Some(v) => seen.push(format!("{python} has kmock {v}")),
-            None => seen.push(format!("{python} has no kmock")),
+    let python = match std::env::var("SERIN_KMOCK_PYTHON") {
+        Ok(python) => python,
+        Err(_) => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kmock/venv.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .expect("run control/tests/kmock/venv.sh");
+            assert!(
+                out.status.success(),
+                "control/tests/kmock/venv.sh could not install kmock=={pinned} from PyPI"
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
         }
-    }
-    Err(format!(
-        "no Python with kmock=={pinned} ({}); to run it: python3 -m venv ~/.cache/serin-kmock-venv \
-         && ~/.cache/serin-kmock-venv/bin/pip install -r control/tests/kmock/requirements.txt \
-         (.ci/run does this)",
-        seen.join(", ")
-    ))
+    };
+    let found = kmock_version(&python);
+    assert_eq!(
+        found.as_deref(),
+        Some(pinned.as_str()),
+        "{python} must import kmock=={pinned} (pip install -r control/tests/kmock/requirements.txt)"
+    );
+    python
 }
 
 /// kmock's emulator in a child process: killed when dropped, and it exits by
@@ -312,16 +304,7 @@ impl Drop for Fleet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_and_the_cli_work_the_basic_paths_against_kmock() {
-    let python = match find_python() {
-        Ok(python) => python,
-        Err(why) => {
-            // Straight to stderr, past libtest's capture, so that a plain
-            // `cargo test` shows the skip.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED kmock fleet test: {why}");
-            return;
-        }
-    };
+    let python = find_python();
     let started = Instant::now();
     let api = Kmock::start(&python).await;
     let dir = temp_dir("kmock");
