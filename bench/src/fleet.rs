@@ -234,7 +234,7 @@ pub struct RolloutRun {
 /// Options of one run.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Fewer trials, a shorter idle window.
+    /// 3 trials, a 20 s idle window instead of 60 s.
     pub quick: bool,
     /// Trials per fleet size and latency (default 10, 3 with `quick`).
     pub trials: Option<usize>,
@@ -716,11 +716,7 @@ async fn measure(ctx: &Ctx<'_>, trials: usize, quick: bool) -> Result<FleetSize,
 
     // Steady state: idle, default report interval and lease.
     tokio::time::sleep(SETTLE).await;
-    let window = Duration::from_secs(match (quick, n >= 20) {
-        (true, _) => 20,
-        (false, true) => 60,
-        (false, false) => 30,
-    });
+    let window = Duration::from_secs(if quick { 20 } else { 60 });
     eprintln!("  steady state: counting API requests over {window:?}");
     let before = ctx.api.requests();
     let t0 = Instant::now();
