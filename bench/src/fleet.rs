@@ -8,7 +8,7 @@
 //!   instant (the *onset*) the canary starts answering 500. `m0`'s own judge
 //!   reverts it, it writes the rollback to the `SerinRollout`'s status, and
 //!   every other member follows its watch. Each member's `GET /status` is
-//!   polled every [`POLL`] on its own keep-alive connection and the fake's
+//!   polled every 2 ms (`--poll-ms`) on its own keep-alive connection and the fake's
 //!   object is read in process every millisecond, all timed by this
 //!   process's one monotonic clock: onset → `m0` at 0 (its local revert) →
 //!   the rollback in the API → the last member at 0. Between trials the
@@ -53,7 +53,7 @@ const NAME: &str = "checkout";
 const FLEET: &str = "bench/checkout";
 /// The canary's weight while armed, percent.
 const WEIGHT: f64 = 50.0;
-/// How often each member's `/status` is polled during a trial.
+/// How often each member's `/status` is polled during a trial, by default.
 pub const POLL: Duration = Duration::from_millis(2);
 /// The API latency of the second variant.
 const SLOW_API: Duration = Duration::from_millis(20);
@@ -156,6 +156,13 @@ pub struct ApiWindow {
     pub seconds: f64,
     /// `(verb, resource, count)`.
     pub requests: Vec<(String, String, u64)>,
+    /// Changes of the `SerinRollout` in the window: each is one watch event
+    /// to every member, carrying the whole object.
+    #[serde(default)]
+    pub object_events: u64,
+    /// The `SerinRollout`'s JSON size at the end of the window, bytes.
+    #[serde(default)]
+    pub object_bytes: u64,
 }
 
 /// The verbs a fleet member can use, in report order.
@@ -165,7 +172,19 @@ pub const VERBS: [&str; 8] = [
 const WRITES: [&str; 5] = ["create", "update", "patch", "apply", "delete"];
 
 impl ApiWindow {
-    fn from_counts(counts: &RequestCounts, seconds: f64) -> Self {
+    /// The requests counted since `before` (taken at resourceVersion
+    /// `rv_before`), over `seconds`.
+    fn measure(api: &FakeKube, before: &RequestCounts, rv_before: u64, seconds: f64) -> Self {
+        let counts = api.requests().since(before);
+        let object_events = api
+            .events()
+            .iter()
+            .filter(|e| e.resource == "serinrollouts" && e.resource_version > rv_before)
+            .count() as u64;
+        let object_bytes = api
+            .get("serinrollouts", NS, NAME)
+            .and_then(|o| serde_json::to_vec(&o).ok())
+            .map_or(0, |b| b.len() as u64);
         Self {
             seconds,
             requests: counts
@@ -173,6 +192,8 @@ impl ApiWindow {
                 .iter()
                 .map(|((v, r), n)| (v.clone(), r.clone(), *n))
                 .collect(),
+            object_events,
+            object_bytes,
         }
     }
 
@@ -240,6 +261,8 @@ pub struct Options {
     pub trials: Option<usize>,
     /// Fleet sizes (default 5 and 20).
     pub sizes: Vec<usize>,
+    /// `/status` poll interval during trials ([`POLL`]).
+    pub poll: Duration,
 }
 
 /// Why a run stopped.
@@ -269,7 +292,7 @@ pub fn run(serin: &Path, opts: &Options) -> Result<FleetBench, FleetError> {
         started: crate::run::utc_now(),
         quick: opts.quick,
         commit: crate::run::machine().commit,
-        poll_ms: POLL.as_secs_f64() * 1000.0,
+        poll_ms: ms(opts.poll),
         failing_rps: FAILING_RPS,
         ..FleetBench::default()
     };
@@ -281,7 +304,7 @@ pub fn run(serin: &Path, opts: &Options) -> Result<FleetBench, FleetError> {
     for &n in &opts.sizes {
         out.waited_seconds += procs::wait_for_quiet(Duration::from_secs(600)).as_secs_f64();
         let watch = procs::BuildWatch::start();
-        let size = run_size(serin, n, trials, opts.quick, &mut out.notes)?;
+        let size = run_size(serin, n, trials, opts, &mut out.notes)?;
         let disturbed = watch.finish();
         if !disturbed.is_empty() {
             out.notes.push(format!(
@@ -599,7 +622,7 @@ fn run_size(
     serin: &Path,
     n: usize,
     trials: usize,
-    quick: bool,
+    opts: &Options,
     notes: &mut Vec<String>,
 ) -> Result<FleetSize, FleetError> {
     eprintln!("fleet: {n} members");
@@ -637,8 +660,9 @@ fn run_size(
         kubeconfig: &kubeconfig,
         proxies: members.iter().map(|m| m.proxy).collect(),
         admins: members.iter().map(|m| m.admin).collect(),
+        poll: opts.poll,
     };
-    let measured = rt.block_on(measure(&ctx, trials, quick));
+    let measured = rt.block_on(measure(&ctx, trials, opts.quick));
     stop_members(&mut members);
     let logged = log_summary(&members);
     if !logged.is_empty() {
@@ -682,6 +706,7 @@ struct Ctx<'a> {
     kubeconfig: &'a Path,
     proxies: Vec<SocketAddr>,
     admins: Vec<SocketAddr>,
+    poll: Duration,
 }
 
 async fn measure(ctx: &Ctx<'_>, trials: usize, quick: bool) -> Result<FleetSize, FleetError> {
@@ -718,13 +743,10 @@ async fn measure(ctx: &Ctx<'_>, trials: usize, quick: bool) -> Result<FleetSize,
     tokio::time::sleep(SETTLE).await;
     let window = Duration::from_secs(if quick { 20 } else { 60 });
     eprintln!("  steady state: counting API requests over {window:?}");
-    let before = ctx.api.requests();
+    let (before, rv) = (ctx.api.requests(), ctx.api.resource_version());
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
-    let steady = ApiWindow::from_counts(
-        &ctx.api.requests().since(&before),
-        t0.elapsed().as_secs_f64(),
-    );
+    let steady = ApiWindow::measure(ctx.api, &before, rv, t0.elapsed().as_secs_f64());
     eprintln!(
         "  steady state: {:.0} requests/min, {:.2} writes per member per 10 s",
         steady.per_minute(steady.total()),
@@ -747,7 +769,14 @@ async fn measure(ctx: &Ctx<'_>, trials: usize, quick: bool) -> Result<FleetSize,
             )))
         }
     }
-    let down = weights_reach(&ctx.admins, 0.0, POLL, Instant::now() + WAIT_DEADLINE, None).await;
+    let down = weights_reach(
+        &ctx.admins,
+        0.0,
+        ctx.poll,
+        Instant::now() + WAIT_DEADLINE,
+        None,
+    )
+    .await;
     if down.iter().any(Option::is_none) {
         return Err(FleetError::Setup(
             "after POST /rollback, not every member went to 0".into(),
@@ -810,7 +839,7 @@ async fn trial(ctx: &Ctx<'_>) -> Result<Trial, FleetError> {
             )))
         }
     }
-    let back = weights_reach(&ctx.admins, WEIGHT, POLL, armed + WAIT_DEADLINE, None).await;
+    let back = weights_reach(&ctx.admins, WEIGHT, ctx.poll, armed + WAIT_DEADLINE, None).await;
     if back.iter().any(Option::is_none) {
         return Err(FleetError::Setup(format!(
             "after PUT /weight, not every member was back at {WEIGHT}% within {WAIT_DEADLINE:?}"
@@ -857,7 +886,7 @@ async fn trial(ctx: &Ctx<'_>) -> Result<Trial, FleetError> {
         (FAILING_RPS * TRIAL_DEADLINE.as_secs_f64()) as u64,
     );
     let (at, api_at, sent) = tokio::join!(
-        weights_reach(&ctx.admins, 0.0, POLL, deadline, Some(first.clone())),
+        weights_reach(&ctx.admins, 0.0, ctx.poll, deadline, Some(first.clone())),
         in_api,
         failing
     );
@@ -898,7 +927,7 @@ async fn rollout(ctx: &Ctx<'_>) -> RolloutRun {
             (ROLLOUT_RPS * ROLLOUT_DEADLINE.as_secs_f64()) as u64,
         ));
     }
-    let before = ctx.api.requests();
+    let (before, rv) = (ctx.api.requests(), ctx.api.resource_version());
     let t0 = Instant::now();
     let cli = tokio::process::Command::new(ctx.serin)
         .args(["rollout", "--steps", ROLLOUT_STEPS, "--hold", ROLLOUT_HOLD])
@@ -930,10 +959,7 @@ async fn rollout(ctx: &Ctx<'_>) -> RolloutRun {
         Ok(Err(e)) => phase = format!("CLI did not run: {e}"),
         Err(_) => phase = "CLI did not finish within 30 s".into(),
     }
-    let window = ApiWindow::from_counts(
-        &ctx.api.requests().since(&before),
-        t0.elapsed().as_secs_f64(),
-    );
+    let window = ApiWindow::measure(ctx.api, &before, rv, t0.elapsed().as_secs_f64());
     stop.store(true, Ordering::Relaxed);
     while load.join_next().await.is_some() {}
     eprintln!(

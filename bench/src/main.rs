@@ -65,6 +65,9 @@ enum Cmd {
         /// Fleet sizes (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "5,20")]
         members: Vec<usize>,
+        /// How often each member's `GET /status` is polled during a trial, ms.
+        #[arg(long, default_value_t = 2)]
+        poll_ms: u64,
     },
     /// Rebuild bench/REPORT.md and the SVGs from bench/results/latest.json.
     Report,
@@ -121,9 +124,10 @@ fn main() -> ExitCode {
             quick,
             trials,
             members,
+            poll_ms,
         } => {
-            if members.contains(&0) {
-                eprintln!("serin-bench fleet: --members must be at least 1");
+            if members.contains(&0) || poll_ms == 0 {
+                eprintln!("serin-bench fleet: --members and --poll-ms must be at least 1");
                 return ExitCode::from(2);
             }
             update_latest("fleet", |res| {
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
                     quick,
                     trials,
                     sizes: members,
+                    poll: Duration::from_millis(poll_ms),
                 };
                 res.fleet = Some(serin_bench::fleet::run(&run::serin_binary(), &opts)?);
                 Ok::<(), serin_bench::fleet::FleetError>(())

@@ -76,12 +76,15 @@ fn requests_row(s: &mut String, label: &str, size: &FleetSize, w: &ApiWindow) {
     for verb in VERBS {
         let _ = write!(s, " {:.0} |", w.per_minute(w.verb(verb)));
     }
+    let events = w.per_minute(w.object_events);
     let _ = writeln!(
         s,
-        " {:.0} | {:.0} | {:.2} | {} |",
+        " {:.0} | {:.0} | {:.2} | {events:.0} | {:.1} KB | {:.0} MB | {} |",
         w.per_minute(w.total()),
         w.per_minute(w.writes()),
         w.writes_per_member_per_10s(size.members),
+        w.object_bytes as f64 / 1000.0,
+        events * w.object_bytes as f64 * size.members as f64 / 1e6,
         by_resource(w)
     );
 }
@@ -136,7 +139,11 @@ fn write_section(s: &mut String, f: &FleetBench) {
          own judge's revert; the rollback then reaches the API when `m0` writes it (a GET and a merge patch of the \
          status, preconditioned on its resourceVersion), and every other member follows its watch. Times are in ms, \
          median / max over the trials; each is late by up to one poll interval plus a `/status` round trip, which is \
-         why the API can look a little earlier than `m0` itself.\n",
+         why the API can look a little earlier than `m0` itself. A member's `/status` answers after the member has \
+         saved its new state (two fsyncs; the rollout's lock is held across the save), so these times include that \
+         save, which the route table does not wait for. The re-arm column includes each member's immediate report \
+         when it applies a new epoch (N status applies, each a watch event to all N members), hence its growth \
+         with N.\n",
         f.failing_rps, f.poll_ms
     );
     let _ = writeln!(
@@ -186,7 +193,9 @@ fn write_section(s: &mut String, f: &FleetBench) {
          jitter, so every member's first report is behind it) over the window shown (windows under 60 s are scaled \
          to a minute). **Rollout:** `serin rollout --steps {} --hold {} --fleet` from the CLI (its own requests \
          included) with {:.0} req/s of healthy traffic through each member, counted from the CLI's start to \
-         `promoted`. Writes are create, update, patch, apply and delete.\n",
+         `promoted`. Writes are create, update, patch, apply and delete. Object changes are the `SerinRollout`'s \
+         watch events per minute (each goes to every member with the whole object); the object's JSON size is taken \
+         at the end of the window, and the watch data is changes × size × members, per minute.\n",
         crate::fleet::SETTLE.as_secs(),
         f.sizes
             .iter()
@@ -209,7 +218,7 @@ fn write_section(s: &mut String, f: &FleetBench) {
     }
     let _ = writeln!(
         s,
-        "{header} total | writes | writes per member per 10 s | by verb and resource, per minute |\n{rule}---|---|---|---|"
+        "{header} total | writes | writes per member per 10 s | object changes | object size | watch data to the members | by verb and resource, per minute |\n{rule}---|---|---|---|---|---|---|"
     );
     for size in &f.sizes {
         requests_row(s, "steady state", size, &size.steady);
@@ -232,7 +241,9 @@ fn write_section(s: &mut String, f: &FleetBench) {
         "\nAt steady state each member applies its own `status.members` entry once per report interval (10 s, ±10% \
          jitter), the leader renews the Lease every 5 s (a GET and an update), and every other member reads the Lease \
          every 2 s to notice a dead leader (client-go's leader election does the same). The watch on the object stays \
-         open (it is renewed every 290 s), so a window may count none. In a rollout every member also reports at once \
+         open (it is renewed every 290 s), so a window may count none. The lease costs the same 12 writes a minute \
+         whatever the fleet's size (client-go's leader election renews every 2 s, serin every third of the lease), \
+         so per member it weighs most in small fleets. In a rollout every member also reports at once \
          when it applies a new step, the leader moves the steps (status merge patches), and a step cannot advance \
          before the reports that carry its requests: each step takes about one report interval."
     );
