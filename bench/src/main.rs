@@ -1,7 +1,8 @@
 //! `serin-bench`: the peer benchmark and its tools.
 //!
 //! `cargo run --release -p serin-bench -- peers [--quick]` measures serin
-//! against direct, nginx, haproxy and Envoy and regenerates `bench/REPORT.md`.
+//! against direct, nginx, haproxy and Envoy and regenerates `bench/REPORT.md`;
+//! `judge-sim`, `revert` and `fleet` refresh one safety benchmark each.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -50,6 +51,24 @@ enum Cmd {
     /// bench/results/latest.json and rebuild the report. Build serin first
     /// (`cargo build --release -p serin-control`).
     Revert,
+    /// Run only the fleet benchmark (5 and 20 `serin run --fleet` members
+    /// against a fake Kubernetes API server on loopback: revert propagation
+    /// and API requests), add it to bench/results/latest.json and rebuild the
+    /// report. Build serin first (`cargo build --release -p serin-control`).
+    Fleet {
+        /// 3 trials per fleet size and latency and a 20 s idle window (about 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Trials per fleet size and API latency [default: 10, or 3 with --quick].
+        #[arg(long)]
+        trials: Option<usize>,
+        /// Fleet sizes (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "5,20")]
+        members: Vec<usize>,
+        /// How often each member's `GET /status` is polled during a trial, ms.
+        #[arg(long, default_value_t = 2)]
+        poll_ms: u64,
+    },
     /// Rebuild bench/REPORT.md and the SVGs from bench/results/latest.json.
     Report,
     /// Open-loop, coordinated-omission-corrected load (used by `peers`); prints JSON.
@@ -101,6 +120,27 @@ fn main() -> ExitCode {
             res.revert = serin_bench::revert::run(&run::serin_binary(), 1_000.0)?;
             Ok::<(), std::io::Error>(())
         }),
+        Cmd::Fleet {
+            quick,
+            trials,
+            members,
+            poll_ms,
+        } => {
+            if members.contains(&0) || poll_ms == 0 {
+                eprintln!("serin-bench fleet: --members and --poll-ms must be at least 1");
+                return ExitCode::from(2);
+            }
+            update_latest("fleet", |res| {
+                let opts = serin_bench::fleet::Options {
+                    quick,
+                    trials,
+                    sizes: members,
+                    poll: Duration::from_millis(poll_ms),
+                };
+                res.fleet = Some(serin_bench::fleet::run(&run::serin_binary(), &opts)?);
+                Ok::<(), serin_bench::fleet::FleetError>(())
+            })
+        }
         Cmd::Report => {
             let path = run::bench_dir().join("results/latest.json");
             let res: Result<Results, String> = std::fs::read(&path)

@@ -12,6 +12,8 @@ use crate::loadgen::OpenLoopResult;
 use crate::measure::Throughput;
 use crate::results::{spread, Results};
 
+mod fleet;
+
 const COLORS: [(&str, &str); 5] = [
     ("direct", "#7f7f7f"),
     ("nginx", "#2ca02c"),
@@ -256,6 +258,7 @@ fn markdown(res: &Results) -> String {
     memory_section(&mut s, res);
     micro_section(&mut s, res);
     safety_section(&mut s, res);
+    fleet::section(&mut s, res);
     method_section(&mut s, res);
     s
 }
@@ -415,6 +418,7 @@ fn targets_section(s: &mut String, res: &Results) {
             verdict(hot <= 100.0)
         );
     }
+    fleet::target_rows(s, res);
 }
 
 fn throughput_section(s: &mut String, res: &Results) {

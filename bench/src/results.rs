@@ -114,6 +114,9 @@ pub struct Results {
     /// Revert latency and blast radius.
     #[serde(default)]
     pub revert: Vec<crate::revert::RevertResult>,
+    /// Fleet mode: revert propagation and API requests (`serin-bench fleet`).
+    #[serde(default)]
+    pub fleet: Option<crate::fleet::FleetBench>,
     /// Problems met during the run (a failed run of one target, for example).
     pub notes: Vec<String>,
 }

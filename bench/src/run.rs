@@ -71,7 +71,8 @@ fn sh(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn machine() -> results::Machine {
+/// The machine this runs on, and serin's commit.
+pub fn machine() -> results::Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let ws = workspace_dir();
@@ -108,6 +109,11 @@ fn machine() -> results::Machine {
             commit
         },
     }
+}
+
+/// Now, as `date -u` writes it.
+pub fn utc_now() -> String {
+    sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
 }
 
 /// The serin binary next to this one (or `SERIN_BIN`).
@@ -276,7 +282,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     let open_s = 1;
     let open_slices = if quick { 4 } else { 8 * rounds };
     let mut res = Results {
-        started: sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+        started: utc_now(),
         quick,
         rounds,
         closed_seconds: (h1_s, h2_s),
