@@ -122,6 +122,9 @@ def fleet_rules(name):
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [f"serin-{name}"],
          "verbs": ["get", "update"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [f"serin-{name}-members"],
+         "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
     ]
 
 

@@ -755,9 +755,7 @@ async fn measure(ctx: &Ctx<'_>, trials: usize, quick: bool) -> Result<FleetSize,
 
     // Revert propagation, without and with API latency. Every trial re-arms
     // a rolled-back fleet, so the fleet starts rolled back (an operator's
-    // rollback): a `PUT /weight` to the weight the members already run is a
-    // new epoch that members do not record (see bench/README.md, "Fleet"),
-    // and a breach in it would not reach the fleet.
+    // rollback) and every trial starts from the same state.
     let mut admin = Http::new(ctx.admins[n - 1]);
     match admin.call(Method::POST, "/rollback", "").await {
         Some((200, ..)) => {}

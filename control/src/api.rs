@@ -318,7 +318,13 @@ where
         _ => unreachable!("paths were matched above"),
     };
     match done {
-        Ok(object) => json_response(StatusCode::OK, crate::fleet::ops::summary(&object)),
+        Ok(object) => {
+            let members = fleet.members().await.unwrap_or_default();
+            json_response(
+                StatusCode::OK,
+                crate::fleet::ops::summary(&object, &members),
+            )
+        }
         Err(e) => fleet_error(e),
     }
 }

@@ -495,6 +495,10 @@ impl Controller {
             && current.latched == state.latched
             && current.resume == state.resume;
         if same_course {
+            // A new epoch that changes nothing here (the same weight set
+            // again) is still this member's epoch from now on: a rollback it
+            // decides must be recorded in it.
+            inner.fleet.epoch.store(epoch, Relaxed);
             rollout.set_reason(state.reason);
             return Ok(Adopted::Unchanged);
         }

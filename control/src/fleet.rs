@@ -6,8 +6,8 @@
 //! - [`state`]: the fleet's transitions, pure functions over its status.
 //! - [`member`]: what `serin run --fleet` adds to a serin: it watches the
 //!   object and applies it, writes its local rollbacks to it, reports its
-//!   windows, and, while it holds the fleet's Lease, judges the aggregate and
-//!   moves the steps.
+//!   windows to the ConfigMap `serin-NAME-members`, and, while it holds the
+//!   fleet's Lease, judges the aggregate and moves the steps.
 //! - [`ops`]: the operators' calls on the object (`serin ... --fleet`, and a
 //!   member's own control API).
 
@@ -69,6 +69,12 @@ impl FleetRef {
     /// The fleet's Lease: `serin-NAME` in the same namespace.
     pub fn lease_name(&self) -> String {
         format!("serin-{}", self.name)
+    }
+
+    /// The ConfigMap the members report into, one key per member:
+    /// `serin-NAME-members` in the same namespace.
+    pub fn members_name(&self) -> String {
+        format!("serin-{}-members", self.name)
     }
 }
 

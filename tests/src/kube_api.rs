@@ -168,6 +168,15 @@ impl ResourceDef {
         }
     }
 
+    /// Core `v1` `configmaps` (`/api/v1/...`), no status subresource.
+    pub fn config_map() -> Self {
+        Self {
+            has_status: false,
+            builtin: true,
+            ..Self::custom("", "v1", "configmaps", "ConfigMap")
+        }
+    }
+
     /// Declares the list at `path` (dotted) a list-map keyed by `key`.
     pub fn with_list_map(mut self, path: &str, key: &str) -> Self {
         self.list_maps.push((path.into(), key.into()));
@@ -196,7 +205,7 @@ impl ResourceDef {
 /// How a [`FakeKube`] starts.
 #[derive(Clone, Debug)]
 pub struct FakeKubeOptions {
-    /// The resources served (default: serinrollouts and leases).
+    /// The resources served (default: serinrollouts, leases and configmaps).
     pub resources: Vec<ResourceDef>,
     /// Between `BOOKMARK` events on watches that allow them (default 1 s;
     /// the real server sends one about every minute).
@@ -209,7 +218,11 @@ pub struct FakeKubeOptions {
 impl Default for FakeKubeOptions {
     fn default() -> Self {
         Self {
-            resources: vec![ResourceDef::serin_rollout(), ResourceDef::lease()],
+            resources: vec![
+                ResourceDef::serin_rollout(),
+                ResourceDef::lease(),
+                ResourceDef::config_map(),
+            ],
             bookmark_interval: Duration::from_secs(1),
             history_limit: 1000,
         }
@@ -375,7 +388,7 @@ const HELPER: WriteCtx<'static> = WriteCtx {
 };
 
 impl FakeKube {
-    /// Serves serinrollouts and leases on 127.0.0.1 with a free port.
+    /// Serves serinrollouts, leases and configmaps on 127.0.0.1 with a free port.
     pub async fn start() -> Self {
         Self::start_with(FakeKubeOptions::default()).await
     }

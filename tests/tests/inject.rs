@@ -345,6 +345,9 @@ fn contract_rules(name: &str) -> Value {
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
          "resourceNames": [format!("serin-{name}")], "verbs": ["get", "update"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"],
+         "resourceNames": [format!("serin-{name}-members")], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
     ])
 }
 

@@ -142,8 +142,7 @@ fn write_section(s: &mut String, f: &FleetBench) {
          why the API can look a little earlier than `m0` itself. A member's `/status` answers after the member has \
          saved its new state (two fsyncs; the rollout's lock is held across the save), so these times include that \
          save, which the route table does not wait for. The re-arm column includes each member's immediate report \
-         when it applies a new epoch (N status applies, each a watch event to all N members), hence its growth \
-         with N.\n",
+         when it applies a new epoch (a ConfigMap apply each, read only by the leader).\n",
         f.failing_rps, f.poll_ms
     );
     let _ = writeln!(
@@ -238,12 +237,14 @@ fn write_section(s: &mut String, f: &FleetBench) {
     }
     let _ = writeln!(
         s,
-        "\nAt steady state each member applies its own `status.members` entry once per report interval (10 s, ±10% \
-         jitter), the leader renews the Lease every 5 s (a GET and an update), and every other member reads the Lease \
-         every 2 s to notice a dead leader (client-go's leader election does the same). The watch on the object stays \
-         open (it is renewed every 290 s), so a window may count none. The lease costs the same 12 writes a minute \
-         whatever the fleet's size (client-go's leader election renews every 2 s, serin every third of the lease), \
-         so per member it weighs most in small fleets. In a rollout every member also reports at once \
+        "\nAt steady state each member applies its own key of the ConfigMap `serin-NAME-members` once per report \
+         interval (10 s, ±10% jitter), which only the leader reads (every half interval); the leader renews the Lease \
+         every 7.5 s (a GET and an update), writes its aggregate to `status.fleet` when the membership changes or at \
+         most every 30 s while its numbers move, and every other member reads the Lease every 2 s to notice a dead \
+         leader (client-go's leader election does the same). The watch on the object stays open (it is renewed every \
+         290 s), so a window may count none. The lease costs the same 8 writes a minute whatever the fleet's size \
+         (client-go's leader election renews every 2 s, serin every half of the lease), so per member it weighs most \
+         in small fleets. In a rollout every member also reports at once \
          when it applies a new step, the leader moves the steps (status merge patches), and a step cannot advance \
          before the reports that carry its requests: each step takes about one report interval."
     );

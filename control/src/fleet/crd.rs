@@ -10,9 +10,15 @@
 //!   `[judge]` keys. A new `metadata.generation` is a new desired state.
 //! - `status` is the fleet's rollout as it stands: the phase, weight, step,
 //!   latch and history that every member applies to its route table, the
-//!   `epoch` that orders explicit raises against rollbacks, the members'
-//!   summaries (each member owns its own entry, by server-side apply) and the
-//!   leader's aggregate.
+//!   `epoch` that orders explicit raises against rollbacks, and the leader's
+//!   aggregate.
+//!
+//! The members' own summaries ([`MemberSummary`]) are not in this object,
+//! which every member watches: a write per member per report would reach
+//! every member, N² events of an object N entries long. They go, one key per
+//! member, into the ConfigMap `serin-NAME-members`, which only the leader
+//! (and `serin status --fleet`) reads, as Kubernetes moved node heartbeats
+//! out of the Node object into Leases.
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -184,10 +190,6 @@ pub struct SerinRolloutStatus {
     /// Recent transitions, oldest first, at most [`STATUS_HISTORY_LIMIT`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<FleetTransition>,
-    /// Each member's latest summary; each member writes only its own entry.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["pod"]))]
-    pub members: Vec<MemberSummary>,
     /// The leader's aggregate over every fresh member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetAggregate>,
@@ -257,8 +259,9 @@ pub struct FleetTransition {
     pub actor: String,
 }
 
-/// What one member last reported.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// What one member last reported: the value of its key in the ConfigMap
+/// `serin-NAME-members` (JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberSummary {
     /// The member's pod name (its identity in the fleet).
@@ -298,7 +301,7 @@ pub struct MemberSummary {
 
 /// One upstream's window: counts and the latency histogram's non-empty
 /// buckets, so the leader can merge windows exactly.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WindowSummary {
     /// Requests completed in the window.
@@ -323,6 +326,11 @@ pub struct FleetAggregate {
     pub leader: String,
     /// Members that reported within three report intervals.
     pub members: u32,
+    /// The highest epoch any member runs: an explicit raise takes the next
+    /// one, so even a status restored from an old copy cannot strand the
+    /// members in a future epoch.
+    #[serde(default)]
+    pub highest_member_epoch: u64,
     /// Canary requests the fleet served on the current step.
     #[serde(default)]
     pub step_requests: u64,
@@ -379,10 +387,11 @@ mod tests {
             columns,
             ["Phase", "Weight", "Step", "Members", "Reason", "Age"]
         );
-        let members =
-            &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["members"];
-        assert_eq!(members["x-kubernetes-list-type"], "map");
-        assert_eq!(members["x-kubernetes-list-map-keys"][0], "pod");
+        let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert!(
+            status["properties"]["members"].is_null(),
+            "members live in a ConfigMap"
+        );
         let judge =
             &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["judge"];
         assert!(judge["properties"]["max_error_rate"].is_object(), "{judge}");

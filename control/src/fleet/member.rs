@@ -13,13 +13,16 @@
 //!   preconditioned), retrying until the API takes it or an operator has
 //!   started a newer epoch.
 //! - **report**: every `report_interval`, and at once after a new step,
-//!   server-side apply this member's own `status.members` entry: its windows
-//!   (counts and histogram buckets), step requests, and what it applied.
+//!   server-side apply this member's own key of the ConfigMap
+//!   `serin-NAME-members`: its windows (counts and histogram buckets), step
+//!   requests, and what it applied. Only the leader reads it, so a report
+//!   reaches one reader, not every member.
 //! - **lead**: hold the fleet's `coordination.k8s.io/v1` Lease (taken over
 //!   when its holder stops renewing for the lease duration, judged by this
 //!   member's own clock, as client-go does), and while holding it apply new
 //!   spec generations, judge the aggregate of every fresh member's window,
-//!   and advance the steps.
+//!   advance the steps, write the aggregate to `status.fleet`, and remove
+//!   the reports of members long gone.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -35,7 +38,10 @@ use serin_proxy::{Target, WindowSnapshot};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::crd::{FleetAggregate, MemberSummary, SerinRollout, UpstreamAggregate, WindowSummary};
+use super::crd::{
+    FleetAggregate, MemberSummary, SerinRollout, SerinRolloutStatus, UpstreamAggregate,
+    WindowSummary,
+};
 use super::ops::{is_conflict, Fleet, FleetError};
 use super::state::{self, parse_time};
 use super::FleetRef;
@@ -115,8 +121,10 @@ struct Shared {
     generation: AtomicI64,
     /// `(epoch, step, canary requests when this member applied it)`.
     step_base: Mutex<(u64, u32, u64)>,
-    /// The leader's latest aggregate, sent with its own report.
-    aggregate: Mutex<Option<FleetAggregate>>,
+    /// The members' reports as the leader last read them, and when.
+    reports: Mutex<(Option<Instant>, Vec<MemberSummary>)>,
+    /// The aggregate the leader last wrote, and when.
+    aggregate: Mutex<Option<(Instant, FleetAggregate)>>,
     /// Asks the reporter for a report now (a new step was applied).
     report_now: tokio::sync::Notify,
 }
@@ -139,6 +147,7 @@ impl Member {
             disconnects: AtomicU64::new(0),
             generation: AtomicI64::new(0),
             step_base: Mutex::new((0, 0, 0)),
+            reports: Mutex::new((None, Vec::new())),
             aggregate: Mutex::new(None),
             report_now: tokio::sync::Notify::new(),
         });
@@ -524,25 +533,27 @@ async fn report(shared: Arc<Shared>) {
         .take(128)
         .collect::<String>();
     let params = PatchParams::apply(&manager).force();
+    let target = &shared.settings.target;
+    let name = target.members_name();
     loop {
         if shared.latest.borrow().is_some() {
             let entry = summary(&shared).await;
-            let mut status = json!({ "members": [entry] });
-            if shared.leader.load(Relaxed) {
-                if let Some(aggregate) = shared.aggregate.lock().expect("aggregate").clone() {
-                    status["fleet"] = json!(aggregate);
-                }
-            }
             let body = json!({
-                "apiVersion": "serin.dev/v1alpha1",
-                "kind": "SerinRollout",
-                "metadata": {"name": shared.settings.target.name},
-                "status": status,
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": name,
+                    "namespace": target.namespace,
+                    "labels": {"app.kubernetes.io/managed-by": "serin", "serin.dev/fleet": target.name},
+                },
+                "data": {
+                    entry.pod.clone(): serde_json::to_string(&entry).expect("a summary serialises"),
+                },
             });
             if let Err(e) = shared
                 .fleet
-                .api()
-                .patch_status(&shared.settings.target.name, &params, &Patch::Apply(&body))
+                .config_maps()
+                .patch(&name, &params, &Patch::Apply(&body))
                 .await
             {
                 tracing::debug!(error = %e, "report not written");
@@ -565,9 +576,10 @@ struct Observed {
 }
 
 async fn lead(shared: Arc<Shared>) {
-    // The holder renews every third of the duration; the others look more
-    // often, so a dead holder is noticed soon after its lease runs out.
-    let renew_every = shared.settings.lease_duration / 3;
+    // The holder renews every half of the duration (a failed renewal is
+    // retried at once at the look period); the others look more often, so a
+    // dead holder is noticed soon after its lease runs out.
+    let renew_every = shared.settings.lease_duration / 2;
     let look_every = (shared.settings.lease_duration / 5).min(Duration::from_secs(2));
     let mut observed = Observed {
         record: None,
@@ -578,13 +590,14 @@ async fn lead(shared: Arc<Shared>) {
     loop {
         let now = Instant::now();
         if now >= next_renew {
-            let held = match try_lease(&shared, &mut observed).await {
-                Ok(held) => held,
+            let (held, renewed) = match try_lease(&shared, &mut observed).await {
+                Ok(held) => (held, true),
                 Err(e) => {
                     tracing::debug!(error = %e, "lease call failed");
                     // Without the API a leader cannot know it still leads.
-                    observed.at.elapsed() < shared.settings.lease_duration
-                        && shared.leader.load(Relaxed)
+                    let held = observed.at.elapsed() < shared.settings.lease_duration
+                        && shared.leader.load(Relaxed);
+                    (held, false)
                 }
             };
             let was = shared.leader.swap(held, Relaxed);
@@ -592,7 +605,12 @@ async fn lead(shared: Arc<Shared>) {
                 tracing::info!(fleet = %shared.settings.target, leader = held,
                     "fleet leadership {}", if held { "taken" } else { "lost" });
             }
-            next_renew = now + if held { renew_every } else { look_every };
+            next_renew = now
+                + if held && renewed {
+                    renew_every
+                } else {
+                    look_every
+                };
         }
         if shared.leader.load(Relaxed) {
             let may_write_reason = last_reason_write.elapsed() >= shared.settings.report_interval;
@@ -709,7 +727,7 @@ fn rfc3339_micro(t: SystemTime) -> String {
 /// A member that has not reported for this many of its report intervals
 /// counts as disconnected or gone: its window leaves the aggregate.
 pub const FRESH_INTERVALS: f64 = 3.0;
-/// ... and after this many, its entry is removed from `status.members`.
+/// ... and after this many, its report is removed from the ConfigMap.
 pub const GONE_INTERVALS: f64 = 10.0;
 
 /// How long since `member` reported, in its own report intervals (0 for a
@@ -723,20 +741,70 @@ pub fn member_age(member: &MemberSummary, now: SystemTime) -> f64 {
         })
 }
 
-/// Removes the entries of members gone for [`GONE_INTERVALS`] (a replaced
-/// pod's name is never reused), so the object stays small. Written with the
-/// read's `resourceVersion`: a member that reported meanwhile is not lost.
-async fn prune(shared: &Shared, object: &SerinRollout, now: SystemTime) -> Result<(), FleetError> {
-    let status = object.status.clone().unwrap_or_default();
-    let keep: Vec<_> = status
-        .members
+/// Removes the reports of members gone for [`GONE_INTERVALS`] (a replaced
+/// pod's name is never reused), so the ConfigMap stays small.
+async fn prune(shared: &Shared, gone: &[&MemberSummary]) -> Result<(), FleetError> {
+    let keys: serde_json::Map<String, serde_json::Value> = gone
         .iter()
-        .filter(|m| member_age(m, now) <= GONE_INTERVALS)
+        .map(|m| (m.pod.clone(), serde_json::Value::Null))
         .collect();
-    let patch = json!({
-        "metadata": {"resourceVersion": object.metadata.resource_version},
-        "status": {"members": keep},
+    shared
+        .fleet
+        .config_maps()
+        .patch(
+            &shared.settings.target.members_name(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "data": keys })),
+        )
+        .await?;
+    tracing::info!(
+        removed = gone.len(),
+        "removed the reports of members gone from the fleet"
+    );
+    Ok(())
+}
+
+/// The members' reports, read at most every half report interval.
+async fn reports(shared: &Shared) -> Result<Vec<MemberSummary>, FleetError> {
+    let due = shared
+        .reports
+        .lock()
+        .expect("reports")
+        .0
+        .is_none_or(|at| at.elapsed() >= shared.settings.report_interval / 2);
+    if due {
+        let read = shared.fleet.members().await?;
+        *shared.reports.lock().expect("reports") = (Some(Instant::now()), read);
+    }
+    Ok(shared.reports.lock().expect("reports").1.clone())
+}
+
+/// Writes the aggregate to `status.fleet` when the members changed (how
+/// many, or the highest epoch), or every three report intervals while its
+/// numbers move: for people and `kubectl get`, so it need not be fresher.
+async fn write_aggregate(shared: &Shared, status: &SerinRolloutStatus, aggregate: FleetAggregate) {
+    let shown = status.fleet.as_ref();
+    let membership_changed = shown.is_none_or(|f| {
+        f.members != aggregate.members
+            || f.highest_member_epoch != aggregate.highest_member_epoch
+            || f.leader != aggregate.leader
     });
+    let last = shared.aggregate.lock().expect("aggregate").clone();
+    let numbers_moved = last.as_ref().is_none_or(|(_, a)| {
+        (a.stable.requests, a.canary.requests, a.step_requests)
+            != (
+                aggregate.stable.requests,
+                aggregate.canary.requests,
+                aggregate.step_requests,
+            )
+    });
+    let due = last
+        .as_ref()
+        .is_none_or(|(at, _)| at.elapsed() >= shared.settings.report_interval * 3);
+    if !(membership_changed || (numbers_moved && due)) {
+        return;
+    }
+    let patch = json!({ "status": { "fleet": aggregate } });
     match shared
         .fleet
         .api()
@@ -747,15 +815,8 @@ async fn prune(shared: &Shared, object: &SerinRollout, now: SystemTime) -> Resul
         )
         .await
     {
-        Ok(_) => {
-            tracing::info!(
-                removed = status.members.len() - keep.len(),
-                "removed members gone from the fleet"
-            );
-            Ok(())
-        }
-        Err(e) if is_conflict(&e) => Ok(()),
-        Err(e) => Err(e.into()),
+        Ok(_) => *shared.aggregate.lock().expect("aggregate") = Some((Instant::now(), aggregate)),
+        Err(e) => tracing::debug!(error = %e, "aggregate not written"),
     }
 }
 
@@ -778,18 +839,18 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
 
     // The aggregate of every member that reported lately.
     let now = SystemTime::now();
-    let fresh: Vec<_> = status
-        .members
+    let members = reports(shared).await?;
+    let fresh: Vec<_> = members
         .iter()
         .filter(|m| member_age(m, now) <= FRESH_INTERVALS)
         .collect();
-    let gone: Vec<_> = status
-        .members
+    let gone: Vec<_> = members
         .iter()
         .filter(|m| member_age(m, now) > GONE_INTERVALS)
         .collect();
     if !gone.is_empty() {
-        prune(shared, &object, now).await?;
+        prune(shared, &gone).await?;
+        shared.reports.lock().expect("reports").0 = None;
     }
     let mut stable = WindowSnapshot::default();
     let mut canary = WindowSnapshot::default();
@@ -802,9 +863,10 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
         }
     }
     let ms = |w: &WindowSnapshot| w.quantile(0.95).as_secs_f64() * 1000.0;
-    *shared.aggregate.lock().expect("aggregate") = Some(FleetAggregate {
+    let aggregate = FleetAggregate {
         leader: pod.clone(),
         members: fresh.len() as u32,
+        highest_member_epoch: members.iter().map(|m| m.epoch).max().unwrap_or(0),
         step_requests,
         stable: UpstreamAggregate {
             requests: stable.requests,
@@ -817,7 +879,8 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
             p95_ms: ms(&canary),
         },
         updated_at: rfc3339(now),
-    });
+    };
+    write_aggregate(shared, &status, aggregate).await;
 
     if status.weight_bp == 0 || status.latched {
         return Ok(false);

@@ -17,7 +17,9 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 use serde_json::{json, Value};
 
-use super::crd::{SerinRollout, SerinRolloutStatus};
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use super::crd::{MemberSummary, SerinRollout, SerinRolloutStatus};
 use super::state::{self, Call, RolloutDefaults};
 use super::FleetRef;
 use crate::defaults;
@@ -109,10 +111,11 @@ pub fn fleet_defaults() -> RolloutDefaults {
     }
 }
 
-/// One fleet's object in the API.
+/// One fleet's object in the API, and its members' reports.
 #[derive(Clone)]
 pub struct Fleet {
     api: Api<SerinRollout>,
+    config_maps: Api<ConfigMap>,
     target: FleetRef,
     defaults: RolloutDefaults,
 }
@@ -130,10 +133,36 @@ impl Fleet {
     /// The fleet `target` through `client`.
     pub fn new(client: Client, target: FleetRef) -> Self {
         Self {
-            api: Api::namespaced(client, &target.namespace),
+            api: Api::namespaced(client.clone(), &target.namespace),
+            config_maps: Api::namespaced(client, &target.namespace),
             target,
             defaults: fleet_defaults(),
         }
+    }
+
+    /// The ConfigMaps of the fleet's namespace (the members report into
+    /// [`FleetRef::members_name`]).
+    pub fn config_maps(&self) -> &Api<ConfigMap> {
+        &self.config_maps
+    }
+
+    /// Every member's latest report (none before the first).
+    pub async fn members(&self) -> Result<Vec<MemberSummary>, FleetError> {
+        let Some(map) = self
+            .config_maps
+            .get_opt(&self.target.members_name())
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut members: Vec<MemberSummary> = map
+            .data
+            .unwrap_or_default()
+            .values()
+            .filter_map(|v| serde_json::from_str(v).ok())
+            .collect();
+        members.sort_by(|a, b| a.pod.cmp(&b.pod));
+        Ok(members)
     }
 
     /// `NAMESPACE/NAME`.
@@ -223,15 +252,29 @@ impl Fleet {
     /// Applies the spec's generation to the status if nobody has yet.
     pub async fn reconcile(&self, actor: &str) -> Result<SerinRollout, FleetError> {
         let defaults = self.defaults.clone();
+        let floor = self.highest_member_epoch().await;
         self.update_status(|object| {
             Ok(state::reconcile(
-                object,
+                &with_epoch_floor(object, floor),
                 &defaults,
                 actor,
                 SystemTime::now(),
             ))
         })
         .await
+    }
+
+    /// The highest epoch any member reports running (0 when none can be
+    /// read): an explicit raise must go above it, or those members would take
+    /// it for an old status and ignore it.
+    async fn highest_member_epoch(&self) -> u64 {
+        match self.members().await {
+            Ok(members) => members.iter().map(|m| m.epoch).max().unwrap_or(0),
+            Err(e) => {
+                tracing::debug!(error = %e, "members' reports not read");
+                0
+            }
+        }
     }
 
     /// `serin weight PCT --fleet`: phase `manual` at `pct`, a new epoch.
@@ -306,9 +349,10 @@ impl Fleet {
 
     async fn call(&self, call: Call, actor: &str) -> Result<SerinRollout, FleetError> {
         let defaults = self.defaults.clone();
+        let floor = self.highest_member_epoch().await;
         let mut first = true;
         self.update_status(|object| {
-            let status = object.status.clone().unwrap_or_default();
+            let status = with_epoch_floor(object, floor).status.unwrap_or_default();
             match state::call(&status, &call, &defaults, actor, SystemTime::now()) {
                 Ok(next) => {
                     first = false;
@@ -323,6 +367,16 @@ impl Fleet {
     }
 }
 
+/// `object` with the members' highest epoch known to be at least `floor`
+/// (what [`state`] reads to number the next explicit raise).
+fn with_epoch_floor(object: &SerinRollout, floor: u64) -> SerinRollout {
+    let mut object = object.clone();
+    let status = object.status.get_or_insert_with(Default::default);
+    let fleet = status.fleet.get_or_insert_with(Default::default);
+    fleet.highest_member_epoch = fleet.highest_member_epoch.max(floor);
+    object
+}
+
 /// The phase the object's status is in (`steady` before any).
 pub fn current_phase(object: &SerinRollout) -> Phase {
     object
@@ -334,11 +388,10 @@ pub fn current_phase(object: &SerinRollout) -> Phase {
 
 /// The fleet's rollout as `serin status --fleet --json` and a member's
 /// control API show it: the status's rollout keys with `canary_weight` in
-/// percent (as `/status`), and every member's summary without histograms.
-pub fn summary(object: &SerinRollout) -> Value {
+/// percent (as `/status`), and every member's report without histograms.
+pub fn summary(object: &SerinRollout, members: &[MemberSummary]) -> Value {
     let status = object.status.clone().unwrap_or_default();
-    let members: Vec<Value> = status
-        .members
+    let members: Vec<Value> = members
         .iter()
         .map(|m| {
             json!({
@@ -400,7 +453,11 @@ pub async fn run_cli(
             C::Promote => fleet.promote(actor).await?,
             C::Rollback => fleet.rollback(actor).await?,
         };
-        let summary = summary(&object);
+        let members = fleet.members().await.unwrap_or_else(|e| {
+            eprintln!("serin: the members' reports cannot be read ({e}); showing the rollout only");
+            Vec::new()
+        });
+        let summary = summary(&object, &members);
         if json {
             println!("{summary:#}");
         } else {

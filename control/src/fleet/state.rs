@@ -175,7 +175,7 @@ fn machine(
 /// member has run, so it beats even a status restored from an old copy (a
 /// member ignores a status from an epoch older than its own).
 fn next_epoch(status: &SerinRolloutStatus) -> u64 {
-    let members = status.members.iter().map(|m| m.epoch).max().unwrap_or(0);
+    let members = status.fleet.as_ref().map_or(0, |f| f.highest_member_epoch);
     status.epoch.max(members) + 1
 }
 
@@ -475,14 +475,13 @@ pub fn leader_tick(
 }
 
 /// The rollout part of a status as a JSON merge patch: every rollout key,
-/// with `null` for what is absent, and never `members` or `fleet` (each
-/// member owns its own entry of those).
+/// with `null` for what is absent, and never `fleet` (the leader's
+/// aggregate, written on its own).
 pub fn rollout_patch(status: &SerinRolloutStatus, resource_version: &str) -> Value {
     let mut fields: Map<String, Value> = match serde_json::to_value(status) {
         Ok(Value::Object(map)) => map,
         _ => Map::new(),
     };
-    fields.remove("members");
     fields.remove("fleet");
     for key in [
         "steps",

@@ -62,6 +62,7 @@ pub(crate) fn env(name: &str) -> [Value; 3] {
 /// The Role's rules for fleet `name`: exactly what a member calls, on nothing else.
 pub fn role_rules(name: &str) -> Value {
     let lease = format!("{LEASE_PREFIX}{name}");
+    let members = format!("{LEASE_PREFIX}{name}-members");
     json!([
         {
             "apiGroups": ["serin.dev"],
@@ -85,6 +86,19 @@ pub fn role_rules(name: &str) -> Value {
             // `create` carries no name to check; the member creates only serin-NAME.
             "apiGroups": ["coordination.k8s.io"],
             "resources": ["leases"],
+            "verbs": ["create"],
+        },
+        {
+            // The members' reports: one key each, read by the leader.
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [members],
+            "verbs": ["get", "patch"],
+        },
+        {
+            // The first report creates it (server-side apply); again no name to check.
+            "apiGroups": [""],
+            "resources": ["configmaps"],
             "verbs": ["create"],
         },
     ])

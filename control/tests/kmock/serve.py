@@ -8,7 +8,7 @@ reaches end of file (the test that started it ended, however it ended) or it
 gets SIGTERM or SIGINT.
 
 Everything the server answers is kmock's own ``KubernetesEmulator``: this
-script only declares the two resources serin's fleet mode uses (kmock lists a
+script only declares the three resources serin's fleet mode uses (kmock lists a
 resource only once it is declared or holds an object) and starts kmock's own
 ``Server``. It adds no emulation of its own, so the test sees kmock as it is.
 """
@@ -28,6 +28,9 @@ async def main() -> None:
     )
     emulator.resources['coordination.k8s.io/v1/leases'] = kmock.ResourceInfo(
         kind='Lease', singular='lease', namespaced=True,
+    )
+    emulator.resources['v1/configmaps'] = kmock.ResourceInfo(
+        kind='ConfigMap', singular='configmap', namespaced=True,
     )
 
     loop = asyncio.get_running_loop()

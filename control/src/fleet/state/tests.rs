@@ -267,18 +267,17 @@ fn the_leader_steps_after_the_hold_and_the_fleets_requests_and_reverts_on_a_brea
 }
 
 #[test]
-fn the_rollout_patch_never_touches_the_members_and_clears_absent_keys() {
+fn the_rollout_patch_never_touches_the_aggregate_and_clears_absent_keys() {
     let mut status = SerinRolloutStatus {
         phase: "manual".into(),
         weight_bp: 500,
-        members: vec![Default::default()],
         ..Default::default()
     };
     status.fleet = Some(Default::default());
     let patch = rollout_patch(&status, "42");
     assert_eq!(patch["metadata"]["resourceVersion"], "42");
     let fields = patch["status"].as_object().unwrap();
-    assert!(!fields.contains_key("members") && !fields.contains_key("fleet"));
+    assert!(!fields.contains_key("fleet"));
     assert!(fields["resume"].is_null() && fields["stepStartTime"].is_null());
     assert_eq!(fields["weightBp"], 500);
 }
