@@ -111,6 +111,7 @@ pub enum Command {
     mut_arg("workers", with_default(defaults::WORKERS)),
     mut_arg("judge_max_error_rate", with_default(defaults::MAX_ERROR_RATE)),
     mut_arg("judge_max_p95", with_default(duration_text(defaults::MAX_P95))),
+    mut_arg("log_format", with_default(defaults::LOG_FORMAT)),
     mut_arg(
         "fleet_report_interval",
         with_default(duration_text(defaults::FLEET_REPORT_INTERVAL))
@@ -154,6 +155,9 @@ pub struct RunArgs {
     /// Judge: absolute ceiling on the canary p95, e.g. 800ms.
     #[arg(long, env = "SERIN_JUDGE_MAX_P95")]
     pub judge_max_p95: Option<String>,
+    /// serin's own log lines: auto (text on a terminal, JSON otherwise), text or json.
+    #[arg(long, env = "SERIN_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// Join the fleet of this SerinRollout (NAMESPACE/NAME): one rollout for every member.
     #[arg(long, env = "SERIN_FLEET")]
     pub fleet: Option<String>,
@@ -182,6 +186,7 @@ impl RunArgs {
             workers: self.workers,
             max_error_rate: self.judge_max_error_rate,
             max_p95: self.judge_max_p95.clone(),
+            log_format: self.log_format.clone(),
             fleet: self.fleet.clone(),
             fleet_member: self.fleet_member.clone(),
             fleet_report_interval: self.fleet_report_interval.clone(),

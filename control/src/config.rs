@@ -69,6 +69,7 @@ pub struct RawConfig {
     pub state_dir: Option<PathBuf>,
     pub canary_weight: Option<f64>,
     pub log: Option<String>,
+    pub log_format: Option<String>,
     #[serde(default)]
     pub stable: RawUpstream,
     #[serde(default)]
@@ -192,6 +193,8 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub max_error_rate: Option<f64>,
     pub max_p95: Option<String>,
+    /// `--log-format`.
+    pub log_format: Option<String>,
     /// `--fleet NAMESPACE/NAME`.
     pub fleet: Option<String>,
     /// `--fleet-member`.
@@ -203,6 +206,30 @@ pub struct Overrides {
 }
 
 // === typed (validated) ===
+
+/// How serin writes its own log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Text on a terminal (with colours), JSON lines otherwise.
+    Auto,
+    /// Text, with colours only on a terminal.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`
+    /// (with `message`), and the span, for Loki, Fluent Bit or CloudWatch.
+    Json,
+}
+
+fn log_format(value: Option<&str>) -> Result<LogFormat, ConfigError> {
+    match value.unwrap_or(defaults::LOG_FORMAT) {
+        "auto" => Ok(LogFormat::Auto),
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(ConfigError::invalid(
+            "log_format",
+            format!("must be \"auto\", \"text\" or \"json\" (got {other:?})"),
+        )),
+    }
+}
 
 /// Fleet membership (`serin run --fleet`), validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -337,6 +364,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Log filter, tracing syntax (default [`defaults::LOG`]).
     pub log: String,
+    /// How serin's own log lines are written (default [`defaults::LOG_FORMAT`]).
+    pub log_format: LogFormat,
     /// The judge.
     pub judge: JudgeSettings,
     /// Rollout defaults.
@@ -528,6 +557,7 @@ impl Config {
                 .or(raw.state_dir)
                 .unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
             log: raw.log.unwrap_or_else(|| defaults::LOG.to_string()),
+            log_format: log_format(o.log_format.as_deref().or(raw.log_format.as_deref()))?,
             judge,
             rollout,
             webhooks,
@@ -855,6 +885,16 @@ mod tests {
         assert!(err("[judge]\nmax_error_rate = 5\n")
             .contains("`judge.max_error_rate` must be between 0 and 1 (got 5); write 0.05"));
         assert!(err("canary_weight = 120\n").contains("`canary_weight`"));
+        assert!(err("log_format = \"yaml\"\n")
+            .contains("`log_format` must be \"auto\", \"text\" or \"json\" (got \"yaml\")"));
+        let o = Overrides {
+            log_format: Some("json".into()),
+            ..upstreams()
+        };
+        assert_eq!(
+            load("log_format = \"text\"\n", &o).unwrap().log_format,
+            LogFormat::Json
+        );
         assert!(err("[judge]\nmax_eror_rate = 0.1\n").contains("max_eror_rate"));
         assert!(err("listen = \"nope\"\n").contains("`listen`"));
         assert!(err("[timeouts]\nconnect = \"soon\"\n").contains("`timeouts.connect`"));

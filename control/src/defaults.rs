@@ -26,6 +26,9 @@ pub const ADMIN: &str = "127.0.0.1:9901";
 pub const STATE_DIR: &str = "./serin-state";
 /// `log`: the log filter, in `tracing` syntax (`RUST_LOG` overrides it).
 pub const LOG: &str = "info";
+/// `log_format`: `auto` writes text on a terminal and JSON lines otherwise
+/// (a file, a pipe, a log collector).
+pub const LOG_FORMAT: &str = "auto";
 /// `canary_weight`: the canary's share in percent when no state is saved.
 pub const CANARY_WEIGHT: f64 = 0.0;
 

@@ -42,7 +42,7 @@ use serin_proxy::{Proxy, RouteTable, Routes};
 use tokio::sync::{mpsc, watch};
 
 use crate::api::Api;
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::fleet::member::{Member, MemberSettings};
 use crate::metrics::Metrics;
 use crate::webhook::{RetryPolicy, WebhookEvent, Webhooks};
@@ -71,17 +71,27 @@ pub enum ServeError {
 }
 
 /// Logs to stderr with the given filter (e.g. "info", "serin_proxy=debug"),
-/// overridden by `RUST_LOG` when set. Colour codes only on a terminal: a
-/// file, a pipe or a log collector gets plain text.
-pub fn init_logging(filter: &str) {
+/// overridden by `RUST_LOG` when set, in `format`: `Auto` is text on a
+/// terminal and JSON lines otherwise. Colour codes only on a terminal: a
+/// file, a pipe or a log collector never gets escape codes.
+pub fn init_logging(filter: &str, format: LogFormat) {
     use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt()
-        .with_ansi(std::io::stderr().is_terminal())
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !terminal,
+    };
+    let _ = if json {
+        builder.json().with_ansi(false).try_init()
+    } else {
+        builder.with_ansi(terminal).try_init()
+    };
 }
 
 /// A running serin: data plane, controller and control API.

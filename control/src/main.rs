@@ -81,12 +81,15 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    serin_control::init_logging(&config.log);
+    serin_control::init_logging(&config.log, config.log_format);
     finish("serin", 1, serin_control::serve(config))
 }
 
 fn inject(args: serin_control::inject::InjectArgs) -> ExitCode {
-    serin_control::init_logging(serin_control::defaults::LOG);
+    serin_control::init_logging(
+        serin_control::defaults::LOG,
+        serin_control::config::LogFormat::Auto,
+    );
     finish("serin inject", 2, serin_control::inject::run(args))
 }
 
@@ -110,7 +113,7 @@ fn call(call: Call, args: AdminArgs) -> ExitCode {
 }
 
 fn demo(plain: bool) -> ExitCode {
-    serin_control::init_logging("error");
+    serin_control::init_logging("error", serin_control::config::LogFormat::Text);
     let state_dir = std::env::temp_dir().join(format!("serin-demo-{}", std::process::id()));
     let code = finish("serin demo", 1, serin_control::demo::run(plain, &state_dir));
     let _ = std::fs::remove_dir_all(&state_dir);

@@ -276,17 +276,21 @@ async fn a_100_mb_upload_and_download_stream_through_with_flat_memory() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logs_written_to_a_pipe_carry_no_colour_codes() {
+/// Runs `serin run` with stdout and stderr piped and `extra` flags until it
+/// listens, stops it with SIGTERM, and returns what it logged.
+async fn piped_logs(tag: &str, extra: &[&str]) -> String {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let stable = TestUpstream::start("stable").await;
     let canary = TestUpstream::start("canary").await;
-    let state = temp_dir("plain-logs");
+    let state = temp_dir(tag);
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_serin"))
         .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .args(["--stable", &stable.url(), "--canary", &canary.url()])
         .arg("--state-dir")
         .arg(&state)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .env_remove("SERIN_LOG_FORMAT")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -315,9 +319,37 @@ async fn logs_written_to_a_pipe_carry_no_colour_codes() {
         .await
         .expect("serin exits within 30 s")
         .unwrap();
-    assert!(stderr.contains("SIGTERM: draining"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&state);
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_are_json_lines_by_default_and_never_carry_colour_codes() {
+    // Not a terminal: JSON lines a log collector parses as they are.
+    let json = piped_logs("json-logs", &[]).await;
     assert!(
-        !stderr.contains('\x1b'),
-        "colour codes in piped logs: {stderr:?}"
+        !json.contains('\x1b'),
+        "colour codes in piped logs: {json:?}"
     );
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let draining = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "SIGTERM: draining")
+        .unwrap_or_else(|| panic!("no SIGTERM line in {json}"));
+    assert_eq!(draining["level"], "INFO");
+    assert!(draining["timestamp"].is_string() && draining["target"].is_string());
+
+    // Asked for text: plain text, still without escape codes.
+    let text = piped_logs("text-logs", &["--log-format", "text"]).await;
+    assert!(text.contains("SIGTERM: draining"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in piped logs: {text:?}"
+    );
+    assert!(text
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
 }

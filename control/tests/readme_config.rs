@@ -53,6 +53,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         admin,
         state_dir,
         log,
+        log_format,
         judge,
         rollout,
         webhooks,
@@ -124,6 +125,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "state_dir" => state_dir,
         "canary_weight" => canary_weight_bp,
         "log" => log,
+        "log_format" => log_format,
         "stable.url" => stable.url,
         "stable.protocol" => stable.protocol,
         "canary.url" => canary.url,
@@ -200,6 +202,7 @@ fn the_readme_config_shows_every_key() {
         state_dir,
         canary_weight,
         log,
+        log_format,
         stable:
             RawUpstream {
                 url: stable_url,
@@ -270,6 +273,7 @@ fn the_readme_config_shows_every_key() {
         ("state_dir", state_dir.is_some()),
         ("canary_weight", canary_weight.is_some()),
         ("log", log.is_some()),
+        ("log_format", log_format.is_some()),
         ("stable.url", stable_url.is_some()),
         ("stable.protocol", stable_protocol.is_some()),
         ("canary.url", canary_url.is_some()),
