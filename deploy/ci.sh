@@ -50,3 +50,16 @@ fi
   deploy/examples/*.yaml \
   deploy/webhook/*.yaml \
   deploy/crds/*.yaml
+
+# promtool, from Debian's prometheus package: downloaded and unpacked under the cache,
+# once, so no Prometheus service is installed or started.
+promtool_dir="${XDG_CACHE_HOME:-$HOME/.cache}/serin-promtool"
+promtool="$promtool_dir/usr/bin/promtool"
+if [[ ! -x "$promtool" ]]; then
+  echo "deploy/ci.sh: fetching promtool (Debian package prometheus)" >&2
+  mkdir -p "$promtool_dir"
+  (cd "$promtool_dir" && { apt-get download prometheus >/dev/null 2>&1 \
+    || { apt-get update -qq && apt-get download prometheus >/dev/null; }; } \
+    && dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb)
+fi
+(cd deploy/prometheus && "$promtool" check rules serin-alerts.yaml && "$promtool" test rules serin-alerts.test.yaml)
