@@ -279,34 +279,56 @@ async fn a_100_mb_upload_and_download_stream_through_with_flat_memory() {
 /// Runs `serin run` with stdout and stderr piped and `extra` flags until it
 /// listens, stops it with SIGTERM, and returns what it logged.
 async fn piped_logs(tag: &str, extra: &[&str]) -> String {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let stable = TestUpstream::start("stable").await;
+    piped_logs_while(tag, &stable.url(), extra, None, |_| async {}).await
+}
+
+/// As [`piped_logs`], with `stable` as the stable upstream, `log_filter` as
+/// `RUST_LOG`, and `during` run against the proxy's address before the stop.
+async fn piped_logs_while<F, Fut>(
+    tag: &str,
+    stable: &str,
+    extra: &[&str],
+    log_filter: Option<&str>,
+    during: F,
+) -> String
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let canary = TestUpstream::start("canary").await;
     let state = temp_dir(tag);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_serin"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_serin"));
+    command
         .args(["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(["--stable", &stable.url(), "--canary", &canary.url()])
+        .args(["--stable", stable, "--canary", &canary.url()])
         .arg("--state-dir")
         .arg(&state)
         .args(extra)
         .env_remove("RUST_LOG")
-        .env_remove("SERIN_LOG_FORMAT")
+        .env_remove("SERIN_LOG_FORMAT");
+    if let Some(filter) = log_filter {
+        command.env("RUST_LOG", filter);
+    }
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
+    let proxy = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("proxy listening") {
-                return;
+            if let Some(rest) = line.strip_prefix("serin: proxy listening on ") {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
             }
         }
         panic!("serin exited before listening");
     })
     .await
     .expect("serin listens within 30 s");
+    during(proxy).await;
     let pid = child.id().unwrap().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -352,4 +374,45 @@ async fn logs_to_a_pipe_are_json_lines_by_default_and_never_carry_colour_codes()
     assert!(text
         .lines()
         .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_line_about_a_request_carries_its_request_id() {
+    // Stable is down: the request fails, and the debug line that says so
+    // names the request, by the client's id or by the one serin made.
+    let down = closed_port_url();
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let generated = sent.clone();
+    let logs = piped_logs_while(
+        "request-id-logs",
+        &down,
+        &["--log-format", "json"],
+        Some("info,serin_proxy=debug"),
+        |proxy| async move {
+            let client = http1_client();
+            let url = format!("http://{proxy}/");
+            let answer = get(&client, &url, &[("x-request-id", "trace-me-123")]).await;
+            assert_eq!(answer.status, 502);
+            let answer = get(&client, &url, &[]).await;
+            assert_eq!(answer.status, 502);
+            let id = answer.headers["x-request-id"].to_str().unwrap().to_string();
+            *generated.lock().unwrap() = id;
+        },
+    )
+    .await;
+    let failures: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "upstream request failed")
+        .collect();
+    let ids: Vec<&str> = failures
+        .iter()
+        .filter_map(|l| l["fields"]["request_id"].as_str())
+        .collect();
+    let generated = sent.lock().unwrap().clone();
+    assert!(ids.contains(&"trace-me-123"), "{logs}");
+    assert!(
+        ids.contains(&generated.as_str()),
+        "{generated} not in {logs}"
+    );
 }

@@ -146,7 +146,12 @@ async fn answer(
     match result {
         Err(e) => {
             record.failed(&e);
-            tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
+            tracing::debug!(
+                request_id = %String::from_utf8_lossy(request_id),
+                upstream = %served_by,
+                error = %e,
+                "upstream request failed"
+            );
             answer_locally(
                 &worker,
                 &Refusal::Upstream(served_by, e),
@@ -170,7 +175,9 @@ async fn answer(
                 if let (Some(client), Some(tunnel), Some(protocol)) =
                     (client_upgrade, body.take_tunnel(), protocol)
                 {
-                    tokio::task::spawn_local(splice(client, tunnel));
+                    // An upgrade is rare and long: its id is copied for its logs.
+                    let id = String::from_utf8_lossy(request_id).into_owned();
+                    tokio::task::spawn_local(splice(client, tunnel, id));
                     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
                     headers.insert(UPGRADE, protocol);
                 }
@@ -445,11 +452,11 @@ fn requested_upgrade(parts: &Parts) -> Option<HeaderValue> {
 
 /// Copies bytes both ways between an upgraded client connection and an
 /// upgraded upstream connection until either side closes.
-async fn splice(client: OnUpgrade, mut upstream: Tunnel) {
+async fn splice(client: OnUpgrade, mut upstream: Tunnel, request_id: String) {
     let client = match client.await {
         Ok(client) => client,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
+            tracing::debug!(%request_id, error = %e, "upgrade did not complete");
             return;
         }
     };
@@ -457,11 +464,11 @@ async fn splice(client: OnUpgrade, mut upstream: Tunnel) {
     // What the upstream sent right after its 101 came in with the head.
     if !upstream.early.is_empty() {
         if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &upstream.early).await {
-            tracing::debug!(error = %e, "upgraded connection ended");
+            tracing::debug!(%request_id, error = %e, "upgraded connection ended");
             return;
         }
     }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream.io).await {
-        tracing::debug!(error = %e, "upgraded connection ended");
+        tracing::debug!(%request_id, error = %e, "upgraded connection ended");
     }
 }

@@ -464,7 +464,12 @@ async fn exchange(
         Ok(resp) => resp,
         Err(e) => {
             record.failed(&e);
-            tracing::debug!(upstream = %served_by, error = %e, "upstream request failed");
+            tracing::debug!(
+                request_id = %String::from_utf8_lossy(id),
+                upstream = %served_by,
+                error = %e,
+                "upstream request failed"
+            );
             let refusal = Refusal::Upstream(served_by, e);
             let keep_alive = write_local(out, worker, request, &refusal, id, fell_back);
             return stream.write_all(out).await.is_ok() && keep_alive;
@@ -513,7 +518,12 @@ async fn exchange(
             }
             Err(e) => {
                 record.broke();
-                tracing::debug!(upstream = %served_by, error = %e, "upstream response body broke off");
+                tracing::debug!(
+                    request_id = %String::from_utf8_lossy(answering.request_id),
+                    upstream = %served_by,
+                    error = %e,
+                    "upstream response body broke off"
+                );
                 // The client cannot be told after the head: it sees the
                 // connection close before the body is complete.
                 let _ = stream.write_all(out).await;
