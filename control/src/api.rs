@@ -242,23 +242,11 @@ impl Api {
                 Ok(None) => error(StatusCode::BAD_REQUEST, "body required: {\"canary\": 12.5}"),
                 Err(resp) => resp,
             },
-            "/rollout" => match read_json::<RolloutBody, B>(req).await {
-                Ok(body) => {
-                    let body = body.unwrap_or_default();
-                    let hold = match body.hold.as_deref().map(parse_hold).transpose() {
-                        Ok(Some(hold)) if hold.is_zero() => {
-                            return error(
-                                StatusCode::BAD_REQUEST,
-                                "hold must be longer than 0s, e.g. \"60s\"",
-                            )
-                        }
-                        Ok(hold) => hold,
-                        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-                    };
-                    c.rollout(body.steps, hold)
-                        .await
-                        .map_or_else(controller_error, |s| ok(&s))
-                }
+            "/rollout" => match read_rollout(req).await {
+                Ok((steps, hold)) => c
+                    .rollout(steps, hold)
+                    .await
+                    .map_or_else(controller_error, |s| ok(&s)),
                 Err(resp) => resp,
             },
             "/pause" => c.pause().await.map_or_else(controller_error, |s| ok(&s)),
@@ -294,21 +282,8 @@ where
             Ok(None) => return error(StatusCode::BAD_REQUEST, "body required: {\"canary\": 12.5}"),
             Err(resp) => return resp,
         },
-        "/rollout" => match read_json::<RolloutBody, B>(req).await {
-            Ok(body) => {
-                let body = body.unwrap_or_default();
-                let hold = match body.hold.as_deref().map(parse_hold).transpose() {
-                    Ok(Some(hold)) if hold.is_zero() => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "hold must be longer than 0s, e.g. \"60s\"",
-                        )
-                    }
-                    Ok(hold) => hold,
-                    Err(e) => return error(StatusCode::BAD_REQUEST, e),
-                };
-                fleet.rollout(body.steps, hold, &actor).await
-            }
+        "/rollout" => match read_rollout(req).await {
+            Ok((steps, hold)) => fleet.rollout(steps, hold, &actor).await,
             Err(resp) => return resp,
         },
         "/pause" => fleet.pause(&actor).await,
@@ -326,6 +301,26 @@ where
             )
         }
         Err(e) => fleet_error(e),
+    }
+}
+
+/// Reads a `POST /rollout` body: its steps and hold, both optional; a hold
+/// that is not a duration, or is 0, is a bad body.
+async fn read_rollout<B>(
+    req: Request<B>,
+) -> Result<(Option<Vec<f64>>, Option<Duration>), ApiResponse>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let body = read_json::<RolloutBody, B>(req).await?.unwrap_or_default();
+    match body.hold.as_deref().map(parse_hold).transpose() {
+        Ok(Some(hold)) if hold.is_zero() => Err(error(
+            StatusCode::BAD_REQUEST,
+            "hold must be longer than 0s, e.g. \"60s\"",
+        )),
+        Ok(hold) => Ok((body.steps, hold)),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, e)),
     }
 }
 

@@ -273,9 +273,11 @@ pub fn reconcile(
     let mut after = before.clone();
     after.observed_generation = generation;
     match reconciled(object, &before, defaults, actor, now) {
-        Ok(Some(next)) => {
-            after = next;
-            after.observed_generation = generation;
+        Ok(next) => {
+            if let Some(next) = next {
+                after = next;
+                after.observed_generation = generation;
+            }
             set_condition(
                 &mut after,
                 "SpecApplied",
@@ -286,15 +288,6 @@ pub fn reconcile(
                 now,
             );
         }
-        Ok(None) => set_condition(
-            &mut after,
-            "SpecApplied",
-            true,
-            "Applied",
-            format!("generation {generation} applied"),
-            generation,
-            now,
-        ),
         Err(e) => set_condition(
             &mut after,
             "SpecApplied",
