@@ -341,7 +341,6 @@ where
         .await
         .expect("serin exits within 30 s")
         .unwrap();
-    let _ = std::fs::remove_dir_all(&state);
     stderr
 }
 

@@ -26,10 +26,11 @@ struct Fleet {
     stable: TestUpstream,
     canary: TestUpstream,
     kubeconfig: PathBuf,
-    dir: PathBuf,
     members: Vec<Option<SerinProcess>>,
     admin: Vec<String>,
     proxies: Vec<String>,
+    /// Last, so it is removed after the members are gone.
+    dir: TempDir,
 }
 
 impl Fleet {
@@ -195,12 +196,6 @@ impl Fleet {
     }
 }
 
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_started_once_advances_on_every_member_together() {
     let fleet = Fleet::start("fleet-rollout", 5, json!({})).await;
@@ -319,9 +314,14 @@ async fn one_members_breach_reverts_every_member_and_a_new_pod_stays_at_zero() {
     // with the canary unreachable even by override.
     fleet.kill(3).await;
     let new = fleet.add_member().await;
+    // Closed until it reads the object (weight 0 already), then rolled back.
+    eventually(
+        DEADLINE,
+        "the new pod takes the fleet's rollback",
+        || async { fleet.status(new).await["phase"] == "rolled_back" },
+    )
+    .await;
     fleet.all_at(0.0, "the new pod").await;
-    let s = fleet.status(new).await;
-    assert_eq!(s["phase"], "rolled_back", "{s:#}");
     let client = http1_client();
     let canary_before = fleet.canary.requests();
     for _ in 0..20 {
@@ -349,6 +349,15 @@ async fn one_members_breach_reverts_every_member_and_a_new_pod_stays_at_zero() {
 async fn a_member_that_joins_takes_the_fleets_state_and_is_closed_until_it_reads_it() {
     let mut fleet = Fleet::start("fleet-join", 5, json!({"canaryWeight": 30})).await;
     fleet.all_at(30.0, "manual 30%").await;
+    // m1 has reported at least once (the first report comes at a random
+    // moment of the first interval, so the members' writes spread out).
+    eventually(DEADLINE, "m1 reports", || async {
+        fleet
+            .api
+            .get("configmaps", NS, "serin-checkout-members")
+            .is_some_and(|r| r["data"]["m1"].is_string())
+    })
+    .await;
     fleet.kill(1).await;
     // The killed member shows as gone, then its entry is removed.
     eventually(DEADLINE, "serin status --fleet marks m1", || async {

@@ -209,7 +209,8 @@ struct Fleet {
     stable: TestUpstream,
     canary: TestUpstream,
     kubeconfig: PathBuf,
-    dir: PathBuf,
+    /// Last, so it is removed after the members are gone.
+    dir: TempDir,
 }
 
 impl Fleet {
@@ -293,12 +294,6 @@ impl Fleet {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -472,8 +472,10 @@ impl TestCert {
     }
 }
 
-/// A fresh, unique directory under the system temp dir.
-pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+/// A fresh, empty directory under the system's temp dir, named after `tag`,
+/// the process and a counter, and removed with everything in it when the
+/// returned guard is dropped (a test that panics cleans up too).
+pub fn temp_dir(tag: &str) -> TempDir {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "serin-test-{tag}-{}-{}",
@@ -482,7 +484,38 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
+}
+
+/// A directory made by [`temp_dir`], removed when dropped. It derefs to its
+/// path.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
 }
 
 // === the serin binary ===
