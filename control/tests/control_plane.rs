@@ -42,6 +42,8 @@ struct Serin {
     api: Api,
     client: HttpClient,
     proxy: String,
+    /// The state directory, removed when the harness is dropped.
+    _state: TempDir,
 }
 
 impl Serin {
@@ -70,6 +72,7 @@ impl Serin {
             api,
             client: http1_client(),
             proxy,
+            _state: state,
         }
     }
 

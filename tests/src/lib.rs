@@ -439,6 +439,8 @@ pub struct TestCert {
     pub key_path: std::path::PathBuf,
     /// A client config trusting the certificate, offering h2 and http/1.1.
     pub client: Arc<rustls::ClientConfig>,
+    /// Where the files are; removed with the certificate.
+    _dir: TempDir,
 }
 
 impl TestCert {
@@ -468,6 +470,7 @@ impl TestCert {
             cert_path,
             key_path,
             client: Arc::new(client),
+            _dir: dir,
         }
     }
 }
