@@ -220,19 +220,7 @@ impl Fleet {
         let state = self.dir.join(format!("state-{index}"));
         let name = format!("m{index}");
         let kubeconfig = self.kubeconfig.to_str().unwrap().to_string();
-        let (stable, canary) = (self.stable.url(), self.canary.url());
-        let args = [
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--stable",
-            &stable,
-            "--canary",
-            &canary,
-            "--state-dir",
-            state.to_str().unwrap(),
+        let extra = [
             "--fleet",
             FLEET,
             "--fleet-member",
@@ -242,9 +230,12 @@ impl Fleet {
             "--fleet-report-interval",
             "500ms",
         ];
-        let process = SerinProcess::spawn_env(
+        let process = SerinProcess::run_env(
             env!("CARGO_BIN_EXE_serin"),
-            args,
+            &self.stable,
+            &self.canary,
+            &state,
+            &extra,
             &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "warn")],
         )
         .await;

@@ -605,6 +605,18 @@ impl SerinProcess {
         state_dir: &std::path::Path,
         extra: &[&str],
     ) -> Self {
+        Self::run_env(bin, stable, canary, state_dir, extra, &[]).await
+    }
+
+    /// As [`SerinProcess::run`], with `env` added to the child's environment.
+    pub async fn run_env(
+        bin: &str,
+        stable: &TestUpstream,
+        canary: &TestUpstream,
+        state_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let state = state_dir.to_str().expect("UTF-8 temp path");
         let (stable, canary) = (stable.url(), canary.url());
         let mut args = vec![
@@ -621,7 +633,7 @@ impl SerinProcess {
             state,
         ];
         args.extend_from_slice(extra);
-        Self::spawn(bin, args).await
+        Self::spawn_env(bin, args, env).await
     }
 
     /// Sends a signal by name (`TERM`, `KILL`, `INT`).
