@@ -158,6 +158,9 @@ pub struct RunArgs {
     /// serin's own log lines: auto (text on a terminal, JSON otherwise), text or json.
     #[arg(long, env = "SERIN_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Write an access log line per request, to "stdout" or a file (see [access_log] for the rest).
+    #[arg(long, env = "SERIN_ACCESS_LOG", value_name = "stdout|PATH")]
+    pub access_log: Option<String>,
     /// Join the fleet of this SerinRollout (NAMESPACE/NAME): one rollout for every member.
     #[arg(long, env = "SERIN_FLEET")]
     pub fleet: Option<String>,
@@ -187,6 +190,7 @@ impl RunArgs {
             max_error_rate: self.judge_max_error_rate,
             max_p95: self.judge_max_p95.clone(),
             log_format: self.log_format.clone(),
+            access_log: self.access_log.clone(),
             fleet: self.fleet.clone(),
             fleet_member: self.fleet_member.clone(),
             fleet_report_interval: self.fleet_report_interval.clone(),

@@ -16,6 +16,8 @@ use serde::Deserialize;
 use crate::defaults;
 use crate::judge::JudgePolicy;
 use crate::rollout::{basis_points, parse_hold, validate_steps};
+use serin_proxy::access_log::{AccessLogConfig, LineFormat, LogSink, QueryPolicy};
+use serin_proxy::trace::{SpanExport, TraceSettings};
 use serin_proxy::{
     Classifier, HeaderPolicy, PoolSettings, ProxyConfig, SplitRules, StickyKey, TlsFiles, Upstream,
     UpstreamProtocol,
@@ -83,6 +85,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub headers: RawHeaders,
     pub tls: Option<RawTls>,
+    pub access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    pub trace: RawTrace,
     #[serde(default)]
     pub classify: RawClassify,
     #[serde(default)]
@@ -145,6 +150,26 @@ pub struct RawTls {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    pub path: Option<String>,
+    pub format: Option<String>,
+    pub sample: Option<f64>,
+    pub errors_only: Option<bool>,
+    pub query: Option<String>,
+    pub redact_params: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrace {
+    pub start: Option<bool>,
+    pub sample: Option<f64>,
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawClassify {
     pub error_statuses: Option<Vec<toml::Value>>,
     pub grpc_error_codes: Option<Vec<i64>>,
@@ -195,6 +220,8 @@ pub struct Overrides {
     pub max_p95: Option<String>,
     /// `--log-format`.
     pub log_format: Option<String>,
+    /// `--access-log`: `stdout` or a file; turns the access log on.
+    pub access_log: Option<String>,
     /// `--fleet NAMESPACE/NAME`.
     pub fleet: Option<String>,
     /// `--fleet-member`.
@@ -217,6 +244,123 @@ pub enum LogFormat {
     /// One JSON object per line: `timestamp`, `level`, `target`, `fields`
     /// (with `message`), and the span, for Loki, Fluent Bit or CloudWatch.
     Json,
+}
+
+/// `[access_log]`, validated; `None` when it is off. `--access-log` turns
+/// it on, or names another sink.
+fn access_log(
+    raw: Option<RawAccessLog>,
+    sink: Option<&str>,
+) -> Result<Option<AccessLogConfig>, ConfigError> {
+    let raw = match (raw, sink) {
+        (None, None) => return Ok(None),
+        (raw, _) => raw.unwrap_or_default(),
+    };
+    let sink = match sink.or(raw.path.as_deref()).unwrap_or("stdout") {
+        "" => {
+            return Err(ConfigError::invalid(
+                "access_log.path",
+                "is empty; give a file path, or \"stdout\"",
+            ))
+        }
+        "stdout" | "-" => LogSink::Stdout,
+        path => LogSink::File(PathBuf::from(path)),
+    };
+    let format = match raw.format.as_deref().unwrap_or("json") {
+        "json" => LineFormat::Json,
+        "text" => LineFormat::Text,
+        other => {
+            return Err(ConfigError::invalid(
+                "access_log.format",
+                format!("must be \"json\" or \"text\" (got {other:?})"),
+            ))
+        }
+    };
+    let sample = raw
+        .sample
+        .unwrap_or(serin_proxy::defaults::ACCESS_LOG_SAMPLE);
+    if !(0.0..=1.0).contains(&sample) {
+        return Err(ConfigError::invalid(
+            "access_log.sample",
+            format!("must be between 0 and 1, the share of requests logged (got {sample})"),
+        ));
+    }
+    let redact = raw.redact_params.unwrap_or_default();
+    let query =
+        match raw
+            .query
+            .as_deref()
+            .unwrap_or(if redact.is_empty() { "keep" } else { "redact" })
+        {
+            "keep" if redact.is_empty() => QueryPolicy::Keep,
+            "drop" if redact.is_empty() => QueryPolicy::Drop,
+            "keep" | "drop" => {
+                return Err(ConfigError::invalid(
+                    "access_log.redact_params",
+                    "only applies with query = \"redact\"; remove it, or set query = \"redact\"",
+                ))
+            }
+            "redact" => QueryPolicy::Redact(redact),
+            other => {
+                return Err(ConfigError::invalid(
+                    "access_log.query",
+                    format!("must be \"keep\", \"drop\" or \"redact\" (got {other:?})"),
+                ))
+            }
+        };
+    Ok(Some(AccessLogConfig {
+        sink,
+        format,
+        sample,
+        errors_only: raw.errors_only.unwrap_or(false),
+        query,
+    }))
+}
+
+/// `[trace]`, validated: the data plane's settings, and the span export.
+fn trace_settings(raw: &RawTrace) -> Result<TraceSettings, ConfigError> {
+    let sample = raw.sample.unwrap_or(serin_proxy::defaults::TRACE_SAMPLE);
+    if !(0.0..=1.0).contains(&sample) {
+        return Err(ConfigError::invalid(
+            "trace.sample",
+            format!("must be between 0 and 1, the share of started traces marked sampled (got {sample})"),
+        ));
+    }
+    let export = match raw.otlp_endpoint.as_deref() {
+        None => None,
+        Some(endpoint) => {
+            let uri: http::Uri = endpoint.parse().map_err(|_| {
+                ConfigError::invalid(
+                    "trace.otlp_endpoint",
+                    format!("is not a URL (got {endpoint:?}); use e.g. \"http://127.0.0.1:4318/v1/traces\""),
+                )
+            })?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(ConfigError::invalid(
+                    "trace.otlp_endpoint",
+                    format!("must be an http:// URL with a host (got {endpoint:?}); https is not supported yet, so send to a local collector or agent"),
+                ));
+            }
+            Some(SpanExport {
+                endpoint: endpoint.to_owned(),
+                service_name: raw
+                    .service_name
+                    .clone()
+                    .unwrap_or_else(|| "serin".to_owned()),
+            })
+        }
+    };
+    if raw.service_name.is_some() && export.is_none() {
+        return Err(ConfigError::invalid(
+            "trace.service_name",
+            "only applies when trace.otlp_endpoint is set",
+        ));
+    }
+    Ok(TraceSettings {
+        start: raw.start.unwrap_or(serin_proxy::defaults::TRACE_START),
+        sample,
+        export,
+    })
 }
 
 fn log_format(value: Option<&str>) -> Result<LogFormat, ConfigError> {
@@ -475,6 +619,8 @@ impl Config {
         }
         let judge = judge_settings(&raw.judge, o)?;
         let rollout = rollout_settings(&raw.rollout)?;
+        let access_log = access_log(raw.access_log, o.access_log.as_deref())?;
+        let trace = trace_settings(&raw.trace)?;
 
         let proxy = ProxyConfig {
             workers,
@@ -515,6 +661,8 @@ impl Config {
                 key: t.key,
             }),
             window: judge.policy.window,
+            access_log,
+            trace,
             ..ProxyConfig::new(listen, stable, canary)
         };
 
@@ -918,6 +1066,81 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(bad_url.contains("`canary.url`"), "{bad_url}");
+    }
+
+    #[test]
+    fn the_access_log_and_trace_sections_are_validated() {
+        assert!(load("", &upstreams()).unwrap().proxy.access_log.is_none());
+        let on = load("[access_log]\n", &upstreams())
+            .unwrap()
+            .proxy
+            .access_log
+            .unwrap();
+        assert_eq!(
+            (on.sink, on.format, on.query),
+            (LogSink::Stdout, LineFormat::Json, QueryPolicy::Keep)
+        );
+        let flag = Overrides {
+            access_log: Some("/var/log/serin/access.log".into()),
+            ..upstreams()
+        };
+        let file = load("[access_log]\nformat = \"text\"\n", &flag)
+            .unwrap()
+            .proxy
+            .access_log
+            .unwrap();
+        assert_eq!(file.sink, LogSink::File("/var/log/serin/access.log".into()));
+        assert_eq!(file.format, LineFormat::Text);
+        let picked = load("[access_log]\nredact_params = [\"token\"]\n", &upstreams()).unwrap();
+        assert_eq!(
+            picked.proxy.access_log.unwrap().query,
+            QueryPolicy::Redact(vec!["token".into()])
+        );
+        for (text, says) in [
+            (
+                "[access_log]\nformat = \"xml\"\n",
+                "`access_log.format` must be \"json\" or \"text\"",
+            ),
+            (
+                "[access_log]\nsample = 2\n",
+                "`access_log.sample` must be between 0 and 1",
+            ),
+            (
+                "[access_log]\nquery = \"hide\"\n",
+                "`access_log.query` must be",
+            ),
+            (
+                "[access_log]\nquery = \"keep\"\nredact_params = [\"a\"]\n",
+                "`access_log.redact_params` only applies",
+            ),
+            ("[access_log]\npath = \"\"\n", "`access_log.path` is empty"),
+            (
+                "[trace]\nsample = -1\n",
+                "`trace.sample` must be between 0 and 1",
+            ),
+            (
+                "[trace]\notlp_endpoint = \"https://c:4318/v1/traces\"\n",
+                "`trace.otlp_endpoint` must be an http:// URL",
+            ),
+            (
+                "[trace]\notlp_endpoint = \"not a url\"\n",
+                "`trace.otlp_endpoint` is not a URL",
+            ),
+            (
+                "[trace]\nservice_name = \"x\"\n",
+                "`trace.service_name` only applies",
+            ),
+        ] {
+            let e = load(text, &upstreams()).unwrap_err().to_string();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
+        let spans = load(
+            "[trace]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n",
+            &upstreams(),
+        )
+        .unwrap();
+        let export = spans.proxy.trace.export.unwrap();
+        assert_eq!(export.service_name, "serin");
     }
 
     #[test]

@@ -239,15 +239,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let running = Running::start(config.clone()).await?;
     let status = running.controller.status().await;
-    println!("serin: control API listening on {}", running.admin_addr);
-    println!(
+    // Standard output is the access log's when it writes there: only its
+    // lines go there then, so a collector can parse every one.
+    let banner = |line: String| match &config.proxy.access_log {
+        Some(log) if log.sink == serin_proxy::access_log::LogSink::Stdout => eprintln!("{line}"),
+        _ => println!("{line}"),
+    };
+    banner(format!(
+        "serin: control API listening on {}",
+        running.admin_addr
+    ));
+    banner(format!(
         "serin: proxy listening on {} (stable {}, canary {} at {}%, phase {})",
         running.proxy.local_addr(),
         config.proxy.stable.url,
         config.proxy.canary.url,
         status.rollout.canary_weight,
         status.rollout.phase.as_str(),
-    );
+    ));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),

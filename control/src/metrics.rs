@@ -89,7 +89,7 @@ struct Exporter {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 10] = [
+const FAMILIES: [(&str, &str); 12] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -129,6 +129,14 @@ const FAMILIES: [(&str, &str); 10] = [
     (
         "serin_fleet_disconnects_total",
         "Times this fleet member lost the Kubernetes API",
+    ),
+    (
+        "serin_access_log_lines_total",
+        "Access log lines written",
+    ),
+    (
+        "serin_access_log_dropped_lines_total",
+        "Access log lines dropped because the writer was behind or the sink failed (requests never wait for the log)",
     ),
 ];
 
@@ -277,6 +285,18 @@ impl Collector for Exporter {
                     .collect(),
             ),
         ];
+        if let Some(log) = stats.access_log() {
+            families.push(family(
+                10,
+                MetricType::COUNTER,
+                vec![counter(&[], log.written.load(Ordering::Relaxed))],
+            ));
+            families.push(family(
+                11,
+                MetricType::COUNTER,
+                vec![counter(&[], log.dropped.load(Ordering::Relaxed))],
+            ));
+        }
         if let Some(member) = self.fleet.get() {
             let flag = |b: bool| if b { 1.0 } else { 0.0 };
             families.push(family(

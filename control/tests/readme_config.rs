@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serin_control::config::{
     AdminSettings, Config, JudgeSettings, Overrides, RawClassify, RawConfig, RawHeaders, RawJudge,
-    RawLimits, RawRollout, RawSplit, RawTimeouts, RawUpstream, RolloutSettings,
+    RawLimits, RawRollout, RawSplit, RawTimeouts, RawTrace, RawUpstream, RolloutSettings,
 };
 use serin_control::JudgePolicy;
 use serin_proxy::{HeaderPolicy, PoolSettings, ProxyConfig, SplitRules};
@@ -76,6 +76,8 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         headers,
         tls,
         window,
+        access_log,
+        trace,
     } = proxy;
     let SplitRules {
         override_header,
@@ -146,6 +148,8 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "headers.via" => via,
         "headers.upstream_header" => upstream_header,
         "tls" => tls,
+        "access_log" => access_log,
+        "trace" => trace,
         "classify.error_statuses / classify.grpc_error_codes" => classifier,
         "judge.window (the data plane's stats window)" => window,
         "judge.window" => judge_window,
@@ -241,7 +245,15 @@ fn the_readme_config_shows_every_key() {
                 via,
                 upstream_header,
             },
-        tls: _, // no default: plain HTTP
+        tls: _,        // no default: plain HTTP
+        access_log: _, // no default: off
+        trace:
+            RawTrace {
+                start: trace_start,
+                sample: trace_sample,
+                otlp_endpoint: _, // no default: no spans exported
+                service_name: _,  // only with otlp_endpoint
+            },
         classify: RawClassify {
             error_statuses,
             grpc_error_codes,
@@ -295,6 +307,8 @@ fn the_readme_config_shows_every_key() {
         ("headers.rewrite_host", rewrite_host.is_some()),
         ("headers.via", via.is_some()),
         ("headers.upstream_header", upstream_header.is_some()),
+        ("trace.start", trace_start.is_some()),
+        ("trace.sample", trace_sample.is_some()),
         ("classify.error_statuses", error_statuses.is_some()),
         ("classify.grpc_error_codes", grpc_error_codes.is_some()),
         ("judge.window", window.is_some()),

@@ -70,6 +70,9 @@ impl Body for ProxyBody {
         };
         match &frame {
             Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    record.more_body_sent(data.len() as u64);
+                }
                 if let Some(trailers) = f.trailers_ref() {
                     record.end(Some(trailers));
                 } else if body.is_end_stream() {

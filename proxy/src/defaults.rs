@@ -48,3 +48,10 @@ pub const ERROR_STATUSES: &[(u16, u16)] = &[(500, 599)];
 pub const GRPC_ERROR_CODES: &[u8] = &[2, 4, 13, 14];
 /// `judge.window`: the length of the rolling stats window.
 pub const WINDOW: Duration = Duration::from_secs(10);
+/// `trace.start`: start a W3C trace for a request without a valid
+/// `traceparent` (off: a trace is only kept, never made up).
+pub const TRACE_START: bool = false;
+/// `trace.sample`: the share of the traces serin starts that are marked sampled.
+pub const TRACE_SAMPLE: f64 = 1.0;
+/// `access_log.sample`: the share of requests that were not errors that is logged.
+pub const ACCESS_LOG_SAMPLE: f64 = 1.0;

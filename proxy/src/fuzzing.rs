@@ -70,6 +70,7 @@ fn worker_for(policy: &HeaderPolicy) -> Worker {
         config,
         routes: Routes::new(RouteTable::new(0)),
         tls: None,
+        access_log: None,
     });
     Worker::new(0, shared, stats.worker(0))
 }

@@ -7,6 +7,7 @@
 //! control plane reads. [`Proxy::start`] binds every listener before it
 //! returns, so a bad address fails at once and nothing half-starts.
 
+pub mod access_log;
 mod body;
 pub mod classify;
 pub mod defaults;
@@ -20,7 +21,9 @@ mod server;
 pub mod split;
 pub mod stats;
 pub mod tls;
+pub mod trace;
 mod upstream;
+pub mod wallclock;
 mod worker;
 
 use std::future::Future;
@@ -105,6 +108,10 @@ pub struct ProxyConfig {
     pub tls: Option<TlsFiles>,
     /// Length of the rolling stats window (default 10 s).
     pub window: Duration,
+    /// The access log (default off).
+    pub access_log: Option<access_log::AccessLogConfig>,
+    /// Trace context: start traces, record spans (default: neither).
+    pub trace: trace::TraceSettings,
 }
 
 impl ProxyConfig {
@@ -127,6 +134,8 @@ impl ProxyConfig {
             headers: HeaderPolicy::default(),
             tls: None,
             window: defaults::WINDOW,
+            access_log: None,
+            trace: trace::TraceSettings::default(),
         }
     }
 }
@@ -143,6 +152,9 @@ pub enum StartError {
     /// TLS files could not be loaded.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The access log could not be opened.
+    #[error(transparent)]
+    AccessLog(#[from] access_log::AccessLogError),
     /// A worker thread could not be started.
     #[error("cannot start worker thread: {0}")]
     Spawn(std::io::Error),
@@ -171,6 +183,7 @@ pub struct Proxy {
     routes: Routes,
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
+    access_log: Option<JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -196,12 +209,21 @@ impl Proxy {
                 .map_err(|source| StartError::Bind { addr, source })?;
             listeners.push(listener);
         }
-        let stats = Stats::new(workers, config.window, tokio::time::Instant::now());
+        let mut stats = Stats::new(workers, config.window, tokio::time::Instant::now());
+        let (log, access_log) = match &config.access_log {
+            Some(log) => {
+                let (log, writer) = access_log::AccessLog::start(log.clone())?;
+                stats = stats.with_access_log(log.counters.clone());
+                (Some(log), Some(writer))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(worker::Shared {
             classifier: config.classifier.clone(),
             config,
             routes: routes.clone(),
             tls,
+            access_log: log,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut handles = Vec::with_capacity(workers);
@@ -225,6 +247,7 @@ impl Proxy {
             routes,
             shutdown,
             workers: handles,
+            access_log,
         })
     }
 
@@ -249,12 +272,18 @@ impl Proxy {
         let _ = self.shutdown.send(true);
     }
 
-    /// Waits until every worker has drained and stopped.
+    /// Waits until every worker has drained and stopped, and the access
+    /// log has written what they logged.
     pub async fn wait(self) {
         let workers = self.workers;
+        let log_writer = self.access_log;
         let _ = tokio::task::spawn_blocking(move || {
             for w in workers {
                 let _ = w.join();
+            }
+            // The workers held the only senders: the writer ends now.
+            if let Some(writer) = log_writer {
+                let _ = writer.join();
             }
         })
         .await;

@@ -16,7 +16,9 @@
 //!   was passed on, as the success it was.
 //!
 //! Latency is always the time to the response head. The record also holds
-//! the request's place in the worker's in-flight count until it is dropped.
+//! the request's place in the worker's in-flight count until it is dropped,
+//! and, when the access log is on, the request's line: its drop is the one
+//! place every forwarded request ends, so it writes the line then.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -24,10 +26,12 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
+use crate::access_log::{OutcomeClass, Settled};
 use crate::classify::Outcome;
 use crate::fields::Fields;
+use crate::policy::upstream_failure_status;
 use crate::split::Target;
-use crate::upstream::UpstreamError;
+use crate::upstream::{UploadEnd, UpstreamError};
 use crate::worker::Worker;
 
 /// One request's outcome, until it is recorded. See the module header.
@@ -36,7 +40,27 @@ pub(crate) struct OutcomeRecord {
     target: Target,
     start: Instant,
     state: State,
+    /// The access log's line, when the access log is on.
+    log: Option<LogEntry>,
 }
+
+/// What the access log needs that the judge does not.
+struct LogEntry {
+    /// The line, begun when the request was admitted.
+    line: Vec<u8>,
+    /// The status sent to the client; 499 (nginx's "client closed
+    /// request") until one is.
+    status: u16,
+    /// How the exchange ended, once it has.
+    class: Option<OutcomeClass>,
+    fell_back: bool,
+    upstream_time: Option<std::time::Duration>,
+    bytes_out: u64,
+    upload: Option<UploadEnd>,
+}
+
+/// nginx's status for a request whose client left before any answer.
+const CLIENT_CLOSED: u16 = 499;
 
 enum State {
     /// Waiting for the response head. `bodiless`: the wait is the
@@ -55,14 +79,54 @@ enum State {
 }
 
 impl OutcomeRecord {
-    /// A request to `target`, started at `start`, is on its way.
-    pub(crate) fn new(worker: Rc<Worker>, target: Target, start: Instant, bodiless: bool) -> Self {
+    /// A request to `target`, started at `start`, is on its way. `line` is
+    /// its access-log line, begun, when the access log is on.
+    pub(crate) fn new(
+        worker: Rc<Worker>,
+        target: Target,
+        start: Instant,
+        bodiless: bool,
+        line: Option<Vec<u8>>,
+    ) -> Self {
         worker.request_started();
         Self {
             worker,
             target,
             start,
             state: State::Waiting { bodiless },
+            log: line.map(|line| LogEntry {
+                line,
+                status: CLIENT_CLOSED,
+                class: None,
+                fell_back: false,
+                upstream_time: None,
+                bytes_out: 0,
+                upload: None,
+            }),
+        }
+    }
+
+    /// The request's body is streamed upstream: its bytes are read from
+    /// `upload` for the access log.
+    pub(crate) fn uploading(&mut self, upload: &UploadEnd) {
+        if let Some(log) = &mut self.log {
+            log.upload = Some(upload.clone());
+        }
+    }
+
+    /// The client has been sent `bytes` of the response body so far.
+    #[inline]
+    pub(crate) fn body_sent(&mut self, bytes: u64) {
+        if let Some(log) = &mut self.log {
+            log.bytes_out = bytes;
+        }
+    }
+
+    /// Another `bytes` of the response body went to the client.
+    #[inline]
+    pub(crate) fn more_body_sent(&mut self, bytes: u64) {
+        if let Some(log) = &mut self.log {
+            log.bytes_out += bytes;
         }
     }
 
@@ -77,6 +141,10 @@ impl OutcomeRecord {
         self.record(Instant::now(), true);
         self.target = Target::Stable;
         self.state = State::Waiting { bodiless: true };
+        if let Some(log) = &mut self.log {
+            log.fell_back = true;
+            log.class = None;
+        }
     }
 
     /// The upstream failed before answering. A client whose upload broke
@@ -84,14 +152,22 @@ impl OutcomeRecord {
     pub(crate) fn failed(&mut self, error: &UpstreamError) {
         if matches!(error, UpstreamError::ClientAborted { .. }) {
             self.state = State::Recorded;
+            self.settle_log(OutcomeClass::Abandoned);
         } else {
             self.record(Instant::now(), true);
+        }
+        if let Some(log) = &mut self.log {
+            log.status = upstream_failure_status(error).as_u16();
         }
     }
 
     /// The response head arrived.
     pub(crate) fn headers<F: Fields + ?Sized>(&mut self, status: StatusCode, fields: &F) {
         let now = Instant::now();
+        if let Some(log) = &mut self.log {
+            log.status = status.as_u16();
+            log.upstream_time = Some(now.saturating_duration_since(self.start));
+        }
         let grpc = match self.worker.shared.classifier.classify(status, fields) {
             Outcome::Error => return self.record(now, true),
             Outcome::Success => false,
@@ -127,6 +203,41 @@ impl OutcomeRecord {
     fn record_latency(&mut self, at: Instant, latency: Duration, error: bool) {
         self.worker.stats(self.target).record(at, latency, error);
         self.state = State::Recorded;
+        self.settle_log(if error {
+            OutcomeClass::Error
+        } else {
+            OutcomeClass::Success
+        });
+    }
+
+    /// Notes how the exchange ended, for the access log (the first
+    /// verdict stands: a body that breaks after a 5xx head is still that 5xx's error).
+    fn settle_log(&mut self, class: OutcomeClass) {
+        if let Some(log) = &mut self.log {
+            log.class.get_or_insert(class);
+        }
+    }
+
+    /// Writes the access-log line, once the exchange is over.
+    fn write_log(&mut self, log: LogEntry) {
+        let Some(access_log) = self.worker.access_log() else {
+            return;
+        };
+        let class = match log.class {
+            Some(OutcomeClass::Success) if log.fell_back => OutcomeClass::Fallback,
+            Some(class) => class,
+            None => OutcomeClass::Abandoned,
+        };
+        let settled = Settled {
+            upstream: Some(self.target),
+            status: log.status,
+            class,
+            bytes_in: log.upload.as_ref().map_or(0, |u| u.bytes.get()),
+            bytes_out: log.bytes_out,
+            upstream_time: log.upstream_time,
+            total_time: self.start.elapsed(),
+        };
+        access_log.finish(log.line, &settled);
     }
 }
 
@@ -152,6 +263,9 @@ impl Drop for OutcomeRecord {
                 grpc: true,
             } => self.worker.stats(self.target).record_abandoned(at, latency),
             State::Waiting { bodiless: false } | State::Recorded => {}
+        }
+        if let Some(log) = self.log.take() {
+            self.write_log(log);
         }
         self.worker.request_ended();
     }

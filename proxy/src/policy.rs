@@ -244,6 +244,9 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) upstream_authority: &'a [u8],
     /// The id serin made for a request that came without one.
     pub(crate) generated_id: Option<&'a [u8]>,
+    /// The `traceparent` to send instead of the client's, when serin
+    /// started or continues the trace ([`crate::trace`]).
+    pub(crate) traceparent: Option<&'a [u8]>,
 }
 
 /// A request or response field serin treats specially, by name.
@@ -259,6 +262,7 @@ enum Special {
     ForwardedProto,
     MaxForwards,
     RequestId,
+    TraceParent,
     /// `x-serin-*`: serin's own fields, never taken from an upstream.
     Serin,
     Other,
@@ -271,6 +275,7 @@ fn special(name: &[u8]) -> Special {
         4 if is("host") => Special::Host,
         7 if is("trailer") || is("upgrade") => Special::HopByHop,
         10 if is("connection") || is("keep-alive") => Special::HopByHop,
+        11 if is("traceparent") => Special::TraceParent,
         12 if is("max-forwards") => Special::MaxForwards,
         12 if is("x-request-id") => Special::RequestId,
         14 if is("content-length") => Special::ContentLength,
@@ -329,6 +334,7 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
                     continue;
                 }
             }
+            Special::TraceParent if fwd.traceparent.is_some() => continue,
             Special::MaxForwards => {
                 // Decremented once, in place of every line the client sent.
                 if let Some(n) = fwd.admitted.max_forwards {
@@ -368,6 +374,9 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
     out.field(b"x-forwarded-proto", fwd.conn.proto.as_bytes());
     if let Some(id) = fwd.generated_id {
         out.field(b"x-request-id", id);
+    }
+    if let Some(traceparent) = fwd.traceparent {
+        out.field(b"traceparent", traceparent);
     }
     if headers.via {
         // The protocol serin received the request in (RFC 9110 §7.6.3).
@@ -612,27 +621,7 @@ pub(crate) fn local_answer(refusal: &Refusal) -> LocalAnswer {
             ..answer(StatusCode::BAD_REQUEST, "serin: malformed request\n")
         },
         Refusal::Upstream(target, e) => {
-            let (status, text) = match e {
-                UpstreamError::Timeout { .. } => (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "serin: upstream did not respond in time\n",
-                ),
-                UpstreamError::ConnectTimeout { .. } => (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "serin: upstream connect timed out\n",
-                ),
-                UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
-                    (StatusCode::BAD_GATEWAY, "serin: upstream connect failed\n")
-                }
-                UpstreamError::ClientAborted { .. } => (
-                    StatusCode::BAD_REQUEST,
-                    "serin: the request body ended early; nothing was counted against the upstream\n",
-                ),
-                UpstreamError::Broken { .. } => (
-                    StatusCode::BAD_GATEWAY,
-                    "serin: upstream reset or closed the connection\n",
-                ),
-            };
+            let (status, text) = upstream_failure(e);
             LocalAnswer {
                 upstream: Some(*target),
                 close: matches!(e, UpstreamError::ClientAborted { .. }),
@@ -640,6 +629,38 @@ pub(crate) fn local_answer(refusal: &Refusal) -> LocalAnswer {
             }
         }
     }
+}
+
+/// The status and text for an upstream that failed before answering: 504
+/// for a timeout, 502 for a connect failure or reset, 400 for a client
+/// whose upload broke off.
+fn upstream_failure(e: &UpstreamError) -> (StatusCode, &'static str) {
+    match e {
+        UpstreamError::Timeout { .. } => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "serin: upstream did not respond in time\n",
+        ),
+        UpstreamError::ConnectTimeout { .. } => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "serin: upstream connect timed out\n",
+        ),
+        UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
+            (StatusCode::BAD_GATEWAY, "serin: upstream connect failed\n")
+        }
+        UpstreamError::ClientAborted { .. } => (
+            StatusCode::BAD_REQUEST,
+            "serin: the request body ended early; nothing was counted against the upstream\n",
+        ),
+        UpstreamError::Broken { .. } => (
+            StatusCode::BAD_GATEWAY,
+            "serin: upstream reset or closed the connection\n",
+        ),
+    }
+}
+
+/// The status [`local_answer`] gives a client whose request failed this way.
+pub(crate) fn upstream_failure_status(e: &UpstreamError) -> StatusCode {
+    upstream_failure(e).0
 }
 
 /// Writes the fields of a response serin makes itself, but its framing.
@@ -682,6 +703,10 @@ mod tests {
     }
 
     fn forwarded(head: &[u8]) -> String {
+        forwarded_with_trace(head, None)
+    }
+
+    fn forwarded_with_trace(head: &[u8], traceparent: Option<&[u8]>) -> String {
         let config = config();
         let conn = ConnMeta {
             client_ip: HeaderValue::from_static("192.0.2.1"),
@@ -697,10 +722,27 @@ mod tests {
                 authority: None,
                 upstream_authority: b"up.test:81",
                 generated_id: None,
+                traceparent,
             };
             write_request_fields(fields, &fwd, &mut out);
         });
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_traceparent_serin_replaces_replaces_every_line_of_the_clients() {
+        let head = b"GET / HTTP/1.1\r\nhost: a\r\ntraceparent: bad\r\nTraceparent: worse\r\ntracestate: k=v\r\n\r\n";
+        let ours = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let out = forwarded_with_trace(head, Some(ours));
+        assert_eq!(out.matches("raceparent").count(), 1, "{out}");
+        assert!(out
+            .contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"));
+        assert!(
+            out.contains("tracestate: k=v\r\n"),
+            "tracestate passes through: {out}"
+        );
+        let kept = forwarded(head);
+        assert!(kept.contains("traceparent: bad\r\n") && kept.contains("Traceparent: worse\r\n"));
     }
 
     #[test]

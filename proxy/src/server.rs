@@ -29,6 +29,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::access_log::FLUSH_INTERVAL;
 use crate::http1::head::MAX_FIELDS;
 use crate::policy::ConnMeta;
 use crate::stats::WorkerStats;
@@ -54,9 +55,31 @@ pub(crate) fn run_worker(
     local.block_on(&runtime, async move {
         let listener = TcpListener::from_std(listener)?;
         let worker = Rc::new(Worker::new(index, shared, stats));
-        accept_loop(worker, listener, shutdown).await;
+        if worker.access_log().is_some() {
+            tokio::task::spawn_local(flush_access_log(Rc::downgrade(&worker)));
+        }
+        accept_loop(worker.clone(), listener, shutdown).await;
+        if let Some(log) = worker.access_log() {
+            log.flush();
+        }
         Ok(())
     })
+}
+
+/// Hands the worker's access-log batch to the writer at least every
+/// [`FLUSH_INTERVAL`], so a quiet proxy's lines still appear.
+async fn flush_access_log(worker: std::rc::Weak<Worker>) {
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(worker) = worker.upgrade() else {
+            return;
+        };
+        if let Some(log) = worker.access_log() {
+            log.flush();
+        }
+    }
 }
 
 async fn accept_loop(

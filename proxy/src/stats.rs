@@ -10,6 +10,7 @@
 //! Windows are rings of [`SLICES`] time slices. Time is always passed in as an
 //! argument (`now`), so the window logic is tested with a paused tokio clock.
 
+use crate::access_log::AccessLogCounters;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -441,6 +442,7 @@ pub struct Stats {
     workers: Arc<[Arc<WorkerStats>]>,
     window: Duration,
     alarm: Arc<tokio::sync::Notify>,
+    access_log: Option<Arc<AccessLogCounters>>,
 }
 
 impl Stats {
@@ -454,7 +456,19 @@ impl Stats {
                 .collect(),
             window,
             alarm,
+            access_log: None,
         }
+    }
+
+    /// These stats with the access log's counters.
+    pub(crate) fn with_access_log(mut self, counters: Arc<AccessLogCounters>) -> Self {
+        self.access_log = Some(counters);
+        self
+    }
+
+    /// The access log's counters, when it is on.
+    pub fn access_log(&self) -> Option<&AccessLogCounters> {
+        self.access_log.as_deref()
     }
 
     /// Notified (one stored permit) whenever some upstream's run of

@@ -223,9 +223,19 @@ pub enum RequestBody {
     Empty,
 }
 
-/// When a streamed request body ended: written by the body, read by the
-/// response timeout. Only uploads allocate one.
-pub type UploadEnd = Rc<Cell<Option<Instant>>>;
+/// How far a streamed request body got: written by the body, read by the
+/// response timeout (its end) and the access log (its bytes). Only uploads
+/// allocate one.
+pub type UploadEnd = Rc<UploadProgress>;
+
+/// See [`UploadEnd`].
+#[derive(Debug, Default)]
+pub struct UploadProgress {
+    /// When the last frame went by.
+    pub ended: Cell<Option<Instant>>,
+    /// Data bytes that went by.
+    pub bytes: Cell<u64>,
+}
 
 impl Body for RequestBody {
     type Data = Bytes;
@@ -239,8 +249,13 @@ impl Body for RequestBody {
             RequestBody::Client(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Upload { body, ended } => {
                 let frame = Pin::new(&mut *body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &frame {
+                    if let Some(data) = frame.data_ref() {
+                        ended.bytes.set(ended.bytes.get() + data.len() as u64);
+                    }
+                }
                 if matches!(frame, Poll::Ready(None)) || body.is_end_stream() {
-                    ended.set(Some(Instant::now()));
+                    ended.ended.set(Some(Instant::now()));
                 }
                 frame
             }

@@ -13,10 +13,12 @@ use std::sync::Arc;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::access_log::{AccessLog, WorkerLog};
 use crate::classify::Classifier;
 use crate::fields::Fields;
 use crate::split::{FastRng, LocalRoutes, Target};
 use crate::stats::{UpstreamStats, WorkerStats};
+use crate::trace::TraceContext;
 use crate::upstream::{Pool, UpstreamProtocol};
 use crate::{ProxyConfig, Routes};
 
@@ -26,6 +28,7 @@ pub(crate) struct Shared {
     pub(crate) routes: Routes,
     pub(crate) classifier: Classifier,
     pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) access_log: Option<Arc<AccessLog>>,
 }
 
 /// One worker's request-path state. Lives on the worker's thread only.
@@ -43,6 +46,7 @@ pub(crate) struct Worker {
     pub(crate) own_h1: bool,
     request_seq: Cell<u64>,
     request_prefix: u64,
+    access_log: Option<WorkerLog>,
 }
 
 impl Worker {
@@ -53,6 +57,10 @@ impl Worker {
         let config = &shared.config;
         let own_h1 = config.stable.protocol == UpstreamProtocol::Http1
             && config.canary.protocol == UpstreamProtocol::Http1;
+        let access_log = shared
+            .access_log
+            .as_ref()
+            .map(|log| WorkerLog::new(log.clone(), index as u64));
         Self {
             pools: [
                 Rc::new(Pool::new(config.stable.clone(), config.pool.clone())),
@@ -67,6 +75,7 @@ impl Worker {
             own_h1,
             request_seq: Cell::new(0),
             request_prefix,
+            access_log,
         }
     }
 
@@ -74,6 +83,23 @@ impl Worker {
     #[inline]
     pub(crate) fn config(&self) -> &ProxyConfig {
         &self.shared.config
+    }
+
+    /// The access log, when it is on.
+    #[inline]
+    pub(crate) fn access_log(&self) -> Option<&WorkerLog> {
+        self.access_log.as_ref()
+    }
+
+    /// The request's trace context, when the trace settings or the access
+    /// log need one (see [`crate::trace`]); otherwise nothing is looked at.
+    #[inline]
+    pub(crate) fn trace_context<H: Fields + ?Sized>(&self, headers: &H) -> Option<TraceContext> {
+        let settings = &self.shared.config.trace;
+        if !settings.active() && self.access_log.is_none() {
+            return None;
+        }
+        TraceContext::of(headers, settings, &self.rng)
     }
 
     /// The split decision for a request with these header fields.

@@ -3,6 +3,7 @@ use std::time::Duration;
 use tokio::time::{advance, Instant};
 
 use super::*;
+use std::time::UNIX_EPOCH;
 
 const HOLD: Duration = Duration::from_secs(60);
 const MIN_PER_STEP: u64 = 50;

@@ -21,6 +21,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use crate::access_log::RequestFacts;
 use crate::body::ProxyBody;
 use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
 use crate::http1::head::write_request_line;
@@ -31,6 +32,7 @@ use crate::policy::{
     RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
+use crate::trace::TraceContext;
 use crate::upstream::{
     H1Request, RequestBody, RequestFraming, Tunnel, UploadEnd, UpstreamBody, UpstreamError,
     UpstreamProtocol, UpstreamResponse,
@@ -76,9 +78,37 @@ async fn answer(
         version: parts.version,
         fields: &parts.headers,
     };
-    let admitted = match admit(&head, worker.inflight(), worker.config()) {
+    let admitted = admit(&head, worker.inflight(), worker.config());
+    let trace = match &admitted {
+        Ok(_) => worker.trace_context(&parts.headers),
+        Err(_) => None,
+    };
+    let log_line = worker.access_log().map(|log| {
+        log.begin(&RequestFacts {
+            request_id,
+            trace_id: trace.as_ref().map(TraceContext::trace_id),
+            client: meta.client_ip.as_bytes(),
+            method: parts.method.as_str().as_bytes(),
+            authority: match &authority {
+                Some(authority) => authority.as_str().as_bytes(),
+                None => parts.headers.value(&HOST).unwrap_or_default(),
+            },
+            target: parts
+                .uri
+                .path_and_query()
+                .map_or(b"/", |p| p.as_str().as_bytes()),
+            version: parts.version,
+        })
+    });
+    let admitted = match admitted {
         Ok(admitted) => admitted,
-        Err(refusal) => return answer_locally(&worker, &refusal, false, request_id, parts.version),
+        Err(refusal) => {
+            let (resp, sent) = answer_locally(&worker, &refusal, false, request_id, parts.version);
+            if let (Some(log), Some(line)) = (worker.access_log(), log_line) {
+                log.refused(line, resp.status(), sent, start.elapsed());
+            }
+            return resp;
+        }
     };
     let target = worker.decide(&parts.headers);
     // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
@@ -118,9 +148,13 @@ async fn answer(
         admitted,
         authority: authority.as_ref(),
         generated_id: generated_id.as_ref().map(|id| &id[..]),
+        traceparent: trace.as_ref().and_then(TraceContext::forward),
         upgrade: upgrade.as_ref(),
     };
-    let mut record = OutcomeRecord::new(worker.clone(), target, start, bodiless);
+    let mut record = OutcomeRecord::new(worker.clone(), target, start, bodiless, log_line);
+    if let Some(upload) = &upload {
+        record.uploading(upload);
+    }
     let mut result = request.send(target, body, start, upload.as_ref()).await;
     let mut fell_back = false;
     if fallback
@@ -152,13 +186,15 @@ async fn answer(
                 error = %e,
                 "upstream request failed"
             );
-            answer_locally(
+            let (resp, sent) = answer_locally(
                 &worker,
                 &Refusal::Upstream(served_by, e),
                 fell_back,
                 request_id,
                 parts.version,
-            )
+            );
+            record.body_sent(sent);
+            resp
         }
         Ok(Answer::Http1(resp)) => {
             record.headers(resp.status(), &resp.fields());
@@ -248,6 +284,7 @@ struct Outgoing<'a> {
     admitted: Admitted,
     authority: Option<&'a Authority>,
     generated_id: Option<&'a [u8]>,
+    traceparent: Option<&'a [u8]>,
     upgrade: Option<&'a HeaderValue>,
 }
 
@@ -261,6 +298,7 @@ impl Outgoing<'_> {
             authority: self.authority.map(|a| a.as_str().as_bytes()),
             upstream_authority,
             generated_id: self.generated_id,
+            traceparent: self.traceparent,
         }
     }
 
@@ -294,7 +332,7 @@ impl Outgoing<'_> {
         loop {
             match tokio::time::timeout_at(deadline, send.as_mut()).await {
                 Ok(result) => return result,
-                Err(_) => match upload.map(|u| u.get()) {
+                Err(_) => match upload.map(|u| u.ended.get()) {
                     // Still uploading: look again one timeout from now.
                     Some(None) => deadline = Instant::now() + timeout,
                     Some(Some(end)) if end + timeout > deadline => deadline = end + timeout,
@@ -393,14 +431,14 @@ impl Outgoing<'_> {
     }
 }
 
-/// The response serin makes itself for `refusal`.
+/// The response serin makes itself for `refusal`, and its body's length.
 fn answer_locally(
     worker: &Worker,
     refusal: &Refusal,
     fell_back: bool,
     request_id: &[u8],
     version: Version,
-) -> Response<ProxyBody> {
+) -> (Response<ProxyBody>, u64) {
     let answer = local_answer(refusal);
     let mut headers = HeaderMap::with_capacity(5);
     write_local_fields(
@@ -419,7 +457,7 @@ fn answer_locally(
     let mut resp = Response::new(ProxyBody::fixed(answer.text));
     *resp.status_mut() = answer.status;
     *resp.headers_mut() = headers;
-    resp
+    (resp, answer.text.len() as u64)
 }
 
 /// HTTP/2 clients may send each cookie as its own field; HTTP/1.1 needs them

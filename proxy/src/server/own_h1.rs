@@ -25,13 +25,14 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use http::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{Method, Version};
 use tokio::io::{AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::access_log::RequestFacts;
 use crate::fields::{keeps_alive, Fields};
 use crate::http1::chunked::encode_last_chunk;
 use crate::http1::head::{
@@ -44,6 +45,7 @@ use crate::policy::{
     RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
+use crate::trace::TraceContext;
 use crate::upstream::{
     Copied, H1Request, RequestBody, RequestFraming, UpstreamError, UpstreamResponse,
 };
@@ -82,7 +84,7 @@ pub(crate) async fn serve(
                 Parsed::Ready(request) => Some(request),
             }
         };
-        let Some(request) = request else {
+        let Some(mut request) = request else {
             if !buf.is_empty() && head_started.is_none() {
                 let started = Instant::now();
                 head_started = Some(started);
@@ -115,7 +117,7 @@ pub(crate) async fn serve(
             meta,
             stream,
             &buf,
-            &request,
+            &mut request,
             &upstream_head,
             &mut out,
         )
@@ -201,6 +203,10 @@ pub(crate) struct Request {
     admitted: Admitted,
     /// Answer this instead of forwarding.
     pub(crate) refusal: Option<Refusal>,
+    /// Its trace context, when serin keeps one.
+    trace: Option<TraceContext>,
+    /// Its access-log line, begun, when the access log is on.
+    log: Option<Vec<u8>>,
 }
 
 /// The request's id: the client's own, or one serin made.
@@ -226,6 +232,9 @@ impl RequestId {
     }
 }
 
+// The large variant is the common one: boxing it would cost an allocation
+// per request.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Parsed {
     Partial,
     /// Not for this path: hyper takes the connection.
@@ -245,7 +254,24 @@ pub(crate) fn parse(
     let mut slots = field_slots();
     let mut req = httparse::Request::new(&mut []);
     // A request answered at once, whose bytes are all dropped.
-    let refused_with = |refusal, minor, method, keep_alive| {
+    let refused_with = |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
+        let id = worker.next_request_id_bytes();
+        let log = worker.access_log().map(|log| {
+            let head = head.unwrap_or_default();
+            log.begin(&RequestFacts {
+                request_id: &id,
+                trace_id: None,
+                client: meta.client_ip.as_bytes(),
+                method: method.as_str().as_bytes(),
+                authority: head.authority,
+                target: head.target,
+                version: if minor == 0 {
+                    Version::HTTP_10
+                } else {
+                    Version::HTTP_11
+                },
+            })
+        });
         Parsed::Ready(Request {
             start: Instant::now(),
             len: buf.len(),
@@ -253,13 +279,15 @@ pub(crate) fn parse(
             method,
             target: Target::Stable,
             keep_alive,
-            request_id: RequestId::Generated(worker.next_request_id_bytes()),
+            request_id: RequestId::Generated(id),
             admitted: Admitted::default(),
             refusal: Some(refusal),
+            trace: None,
+            log,
         })
     };
     // The head could not be read: answered as HTTP/1.1, then closed.
-    let refused = |refusal| refused_with(refusal, 1, Method::GET, false);
+    let refused = |refusal| refused_with(refusal, 1, Method::GET, false, None);
     let len = match parse_request(&mut req, buf, &mut slots, config.max_header_bytes) {
         Ok(Some(len)) => len,
         Ok(None) => return Parsed::Partial,
@@ -309,7 +337,11 @@ pub(crate) fn parse(
         // A refused request's body would be read as the next request: the
         // connection closes after the answer.
         Err(refusal) if !bodiless => {
-            return refused_with(refusal, minor, method, false);
+            let head = LogHead {
+                authority: fields.value(&HOST).unwrap_or_default(),
+                target: path.as_bytes(),
+            };
+            return refused_with(refusal, minor, method, false, Some(head));
         }
         Err(refusal) => (Admitted::default(), Some(refusal)),
     };
@@ -321,6 +353,7 @@ pub(crate) fn parse(
         None => RequestId::Generated(worker.next_request_id_bytes()),
     };
     let target = worker.decide(fields);
+    let trace = worker.trace_context(fields);
     if refusal.is_none() {
         upstream_head.clear();
         encode_upstream_head(
@@ -329,10 +362,24 @@ pub(crate) fn parse(
             target,
             &req,
             admitted,
-            &request_id,
+            Ids {
+                request: &request_id,
+                trace: trace.as_ref(),
+            },
             upstream_head,
         );
     }
+    let log = worker.access_log().map(|log| {
+        log.begin(&RequestFacts {
+            request_id: request_id.bytes(buf),
+            trace_id: trace.as_ref().map(TraceContext::trace_id),
+            client: meta.client_ip.as_bytes(),
+            method: method.as_str().as_bytes(),
+            authority: fields.value(&HOST).unwrap_or_default(),
+            target: path.as_bytes(),
+            version,
+        })
+    });
     Parsed::Ready(Request {
         start: Instant::now(),
         len,
@@ -343,7 +390,22 @@ pub(crate) fn parse(
         request_id,
         admitted,
         refusal,
+        trace,
+        log,
     })
+}
+
+/// What the access log reads of a head that was refused.
+#[derive(Default)]
+struct LogHead<'a> {
+    authority: &'a [u8],
+    target: &'a [u8],
+}
+
+/// The ids a request carries upstream.
+struct Ids<'a> {
+    request: &'a RequestId,
+    trace: Option<&'a TraceContext>,
 }
 
 /// Writes the upstream request for `target`: the request line, then the
@@ -354,7 +416,7 @@ fn encode_upstream_head(
     target: Target,
     req: &httparse::Request<'_, '_>,
     admitted: Admitted,
-    request_id: &RequestId,
+    ids: Ids<'_>,
     out: &mut Vec<u8>,
 ) {
     let method = req.method.unwrap_or("GET").as_bytes();
@@ -370,7 +432,8 @@ fn encode_upstream_head(
         admitted,
         authority: None,
         upstream_authority: worker.pool(target).upstream().authority.as_bytes(),
-        generated_id: request_id.generated(),
+        generated_id: ids.request.generated(),
+        traceparent: ids.trace.and_then(TraceContext::forward),
     };
     write_request_fields(&*req.headers, &forwarding, out);
     out.extend_from_slice(b"\r\n");
@@ -394,7 +457,10 @@ fn reencode_for(
             target,
             &req,
             request.admitted,
-            &request.request_id,
+            Ids {
+                request: &request.request_id,
+                trace: request.trace.as_ref(),
+            },
             &mut out,
         );
     }
@@ -408,19 +474,26 @@ async fn exchange(
     meta: &ConnMeta,
     stream: &mut TcpStream,
     head: &[u8],
-    request: &Request,
+    request: &mut Request,
     upstream_head: &[u8],
     out: &mut Vec<u8>,
 ) -> bool {
     let config = worker.config();
+    let log_line = request.log.take();
+    let request = &*request;
     let id = request.request_id.bytes(head);
     out.clear();
     if let Some(refusal) = &request.refusal {
-        let keep_alive = write_local(out, worker, request, refusal, id, false);
-        return stream.write_all(out).await.is_ok() && keep_alive;
+        let (keep_alive, sent) = write_local(out, worker, request, refusal, id, false);
+        let written = stream.write_all(out).await.is_ok();
+        if let (Some(log), Some(line)) = (worker.access_log(), log_line) {
+            let status = local_answer(refusal).status;
+            log.refused(line, status, sent, request.start.elapsed());
+        }
+        return written && keep_alive;
     }
     let start = request.start;
-    let mut record = OutcomeRecord::new(worker.clone(), request.target, start, true);
+    let mut record = OutcomeRecord::new(worker.clone(), request.target, start, true, log_line);
     let sent = send_watched(
         worker,
         stream,
@@ -471,7 +544,8 @@ async fn exchange(
                 "upstream request failed"
             );
             let refusal = Refusal::Upstream(served_by, e);
-            let keep_alive = write_local(out, worker, request, &refusal, id, fell_back);
+            let (keep_alive, sent) = write_local(out, worker, request, &refusal, id, fell_back);
+            record.body_sent(sent);
             return stream.write_all(out).await.is_ok() && keep_alive;
         }
     };
@@ -507,6 +581,7 @@ async fn exchange(
         let Some(copied) = copied.await else {
             return false;
         };
+        record.body_sent(body.copied());
         match copied {
             Ok(Copied::More) => {}
             Ok(Copied::End(trailers)) => {
@@ -614,7 +689,8 @@ fn put_connection(out: &mut Vec<u8>, minor: u8, keep_alive: bool) {
 }
 
 /// Writes the response serin makes itself for `refusal` (see
-/// [`local_answer`]); returns whether the connection stays open.
+/// [`local_answer`]); returns whether the connection stays open, and the
+/// body's length.
 fn write_local(
     out: &mut Vec<u8>,
     worker: &Worker,
@@ -622,7 +698,7 @@ fn write_local(
     refusal: &Refusal,
     id: &[u8],
     fell_back: bool,
-) -> bool {
+) -> (bool, u64) {
     let answer = local_answer(refusal);
     write_status_line(out, request.minor, answer.status);
     write_local_fields(&answer, worker.config(), fell_back, id, out);
@@ -633,8 +709,9 @@ fn write_local(
     put_connection(out, request.minor, keep_alive);
     out.extend_from_slice(b"\r\n");
     // A response to HEAD has the length of the body it would have, not the body.
-    if request.method != Method::HEAD {
-        out.extend_from_slice(answer.text.as_bytes());
+    if request.method == Method::HEAD {
+        return (keep_alive, 0);
     }
-    keep_alive
+    out.extend_from_slice(answer.text.as_bytes());
+    (keep_alive, answer.text.len() as u64)
 }

@@ -56,6 +56,7 @@ impl UpstreamResponse {
                 conn: Some(conn),
                 idle,
                 reusable: reusable && head.keep_alive,
+                copied: 0,
             },
         }
     }
@@ -164,6 +165,8 @@ pub(crate) struct ResponseBody {
     idle: Rc<IdleConnections>,
     /// Keep-alive on both sides and the request fully sent.
     reusable: bool,
+    /// Body bytes [`ResponseBody::poll_copy`] has appended so far.
+    copied: u64,
 }
 
 /// What [`ResponseBody::poll_copy`] did.
@@ -289,6 +292,11 @@ impl ResponseBody {
         taken
     }
 
+    /// Body bytes copied by [`ResponseBody::poll_copy`] so far.
+    pub(crate) fn copied(&self) -> u64 {
+        self.copied
+    }
+
     /// Appends the body bytes that have arrived to `out`, as chunks if
     /// `chunked`. It reads the socket only when `out` is empty, so bytes
     /// already waiting there (the response head) go out first, in the same
@@ -311,11 +319,17 @@ impl ResponseBody {
                 Poll::Pending if !out.is_empty() => return Poll::Ready(Ok(Copied::More)),
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(Piece::Buffered(n))) => self.consume(|conn| {
-                    append(out, &conn.read[..n]);
-                    conn.read.advance(n);
-                }),
-                Poll::Ready(Ok(Piece::Whole(data))) => append(out, &data),
+                Poll::Ready(Ok(Piece::Buffered(n))) => {
+                    self.copied += n as u64;
+                    self.consume(|conn| {
+                        append(out, &conn.read[..n]);
+                        conn.read.advance(n);
+                    });
+                }
+                Poll::Ready(Ok(Piece::Whole(data))) => {
+                    self.copied += data.len() as u64;
+                    append(out, &data);
+                }
                 Poll::Ready(Ok(Piece::End(trailers))) => {
                     return Poll::Ready(Ok(Copied::End(trailers)))
                 }
