@@ -2,7 +2,9 @@
 //! (templates in `bench/peers/`), started pinned to the proxy core, and found.
 //!
 //! Every peer gets the same job: a 90/10 weighted split over the two upstream
-//! ports, keep-alive to the upstream, one worker on core 0.
+//! ports, keep-alive to the upstream, one worker on core 0. nginx and serin
+//! also run a second time with an access log (JSON, every request, to a
+//! file), to show what logging costs each.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,10 @@ pub enum PeerKind {
     Envoy,
     /// serin, the built binary.
     Serin,
+    /// nginx with a buffered JSON access log of every request.
+    NginxLog,
+    /// serin with its JSON access log of every request (`--access-log FILE`).
+    SerinLog,
 }
 
 impl PeerKind {
@@ -49,16 +55,26 @@ impl PeerKind {
             PeerKind::Haproxy => "haproxy",
             PeerKind::Envoy => "envoy",
             PeerKind::Serin => "serin",
+            PeerKind::NginxLog => "nginx-log",
+            PeerKind::SerinLog => "serin-log",
         }
     }
 
-    /// The run order of one round: direct, then the peers, then serin.
-    pub const ORDER: [PeerKind; 5] = [
+    /// The target is a peer run again with its access log on.
+    pub fn logs(self) -> bool {
+        matches!(self, PeerKind::NginxLog | PeerKind::SerinLog)
+    }
+
+    /// The run order of one round: direct, then the peers, then serin,
+    /// then the two with access logs.
+    pub const ORDER: [PeerKind; 7] = [
         PeerKind::Direct,
         PeerKind::Nginx,
         PeerKind::Haproxy,
         PeerKind::Envoy,
         PeerKind::Serin,
+        PeerKind::NginxLog,
+        PeerKind::SerinLog,
     ];
 }
 
@@ -241,7 +257,17 @@ pub fn start_proxy(
         source,
     })?;
     let (listen, listen_h2, admin) = (ports[0], ports[1], ports[2]);
+    let access_log = if kind == PeerKind::NginxLog {
+        format!(
+            "{}/nginx-access.log json buffer=64k flush=1s",
+            dir.display()
+        )
+    } else {
+        "off".to_owned()
+    };
     let vars = [
+        ("ACCESS_LOG", access_log),
+        ("NAME", kind.name().to_owned()),
         ("DIR", dir.display().to_string()),
         ("LISTEN", listen.to_string()),
         ("LISTEN_H2", listen_h2.to_string()),
@@ -260,8 +286,8 @@ pub fn start_proxy(
     let (what, cmd, config_path, h2_port): (&'static str, Command, Option<PathBuf>, u16) =
         match kind {
             PeerKind::Direct => unreachable!("direct is the upstream"),
-            PeerKind::Nginx => {
-                let conf = write("nginx.conf", NGINX_TEMPLATE)?;
+            PeerKind::Nginx | PeerKind::NginxLog => {
+                let conf = write(&format!("{}.conf", kind.name()), NGINX_TEMPLATE)?;
                 let cmd = nginx_command(&programs.nginx, dir, &conf);
                 ("nginx", cmd, Some(conf), listen_h2)
             }
@@ -285,8 +311,8 @@ pub fn start_proxy(
                     .arg("warn");
                 ("envoy", cmd, Some(conf), listen)
             }
-            PeerKind::Serin => {
-                let state = dir.join("serin-state");
+            PeerKind::Serin | PeerKind::SerinLog => {
+                let state = dir.join(format!("{}-state", kind.name()));
                 let mut cmd = pinned(PROXY_CORE, &programs.serin);
                 cmd.arg("run")
                     .arg("--listen")
@@ -303,6 +329,9 @@ pub fn start_proxy(
                     .arg(loopback(admin).to_string())
                     .arg("--state-dir")
                     .arg(&state);
+                if kind == PeerKind::SerinLog {
+                    cmd.arg("--access-log").arg(dir.join("serin-access.log"));
+                }
                 ("serin", cmd, None, listen)
             }
         };

@@ -14,13 +14,21 @@ use crate::results::{spread, Results};
 
 mod fleet;
 
-const COLORS: [(&str, &str); 5] = [
+const COLORS: [(&str, &str); 7] = [
     ("direct", "#7f7f7f"),
     ("nginx", "#2ca02c"),
     ("haproxy", "#1f77b4"),
     ("envoy", "#9467bd"),
     ("serin", "#d62728"),
+    ("nginx-log", "#98df8a"),
+    ("serin-log", "#ff9896"),
 ];
+
+/// A target that is another one run again with its access log on; it is
+/// compared with that one (the access-log section), not with the peers.
+fn logs(name: &str) -> bool {
+    name.ends_with("-log")
+}
 
 fn color(name: &str) -> &'static str {
     COLORS
@@ -106,7 +114,7 @@ fn markdown(res: &Results) -> String {
         .targets
         .iter()
         .map(String::as_str)
-        .filter(|n| *n != "serin")
+        .filter(|n| *n != "serin" && !logs(n))
         .collect();
     let _ = writeln!(s, "# serin peer benchmark report\n");
     let _ = writeln!(
@@ -253,6 +261,7 @@ fn markdown(res: &Results) -> String {
     }
 
     targets_section(&mut s, res);
+    access_log_section(&mut s, res);
     throughput_section(&mut s, res);
     latency_section(&mut s, res);
     memory_section(&mut s, res);
@@ -352,7 +361,7 @@ fn targets_section(s: &mut String, res: &Results) {
             let best_peer = res
                 .targets
                 .iter()
-                .filter(|n| *n != "serin" && *n != "direct")
+                .filter(|n| *n != "serin" && *n != "direct" && !logs(n))
                 .map(|n| added(n))
                 .fold(f64::INFINITY, f64::min);
             let judged = if rate.steal_percent > MAX_STEAL_PERCENT {
@@ -418,7 +427,50 @@ fn targets_section(s: &mut String, res: &Results) {
             verdict(hot <= 100.0)
         );
     }
+    let logged = cpu("serin-log") / cpu("serin");
+    if logged.is_finite() && logged > 0.0 {
+        let _ = writeln!(
+            s,
+            "| access log on (JSON, every request, to a file): CPU per request ÷ off | ≤ 1.15× | {logged:.2}× | {} |",
+            verdict(logged <= 1.15)
+        );
+    }
     fleet::target_rows(s, res);
+}
+
+/// What an access log of every request costs serin and nginx.
+fn access_log_section(s: &mut String, res: &Results) {
+    let cpu = |n: &str| med_tp(tp(&res.h1, n), Throughput::cpu_us);
+    let rps = |n: &str| med_tp(tp(&res.h1, n), |t| t.rps);
+    if !res.targets.iter().any(|n| logs(n)) {
+        return;
+    }
+    let _ = writeln!(s, "\n## Access log cost\n");
+    let _ = writeln!(
+        s,
+        "The same target run again with a JSON access line for every request written to a file: \
+         serin with `--access-log FILE` (per-worker batches, one writer thread), nginx with \
+         `access_log FILE json buffer=64k flush=1s` and a `log_format` of the same fields. \
+         HTTP/1.1, wrk -c{}, medians.\n",
+        res.wrk_connections
+    );
+    let _ = writeln!(
+        s,
+        "| target | CPU µs/req off | on | on ÷ off | max req/s off | on | on ÷ off |\n|---|---|---|---|---|---|---|"
+    );
+    for base in ["serin", "nginx"] {
+        let logged = format!("{base}-log");
+        if !res.targets.contains(&logged) {
+            continue;
+        }
+        let (c0, c1, r0, r1) = (cpu(base), cpu(&logged), rps(base), rps(&logged));
+        let _ = writeln!(
+            s,
+            "| {base} | {c0:.2} | {c1:.2} | {} | {r0:.0} | {r1:.0} | {} |",
+            ratio(c1, c0),
+            ratio(r1, r0)
+        );
+    }
 }
 
 fn throughput_section(s: &mut String, res: &Results) {
@@ -594,7 +646,7 @@ fn paired_p99(res: &Results, i: usize) -> Option<(usize, usize, String)> {
         .targets
         .iter()
         .map(String::as_str)
-        .filter(|n| *n != "serin" && *n != "direct")
+        .filter(|n| *n != "serin" && *n != "direct" && !logs(n))
         .filter(|n| !open_runs(res, i, n).is_empty())
         .collect();
     let named = match peers.split_last() {
