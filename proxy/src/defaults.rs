@@ -48,3 +48,17 @@ pub const ERROR_STATUSES: &[(u16, u16)] = &[(500, 599)];
 pub const GRPC_ERROR_CODES: &[u8] = &[2, 4, 13, 14];
 /// `judge.window`: the length of the rolling stats window.
 pub const WINDOW: Duration = Duration::from_secs(10);
+
+// OTLP trace export (issue 17). Not in the config file yet: the commit that
+// wires the exporter to the workers names their keys.
+/// The collector's OTLP/HTTP traces URL (the OpenTelemetry Collector's own
+/// default).
+pub const OTLP_ENDPOINT: &str = "http://127.0.0.1:4318/v1/traces";
+/// The resource's `service.name`.
+pub const OTLP_SERVICE_NAME: &str = "serin";
+/// The time allowed for one export, connect to answer (the OpenTelemetry
+/// SDKs' default), and for the final export at shutdown.
+pub const OTLP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches waiting for the exporter before workers drop spans instead of
+/// queueing them.
+pub const OTLP_MAX_QUEUED_BATCHES: usize = 64;
