@@ -55,3 +55,15 @@ pub const TRACE_START: bool = false;
 pub const TRACE_SAMPLE: f64 = 1.0;
 /// `access_log.sample`: the share of requests that were not errors that is logged.
 pub const ACCESS_LOG_SAMPLE: f64 = 1.0;
+/// `trace.otlp_endpoint`'s example: the collector's OTLP/HTTP traces URL
+/// (the OpenTelemetry Collector's own default). Spans are exported only
+/// when an endpoint is set.
+pub const OTLP_ENDPOINT: &str = "http://127.0.0.1:4318/v1/traces";
+/// `trace.service_name`: the resource's `service.name`.
+pub const OTLP_SERVICE_NAME: &str = "serin";
+/// The time allowed for one export, connect to answer (the OpenTelemetry
+/// SDKs' default), and for the final export at shutdown.
+pub const OTLP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches waiting for the exporter before workers drop spans instead of
+/// queueing them.
+pub const OTLP_MAX_QUEUED_BATCHES: usize = 64;

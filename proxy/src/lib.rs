@@ -15,6 +15,9 @@ pub mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http1;
+// Wired to the workers by the access-log/trace commit.
+#[cfg_attr(not(test), allow(dead_code, unused_imports))]
+mod otlp;
 mod outcome;
 mod policy;
 mod server;

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Prints the path of a Python that imports the OTLP classes pinned in
+# requirements.txt, creating (once) the venv ${XDG_CACHE_HOME:-$HOME/.cache}/serin-otlp-venv
+# and installing the pins into it; reinstalls only when requirements.txt changes
+# (tests/pinned-venv.sh).
+# Used by proxy/src/otlp/tests.rs (and so by `cargo test --workspace`) and by .ci/run.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+exec bash "$here/../../../tests/pinned-venv.sh" otlp "$here/requirements.txt"
