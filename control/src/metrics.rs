@@ -89,7 +89,7 @@ struct Exporter {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 12] = [
+const FAMILIES: [(&str, &str); 15] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -137,6 +137,18 @@ const FAMILIES: [(&str, &str); 12] = [
     (
         "serin_access_log_dropped_lines_total",
         "Access log lines dropped because the writer was behind or the sink failed (requests never wait for the log)",
+    ),
+    (
+        "serin_trace_spans_exported_total",
+        "Spans the OTLP collector accepted",
+    ),
+    (
+        "serin_trace_spans_dropped_total",
+        "Spans dropped: the export queue was full, the collector was down or refused them (requests never wait for export)",
+    ),
+    (
+        "serin_trace_export_failures_total",
+        "OTLP export requests that failed (no connection, no answer in time, or not a 2xx)",
     ),
 ];
 
@@ -296,6 +308,19 @@ impl Collector for Exporter {
                 MetricType::COUNTER,
                 vec![counter(&[], log.dropped.load(Ordering::Relaxed))],
             ));
+        }
+        if let Some(spans) = stats.span_export() {
+            for (index, value) in [
+                (12, &spans.spans_exported),
+                (13, &spans.spans_dropped),
+                (14, &spans.export_failures),
+            ] {
+                families.push(family(
+                    index,
+                    MetricType::COUNTER,
+                    vec![counter(&[], value.load(Ordering::Relaxed))],
+                ));
+            }
         }
         if let Some(member) = self.fleet.get() {
             let flag = |b: bool| if b { 1.0 } else { 0.0 };

@@ -8,7 +8,7 @@
 //!   and trace ids, client, method, authority, path, protocol) goes into a
 //!   line buffer taken from the worker's free list ([`WorkerLog::begin`]);
 //! - when its outcome is settled ([`crate::outcome::OutcomeRecord`]'s drop,
-//!   or a refusal), the rest (upstream, status, outcome class, bytes, times)
+//!   or a refusal; both through [`crate::worker::Worker::settle`]), the rest (upstream, status, outcome class, bytes, times)
 //!   is appended and the line is copied into the worker's batch
 //!   ([`WorkerLog::finish`]).
 //!
@@ -35,7 +35,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Version;
 
-use crate::split::{FastRng, Target};
+use crate::outcome::{OutcomeClass, RequestFacts, Settled};
+use crate::split::FastRng;
 use crate::wallclock;
 
 /// A worker hands its batch over once it holds this many bytes.
@@ -286,60 +287,6 @@ pub(crate) struct WorkerLog {
     rng: FastRng,
 }
 
-/// What is known of a request when it is admitted.
-pub(crate) struct RequestFacts<'a> {
-    pub(crate) request_id: &'a [u8],
-    /// The trace id, 32 hex digits, when the request has a trace context.
-    pub(crate) trace_id: Option<&'a [u8]>,
-    pub(crate) client: &'a [u8],
-    pub(crate) method: &'a [u8],
-    pub(crate) authority: &'a [u8],
-    /// The request target as sent: path and query.
-    pub(crate) target: &'a [u8],
-    pub(crate) version: Version,
-}
-
-/// How a request ended, in the log's words.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OutcomeClass {
-    /// Answered, and the judge counted it as a success.
-    Success,
-    /// The judge counted it as an error.
-    Error,
-    /// The client left before the answer was complete.
-    Abandoned,
-    /// The canary failed it and stable answered instead.
-    Fallback,
-    /// serin answered it itself without asking an upstream (a bad request,
-    /// overload, a limit).
-    Refused,
-}
-
-impl OutcomeClass {
-    fn as_str(self) -> &'static str {
-        match self {
-            OutcomeClass::Success => "success",
-            OutcomeClass::Error => "error",
-            OutcomeClass::Abandoned => "abandoned",
-            OutcomeClass::Fallback => "fallback",
-            OutcomeClass::Refused => "refused",
-        }
-    }
-}
-
-/// What is known of a request when its outcome is settled.
-pub(crate) struct Settled {
-    pub(crate) upstream: Option<Target>,
-    /// The status the client was sent (0 when no head was sent).
-    pub(crate) status: u16,
-    pub(crate) class: OutcomeClass,
-    pub(crate) bytes_in: u64,
-    pub(crate) bytes_out: u64,
-    /// Time to the upstream's response head.
-    pub(crate) upstream_time: Option<Duration>,
-    pub(crate) total_time: Duration,
-}
-
 impl WorkerLog {
     pub(crate) fn new(shared: Arc<AccessLog>, salt: u64) -> Self {
         Self {
@@ -396,27 +343,6 @@ impl WorkerLog {
         if spares.len() < SPARE_LINES && line.capacity() <= 4096 {
             spares.push(line);
         }
-    }
-
-    /// Completes the line of a request serin answered itself, without an
-    /// upstream.
-    pub(crate) fn refused(
-        &self,
-        line: Vec<u8>,
-        status: http::StatusCode,
-        bytes_out: u64,
-        total_time: Duration,
-    ) {
-        let settled = Settled {
-            upstream: None,
-            status: status.as_u16(),
-            class: OutcomeClass::Refused,
-            bytes_in: 0,
-            bytes_out,
-            upstream_time: None,
-            total_time,
-        };
-        self.finish(line, &settled);
     }
 
     fn keeps(&self, settled: &Settled) -> bool {

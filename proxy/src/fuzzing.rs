@@ -71,6 +71,7 @@ fn worker_for(policy: &HeaderPolicy) -> Worker {
         routes: Routes::new(RouteTable::new(0)),
         tls: None,
         access_log: None,
+        exporter: None,
     });
     Worker::new(0, shared, stats.worker(0))
 }

@@ -15,12 +15,11 @@ pub mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http1;
-// Wired to the workers by the access-log/trace commit.
-#[cfg_attr(not(test), allow(dead_code, unused_imports))]
 mod otlp;
 mod outcome;
 mod policy;
 mod server;
+mod spans;
 pub mod split;
 pub mod stats;
 pub mod tls;
@@ -39,6 +38,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use classify::Classifier;
+pub use otlp::ExportCounters;
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
 pub use upstream::{PoolSettings, Upstream, UpstreamProtocol, UpstreamUrlError};
@@ -158,6 +158,9 @@ pub enum StartError {
     /// The access log could not be opened.
     #[error(transparent)]
     AccessLog(#[from] access_log::AccessLogError),
+    /// The span exporter could not start.
+    #[error("cannot export spans (trace.otlp_endpoint): {0}")]
+    Otlp(std::io::Error),
     /// A worker thread could not be started.
     #[error("cannot start worker thread: {0}")]
     Spawn(std::io::Error),
@@ -221,12 +224,26 @@ impl Proxy {
             }
             None => (None, None),
         };
+        let exporter = match &config.trace.export {
+            Some(export) => {
+                let exporter = otlp::Exporter::start(&otlp::OtlpConfig {
+                    endpoint: export.endpoint.clone(),
+                    service_name: export.service_name.clone(),
+                    ..otlp::OtlpConfig::default()
+                })
+                .map_err(StartError::Otlp)?;
+                stats = stats.with_span_export(exporter.counters().clone());
+                Some(Arc::new(exporter))
+            }
+            None => None,
+        };
         let shared = Arc::new(worker::Shared {
             classifier: config.classifier.clone(),
             config,
             routes: routes.clone(),
             tls,
             access_log: log,
+            exporter,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut handles = Vec::with_capacity(workers);

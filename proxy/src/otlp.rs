@@ -34,7 +34,7 @@ use crate::defaults;
 use client::{Client, Endpoint, ExportError};
 use encode::Envelope;
 
-pub(crate) use encode::{encode_span, SpanFields, SpanOutcome};
+pub(crate) use encode::{encode_span, SpanFields};
 
 /// The longest pause after failed exports, and the shortest time between
 /// two warnings about them.
@@ -71,15 +71,15 @@ impl Default for OtlpConfig {
 
 /// What the exporter has done, for metrics. Each only grows.
 #[derive(Debug, Default)]
-pub(crate) struct ExportCounters {
+pub struct ExportCounters {
     /// Spans the collector accepted (a 2xx answer).
-    pub(crate) spans_exported: AtomicU64,
+    pub spans_exported: AtomicU64,
     /// Spans lost: refused by a full queue, dropped while backing off, or in
     /// a failed export.
-    pub(crate) spans_dropped: AtomicU64,
+    pub spans_dropped: AtomicU64,
     /// Export requests that failed (no connection, no answer in time, or
     /// not a 2xx).
-    pub(crate) export_failures: AtomicU64,
+    pub export_failures: AtomicU64,
 }
 
 /// A batch of encoded spans on its way to the thread.

@@ -17,19 +17,20 @@
 //!
 //! Latency is always the time to the response head. The record also holds
 //! the request's place in the worker's in-flight count until it is dropped,
-//! and, when the access log is on, the request's line: its drop is the one
-//! place every forwarded request ends, so it writes the line then.
+//! and, when the access log or span export is on, the request's
+//! [`Observation`]: its drop is the one place every forwarded request ends,
+//! so it settles the line and the span then.
 
 use std::rc::Rc;
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, StatusCode, Version};
 use tokio::time::Instant;
 
-use crate::access_log::{OutcomeClass, Settled};
 use crate::classify::Outcome;
 use crate::fields::Fields;
 use crate::policy::upstream_failure_status;
+use crate::spans::SpanStart;
 use crate::split::Target;
 use crate::upstream::{UploadEnd, UpstreamError};
 use crate::worker::Worker;
@@ -40,14 +41,13 @@ pub(crate) struct OutcomeRecord {
     target: Target,
     start: Instant,
     state: State,
-    /// The access log's line, when the access log is on.
-    log: Option<LogEntry>,
+    /// What the access log and span export follow, when either is on.
+    log: Option<Followed>,
 }
 
-/// What the access log needs that the judge does not.
-struct LogEntry {
-    /// The line, begun when the request was admitted.
-    line: Vec<u8>,
+/// What the access log and span export need that the judge does not.
+struct Followed {
+    observation: Observation,
     /// The status sent to the client; 499 (nginx's "client closed
     /// request") until one is.
     status: u16,
@@ -79,14 +79,14 @@ enum State {
 }
 
 impl OutcomeRecord {
-    /// A request to `target`, started at `start`, is on its way. `line` is
-    /// its access-log line, begun, when the access log is on.
+    /// A request to `target`, started at `start`, is on its way, followed
+    /// by the access log and span export as `observation` says.
     pub(crate) fn new(
         worker: Rc<Worker>,
         target: Target,
         start: Instant,
         bodiless: bool,
-        line: Option<Vec<u8>>,
+        observation: Option<Observation>,
     ) -> Self {
         worker.request_started();
         Self {
@@ -94,8 +94,8 @@ impl OutcomeRecord {
             target,
             start,
             state: State::Waiting { bodiless },
-            log: line.map(|line| LogEntry {
-                line,
+            log: observation.map(|observation| Followed {
+                observation,
                 status: CLIENT_CLOSED,
                 class: None,
                 fell_back: false,
@@ -218,11 +218,8 @@ impl OutcomeRecord {
         }
     }
 
-    /// Writes the access-log line, once the exchange is over.
-    fn write_log(&mut self, log: LogEntry) {
-        let Some(access_log) = self.worker.access_log() else {
-            return;
-        };
+    /// Settles the access-log line and the span, once the exchange is over.
+    fn write_log(&mut self, log: Followed) {
         let class = match log.class {
             Some(OutcomeClass::Success) if log.fell_back => OutcomeClass::Fallback,
             Some(class) => class,
@@ -237,7 +234,7 @@ impl OutcomeRecord {
             upstream_time: log.upstream_time,
             total_time: self.start.elapsed(),
         };
-        access_log.finish(log.line, &settled);
+        self.worker.settle(log.observation, &settled);
     }
 }
 
@@ -269,4 +266,89 @@ impl Drop for OutcomeRecord {
         }
         self.worker.request_ended();
     }
+}
+
+/// How a request ended, in the access log's and the span's words
+/// (`outcome`, `serin.outcome`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OutcomeClass {
+    /// Answered, and the judge counted it as a success.
+    Success,
+    /// The judge counted it as an error.
+    Error,
+    /// The client left before the answer was complete.
+    Abandoned,
+    /// The canary failed it and stable answered instead.
+    Fallback,
+    /// serin answered it itself without asking an upstream (a bad request,
+    /// overload, a limit).
+    Refused,
+}
+
+impl OutcomeClass {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            OutcomeClass::Success => "success",
+            OutcomeClass::Error => "error",
+            OutcomeClass::Abandoned => "abandoned",
+            OutcomeClass::Fallback => "fallback",
+            OutcomeClass::Refused => "refused",
+        }
+    }
+}
+
+// === what the access log and the span exporter see ===
+
+/// What is known of a request when it is admitted.
+pub(crate) struct RequestFacts<'a> {
+    pub(crate) request_id: &'a [u8],
+    /// The trace id, 32 hex digits, when the request has a trace context.
+    pub(crate) trace_id: Option<&'a [u8]>,
+    pub(crate) client: &'a [u8],
+    pub(crate) method: &'a [u8],
+    pub(crate) authority: &'a [u8],
+    /// The request target as sent: path and query.
+    pub(crate) target: &'a [u8],
+    pub(crate) version: Version,
+    /// The client came over TLS.
+    pub(crate) tls: bool,
+}
+
+/// What is known of a request when its outcome is settled.
+pub(crate) struct Settled {
+    pub(crate) upstream: Option<Target>,
+    /// The status the client was sent (499 when none was: nginx's "client
+    /// closed request").
+    pub(crate) status: u16,
+    pub(crate) class: OutcomeClass,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    /// Time to the upstream's response head.
+    pub(crate) upstream_time: Option<Duration>,
+    pub(crate) total_time: Duration,
+}
+
+impl Settled {
+    /// A request serin answered itself with `status`, without an upstream.
+    pub(crate) fn refused(status: StatusCode, bytes_out: u64, total_time: Duration) -> Self {
+        Settled {
+            upstream: None,
+            status: status.as_u16(),
+            class: OutcomeClass::Refused,
+            bytes_in: 0,
+            bytes_out,
+            upstream_time: None,
+            total_time,
+        }
+    }
+}
+
+/// What the access log and the span exporter keep of a request from its
+/// admission to its end ([`crate::worker::Worker::observe`] and
+/// [`crate::worker::Worker::settle`]).
+pub(crate) struct Observation {
+    /// The access-log line, begun.
+    pub(crate) line: Option<Vec<u8>>,
+    /// The span's start, when the request's trace is sampled.
+    pub(crate) span: Option<Box<SpanStart>>,
 }

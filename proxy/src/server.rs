@@ -55,20 +55,18 @@ pub(crate) fn run_worker(
     local.block_on(&runtime, async move {
         let listener = TcpListener::from_std(listener)?;
         let worker = Rc::new(Worker::new(index, shared, stats));
-        if worker.access_log().is_some() {
-            tokio::task::spawn_local(flush_access_log(Rc::downgrade(&worker)));
+        if worker.observed() {
+            tokio::task::spawn_local(flush_observers(Rc::downgrade(&worker)));
         }
         accept_loop(worker.clone(), listener, shutdown).await;
-        if let Some(log) = worker.access_log() {
-            log.flush();
-        }
+        worker.flush_observers();
         Ok(())
     })
 }
 
-/// Hands the worker's access-log batch to the writer at least every
-/// [`FLUSH_INTERVAL`], so a quiet proxy's lines still appear.
-async fn flush_access_log(worker: std::rc::Weak<Worker>) {
+/// Hands the worker's access-log and span batches over at least every
+/// [`FLUSH_INTERVAL`], so a quiet proxy's lines and spans still appear.
+async fn flush_observers(worker: std::rc::Weak<Worker>) {
     let mut tick = tokio::time::interval(FLUSH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -76,9 +74,7 @@ async fn flush_access_log(worker: std::rc::Weak<Worker>) {
         let Some(worker) = worker.upgrade() else {
             return;
         };
-        if let Some(log) = worker.access_log() {
-            log.flush();
-        }
+        worker.flush_observers();
     }
 }
 

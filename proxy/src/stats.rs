@@ -11,6 +11,7 @@
 //! argument (`now`), so the window logic is tested with a paused tokio clock.
 
 use crate::access_log::AccessLogCounters;
+use crate::otlp::ExportCounters;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -443,6 +444,7 @@ pub struct Stats {
     window: Duration,
     alarm: Arc<tokio::sync::Notify>,
     access_log: Option<Arc<AccessLogCounters>>,
+    span_export: Option<Arc<ExportCounters>>,
 }
 
 impl Stats {
@@ -457,7 +459,19 @@ impl Stats {
             window,
             alarm,
             access_log: None,
+            span_export: None,
         }
+    }
+
+    /// These stats with the span exporter's counters.
+    pub(crate) fn with_span_export(mut self, counters: Arc<ExportCounters>) -> Self {
+        self.span_export = Some(counters);
+        self
+    }
+
+    /// The span exporter's counters, when spans are exported.
+    pub fn span_export(&self) -> Option<&ExportCounters> {
+        self.span_export.as_deref()
     }
 
     /// These stats with the access log's counters.

@@ -60,8 +60,11 @@ pub(crate) struct TraceContext {
     /// A version-00 `traceparent` for the trace: the client's (normalised),
     /// or the one serin sends upstream when it starts or continues the trace.
     header: [u8; 55],
-    /// serin sends `header` upstream instead of the client's field.
+    /// serin sends `header` upstream instead of the client's field; its
+    /// parent id is then serin's own span.
     replaces: bool,
+    /// The client's parent span id (hex), when it sent a trace.
+    client_parent: Option<[u8; 16]>,
 }
 
 impl TraceContext {
@@ -92,10 +95,30 @@ impl TraceContext {
         let mut header = *b"00-00000000000000000000000000000000-0000000000000000-00";
         header[3..35].copy_from_slice(&trace_id);
         header[36..52].copy_from_slice(&parent);
+        // Flags other than sampled are not defined for version 00 yet.
         header[54] = if sampled { b'1' } else { b'0' };
         Some(TraceContext {
             header,
             replaces: exports || client.is_none(),
+            client_parent: client.map(|c| c.parent),
+        })
+    }
+
+    /// The trace is sampled: its flags' low bit.
+    pub(crate) fn sampled(&self) -> bool {
+        self.header[54] == b'1'
+    }
+
+    /// serin's own span's ids, as OTLP carries them; `None` unless serin
+    /// made a span for the request.
+    pub(crate) fn span_ids(&self) -> Option<SpanIds> {
+        if !self.replaces {
+            return None;
+        }
+        Some(SpanIds {
+            trace_id: unhex(&self.header[3..35]),
+            span_id: unhex(&self.header[36..52]),
+            parent: self.client_parent.map(|p| unhex(&p)),
         })
     }
 
@@ -109,6 +132,14 @@ impl TraceContext {
     pub(crate) fn forward(&self) -> Option<&[u8]> {
         self.replaces.then_some(&self.header[..])
     }
+}
+
+/// A span's ids as bytes.
+pub(crate) struct SpanIds {
+    pub(crate) trace_id: [u8; 16],
+    pub(crate) span_id: [u8; 8],
+    /// The client's span, the parent of serin's; `None` for a trace serin started.
+    pub(crate) parent: Option<[u8; 8]>,
 }
 
 struct ClientTrace {
@@ -174,6 +205,20 @@ fn new_id<const N: usize>(rng: &FastRng) -> [u8; N] {
     }
 }
 
+/// The bytes of `N * 2` lowercase hex digits (checked by [`parse`] or made
+/// by [`new_id`]).
+fn unhex<const N: usize>(hex: &[u8]) -> [u8; N] {
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => b - b'0',
+        _ => b - b'a' + 10,
+    };
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = digit(pair[0]) << 4 | digit(pair[1]);
+    }
+    out
+}
+
 /// A uniform number in [0, 1).
 fn unit(rng: &FastRng) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
@@ -207,6 +252,11 @@ mod tests {
             ..TraceSettings::default()
         };
         let continued = TraceContext::of(&with(CLIENT), &spans, &rng).unwrap();
+        let ids = continued.span_ids().unwrap();
+        assert_eq!(ids.trace_id[..4], [0x4b, 0xf9, 0x2f, 0x35]);
+        let client_parent = [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7];
+        assert_eq!(ids.parent, Some(client_parent));
+        assert!(continued.sampled() && ids.span_id != [0; 8]);
         let forward = std::str::from_utf8(continued.forward().unwrap()).unwrap();
         assert!(
             forward.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),

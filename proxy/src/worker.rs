@@ -16,6 +16,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::access_log::{AccessLog, WorkerLog};
 use crate::classify::Classifier;
 use crate::fields::Fields;
+use crate::otlp::Exporter;
+use crate::outcome::{Observation, RequestFacts, Settled};
+use crate::spans::WorkerSpans;
 use crate::split::{FastRng, LocalRoutes, Target};
 use crate::stats::{UpstreamStats, WorkerStats};
 use crate::trace::TraceContext;
@@ -29,6 +32,7 @@ pub(crate) struct Shared {
     pub(crate) classifier: Classifier,
     pub(crate) tls: Option<TlsAcceptor>,
     pub(crate) access_log: Option<Arc<AccessLog>>,
+    pub(crate) exporter: Option<Arc<Exporter>>,
 }
 
 /// One worker's request-path state. Lives on the worker's thread only.
@@ -47,6 +51,7 @@ pub(crate) struct Worker {
     request_seq: Cell<u64>,
     request_prefix: u64,
     access_log: Option<WorkerLog>,
+    spans: Option<WorkerSpans>,
 }
 
 impl Worker {
@@ -61,6 +66,7 @@ impl Worker {
             .access_log
             .as_ref()
             .map(|log| WorkerLog::new(log.clone(), index as u64));
+        let spans = shared.exporter.clone().map(WorkerSpans::new);
         Self {
             pools: [
                 Rc::new(Pool::new(config.stable.clone(), config.pool.clone())),
@@ -76,6 +82,7 @@ impl Worker {
             request_seq: Cell::new(0),
             request_prefix,
             access_log,
+            spans,
         }
     }
 
@@ -85,10 +92,51 @@ impl Worker {
         &self.shared.config
     }
 
-    /// The access log, when it is on.
+    /// Whether the access log or span export follows requests.
+    pub(crate) fn observed(&self) -> bool {
+        self.access_log.is_some() || self.spans.is_some()
+    }
+
+    /// Begins what the access log and span export keep of an admitted
+    /// request; `None` (one branch) when neither is on.
     #[inline]
-    pub(crate) fn access_log(&self) -> Option<&WorkerLog> {
-        self.access_log.as_ref()
+    pub(crate) fn observe<'a>(
+        &self,
+        facts: impl FnOnce() -> RequestFacts<'a>,
+        trace: Option<&TraceContext>,
+    ) -> Option<Observation> {
+        if !self.observed() {
+            return None;
+        }
+        let facts = facts();
+        Some(Observation {
+            line: self.access_log.as_ref().map(|log| log.begin(&facts)),
+            span: match (&self.spans, trace) {
+                (Some(spans), Some(trace)) => spans.begin(&facts, trace),
+                _ => None,
+            },
+        })
+    }
+
+    /// Completes the access-log line and the span of a request that ended.
+    pub(crate) fn settle(&self, observation: Observation, settled: &Settled) {
+        if let (Some(log), Some(line)) = (&self.access_log, observation.line) {
+            log.finish(line, settled);
+        }
+        if let (Some(spans), Some(span)) = (&self.spans, observation.span) {
+            spans.finish(span, settled);
+        }
+    }
+
+    /// Hands the access log's and the spans' batches over (the worker's
+    /// timer, and its shutdown).
+    pub(crate) fn flush_observers(&self) {
+        if let Some(log) = &self.access_log {
+            log.flush();
+        }
+        if let Some(spans) = &self.spans {
+            spans.flush();
+        }
     }
 
     /// The request's trace context, when the trace settings or the access
@@ -96,7 +144,7 @@ impl Worker {
     #[inline]
     pub(crate) fn trace_context<H: Fields + ?Sized>(&self, headers: &H) -> Option<TraceContext> {
         let settings = &self.shared.config.trace;
-        if !settings.active() && self.access_log.is_none() {
+        if !settings.active() && !self.observed() {
             return None;
         }
         TraceContext::of(headers, settings, &self.rng)

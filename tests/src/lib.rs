@@ -9,6 +9,7 @@
 //! condition: use [`eventually`] to poll with a deadline.
 
 pub mod kube_api;
+pub mod otlp_collector;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures_util::future::join_all;
 use http::{Request, StatusCode};
@@ -305,4 +307,138 @@ async fn a_trace_is_kept_as_sent_or_started_when_configured() {
         "the upstream got the logged trace"
     );
     assert!(forwarded.starts_with("00-") && forwarded.ends_with("-01"));
+}
+
+/// A span attribute's value, as the collector prints it.
+fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
+    span["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| {
+            let value = a["value"].as_object().unwrap();
+            value.values().next().unwrap()
+        })
+        .unwrap_or_else(|| panic!("no {key} in {span}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_and_join_the_clients_trace() {
+    let mut collector = serin_tests::otlp_collector::OtlpCollector::start().await;
+    let dir = temp_dir("access-log-spans");
+    let path = dir.join("access.log");
+    let stable = TestUpstream::start("stable").await;
+    let endpoint = collector.endpoint.clone();
+    let proxy = start(&stable, &stable.url(), 0, |c| {
+        c.access_log = Some(log_config(&path));
+        c.trace = TraceSettings {
+            start: true,
+            sample: 1.0,
+            export: Some(serin_proxy::trace::SpanExport {
+                endpoint,
+                service_name: "checkout-edge".into(),
+            }),
+        };
+    });
+    let base = format!("http://{}", proxy.local_addr());
+    let h1 = http1_client();
+    let client_parent = "00f067aa0ba902b7";
+    let theirs = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{client_parent}-01");
+    let joined = get(
+        &h1,
+        &format!("{base}/echo-headers?q=1"),
+        &[("traceparent", &theirs), ("x-request-id", "joined")],
+    )
+    .await;
+    let started = get(
+        &h2c_client(),
+        &format!("{base}/echo-headers"),
+        &[("x-request-id", "started")],
+    )
+    .await;
+    // Not sampled by the client: forwarded, never exported.
+    let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
+    let skipped = get(
+        &h1,
+        &format!("{base}/"),
+        &[("traceparent", unsampled), ("x-request-id", "skipped")],
+    )
+    .await;
+    assert_eq!(skipped.status, StatusCode::OK);
+
+    let upstream_parent = |body: &str| {
+        let tp = body
+            .lines()
+            .find_map(|l| l.strip_prefix("traceparent: "))
+            .unwrap_or_else(|| panic!("no traceparent upstream: {body}"))
+            .to_owned();
+        (tp[3..35].to_owned(), tp[36..52].to_owned())
+    };
+    let (joined_trace, joined_parent) = upstream_parent(&joined.body);
+    assert_eq!(joined_trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(
+        joined_parent, client_parent,
+        "the upstream's parent is serin's span"
+    );
+    let (started_trace, started_parent) = upstream_parent(&started.body);
+
+    let mut spans = HashMap::new();
+    while spans.len() < 2 {
+        let span = collector
+            .next_span(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("only {} spans arrived: {spans:?}", spans.len()));
+        let id = attr(&span["span"], "serin.request_id")
+            .as_str()
+            .unwrap()
+            .to_owned();
+        spans.insert(id, span);
+    }
+    let joined_span = &spans["joined"];
+    let span = &joined_span["span"];
+    assert_eq!(span["trace_id"], joined_trace);
+    assert_eq!(span["span_id"], joined_parent);
+    assert_eq!(span["parent_span_id"], client_parent);
+    assert_eq!(span["kind"], "SPAN_KIND_SERVER");
+    assert_eq!(span["name"], "GET");
+    assert_eq!(attr(span, "http.request.method"), "GET");
+    assert_eq!(attr(span, "url.path"), "/echo-headers");
+    assert_eq!(attr(span, "url.query"), "q=1");
+    assert_eq!(attr(span, "http.response.status_code"), 200);
+    assert_eq!(attr(span, "network.protocol.version"), "1.1");
+    assert_eq!(attr(span, "serin.upstream"), "stable");
+    assert_eq!(attr(span, "serin.outcome"), "success");
+    assert_eq!(attr(span, "client.address"), "127.0.0.1");
+    assert!(span["end_time_unix_nano"].as_u64() >= span["start_time_unix_nano"].as_u64());
+    assert_eq!(joined_span["request"]["canonical"], true);
+    assert!(joined_span["resource"]["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["key"] == "service.name" && a["value"]["string_value"] == "checkout-edge"));
+    let root = &spans["started"]["span"];
+    assert_eq!(root["trace_id"], started_trace);
+    assert_eq!(root["span_id"], started_parent);
+    assert_eq!(
+        root["parent_span_id"], "",
+        "a trace serin started has no parent"
+    );
+    assert_eq!(attr(root, "network.protocol.version"), "2");
+    let stats = proxy.stats().clone();
+    // The access log names the same traces.
+    let lines = stop_and_read(proxy, &path).await;
+    let trace_of =
+        |id: &str| lines.iter().find(|l| l["request_id"] == id).unwrap()["trace_id"].clone();
+    assert_eq!(trace_of("joined"), joined_trace.as_str());
+    assert_eq!(trace_of("started"), started_trace.as_str());
+    assert_eq!(trace_of("skipped"), "11111111111111111111111111111111");
+    // Stopped, the proxy has exported all it had: the two sampled spans,
+    // and not the unsampled one.
+    let export = stats.span_export().unwrap();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (count(&export.spans_exported), count(&export.spans_dropped)),
+        (2, 0)
+    );
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::split::Target;
 
 fn config(format: LineFormat, query: QueryPolicy) -> AccessLogConfig {
     AccessLogConfig {
@@ -31,6 +32,7 @@ fn facts(target: &'static [u8]) -> RequestFacts<'static> {
         authority: b"example.com",
         target,
         version: Version::HTTP_11,
+        tls: false,
     }
 }
 

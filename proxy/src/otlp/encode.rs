@@ -18,6 +18,7 @@ use std::net::IpAddr;
 
 use http::{StatusCode, Version};
 
+use crate::outcome::OutcomeClass;
 use crate::split::Target;
 
 // === wire format ===
@@ -162,30 +163,6 @@ mod span {
     pub(super) const STATUS_ERROR: u64 = 2;
 }
 
-/// How a request ended, for the span's `serin.outcome`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SpanOutcome {
-    /// The upstream answered, and not with an error.
-    Success,
-    /// The upstream failed or answered with an error.
-    Error,
-    /// The client left before the response was complete.
-    Abandoned,
-    /// The canary failed and the request was replayed on stable.
-    Fallback,
-}
-
-impl SpanOutcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            SpanOutcome::Success => "success",
-            SpanOutcome::Error => "error",
-            SpanOutcome::Abandoned => "abandoned",
-            SpanOutcome::Fallback => "fallback",
-        }
-    }
-}
-
 /// One request as a server span, borrowed from wherever the request path
 /// keeps it. Byte fields are the request's own bytes; any that are not
 /// UTF-8 are sent with U+FFFD in place of each invalid sequence.
@@ -222,7 +199,7 @@ pub(crate) struct SpanFields<'a> {
     /// `serin.upstream`; `None` when serin answered itself.
     pub(crate) upstream: Option<Target>,
     /// `serin.outcome`.
-    pub(crate) outcome: SpanOutcome,
+    pub(crate) outcome: OutcomeClass,
     /// `serin.request_id`.
     pub(crate) request_id: &'a [u8],
 }
@@ -500,7 +477,7 @@ mod tests {
             status: None,
             error: false,
             upstream: None,
-            outcome: SpanOutcome::Success,
+            outcome: OutcomeClass::Success,
             request_id: b"r",
         }
     }
@@ -580,20 +557,6 @@ mod tests {
             "http.request.method_original",
             b"PURGE"
         ))));
-    }
-
-    #[test]
-    fn outcomes_have_the_names_of_serin_outcome() {
-        let all = [
-            SpanOutcome::Success,
-            SpanOutcome::Error,
-            SpanOutcome::Abandoned,
-            SpanOutcome::Fallback,
-        ];
-        assert_eq!(
-            all.map(SpanOutcome::as_str),
-            ["success", "error", "abandoned", "fallback"]
-        );
     }
 
     #[test]

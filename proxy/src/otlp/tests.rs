@@ -21,6 +21,7 @@ use http::{StatusCode, Version};
 use serde_json::{json, Value};
 
 use super::*;
+use crate::outcome::OutcomeClass;
 use crate::split::Target;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -31,47 +32,8 @@ fn otlp_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/otlp"))
 }
 
-/// The `NAME==VERSION` lines of `requirements.txt`.
-fn pins() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(otlp_dir().join("requirements.txt"))
-        .expect("proxy/tests/otlp/requirements.txt");
-    text.lines()
-        .filter_map(|l| l.trim().split_once("=="))
-        .map(|(name, version)| (name.to_string(), version.to_string()))
-        .collect()
-}
-
-/// A Python with the pinned classes: `SERIN_OTLP_PYTHON`, else the venv
-/// `venv.sh` creates once, so `cargo test --workspace` runs this on a fresh
-/// machine. Looked for once per test process.
 fn python() -> &'static str {
-    static PYTHON: OnceLock<String> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let python = std::env::var("SERIN_OTLP_PYTHON").unwrap_or_else(|_| {
-            let out = Command::new("bash")
-                .arg(otlp_dir().join("venv.sh"))
-                .stderr(Stdio::inherit())
-                .output()
-                .expect("run proxy/tests/otlp/venv.sh");
-            assert!(
-                out.status.success(),
-                "proxy/tests/otlp/venv.sh could not install the OTLP classes from PyPI"
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        });
-        for (name, version) in pins() {
-            let out = Command::new(&python)
-                .args(["-c", &format!("import importlib.metadata as m; print(m.version({name:?}))")])
-                .output()
-                .expect("run the OTLP venv's python");
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout).trim(),
-                version,
-                "{python} must have {name}=={version} (pip install -r proxy/tests/otlp/requirements.txt)"
-            );
-        }
-        python
-    })
+    serin_tests::otlp_collector::python()
 }
 
 /// `collector.py` in a child process, killed when dropped.
@@ -159,7 +121,7 @@ fn span(n: u8) -> SpanFields<'static> {
         status: Some(StatusCode::OK),
         error: false,
         upstream: Some(Target::Stable),
-        outcome: SpanOutcome::Success,
+        outcome: OutcomeClass::Success,
         request_id: b"req-1",
     }
 }
@@ -306,20 +268,20 @@ fn spans_decode_exactly_with_the_official_otlp_classes() {
         status: Some(StatusCode::SERVICE_UNAVAILABLE),
         error: true,
         upstream: Some(Target::Canary),
-        outcome: SpanOutcome::Error,
+        outcome: OutcomeClass::Error,
         ..span(3)
     };
     let own_method = SpanFields {
         method: b"PURGE",
         host: b"[2001:db8::1]:9000",
-        outcome: SpanOutcome::Fallback,
+        outcome: OutcomeClass::Fallback,
         ..span(4)
     };
     let abandoned = SpanFields {
         client_address: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x42)),
         status: None,
         error: true,
-        outcome: SpanOutcome::Abandoned,
+        outcome: OutcomeClass::Abandoned,
         version: Version::HTTP_10,
         host: b"",
         ..span(5)

@@ -21,11 +21,10 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use crate::access_log::RequestFacts;
 use crate::body::ProxyBody;
 use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
 use crate::http1::head::write_request_line;
-use crate::outcome::OutcomeRecord;
+use crate::outcome::{OutcomeRecord, RequestFacts, Settled};
 use crate::policy::{
     admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
     write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
@@ -79,12 +78,9 @@ async fn answer(
         fields: &parts.headers,
     };
     let admitted = admit(&head, worker.inflight(), worker.config());
-    let trace = match &admitted {
-        Ok(_) => worker.trace_context(&parts.headers),
-        Err(_) => None,
-    };
-    let log_line = worker.access_log().map(|log| {
-        log.begin(&RequestFacts {
+    let trace = worker.trace_context(&parts.headers);
+    let observation = worker.observe(
+        || RequestFacts {
             request_id,
             trace_id: trace.as_ref().map(TraceContext::trace_id),
             client: meta.client_ip.as_bytes(),
@@ -98,14 +94,17 @@ async fn answer(
                 .path_and_query()
                 .map_or(b"/", |p| p.as_str().as_bytes()),
             version: parts.version,
-        })
-    });
+            tls: meta.proto == "https",
+        },
+        trace.as_ref(),
+    );
     let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
             let (resp, sent) = answer_locally(&worker, &refusal, false, request_id, parts.version);
-            if let (Some(log), Some(line)) = (worker.access_log(), log_line) {
-                log.refused(line, resp.status(), sent, start.elapsed());
+            if let Some(observation) = observation {
+                let settled = Settled::refused(resp.status(), sent, start.elapsed());
+                worker.settle(observation, &settled);
             }
             return resp;
         }
@@ -151,7 +150,7 @@ async fn answer(
         traceparent: trace.as_ref().and_then(TraceContext::forward),
         upgrade: upgrade.as_ref(),
     };
-    let mut record = OutcomeRecord::new(worker.clone(), target, start, bodiless, log_line);
+    let mut record = OutcomeRecord::new(worker.clone(), target, start, bodiless, observation);
     if let Some(upload) = &upload {
         record.uploading(upload);
     }

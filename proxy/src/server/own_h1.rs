@@ -32,13 +32,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::access_log::RequestFacts;
 use crate::fields::{keeps_alive, Fields};
 use crate::http1::chunked::encode_last_chunk;
 use crate::http1::head::{
     field_slots, parse_request, write_request_line, write_status_line, HeadError,
 };
-use crate::outcome::OutcomeRecord;
+use crate::outcome::{Observation, OutcomeRecord, RequestFacts, Settled};
 use crate::policy::{
     admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
     write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
@@ -205,8 +204,8 @@ pub(crate) struct Request {
     pub(crate) refusal: Option<Refusal>,
     /// Its trace context, when serin keeps one.
     trace: Option<TraceContext>,
-    /// Its access-log line, begun, when the access log is on.
-    log: Option<Vec<u8>>,
+    /// What the access log and span export keep of it, when either is on.
+    observation: Option<Observation>,
 }
 
 /// The request's id: the client's own, or one serin made.
@@ -256,22 +255,26 @@ pub(crate) fn parse(
     // A request answered at once, whose bytes are all dropped.
     let refused_with = |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
         let id = worker.next_request_id_bytes();
-        let log = worker.access_log().map(|log| {
-            let head = head.unwrap_or_default();
-            log.begin(&RequestFacts {
-                request_id: &id,
-                trace_id: None,
-                client: meta.client_ip.as_bytes(),
-                method: method.as_str().as_bytes(),
-                authority: head.authority,
-                target: head.target,
-                version: if minor == 0 {
-                    Version::HTTP_10
-                } else {
-                    Version::HTTP_11
-                },
-            })
-        });
+        let observation = worker.observe(
+            || {
+                let head = head.unwrap_or_default();
+                RequestFacts {
+                    request_id: &id,
+                    trace_id: None,
+                    client: meta.client_ip.as_bytes(),
+                    method: method.as_str().as_bytes(),
+                    authority: head.authority,
+                    target: head.target,
+                    version: if minor == 0 {
+                        Version::HTTP_10
+                    } else {
+                        Version::HTTP_11
+                    },
+                    tls: false,
+                }
+            },
+            None,
+        );
         Parsed::Ready(Request {
             start: Instant::now(),
             len: buf.len(),
@@ -283,7 +286,7 @@ pub(crate) fn parse(
             admitted: Admitted::default(),
             refusal: Some(refusal),
             trace: None,
-            log,
+            observation,
         })
     };
     // The head could not be read: answered as HTTP/1.1, then closed.
@@ -369,8 +372,8 @@ pub(crate) fn parse(
             upstream_head,
         );
     }
-    let log = worker.access_log().map(|log| {
-        log.begin(&RequestFacts {
+    let observation = worker.observe(
+        || RequestFacts {
             request_id: request_id.bytes(buf),
             trace_id: trace.as_ref().map(TraceContext::trace_id),
             client: meta.client_ip.as_bytes(),
@@ -378,8 +381,10 @@ pub(crate) fn parse(
             authority: fields.value(&HOST).unwrap_or_default(),
             target: path.as_bytes(),
             version,
-        })
-    });
+            tls: false,
+        },
+        trace.as_ref(),
+    );
     Parsed::Ready(Request {
         start: Instant::now(),
         len,
@@ -391,7 +396,7 @@ pub(crate) fn parse(
         admitted,
         refusal,
         trace,
-        log,
+        observation,
     })
 }
 
@@ -479,21 +484,22 @@ async fn exchange(
     out: &mut Vec<u8>,
 ) -> bool {
     let config = worker.config();
-    let log_line = request.log.take();
+    let observation = request.observation.take();
     let request = &*request;
     let id = request.request_id.bytes(head);
     out.clear();
     if let Some(refusal) = &request.refusal {
         let (keep_alive, sent) = write_local(out, worker, request, refusal, id, false);
         let written = stream.write_all(out).await.is_ok();
-        if let (Some(log), Some(line)) = (worker.access_log(), log_line) {
+        if let Some(observation) = observation {
             let status = local_answer(refusal).status;
-            log.refused(line, status, sent, request.start.elapsed());
+            let settled = Settled::refused(status, sent, request.start.elapsed());
+            worker.settle(observation, &settled);
         }
         return written && keep_alive;
     }
     let start = request.start;
-    let mut record = OutcomeRecord::new(worker.clone(), request.target, start, true, log_line);
+    let mut record = OutcomeRecord::new(worker.clone(), request.target, start, true, observation);
     let sent = send_watched(
         worker,
         stream,
