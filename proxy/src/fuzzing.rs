@@ -15,7 +15,7 @@ use crate::http1::chunked::{Chunked, Decoded};
 use crate::http1::framing::{response_framing, Framing as BodyFraming};
 use crate::http1::head::parse_response;
 use crate::policy::ConnMeta;
-use crate::server::own_h1::{parse, Parsed};
+use crate::server::own_h1::{parse, Parsed, Scratch};
 use crate::stats::Stats;
 use crate::worker::{Shared, Worker};
 use crate::{HeaderPolicy, ProxyConfig, RouteTable, Routes, Upstream, UpstreamProtocol};
@@ -93,8 +93,8 @@ pub fn forward_request_head(input: &[u8], policy: &HeaderPolicy) -> RequestHead 
             }
         };
         let worker = &workers[at].1;
-        let mut upstream = Vec::new();
-        match parse(worker, &meta, input, &mut upstream) {
+        let mut scratch = Scratch::default();
+        match parse(worker, &meta, input, &mut scratch) {
             Parsed::Partial => RequestHead::Partial,
             Parsed::Handoff => RequestHead::Handoff,
             Parsed::Ready(request) => match &request.refusal {
@@ -103,7 +103,7 @@ pub fn forward_request_head(input: &[u8], policy: &HeaderPolicy) -> RequestHead 
                 }
                 None => RequestHead::Forwarded {
                     len: request.len,
-                    upstream,
+                    upstream: scratch.upstream_head,
                     generated_id: request.request_id.generated().map(<[u8]>::to_vec),
                 },
             },

@@ -65,7 +65,7 @@ pub(crate) async fn serve(
     let config = &worker.shared.config;
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
-    let mut upstream_head = Vec::new();
+    let mut scratch = Scratch::default();
     let mut stop = pin!(shutdown.wait_for(|&stop| stop));
     let mut idle_since = Instant::now();
     // When the current head's first bytes arrived, if it is still partial.
@@ -77,13 +77,13 @@ pub(crate) async fn serve(
         let request = if buf.is_empty() {
             None
         } else {
-            match parse(worker, meta, &buf, &mut upstream_head) {
+            match parse(worker, meta, &buf, &mut scratch) {
                 Parsed::Partial => None,
                 Parsed::Handoff => return Some(buf),
                 Parsed::Ready(request) => Some(request),
             }
         };
-        let Some(mut request) = request else {
+        let Some(request) = request else {
             if !buf.is_empty() && head_started.is_none() {
                 let started = Instant::now();
                 head_started = Some(started);
@@ -111,16 +111,7 @@ pub(crate) async fn serve(
             }
         };
         head_started = None;
-        let keep = exchange(
-            worker,
-            meta,
-            stream,
-            &buf,
-            &mut request,
-            &upstream_head,
-            &mut out,
-        )
-        .await;
+        let keep = exchange(worker, meta, stream, &buf, &request, &mut scratch, &mut out).await;
         buf.advance(request.len);
         if !keep {
             let _ = stream.shutdown().await;
@@ -202,7 +193,16 @@ pub(crate) struct Request {
     admitted: Admitted,
     /// Answer this instead of forwarding.
     pub(crate) refusal: Option<Refusal>,
-    /// Its trace context, when serin keeps one.
+}
+
+/// What the loop keeps for the request being served besides its
+/// [`Request`]: a reused buffer, and the parts that only some settings use,
+/// kept here so that every request does not move them about.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// The upstream request head, encoded.
+    pub(crate) upstream_head: Vec<u8>,
+    /// The request's trace context, when serin keeps one.
     trace: Option<TraceContext>,
     /// What the access log and span export keep of it, when either is on.
     observation: Option<Observation>,
@@ -242,20 +242,17 @@ pub(crate) enum Parsed {
 }
 
 /// Parses the request head at the front of `buf`, asks the policy about it,
-/// decides its upstream and encodes the upstream request into `upstream_head`.
-pub(crate) fn parse(
-    worker: &Worker,
-    meta: &ConnMeta,
-    buf: &[u8],
-    upstream_head: &mut Vec<u8>,
-) -> Parsed {
+/// decides its upstream and encodes the upstream request into
+/// `scratch.upstream_head`.
+pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut Scratch) -> Parsed {
     let config = worker.config();
     let mut slots = field_slots();
     let mut req = httparse::Request::new(&mut []);
     // A request answered at once, whose bytes are all dropped.
-    let refused_with = |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
+    let mut refused_with = |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
         let id = worker.next_request_id_bytes();
-        let observation = worker.observe(
+        scratch.trace = None;
+        scratch.observation = worker.observe(
             || {
                 let head = head.unwrap_or_default();
                 RequestFacts {
@@ -285,12 +282,10 @@ pub(crate) fn parse(
             request_id: RequestId::Generated(id),
             admitted: Admitted::default(),
             refusal: Some(refusal),
-            trace: None,
-            observation,
         })
     };
     // The head could not be read: answered as HTTP/1.1, then closed.
-    let refused = |refusal| refused_with(refusal, 1, Method::GET, false, None);
+    let mut refused = |refusal| refused_with(refusal, 1, Method::GET, false, None);
     let len = match parse_request(&mut req, buf, &mut slots, config.max_header_bytes) {
         Ok(Some(len)) => len,
         Ok(None) => return Parsed::Partial,
@@ -358,6 +353,7 @@ pub(crate) fn parse(
     let target = worker.decide(fields);
     let trace = worker.trace_context(fields);
     if refusal.is_none() {
+        let upstream_head = &mut scratch.upstream_head;
         upstream_head.clear();
         encode_upstream_head(
             worker,
@@ -372,7 +368,7 @@ pub(crate) fn parse(
             upstream_head,
         );
     }
-    let observation = worker.observe(
+    scratch.observation = worker.observe(
         || RequestFacts {
             request_id: request_id.bytes(buf),
             trace_id: trace.as_ref().map(TraceContext::trace_id),
@@ -385,6 +381,7 @@ pub(crate) fn parse(
         },
         trace.as_ref(),
     );
+    scratch.trace = trace;
     Parsed::Ready(Request {
         start: Instant::now(),
         len,
@@ -395,8 +392,6 @@ pub(crate) fn parse(
         request_id,
         admitted,
         refusal,
-        trace,
-        observation,
     })
 }
 
@@ -450,6 +445,7 @@ fn reencode_for(
     meta: &ConnMeta,
     target: Target,
     request: &Request,
+    trace: Option<&TraceContext>,
     head: &[u8],
 ) -> Vec<u8> {
     let mut slots = [httparse::EMPTY_HEADER; crate::http1::head::MAX_FIELDS];
@@ -464,7 +460,7 @@ fn reencode_for(
             request.admitted,
             Ids {
                 request: &request.request_id,
-                trace: request.trace.as_ref(),
+                trace,
             },
             &mut out,
         );
@@ -479,13 +475,13 @@ async fn exchange(
     meta: &ConnMeta,
     stream: &mut TcpStream,
     head: &[u8],
-    request: &mut Request,
-    upstream_head: &[u8],
+    request: &Request,
+    scratch: &mut Scratch,
     out: &mut Vec<u8>,
 ) -> bool {
     let config = worker.config();
-    let observation = request.observation.take();
-    let request = &*request;
+    let observation = scratch.observation.take();
+    let (upstream_head, trace) = (&scratch.upstream_head, scratch.trace.as_ref());
     let id = request.request_id.bytes(head);
     out.clear();
     if let Some(refusal) = &request.refusal {
@@ -523,7 +519,14 @@ async fn exchange(
         record.fall_back();
         fell_back = true;
         drop(result);
-        let stable_head = reencode_for(worker, meta, Target::Stable, request, &head[..request.len]);
+        let stable_head = reencode_for(
+            worker,
+            meta,
+            Target::Stable,
+            request,
+            trace,
+            &head[..request.len],
+        );
         // Boxed: a rare path, kept out of every request's future.
         let replay = send_watched(
             worker,
