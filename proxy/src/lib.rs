@@ -14,6 +14,7 @@ pub mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http1;
+mod limit;
 mod outcome;
 mod policy;
 mod server;
@@ -25,6 +26,7 @@ mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -33,6 +35,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use classify::Classifier;
+pub use limit::{Rate, RateLimit, RateLimitKey};
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
 pub use upstream::{PoolSettings, Upstream, UpstreamProtocol, UpstreamUrlError};
@@ -94,6 +97,12 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Requests in flight per worker before serin answers 503 (default 10 000).
     pub max_inflight: usize,
+    /// Requests in flight to each upstream, all workers together, before
+    /// serin answers 503; indexed by [`Target::index`] (default none:
+    /// unlimited).
+    pub max_concurrent: [Option<NonZeroUsize>; 2],
+    /// The local rate limit per client key, answered 429 (default none: off).
+    pub rate_limit: Option<RateLimit>,
     /// How long shutdown waits for in-flight requests (default 30 s).
     pub drain_timeout: Duration,
     /// Replay a failed bodiless GET/HEAD/OPTIONS from the canary on stable
@@ -122,6 +131,8 @@ impl ProxyConfig {
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             max_header_bytes: defaults::MAX_HEADER_BYTES,
             max_inflight: defaults::MAX_INFLIGHT,
+            max_concurrent: [None; 2],
+            rate_limit: None,
             drain_timeout: defaults::DRAIN_TIMEOUT,
             canary_fallback: defaults::CANARY_FALLBACK,
             headers: HeaderPolicy::default(),
@@ -196,13 +207,10 @@ impl Proxy {
                 .map_err(|source| StartError::Bind { addr, source })?;
             listeners.push(listener);
         }
-        let stats = Stats::new(workers, config.window, tokio::time::Instant::now());
-        let shared = Arc::new(worker::Shared {
-            classifier: config.classifier.clone(),
-            config,
-            routes: routes.clone(),
-            tls,
-        });
+        let now = tokio::time::Instant::now();
+        let stats = Stats::new(workers, config.window, now);
+        let shared = Arc::new(worker::Shared::new(config, routes.clone(), tls, now));
+        let stats = stats.with_rate_limiter(shared.rate_limiter.clone());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut handles = Vec::with_capacity(workers);
         for (index, listener) in listeners.into_iter().enumerate() {

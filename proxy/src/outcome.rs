@@ -16,7 +16,10 @@
 //!   was passed on, as the success it was.
 //!
 //! Latency is always the time to the response head. The record also holds
-//! the request's place in the worker's in-flight count until it is dropped.
+//! the request's place in the worker's in-flight count, and in its
+//! upstream's `max_concurrent` when one is set, until it is dropped. A
+//! request its upstream has no place for gets no record: it is refused
+//! before it is sent, so its upstream's window never counts it.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -26,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::classify::Outcome;
 use crate::fields::Fields;
+use crate::policy::Refusal;
 use crate::split::Target;
 use crate::upstream::UpstreamError;
 use crate::worker::Worker;
@@ -36,6 +40,8 @@ pub(crate) struct OutcomeRecord {
     target: Target,
     start: Instant,
     state: State,
+    /// It holds a place in `target`'s `max_concurrent`.
+    holds_place: bool,
 }
 
 enum State {
@@ -55,15 +61,31 @@ enum State {
 }
 
 impl OutcomeRecord {
-    /// A request to `target`, started at `start`, is on its way.
-    pub(crate) fn new(worker: Rc<Worker>, target: Target, start: Instant, bodiless: bool) -> Self {
+    /// A request to `target`, started at `start`, is on its way; or it is
+    /// refused, because `target` is at its `max_concurrent`, and counted
+    /// apart from the window.
+    pub(crate) fn new(
+        worker: Rc<Worker>,
+        target: Target,
+        start: Instant,
+        bodiless: bool,
+    ) -> Result<Self, Refusal> {
+        let holds_place = match worker.concurrency_limit(target) {
+            None => false,
+            Some(limit) if limit.try_acquire() => true,
+            Some(_) => {
+                worker.stats(target).record_concurrency_limited();
+                return Err(Refusal::AtCapacity(target));
+            }
+        };
         worker.request_started();
-        Self {
+        Ok(Self {
             worker,
             target,
             start,
             state: State::Waiting { bodiless },
-        }
+            holds_place,
+        })
     }
 
     /// The upstream the record is for.
@@ -72,9 +94,14 @@ impl OutcomeRecord {
     }
 
     /// The canary failed a request that is now replayed on stable: the
-    /// canary's failure is recorded, and the record follows the replay.
+    /// canary's failure is recorded, its place given back, and the record
+    /// follows the replay. The replay takes no place in stable's
+    /// `max_concurrent`: it is the rare rescue of a request already
+    /// admitted, and refusing it would turn the canary's failure into the
+    /// client's.
     pub(crate) fn fall_back(&mut self) {
         self.record(Instant::now(), true);
+        self.give_back_place();
         self.target = Target::Stable;
         self.state = State::Waiting { bodiless: true };
     }
@@ -120,6 +147,15 @@ impl OutcomeRecord {
         }
     }
 
+    fn give_back_place(&mut self) {
+        if self.holds_place {
+            self.holds_place = false;
+            if let Some(limit) = self.worker.concurrency_limit(self.target) {
+                limit.release();
+            }
+        }
+    }
+
     fn record(&mut self, now: Instant, error: bool) {
         self.record_latency(now, now.saturating_duration_since(self.start), error);
     }
@@ -153,6 +189,7 @@ impl Drop for OutcomeRecord {
             } => self.worker.stats(self.target).record_abandoned(at, latency),
             State::Waiting { bodiless: false } | State::Recorded => {}
         }
+        self.give_back_place();
         self.worker.request_ended();
     }
 }

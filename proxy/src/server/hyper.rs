@@ -26,9 +26,9 @@ use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
 use crate::http1::head::write_request_line;
 use crate::outcome::OutcomeRecord;
 use crate::policy::{
-    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
-    write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
-    RequestHead, X_REQUEST_ID,
+    admit, canary_failed, limit_rate, local_answer, may_fall_back, write_local_fields,
+    write_request_fields, write_response_fields, Admitted, Answering, BodyLength, ConnMeta,
+    Forwarding, Refusal, RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
 use crate::upstream::{
@@ -76,7 +76,10 @@ async fn answer(
         version: parts.version,
         fields: &parts.headers,
     };
-    let admitted = match admit(&head, worker.inflight(), worker.config()) {
+    let admitted = admit(&head, worker.inflight(), worker.config()).and_then(|admitted| {
+        limit_rate(worker.rate_limiter(), &parts.headers, meta.peer).map(|()| admitted)
+    });
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => return answer_locally(&worker, &refusal, false, request_id, parts.version),
     };
@@ -120,7 +123,10 @@ async fn answer(
         generated_id: generated_id.as_ref().map(|id| &id[..]),
         upgrade: upgrade.as_ref(),
     };
-    let mut record = OutcomeRecord::new(worker.clone(), target, start, bodiless);
+    let mut record = match OutcomeRecord::new(worker.clone(), target, start, bodiless) {
+        Ok(record) => record,
+        Err(refusal) => return answer_locally(&worker, &refusal, false, request_id, parts.version),
+    };
     let mut result = request.send(target, body, start, upload.as_ref()).await;
     let mut fell_back = false;
     if fallback
@@ -402,7 +408,7 @@ fn answer_locally(
     version: Version,
 ) -> Response<ProxyBody> {
     let answer = local_answer(refusal);
-    let mut headers = HeaderMap::with_capacity(5);
+    let mut headers = HeaderMap::with_capacity(6);
     write_local_fields(
         &answer,
         worker.config(),

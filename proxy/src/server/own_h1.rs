@@ -39,9 +39,9 @@ use crate::http1::head::{
 };
 use crate::outcome::OutcomeRecord;
 use crate::policy::{
-    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
-    write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
-    RequestHead, X_REQUEST_ID,
+    admit, canary_failed, limit_rate, local_answer, may_fall_back, write_local_fields,
+    write_request_fields, write_response_fields, Admitted, Answering, BodyLength, ConnMeta,
+    Forwarding, Refusal, RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
 use crate::upstream::{
@@ -304,8 +304,12 @@ pub(crate) fn parse(
         || fields.value(&UPGRADE).is_some()
         || fields.value(&EXPECT).is_some();
     let (admitted, refusal) = match admitted {
+        // Hyper admits it again, and takes its rate-limit token.
         Ok(_) if hyper_needed => return Parsed::Handoff,
-        Ok(admitted) => (admitted, None),
+        Ok(admitted) => match limit_rate(worker.rate_limiter(), fields, meta.peer) {
+            Ok(()) => (admitted, None),
+            Err(refusal) => (admitted, Some(refusal)),
+        },
         // A refused request's body would be read as the next request: the
         // connection closes after the answer.
         Err(refusal) if !bodiless => {
@@ -420,7 +424,13 @@ async fn exchange(
         return stream.write_all(out).await.is_ok() && keep_alive;
     }
     let start = request.start;
-    let mut record = OutcomeRecord::new(worker.clone(), request.target, start, true);
+    let mut record = match OutcomeRecord::new(worker.clone(), request.target, start, true) {
+        Ok(record) => record,
+        Err(refusal) => {
+            let keep_alive = write_local(out, worker, request, &refusal, id, false);
+            return stream.write_all(out).await.is_ok() && keep_alive;
+        }
+    };
     let sent = send_watched(
         worker,
         stream,
