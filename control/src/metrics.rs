@@ -89,7 +89,7 @@ struct Exporter {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 10] = [
+const FAMILIES: [(&str, &str); 13] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -117,6 +117,18 @@ const FAMILIES: [(&str, &str); 10] = [
     (
         "serin_rollbacks_total",
         "Canary rollbacks since start, by who did them",
+    ),
+    (
+        "serin_rate_limited_requests_total",
+        "Requests answered 429 by the local rate limit ([rate_limit]); never sent upstream, never judged",
+    ),
+    (
+        "serin_concurrency_limited_requests_total",
+        "Requests answered 503 because the upstream had max_concurrent requests in flight; never sent to it, never judged",
+    ),
+    (
+        "serin_rate_limit_keys",
+        "Client keys in the rate limit's table (at most rate_limit.max_keys; 0 without [rate_limit])",
     ),
     (
         "serin_fleet_connected",
@@ -205,6 +217,7 @@ impl Collector for Exporter {
         let mut durations = Vec::default();
         let mut error_ratio = Vec::default();
         let mut latency = Vec::default();
+        let mut concurrency_limited = Vec::default();
         for target in Target::ALL {
             let upstream = target.as_str();
             let totals = stats.totals(target);
@@ -219,6 +232,10 @@ impl Collector for Exporter {
             requests.push(counter(
                 &[("upstream", upstream), ("class", "abandoned")],
                 totals.abandoned,
+            ));
+            concurrency_limited.push(counter(
+                &[("upstream", upstream)],
+                totals.concurrency_limited,
             ));
 
             let mut h = Histogram::default();
@@ -276,21 +293,32 @@ impl Collector for Exporter {
                     .map(|a| counter(&[("actor", a.as_str())], self.controller.rollbacks_total(a)))
                     .collect(),
             ),
+            family(
+                7,
+                MetricType::COUNTER,
+                vec![counter(&[], stats.rate_limited_total())],
+            ),
+            family(8, MetricType::COUNTER, concurrency_limited),
+            family(
+                9,
+                MetricType::GAUGE,
+                vec![gauge(&[], stats.rate_limit_keys() as f64)],
+            ),
         ];
         if let Some(member) = self.fleet.get() {
             let flag = |b: bool| if b { 1.0 } else { 0.0 };
             families.push(family(
-                7,
+                10,
                 MetricType::GAUGE,
                 vec![gauge(&[], flag(member.connected()))],
             ));
             families.push(family(
-                8,
+                11,
                 MetricType::GAUGE,
                 vec![gauge(&[], flag(member.is_leader()))],
             ));
             families.push(family(
-                9,
+                12,
                 MetricType::COUNTER,
                 vec![counter(&[], member.disconnects())],
             ));
@@ -338,6 +366,8 @@ mod tests {
         canary
             .upstream(Target::Stable)
             .record_abandoned(now, Duration::from_secs(2));
+        // A request refused at stable's max_concurrent: counted apart.
+        canary.upstream(Target::Stable).record_concurrency_limited();
         metrics.set_rollout_step(2);
         let text = metrics.render();
         for line in [
@@ -355,6 +385,12 @@ mod tests {
             "serin_window_error_ratio{upstream=\"canary\"} 0.5",
             "serin_window_error_ratio{upstream=\"stable\"} 0",
             "serin_webhook_deliveries_total{outcome=\"dropped\"} 0",
+            "serin_concurrency_limited_requests_total{upstream=\"stable\"} 1",
+            "serin_concurrency_limited_requests_total{upstream=\"canary\"} 0",
+            "serin_requests_total{upstream=\"stable\",class=\"success\"} 0",
+            "serin_requests_total{upstream=\"stable\",class=\"error\"} 0",
+            "serin_rate_limited_requests_total 0",
+            "serin_rate_limit_keys 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -211,11 +211,13 @@ fn the_readme_config_shows_every_key() {
             RawUpstream {
                 url: stable_url,
                 protocol: stable_protocol,
+                max_concurrent: _, // no default: unlimited
             },
         canary:
             RawUpstream {
                 url: canary_url,
                 protocol: canary_protocol,
+                max_concurrent: _,
             },
         split:
             RawSplit {
@@ -239,6 +241,7 @@ fn the_readme_config_shows_every_key() {
                 max_inflight,
                 max_idle_per_upstream,
             },
+        rate_limit: _, // no default: off
         headers:
             RawHeaders {
                 rewrite_host,
