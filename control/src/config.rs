@@ -8,6 +8,7 @@
 //! Nothing is bound or started here.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,8 +20,8 @@ use crate::rollout::{basis_points, parse_hold, validate_steps};
 use serin_proxy::access_log::{AccessLogConfig, LineFormat, LogSink, QueryPolicy};
 use serin_proxy::trace::{SpanExport, TraceSettings};
 use serin_proxy::{
-    Classifier, HeaderPolicy, PoolSettings, ProxyConfig, SplitRules, StickyKey, TlsFiles, Upstream,
-    UpstreamProtocol,
+    Classifier, HeaderPolicy, PoolSettings, ProxyConfig, Rate, RateLimit, RateLimitKey, SplitRules,
+    StickyKey, Target, TlsFiles, Upstream, UpstreamProtocol,
 };
 
 /// A configuration problem, with the key it concerns.
@@ -82,6 +83,7 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub limits: RawLimits,
+    pub rate_limit: Option<RawRateLimit>,
     #[serde(default)]
     pub headers: RawHeaders,
     pub tls: Option<RawTls>,
@@ -103,6 +105,7 @@ pub struct RawConfig {
 pub struct RawUpstream {
     pub url: Option<String>,
     pub protocol: Option<String>,
+    pub max_concurrent: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +134,15 @@ pub struct RawLimits {
     pub max_header_bytes: Option<usize>,
     pub max_inflight: Option<usize>,
     pub max_idle_per_upstream: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u64>,
+    pub key: Option<String>,
+    pub max_keys: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -639,6 +651,11 @@ impl Config {
             )?,
             max_header_bytes,
             max_inflight,
+            max_concurrent: [
+                max_concurrent(Target::Stable, raw.stable.max_concurrent)?,
+                max_concurrent(Target::Canary, raw.canary.max_concurrent)?,
+            ],
+            rate_limit: raw.rate_limit.as_ref().map(rate_limit).transpose()?,
             drain_timeout: duration_or(
                 "timeouts.drain",
                 t.drain.as_deref(),
@@ -776,6 +793,103 @@ fn duration_or(
             )),
         },
     }
+}
+
+/// `stable.max_concurrent` or `canary.max_concurrent`.
+fn max_concurrent(
+    target: Target,
+    value: Option<usize>,
+) -> Result<Option<NonZeroUsize>, ConfigError> {
+    let key = match target {
+        Target::Stable => "stable.max_concurrent",
+        Target::Canary => "canary.max_concurrent",
+    };
+    match value {
+        None => Ok(None),
+        Some(n) => NonZeroUsize::new(n).map(Some).ok_or_else(|| {
+            ConfigError::invalid(key, "must be at least 1 (got 0); leave it out for no limit")
+        }),
+    }
+}
+
+/// The most keys `rate_limit.max_keys` may ask for (about 100 bytes each).
+const MAX_RATE_LIMIT_KEYS: usize = 10_000_000;
+
+fn rate_limit(raw: &RawRateLimit) -> Result<RateLimit, ConfigError> {
+    let per_second = raw.requests_per_second.ok_or(ConfigError::Missing {
+        key: "rate_limit.requests_per_second",
+        hint: "set each client key's refill rate, e.g. requests_per_second = 100, \
+               or remove [rate_limit] for no rate limit",
+    })?;
+    let rate = Rate::per_second(per_second).ok_or_else(|| {
+        ConfigError::invalid(
+            "rate_limit.requests_per_second",
+            format!(
+                "must be between 0.001 and {} (got {per_second}); write 0.5 for one request \
+                 every 2 s, or remove [rate_limit] for no rate limit",
+                Rate::MAX_PER_SECOND
+            ),
+        )
+    })?;
+    let mut limit = RateLimit::new(rate);
+    if let Some(burst) = raw.burst {
+        limit.burst = u32::try_from(burst)
+            .ok()
+            .filter(|&b| b <= RateLimit::MAX_BURST)
+            .and_then(NonZeroU32::new)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "rate_limit.burst",
+                    format!(
+                        "must be between 1 and {} (got {burst}); it is how many requests a \
+                         client key may send at once",
+                        RateLimit::MAX_BURST
+                    ),
+                )
+            })?;
+    }
+    if let Some(key) = &raw.key {
+        limit.key = rate_limit_key(key)?;
+    }
+    if let Some(max_keys) = raw.max_keys {
+        limit.max_keys = NonZeroUsize::new(max_keys)
+            .filter(|n| n.get() <= MAX_RATE_LIMIT_KEYS)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "rate_limit.max_keys",
+                    format!(
+                        "must be between 1 and {MAX_RATE_LIMIT_KEYS} (got {max_keys}); each key \
+                         tracked takes about 100 bytes"
+                    ),
+                )
+            })?;
+    }
+    Ok(limit)
+}
+
+/// `client_ip`, `header:NAME` or `cookie:NAME`.
+fn rate_limit_key(key: &str) -> Result<RateLimitKey, ConfigError> {
+    const KEY: &str = "rate_limit.key";
+    if key == "client_ip" {
+        return Ok(RateLimitKey::ClientIp);
+    }
+    if let Some(name) = key.strip_prefix("header:") {
+        return http::HeaderName::from_bytes(name.as_bytes())
+            .map(RateLimitKey::Header)
+            .map_err(|_| {
+                ConfigError::invalid(KEY, format!("has an invalid header name (got {key:?})"))
+            });
+    }
+    if let Some(name) = key.strip_prefix("cookie:") {
+        return cookie_name(KEY, name).map(RateLimitKey::Cookie);
+    }
+    Err(ConfigError::invalid(
+        KEY,
+        format!(
+            "must be \"client_ip\", \"header:NAME\" or \"cookie:NAME\" (got {key:?}), \
+             e.g. \"header:x-api-key\""
+        ),
+    ))
 }
 
 fn split_rules(raw: &RawSplit) -> Result<SplitRules, ConfigError> {
@@ -1054,6 +1168,9 @@ mod tests {
         );
         assert!(err("admin = \"0.0.0.0:9901\"\n").contains("no admin token"));
         assert!(err("[[webhook]]\nurl = \"ftp://x\"\n").contains("`webhook.url`"));
+        assert!(err("[stable]\nmax_concurrent = 0\n")
+            .contains("`stable.max_concurrent` must be at least 1 (got 0)"));
+        assert!(err("[canary]\nmax_concurrent = 0\n").contains("`canary.max_concurrent`"));
         let missing = load("", &Overrides::default()).unwrap_err().to_string();
         assert!(missing.contains("`stable.url` is required"), "{missing}");
         let bad_url = load(
@@ -1141,6 +1258,82 @@ mod tests {
         .unwrap();
         let export = spans.proxy.trace.export.unwrap();
         assert_eq!(export.service_name, "serin");
+    }
+
+    #[test]
+    fn rate_limit_errors_name_the_key_and_what_to_write() {
+        let err = |text: &str| load(text, &upstreams()).unwrap_err().to_string();
+        for (text, expected) in [
+            ("burst = 5", "`rate_limit.requests_per_second` is required"),
+            (
+                "requests_per_second = 0",
+                "`rate_limit.requests_per_second` must be between 0.001 and 1000000 (got 0)",
+            ),
+            (
+                "requests_per_second = 10\nburst = 0",
+                "`rate_limit.burst` must be between 1 and 1000000 (got 0)",
+            ),
+            (
+                "requests_per_second = 10\nkey = \"ip\"",
+                "`rate_limit.key` must be \"client_ip\", \"header:NAME\" or \"cookie:NAME\" (got \"ip\")",
+            ),
+            (
+                "requests_per_second = 10\nkey = \"header:x api\"",
+                "`rate_limit.key` has an invalid header name",
+            ),
+            (
+                "requests_per_second = 10\nkey = \"cookie:\"",
+                "`rate_limit.key` is not a valid cookie name",
+            ),
+            (
+                "requests_per_second = 10\nmax_keys = 0",
+                "`rate_limit.max_keys` must be between 1 and 10000000 (got 0)",
+            ),
+            ("requests_per_second = 10\nrate = 5", "unknown field `rate`"),
+        ] {
+            let message = err(&format!("[rate_limit]\n{text}\n"));
+            assert!(message.contains(expected), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_defaults_and_keys() {
+        let c = load("", &upstreams()).unwrap();
+        assert_eq!(
+            (c.proxy.rate_limit, c.proxy.max_concurrent),
+            (None, [None; 2])
+        );
+        let c = load(
+            "[stable]\nmax_concurrent = 8\n[rate_limit]\nrequests_per_second = 2.5\n",
+            &upstreams(),
+        )
+        .unwrap();
+        assert_eq!(c.proxy.max_concurrent, [NonZeroUsize::new(8), None]);
+        let limit = c.proxy.rate_limit.unwrap();
+        assert_eq!(limit.rate.as_per_second(), 2.5);
+        assert_eq!(limit.burst.get(), 3, "the rate, rounded up");
+        assert_eq!(limit.key, RateLimitKey::ClientIp);
+        assert_eq!(
+            limit.max_keys.get(),
+            serin_proxy::defaults::RATE_LIMIT_MAX_KEYS
+        );
+        let key = |k: &str| {
+            let text = format!("[rate_limit]\nrequests_per_second = 1\nkey = {k:?}\n");
+            load(&text, &upstreams())
+                .unwrap()
+                .proxy
+                .rate_limit
+                .unwrap()
+                .key
+        };
+        assert_eq!(
+            key("header:X-Api-Key"),
+            RateLimitKey::Header(http::HeaderName::from_static("x-api-key"))
+        );
+        assert_eq!(
+            key("cookie:session"),
+            RateLimitKey::Cookie("session".into())
+        );
     }
 
     #[test]

@@ -89,7 +89,7 @@ struct Exporter {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 15] = [
+const FAMILIES: [(&str, &str); 18] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -117,6 +117,18 @@ const FAMILIES: [(&str, &str); 15] = [
     (
         "serin_rollbacks_total",
         "Canary rollbacks since start, by who did them",
+    ),
+    (
+        "serin_rate_limited_requests_total",
+        "Requests answered 429 by the local rate limit ([rate_limit]); never sent upstream, never judged",
+    ),
+    (
+        "serin_concurrency_limited_requests_total",
+        "Requests answered 503 because the upstream had max_concurrent requests in flight; never sent to it, never judged",
+    ),
+    (
+        "serin_rate_limit_keys",
+        "Client keys in the rate limit's table (at most rate_limit.max_keys; 0 without [rate_limit])",
     ),
     (
         "serin_fleet_connected",
@@ -187,8 +199,13 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
         .collect()
 }
 
-fn family(index: usize, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
-    let (name, help) = FAMILIES[index];
+/// The family `name` (one of [`FAMILIES`]), with its help text.
+fn family(name: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let (name, help) = FAMILIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .copied()
+        .expect("every family is listed in FAMILIES");
     let mut f = MetricFamily::default();
     f.set_name(name.to_string());
     f.set_help(help.to_string());
@@ -225,6 +242,7 @@ impl Collector for Exporter {
         let mut durations = Vec::default();
         let mut error_ratio = Vec::default();
         let mut latency = Vec::default();
+        let mut concurrency_limited = Vec::default();
         for target in Target::ALL {
             let upstream = target.as_str();
             let totals = stats.totals(target);
@@ -239,6 +257,10 @@ impl Collector for Exporter {
             requests.push(counter(
                 &[("upstream", upstream), ("class", "abandoned")],
                 totals.abandoned,
+            ));
+            concurrency_limited.push(counter(
+                &[("upstream", upstream)],
+                totals.concurrency_limited,
             ));
 
             let mut h = Histogram::default();
@@ -282,38 +304,65 @@ impl Collector for Exporter {
             counter(&[("outcome", "dropped")], w.dropped.load(Ordering::Relaxed)),
         ];
         let mut families = vec![
-            family(0, MetricType::COUNTER, requests),
-            family(1, MetricType::HISTOGRAM, durations),
-            family(2, MetricType::GAUGE, vec![gauge(&[], weight)]),
-            family(3, MetricType::GAUGE, error_ratio),
-            family(4, MetricType::GAUGE, latency),
-            family(5, MetricType::COUNTER, deliveries),
+            family("serin_requests_total", MetricType::COUNTER, requests),
             family(
-                6,
+                "serin_request_duration_seconds",
+                MetricType::HISTOGRAM,
+                durations,
+            ),
+            family(
+                "serin_canary_weight_ratio",
+                MetricType::GAUGE,
+                vec![gauge(&[], weight)],
+            ),
+            family("serin_window_error_ratio", MetricType::GAUGE, error_ratio),
+            family("serin_window_latency_seconds", MetricType::GAUGE, latency),
+            family(
+                "serin_webhook_deliveries_total",
+                MetricType::COUNTER,
+                deliveries,
+            ),
+            family(
+                "serin_rollbacks_total",
                 MetricType::COUNTER,
                 [Actor::Judge, Actor::Api]
                     .into_iter()
                     .map(|a| counter(&[("actor", a.as_str())], self.controller.rollbacks_total(a)))
                     .collect(),
             ),
+            family(
+                "serin_rate_limited_requests_total",
+                MetricType::COUNTER,
+                vec![counter(&[], stats.rate_limited_total())],
+            ),
+            family(
+                "serin_concurrency_limited_requests_total",
+                MetricType::COUNTER,
+                concurrency_limited,
+            ),
+            family(
+                "serin_rate_limit_keys",
+                MetricType::GAUGE,
+                vec![gauge(&[], stats.rate_limit_keys() as f64)],
+            ),
         ];
         if let Some(log) = stats.access_log() {
             families.push(family(
-                10,
+                "serin_access_log_lines_total",
                 MetricType::COUNTER,
                 vec![counter(&[], log.written.load(Ordering::Relaxed))],
             ));
             families.push(family(
-                11,
+                "serin_access_log_dropped_lines_total",
                 MetricType::COUNTER,
                 vec![counter(&[], log.dropped.load(Ordering::Relaxed))],
             ));
         }
         if let Some(spans) = stats.span_export() {
             for (index, value) in [
-                (12, &spans.spans_exported),
-                (13, &spans.spans_dropped),
-                (14, &spans.export_failures),
+                ("serin_trace_spans_exported_total", &spans.spans_exported),
+                ("serin_trace_spans_dropped_total", &spans.spans_dropped),
+                ("serin_trace_export_failures_total", &spans.export_failures),
             ] {
                 families.push(family(
                     index,
@@ -325,17 +374,17 @@ impl Collector for Exporter {
         if let Some(member) = self.fleet.get() {
             let flag = |b: bool| if b { 1.0 } else { 0.0 };
             families.push(family(
-                7,
+                "serin_fleet_connected",
                 MetricType::GAUGE,
                 vec![gauge(&[], flag(member.connected()))],
             ));
             families.push(family(
-                8,
+                "serin_fleet_leader",
                 MetricType::GAUGE,
                 vec![gauge(&[], flag(member.is_leader()))],
             ));
             families.push(family(
-                9,
+                "serin_fleet_disconnects_total",
                 MetricType::COUNTER,
                 vec![counter(&[], member.disconnects())],
             ));
@@ -383,6 +432,8 @@ mod tests {
         canary
             .upstream(Target::Stable)
             .record_abandoned(now, Duration::from_secs(2));
+        // A request refused at stable's max_concurrent: counted apart.
+        canary.upstream(Target::Stable).record_concurrency_limited();
         metrics.set_rollout_step(2);
         let text = metrics.render();
         for line in [
@@ -400,6 +451,12 @@ mod tests {
             "serin_window_error_ratio{upstream=\"canary\"} 0.5",
             "serin_window_error_ratio{upstream=\"stable\"} 0",
             "serin_webhook_deliveries_total{outcome=\"dropped\"} 0",
+            "serin_concurrency_limited_requests_total{upstream=\"stable\"} 1",
+            "serin_concurrency_limited_requests_total{upstream=\"canary\"} 0",
+            "serin_requests_total{upstream=\"stable\",class=\"success\"} 0",
+            "serin_requests_total{upstream=\"stable\",class=\"error\"} 0",
+            "serin_rate_limited_requests_total 0",
+            "serin_rate_limit_keys 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -45,6 +45,34 @@ fn invalid_config_exits_non_zero_naming_the_key_before_binding() {
         "max_eror_rate",
     );
 
+    // The overload limits' errors name their key too.
+    for (section, key) in [
+        (
+            "[rate_limit]\nrequests_per_second = 0\n",
+            "rate_limit.requests_per_second",
+        ),
+        (
+            "[rate_limit]\nrequests_per_second = 5\nburst = 0\n",
+            "rate_limit.burst",
+        ),
+        (
+            "[rate_limit]\nrequests_per_second = 5\nkey = \"ip\"\n",
+            "rate_limit.key",
+        ),
+        (
+            "[rate_limit]\nrequests_per_second = 5\nmax_keys = 0\n",
+            "rate_limit.max_keys",
+        ),
+        ("canary.max_concurrent = 0\n", "canary.max_concurrent"),
+    ] {
+        std::fs::write(
+            &file,
+            format!("stable.url = \"http://127.0.0.1:1\"\ncanary.url = \"http://127.0.0.1:2\"\n{section}"),
+        )
+        .unwrap();
+        fails_with(serin().args(["check", "--config"]).arg(&file), key);
+    }
+
     fails_with(
         serin()
             .args(["run", "--canary", "http://127.0.0.1:2"])

@@ -1464,3 +1464,52 @@ async fn healthz_and_readyz_answer_200_once_started() {
     }
     serin.stop().await;
 }
+
+// === overload limits are not the canary's errors ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_requests_are_counted_apart_and_never_judged() {
+    // One token every 1000 s: after its burst of 5, the key is refused.
+    let serin = Serin::start(
+        "[rate_limit]\nrequests_per_second = 0.001\nburst = 5\nkey = \"header:x-api-key\"\n",
+    )
+    .await;
+    serin.api.set_weight(50.0).await;
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        let a = get(&serin.client, &serin.proxy, &[("x-api-key", "flood")]).await;
+        statuses.push(a.status);
+    }
+    let served = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((served, limited), (5, 55), "{statuses:?}");
+
+    // 55 refusals, well over the judge's min_requests, yet no revert: the
+    // windows hold the 5 served requests and nothing else.
+    let status = serin.api.status().await;
+    assert_eq!(phase_weight(&status), ("manual", 50.0), "{status}");
+    let upstreams = &status["upstreams"];
+    let requests = |t: &str| upstreams[t]["requests"].as_u64().unwrap();
+    assert_eq!(requests("stable") + requests("canary"), 5, "{status}");
+    assert_eq!(upstreams["canary"]["errors"], 0, "{status}");
+
+    let metrics = serin.api.metrics().await;
+    assert_eq!(sample(&metrics, "serin_rate_limited_requests_total"), 55.0);
+    assert_eq!(sample(&metrics, "serin_rate_limit_keys"), 1.0);
+    let class = |upstream: &str, class: &str| {
+        sample(
+            &metrics,
+            &format!("serin_requests_total{{upstream=\"{upstream}\",class=\"{class}\"}}"),
+        )
+    };
+    assert_eq!(class("stable", "success") + class("canary", "success"), 5.0);
+    assert_eq!(class("stable", "error") + class("canary", "error"), 0.0);
+    for upstream in ["stable", "canary"] {
+        let name = format!("serin_concurrency_limited_requests_total{{upstream=\"{upstream}\"}}");
+        assert_eq!(sample(&metrics, &name), 0.0);
+    }
+    serin.stop().await;
+}

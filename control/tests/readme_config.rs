@@ -71,6 +71,8 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         header_read_timeout,
         max_header_bytes,
         max_inflight,
+        max_concurrent,
+        rate_limit,
         drain_timeout,
         canary_fallback,
         headers,
@@ -144,6 +146,8 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "limits.max_header_bytes" => max_header_bytes,
         "limits.max_inflight" => max_inflight,
         "limits.max_idle_per_upstream" => max_idle,
+        "stable.max_concurrent / canary.max_concurrent" => max_concurrent,
+        "rate_limit" => rate_limit,
         "headers.rewrite_host" => rewrite_host,
         "headers.via" => via,
         "headers.upstream_header" => upstream_header,
@@ -211,11 +215,13 @@ fn the_readme_config_shows_every_key() {
             RawUpstream {
                 url: stable_url,
                 protocol: stable_protocol,
+                max_concurrent: _, // no default: unlimited
             },
         canary:
             RawUpstream {
                 url: canary_url,
                 protocol: canary_protocol,
+                max_concurrent: _,
             },
         split:
             RawSplit {
@@ -239,6 +245,7 @@ fn the_readme_config_shows_every_key() {
                 max_inflight,
                 max_idle_per_upstream,
             },
+        rate_limit: _, // no default: off
         headers:
             RawHeaders {
                 rewrite_host,

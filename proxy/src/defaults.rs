@@ -28,6 +28,10 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const MAX_INFLIGHT: usize = 10_000;
 /// `limits.max_idle_per_upstream`: idle connections kept per upstream per worker.
 pub const MAX_IDLE_PER_UPSTREAM: usize = 256;
+/// `rate_limit.max_keys`: client keys the rate limit tracks at once (the
+/// section itself is off unless set; its other defaults are in
+/// [`crate::RateLimit::new`]).
+pub const RATE_LIMIT_MAX_KEYS: usize = 100_000;
 /// `split.canary_fallback`: replay a failed bodiless GET/HEAD/OPTIONS from
 /// the canary on stable (the judge still sees the canary's failure).
 pub const CANARY_FALLBACK: bool = true;

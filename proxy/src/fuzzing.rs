@@ -64,15 +64,16 @@ fn worker_for(policy: &HeaderPolicy) -> Worker {
         upstream,
     );
     config.headers = policy.clone();
-    let stats = Stats::new(1, config.window, tokio::time::Instant::now());
-    let shared = Arc::new(Shared {
-        classifier: config.classifier.clone(),
+    let now = tokio::time::Instant::now();
+    let stats = Stats::new(1, config.window, now);
+    let shared = Arc::new(Shared::new(
         config,
-        routes: Routes::new(RouteTable::new(0)),
-        tls: None,
-        access_log: None,
-        exporter: None,
-    });
+        Routes::new(RouteTable::new(0)),
+        None,
+        now,
+        None,
+        None,
+    ));
     Worker::new(0, shared, stats.worker(0))
 }
 
@@ -80,6 +81,7 @@ fn worker_for(policy: &HeaderPolicy) -> Worker {
 /// upstream encoder (`server::own_h1::parse`).
 pub fn forward_request_head(input: &[u8], policy: &HeaderPolicy) -> RequestHead {
     let meta = ConnMeta {
+        peer: CLIENT_IP.parse().expect("an address"),
         client_ip: HeaderValue::from_static(CLIENT_IP),
         proto: HeaderValue::from_static(CLIENT_PROTO),
     };

@@ -15,6 +15,7 @@ pub mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http1;
+mod limit;
 mod otlp;
 mod outcome;
 mod policy;
@@ -30,6 +31,7 @@ mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,6 +40,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use classify::Classifier;
+pub use limit::{Rate, RateLimit, RateLimitKey};
 pub use otlp::ExportCounters;
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
@@ -100,6 +103,12 @@ pub struct ProxyConfig {
     pub max_header_bytes: usize,
     /// Requests in flight per worker before serin answers 503 (default 10 000).
     pub max_inflight: usize,
+    /// Requests in flight to each upstream, all workers together, before
+    /// serin answers 503; indexed by [`Target::index`] (default none:
+    /// unlimited).
+    pub max_concurrent: [Option<NonZeroUsize>; 2],
+    /// The local rate limit per client key, answered 429 (default none: off).
+    pub rate_limit: Option<RateLimit>,
     /// How long shutdown waits for in-flight requests (default 30 s).
     pub drain_timeout: Duration,
     /// Replay a failed bodiless GET/HEAD/OPTIONS from the canary on stable
@@ -132,6 +141,8 @@ impl ProxyConfig {
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             max_header_bytes: defaults::MAX_HEADER_BYTES,
             max_inflight: defaults::MAX_INFLIGHT,
+            max_concurrent: [None; 2],
+            rate_limit: None,
             drain_timeout: defaults::DRAIN_TIMEOUT,
             canary_fallback: defaults::CANARY_FALLBACK,
             headers: HeaderPolicy::default(),
@@ -215,7 +226,8 @@ impl Proxy {
                 .map_err(|source| StartError::Bind { addr, source })?;
             listeners.push(listener);
         }
-        let mut stats = Stats::new(workers, config.window, tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        let mut stats = Stats::new(workers, config.window, now);
         let (log, access_log) = match &config.access_log {
             Some(log) => {
                 let (log, writer) = access_log::AccessLog::start(log.clone())?;
@@ -237,14 +249,15 @@ impl Proxy {
             }
             None => None,
         };
-        let shared = Arc::new(worker::Shared {
-            classifier: config.classifier.clone(),
+        let shared = Arc::new(worker::Shared::new(
             config,
-            routes: routes.clone(),
+            routes.clone(),
             tls,
-            access_log: log,
+            now,
+            log,
             exporter,
-        });
+        ));
+        let stats = stats.with_rate_limiter(shared.rate_limiter.clone());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut handles = Vec::with_capacity(workers);
         for (index, listener) in listeners.into_iter().enumerate() {

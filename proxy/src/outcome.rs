@@ -16,8 +16,11 @@
 //!   was passed on, as the success it was.
 //!
 //! Latency is always the time to the response head. The record also holds
-//! the request's place in the worker's in-flight count until it is dropped,
-//! and, when the access log or span export is on, the request's
+//! the request's place in the worker's in-flight count, and in its
+//! upstream's `max_concurrent` when one is set, until it is dropped. A
+//! request its upstream has no place for gets no record: it is refused
+//! before it is sent, so its upstream's window never counts it. When the
+//! access log or span export is on, the record also carries the request's
 //! [`Observation`]: its drop is the one place every forwarded request ends,
 //! so it settles the line and the span then.
 
@@ -29,7 +32,7 @@ use tokio::time::Instant;
 
 use crate::classify::Outcome;
 use crate::fields::Fields;
-use crate::policy::upstream_failure_status;
+use crate::policy::{upstream_failure_status, Refusal};
 use crate::spans::SpanStart;
 use crate::split::Target;
 use crate::upstream::{UploadEnd, UpstreamError};
@@ -43,6 +46,8 @@ pub(crate) struct OutcomeRecord {
     state: State,
     /// What the access log and span export follow, when either is on.
     log: Option<Followed>,
+    /// It holds a place in `target`'s `max_concurrent`.
+    holds_place: bool,
 }
 
 /// What the access log and span export need that the judge does not.
@@ -80,20 +85,32 @@ enum State {
 
 impl OutcomeRecord {
     /// A request to `target`, started at `start`, is on its way, followed
-    /// by the access log and span export as `observation` says.
+    /// by the access log and span export as `observation` says; or it is
+    /// refused, because `target` is at its `max_concurrent`, and counted
+    /// apart from the window (the observation comes back, to settle as
+    /// refused).
     pub(crate) fn new(
         worker: Rc<Worker>,
         target: Target,
         start: Instant,
         bodiless: bool,
         observation: Option<Observation>,
-    ) -> Self {
+    ) -> Result<Self, (Refusal, Option<Observation>)> {
+        let holds_place = match worker.concurrency_limit(target) {
+            None => false,
+            Some(limit) if limit.try_acquire() => true,
+            Some(_) => {
+                worker.stats(target).record_concurrency_limited();
+                return Err((Refusal::AtCapacity(target), observation));
+            }
+        };
         worker.request_started();
-        Self {
+        Ok(Self {
             worker,
             target,
             start,
             state: State::Waiting { bodiless },
+            holds_place,
             log: observation.map(|observation| Followed {
                 observation,
                 status: CLIENT_CLOSED,
@@ -103,7 +120,7 @@ impl OutcomeRecord {
                 bytes_out: 0,
                 upload: None,
             }),
-        }
+        })
     }
 
     /// The request's body is streamed upstream: its bytes are read from
@@ -136,9 +153,14 @@ impl OutcomeRecord {
     }
 
     /// The canary failed a request that is now replayed on stable: the
-    /// canary's failure is recorded, and the record follows the replay.
+    /// canary's failure is recorded, its place given back, and the record
+    /// follows the replay. The replay takes no place in stable's
+    /// `max_concurrent`: it is the rare rescue of a request already
+    /// admitted, and refusing it would turn the canary's failure into the
+    /// client's.
     pub(crate) fn fall_back(&mut self) {
         self.record(Instant::now(), true);
+        self.give_back_place();
         self.target = Target::Stable;
         self.state = State::Waiting { bodiless: true };
         if let Some(log) = &mut self.log {
@@ -193,6 +215,15 @@ impl OutcomeRecord {
     pub(crate) fn broke(&mut self) {
         if let State::Streaming { at, latency, .. } = self.state {
             self.record_latency(at, latency, true);
+        }
+    }
+
+    fn give_back_place(&mut self) {
+        if self.holds_place {
+            self.holds_place = false;
+            if let Some(limit) = self.worker.concurrency_limit(self.target) {
+                limit.release();
+            }
         }
     }
 
@@ -261,6 +292,7 @@ impl Drop for OutcomeRecord {
             } => self.worker.stats(self.target).record_abandoned(at, latency),
             State::Waiting { bodiless: false } | State::Recorded => {}
         }
+        self.give_back_place();
         if let Some(log) = self.log.take() {
             self.write_log(log);
         }
@@ -329,10 +361,17 @@ pub(crate) struct Settled {
 }
 
 impl Settled {
-    /// A request serin answered itself with `status`, without an upstream.
-    pub(crate) fn refused(status: StatusCode, bytes_out: u64, total_time: Duration) -> Self {
+    /// A request serin answered itself with `status`, without sending it
+    /// (to `upstream`, when the refusal was that upstream's: its
+    /// `max_concurrent`).
+    pub(crate) fn refused(
+        upstream: Option<Target>,
+        status: StatusCode,
+        bytes_out: u64,
+        total_time: Duration,
+    ) -> Self {
         Settled {
-            upstream: None,
+            upstream,
             status: status.as_u16(),
             class: OutcomeClass::Refused,
             bytes_in: 0,

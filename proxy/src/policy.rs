@@ -10,7 +10,11 @@
 //!
 //! 1. [`admit`]: framing (RFC 9112 §6), `Host` (§3.2), methods serin does not
 //!    forward, `Max-Forwards` (RFC 9110 §7.6.2) and overload. A refusal is a
-//!    [`Refusal`].
+//!    [`Refusal`]. Then [`limit_rate`]: the local rate limit, called by the
+//!    adapter that forwards the request (the own loop hands some admitted
+//!    requests to hyper, which admits them again), so each takes one token.
+//!    The upstream's concurrency cap is taken with the request's
+//!    [`crate::outcome::OutcomeRecord`], once the split has picked it.
 //! 2. [`write_request_fields`]: hop-by-hop fields out, every field named in
 //!    `Connection` out (no cap), `Host`, `X-Forwarded-For`/`-Proto`, `Via`,
 //!    `Max-Forwards` and the request id.
@@ -25,12 +29,16 @@
 //! read fields through [`Fields`] and write through [`FieldSink`], so they
 //! cost no allocation on serin's own HTTP/1.1 path.
 
+use std::net::IpAddr;
+
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Version};
+use tokio::time::Instant;
 
 use crate::classify::Classifier;
 use crate::fields::{tokens, FieldSink, Fields};
 use crate::http1::framing::decimal;
+use crate::limit::RateLimiter;
 use crate::split::Target;
 use crate::upstream::UpstreamError;
 use crate::ProxyConfig;
@@ -38,6 +46,8 @@ use crate::ProxyConfig;
 /// Facts about a client connection that the rewrites use, computed once per
 /// connection.
 pub(crate) struct ConnMeta {
+    /// The client's address, which the rate limit may count requests by.
+    pub(crate) peer: IpAddr,
     /// The client's address, as `X-Forwarded-For` gives it.
     pub(crate) client_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
@@ -108,6 +118,23 @@ pub(crate) fn admit<F: Fields + ?Sized>(
         return Err(Refusal::Overloaded);
     }
     Ok(admitted)
+}
+
+/// The local rate limit (`[rate_limit]`), after [`admit`]: takes a token
+/// from the bucket of the request's key, or refuses it until the bucket has
+/// one. Without a rate limit, one branch.
+#[inline]
+pub(crate) fn limit_rate<F: Fields + ?Sized>(
+    limiter: Option<&RateLimiter>,
+    fields: &F,
+    client: IpAddr,
+) -> Result<(), Refusal> {
+    match limiter {
+        None => Ok(()),
+        Some(limiter) => limiter
+            .take(fields, client, Instant::now())
+            .map_err(|retry_after| Refusal::RateLimited { retry_after }),
+    }
 }
 
 /// RFC 9112 §6: a request's body must have one unambiguous length. serin
@@ -540,6 +567,11 @@ pub(crate) enum Refusal {
     Upstream(Target, UpstreamError),
     /// This worker has too many requests in flight.
     Overloaded,
+    /// The client's key has no token left (`[rate_limit]`); one comes in
+    /// `retry_after` whole seconds.
+    RateLimited { retry_after: u32 },
+    /// The upstream the split picked has `max_concurrent` requests in flight.
+    AtCapacity(Target),
     /// The body's length is ambiguous or invalid (RFC 9112 §6): answered,
     /// then the connection is closed, as the rest of it cannot be trusted.
     /// The text says which rule.
@@ -568,10 +600,14 @@ pub(crate) struct LocalAnswer {
     pub(crate) upstream: Option<Target>,
     /// The answer lists the methods allowed.
     pub(crate) allow: bool,
+    /// `Retry-After`, in seconds.
+    pub(crate) retry_after: Option<u32>,
 }
 
 /// Maps a refusal to the response the client sees: 400 for a bad request,
-/// 502 for a connect failure or reset, 504 for a timeout, 503 for overload.
+/// 502 for a connect failure or reset, 504 for a timeout, 503 for overload
+/// (a worker's, or an upstream at its concurrency cap), 429 for a client
+/// over its rate.
 pub(crate) fn local_answer(refusal: &Refusal) -> LocalAnswer {
     let answer = |status, text| LocalAnswer {
         status,
@@ -579,12 +615,33 @@ pub(crate) fn local_answer(refusal: &Refusal) -> LocalAnswer {
         close: false,
         upstream: None,
         allow: false,
+        retry_after: None,
     };
     match refusal {
         Refusal::Overloaded => answer(
             StatusCode::SERVICE_UNAVAILABLE,
             "serin: overloaded, too many requests in flight; retry later\n",
         ),
+        Refusal::RateLimited { retry_after } => LocalAnswer {
+            retry_after: Some(*retry_after),
+            ..answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                "serin: too many requests for this client key (rate_limit); retry after the seconds in Retry-After\n",
+            )
+        },
+        // As Envoy's circuit breaker (`max_requests`): the upstream was not
+        // asked, so the answer does not count against it.
+        Refusal::AtCapacity(target) => LocalAnswer {
+            retry_after: Some(1),
+            upstream: Some(*target),
+            ..answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                match target {
+                    Target::Stable => "serin: the stable upstream is at its concurrency limit (stable.max_concurrent); retry later\n",
+                    Target::Canary => "serin: the canary upstream is at its concurrency limit (canary.max_concurrent); retry later\n",
+                },
+            )
+        },
         Refusal::Framing(text) => LocalAnswer {
             close: true,
             ..answer(StatusCode::BAD_REQUEST, text)
@@ -675,6 +732,10 @@ pub(crate) fn write_local_fields(
     if answer.allow {
         out.field(b"allow", ALLOWED);
     }
+    if let Some(seconds) = answer.retry_after {
+        let mut digits = [0u8; 10];
+        out.field(b"retry-after", write_decimal(&mut digits, seconds));
+    }
     // An error serin answers for an upstream names it even with
     // `upstream_header` off: it says whose failure it was.
     write_upstream_fields(
@@ -709,6 +770,7 @@ mod tests {
     fn forwarded_with_trace(head: &[u8], traceparent: Option<&[u8]>) -> String {
         let config = config();
         let conn = ConnMeta {
+            peer: "192.0.2.1".parse().unwrap(),
             client_ip: HeaderValue::from_static("192.0.2.1"),
             proto: HeaderValue::from_static("http"),
         };

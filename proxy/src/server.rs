@@ -204,6 +204,7 @@ async fn serve_connection(
 ) {
     let tls = worker.shared.tls.clone();
     let meta = Rc::new(ConnMeta {
+        peer: peer.ip(),
         client_ip: HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         proto: HeaderValue::from_static(if tls.is_some() { "https" } else { "http" }),

@@ -243,7 +243,7 @@ fn parse_override(value: &[u8]) -> Option<Target> {
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers, without allocating.
-fn cookie<'a, H: Fields + ?Sized>(headers: &'a H, name: &str) -> Option<&'a [u8]> {
+pub(crate) fn cookie<'a, H: Fields + ?Sized>(headers: &'a H, name: &str) -> Option<&'a [u8]> {
     for header in headers.values(&COOKIE) {
         for pair in header.split(|&b| b == b';') {
             let pair = pair.trim_ascii();

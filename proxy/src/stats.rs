@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+use crate::limit::RateLimiter;
 use crate::split::Target;
 
 /// Number of time slices in a rolling window. A window of 10 s moves in steps
@@ -330,6 +331,9 @@ pub struct UpstreamStats {
     errors_total: AtomicU64,
     /// Requests whose client left before the upstream answered.
     abandoned_total: AtomicU64,
+    /// Requests refused because the upstream was at its `max_concurrent`:
+    /// never sent, so never in the window.
+    concurrency_limited_total: AtomicU64,
     /// Non-cumulative counts per [`DURATION_BOUNDS_SECONDS`] bucket, plus +Inf.
     duration_buckets: [AtomicU64; DURATION_BOUNDS_MICROS.len() + 1],
     duration_sum_micros: AtomicU64,
@@ -344,6 +348,7 @@ impl UpstreamStats {
             successes_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             abandoned_total: AtomicU64::new(0),
+            concurrency_limited_total: AtomicU64::new(0),
             duration_buckets: Default::default(),
             duration_sum_micros: AtomicU64::new(0),
         }
@@ -393,6 +398,12 @@ impl UpstreamStats {
         self.window.record(now, waited, false);
         bump(&self.abandoned_total);
     }
+
+    /// Counts a request refused because the upstream was at its
+    /// `max_concurrent`. It was never sent: the window does not count it.
+    pub fn record_concurrency_limited(&self) {
+        bump(&self.concurrency_limited_total);
+    }
 }
 
 /// Cumulative totals for one upstream since start: what Prometheus reads.
@@ -404,6 +415,9 @@ pub struct Totals {
     pub errors: u64,
     /// Requests whose client left before the upstream answered.
     pub abandoned: u64,
+    /// Requests refused because the upstream was at its `max_concurrent`
+    /// (never sent; in no window).
+    pub concurrency_limited: u64,
     /// Cumulative counts for each bound of [`DURATION_BOUNDS_SECONDS`]
     /// (Prometheus `le` semantics), then the `+Inf` count.
     pub duration_cumulative: Vec<u64>,
@@ -445,6 +459,9 @@ pub struct Stats {
     alarm: Arc<tokio::sync::Notify>,
     access_log: Option<Arc<AccessLogCounters>>,
     span_export: Option<Arc<ExportCounters>>,
+    /// The local rate limit, whose table and refusals are read from its
+    /// shards (counted under the lock each refusal takes anyway).
+    rate_limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Stats {
@@ -460,6 +477,7 @@ impl Stats {
             alarm,
             access_log: None,
             span_export: None,
+            rate_limiter: None,
         }
     }
 
@@ -483,6 +501,24 @@ impl Stats {
     /// The access log's counters, when it is on.
     pub fn access_log(&self) -> Option<&AccessLogCounters> {
         self.access_log.as_deref()
+    }
+
+    /// The same stats, reading the rate limit's figures from `limiter`.
+    pub(crate) fn with_rate_limiter(self, limiter: Option<Arc<RateLimiter>>) -> Self {
+        Self {
+            rate_limiter: limiter,
+            ..self
+        }
+    }
+
+    /// Requests the local rate limit refused since start (0 without one).
+    pub fn rate_limited_total(&self) -> u64 {
+        self.rate_limiter.as_ref().map_or(0, |l| l.limited())
+    }
+
+    /// Client keys in the rate limit's table (0 without one).
+    pub fn rate_limit_keys(&self) -> usize {
+        self.rate_limiter.as_ref().map_or(0, |l| l.keys())
     }
 
     /// Notified (one stored permit) whenever some upstream's run of
@@ -554,6 +590,7 @@ impl Stats {
             totals.successes += u.successes_total.load(Relaxed);
             totals.errors += u.errors_total.load(Relaxed);
             totals.abandoned += u.abandoned_total.load(Relaxed);
+            totals.concurrency_limited += u.concurrency_limited_total.load(Relaxed);
             sum_micros += u.duration_sum_micros.load(Relaxed);
             for (sum, b) in totals
                 .duration_cumulative

@@ -5,17 +5,20 @@
 //! current-thread tokio runtime (see [`crate::server`]). Everything here
 //! lives on that thread only (`Rc`, `Cell`): nothing on the request path is
 //! shared between workers except the route table (one pointer load per
-//! request) and the read-only configuration.
+//! request), the read-only configuration and, when configured, the overload
+//! limits ([`crate::limit`]).
 
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::access_log::{AccessLog, WorkerLog};
 use crate::classify::Classifier;
 use crate::fields::Fields;
+use crate::limit::{ConcurrencyLimit, RateLimiter};
 use crate::otlp::Exporter;
 use crate::outcome::{Observation, RequestFacts, Settled};
 use crate::spans::WorkerSpans;
@@ -33,6 +36,40 @@ pub(crate) struct Shared {
     pub(crate) tls: Option<TlsAcceptor>,
     pub(crate) access_log: Option<Arc<AccessLog>>,
     pub(crate) exporter: Option<Arc<Exporter>>,
+    /// The local rate limit (`[rate_limit]`), if configured.
+    pub(crate) rate_limiter: Option<Arc<RateLimiter>>,
+    /// Each upstream's cap on requests in flight (`max_concurrent`), by
+    /// [`Target::index`].
+    concurrency: [Option<ConcurrencyLimit>; 2],
+}
+
+impl Shared {
+    /// What the workers of a proxy with `config` share; the rate limit's
+    /// clock starts at `now`.
+    pub(crate) fn new(
+        config: ProxyConfig,
+        routes: Routes,
+        tls: Option<TlsAcceptor>,
+        now: Instant,
+        access_log: Option<Arc<AccessLog>>,
+        exporter: Option<Arc<Exporter>>,
+    ) -> Self {
+        Self {
+            classifier: config.classifier.clone(),
+            rate_limiter: config
+                .rate_limit
+                .as_ref()
+                .map(|limit| Arc::new(RateLimiter::new(limit, now))),
+            concurrency: config
+                .max_concurrent
+                .map(|max| max.map(ConcurrencyLimit::new)),
+            config,
+            routes,
+            tls,
+            access_log,
+            exporter,
+        }
+    }
 }
 
 /// One worker's request-path state. Lives on the worker's thread only.
@@ -156,6 +193,18 @@ impl Worker {
         let rules = &self.shared.config.split;
         self.routes
             .with(|table| rules.decide(table, headers, &self.rng).0)
+    }
+
+    /// The local rate limit, if configured.
+    #[inline]
+    pub(crate) fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.shared.rate_limiter.as_deref()
+    }
+
+    /// `target`'s cap on requests in flight, if configured.
+    #[inline]
+    pub(crate) fn concurrency_limit(&self, target: Target) -> Option<&ConcurrencyLimit> {
+        self.shared.concurrency[target.index()].as_ref()
     }
 
     /// The pool of connections to `target`.

@@ -2,8 +2,9 @@
 //! and real HTTP/1.1, HTTP/2 and TLS clients, all on 127.0.0.1 with port 0.
 //!
 //! An upstream answers every request with its name as the body, unless its
-//! [`Behavior`] says otherwise (a status, a delay, a failure ratio, a reset, a
-//! gRPC status in trailers). A few paths do special jobs: `/echo-headers`
+//! [`Behavior`] says otherwise (a status, a delay, a [`Gate`] that holds
+//! answers until the test opens it, a failure ratio, a reset, a gRPC status
+//! in trailers). A few paths do special jobs: `/echo-headers`
 //! returns the request headers, `/upgrade` switches protocols and echoes bytes, `/upload` counts the request body's bytes, and
 //! `/download/N` streams N bytes. Nothing here sleeps to wait for a
 //! condition: use [`eventually`] to poll with a deadline.
@@ -38,12 +39,34 @@ pub struct Behavior {
     pub status: Option<u16>,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Hold every answer until this gate opens.
+    pub hold: Option<Gate>,
     /// This fraction of requests (spread evenly, deterministically) get 500.
     pub error_ratio: f64,
     /// Drop the connection instead of answering.
     pub reset: bool,
     /// Answer as gRPC with this `grpc-status` in the trailers.
     pub grpc_status: Option<u8>,
+}
+
+/// Holds an upstream's answers ([`Behavior::hold`]) until the test opens it.
+#[derive(Clone, Debug)]
+pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Gate {
+    /// A closed gate.
+    pub fn closed() -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    /// Lets every held answer, and every later one, through.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    async fn pass(&self) {
+        let _ = self.0.subscribe().wait_for(|&open| open).await;
+    }
 }
 
 struct UpstreamState {
@@ -221,6 +244,9 @@ async fn answer(
         let delaying = Delaying(&state.cancelled);
         tokio::time::sleep(behavior.delay).await;
         std::mem::forget(delaying);
+    }
+    if let Some(gate) = &behavior.hold {
+        gate.pass().await;
     }
     if behavior.reset {
         return Err(std::io::Error::other("scripted reset"));

@@ -14,7 +14,10 @@ use http::{Request, StatusCode};
 use serde_json::Value;
 use serin_proxy::access_log::{AccessLogConfig, LineFormat, LogSink, QueryPolicy};
 use serin_proxy::trace::TraceSettings;
-use serin_proxy::{Proxy, ProxyConfig, RouteTable, Routes, Upstream, UpstreamProtocol};
+use serin_proxy::{
+    Proxy, ProxyConfig, Rate, RateLimit, RateLimitKey, RouteTable, Routes, Upstream,
+    UpstreamProtocol,
+};
 use serin_tests::*;
 
 fn log_config(path: &std::path::Path) -> AccessLogConfig {
@@ -158,16 +161,37 @@ async fn failures_refusals_and_fallbacks_say_so() {
             query: QueryPolicy::Redact(vec!["token".into()]),
             ..log_config(&path)
         });
+        c.rate_limit = Some(RateLimit {
+            burst: std::num::NonZeroU32::MIN,
+            key: RateLimitKey::Header(http::HeaderName::from_static("x-api-key")),
+            ..RateLimit::new(Rate::per_second(1.0 / 60.0).unwrap())
+        });
     });
     let addr = proxy.local_addr();
     let base = format!("http://{addr}");
     let client = http1_client();
-    let fell_back = get(&client, &format!("{base}/a?token=s3cret&page=2"), &[]).await;
+    let fell_back = get(
+        &client,
+        &format!("{base}/a?token=s3cret&page=2"),
+        &[("x-api-key", "a")],
+    )
+    .await;
     assert_eq!(fell_back.status, StatusCode::OK);
-    let req = Request::delete(format!("{base}/b")).body(empty()).unwrap();
+    let req = Request::delete(format!("{base}/b"))
+        .header("x-api-key", "b")
+        .body(empty())
+        .unwrap();
     assert_eq!(send(&client, req).await.status, StatusCode::BAD_GATEWAY);
     let refused = raw_exchange(addr, b"GET /c HTTP/1.1\r\n\r\n").await;
     assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    // One request a minute per API key: the second is refused with 429.
+    let key = [("x-api-key", "k1")];
+    assert_eq!(
+        get(&client, &format!("{base}/d1"), &key).await.status,
+        StatusCode::OK
+    );
+    let limited = get(&client, &format!("{base}/d2"), &key).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
 
     let lines = stop_and_read(proxy, &path).await;
     let find = |path: &str| {
@@ -196,6 +220,12 @@ async fn failures_refusals_and_fallbacks_say_so() {
         (Some(400), Some("refused"))
     );
     assert!(c["upstream"].is_null());
+    let d2 = find("/d2");
+    assert_eq!(
+        (d2["status"].as_u64(), d2["outcome"].as_str()),
+        (Some(429), Some("refused"))
+    );
+    assert!(d2["upstream"].is_null() && d2["upstream_ms"].is_null());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

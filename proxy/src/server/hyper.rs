@@ -24,11 +24,11 @@ use tokio::time::Instant;
 use crate::body::ProxyBody;
 use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
 use crate::http1::head::write_request_line;
-use crate::outcome::{OutcomeRecord, RequestFacts, Settled};
+use crate::outcome::{Observation, OutcomeRecord, RequestFacts, Settled};
 use crate::policy::{
-    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
-    write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
-    RequestHead, X_REQUEST_ID,
+    admit, canary_failed, limit_rate, local_answer, may_fall_back, write_local_fields,
+    write_request_fields, write_response_fields, Admitted, Answering, BodyLength, ConnMeta,
+    Forwarding, Refusal, RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
 use crate::trace::TraceContext;
@@ -77,7 +77,9 @@ async fn answer(
         version: parts.version,
         fields: &parts.headers,
     };
-    let admitted = admit(&head, worker.inflight(), worker.config());
+    let admitted = admit(&head, worker.inflight(), worker.config()).and_then(|admitted| {
+        limit_rate(worker.rate_limiter(), &parts.headers, meta.peer).map(|()| admitted)
+    });
     let trace = worker.trace_context(&parts.headers);
     let observation = worker.observe(
         || RequestFacts {
@@ -101,12 +103,14 @@ async fn answer(
     let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
-            let (resp, sent) = answer_locally(&worker, &refusal, false, request_id, parts.version);
-            if let Some(observation) = observation {
-                let settled = Settled::refused(resp.status(), sent, start.elapsed());
-                worker.settle(observation, &settled);
-            }
-            return resp;
+            return refuse(
+                &worker,
+                &refusal,
+                observation,
+                request_id,
+                parts.version,
+                start,
+            );
         }
     };
     let target = worker.decide(&parts.headers);
@@ -150,7 +154,20 @@ async fn answer(
         traceparent: trace.as_ref().and_then(TraceContext::forward),
         upgrade: upgrade.as_ref(),
     };
-    let mut record = OutcomeRecord::new(worker.clone(), target, start, bodiless, observation);
+    let record = OutcomeRecord::new(worker.clone(), target, start, bodiless, observation);
+    let mut record = match record {
+        Ok(record) => record,
+        Err((refusal, observation)) => {
+            return refuse(
+                &worker,
+                &refusal,
+                observation,
+                request_id,
+                parts.version,
+                start,
+            );
+        }
+    };
     if let Some(upload) = &upload {
         record.uploading(upload);
     }
@@ -439,7 +456,7 @@ fn answer_locally(
     version: Version,
 ) -> (Response<ProxyBody>, u64) {
     let answer = local_answer(refusal);
-    let mut headers = HeaderMap::with_capacity(5);
+    let mut headers = HeaderMap::with_capacity(6);
     write_local_fields(
         &answer,
         worker.config(),
@@ -457,6 +474,25 @@ fn answer_locally(
     *resp.status_mut() = answer.status;
     *resp.headers_mut() = headers;
     (resp, answer.text.len() as u64)
+}
+
+/// serin's answer to a request it refuses before sending it anywhere, with
+/// its access-log line and span settled.
+fn refuse(
+    worker: &Worker,
+    refusal: &Refusal,
+    observation: Option<Observation>,
+    request_id: &[u8],
+    version: Version,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let (resp, sent) = answer_locally(worker, refusal, false, request_id, version);
+    if let Some(observation) = observation {
+        let upstream = local_answer(refusal).upstream;
+        let settled = Settled::refused(upstream, resp.status(), sent, start.elapsed());
+        worker.settle(observation, &settled);
+    }
+    resp
 }
 
 /// HTTP/2 clients may send each cookie as its own field; HTTP/1.1 needs them

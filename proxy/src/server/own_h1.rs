@@ -39,9 +39,9 @@ use crate::http1::head::{
 };
 use crate::outcome::{Observation, OutcomeRecord, RequestFacts, Settled};
 use crate::policy::{
-    admit, canary_failed, local_answer, may_fall_back, write_local_fields, write_request_fields,
-    write_response_fields, Admitted, Answering, BodyLength, ConnMeta, Forwarding, Refusal,
-    RequestHead, X_REQUEST_ID,
+    admit, canary_failed, limit_rate, local_answer, may_fall_back, write_local_fields,
+    write_request_fields, write_response_fields, Admitted, Answering, BodyLength, ConnMeta,
+    Forwarding, Refusal, RequestHead, X_REQUEST_ID,
 };
 use crate::split::Target;
 use crate::trace::TraceContext;
@@ -249,41 +249,42 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
     let mut slots = field_slots();
     let mut req = httparse::Request::new(&mut []);
     // A request answered at once, whose bytes are all dropped.
-    let mut refused_with = |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
-        let id = worker.next_request_id_bytes();
-        scratch.trace = None;
-        scratch.observation = worker.observe(
-            || {
-                let head = head.unwrap_or_default();
-                RequestFacts {
-                    request_id: &id,
-                    trace_id: None,
-                    client: meta.client_ip.as_bytes(),
-                    method: method.as_str().as_bytes(),
-                    authority: head.authority,
-                    target: head.target,
-                    version: if minor == 0 {
-                        Version::HTTP_10
-                    } else {
-                        Version::HTTP_11
-                    },
-                    tls: false,
-                }
-            },
-            None,
-        );
-        Parsed::Ready(Request {
-            start: Instant::now(),
-            len: buf.len(),
-            minor,
-            method,
-            target: Target::Stable,
-            keep_alive,
-            request_id: RequestId::Generated(id),
-            admitted: Admitted::default(),
-            refusal: Some(refusal),
-        })
-    };
+    let mut refused_with =
+        |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
+            let id = worker.next_request_id_bytes();
+            scratch.trace = None;
+            scratch.observation = worker.observe(
+                || {
+                    let head = head.unwrap_or_default();
+                    RequestFacts {
+                        request_id: &id,
+                        trace_id: None,
+                        client: meta.client_ip.as_bytes(),
+                        method: method.as_str().as_bytes(),
+                        authority: head.authority,
+                        target: head.target,
+                        version: if minor == 0 {
+                            Version::HTTP_10
+                        } else {
+                            Version::HTTP_11
+                        },
+                        tls: false,
+                    }
+                },
+                None,
+            );
+            Parsed::Ready(Request {
+                start: Instant::now(),
+                len: buf.len(),
+                minor,
+                method,
+                target: Target::Stable,
+                keep_alive,
+                request_id: RequestId::Generated(id),
+                admitted: Admitted::default(),
+                refusal: Some(refusal),
+            })
+        };
     // The head could not be read: answered as HTTP/1.1, then closed.
     let mut refused = |refusal| refused_with(refusal, 1, Method::GET, false, None);
     let len = match parse_request(&mut req, buf, &mut slots, config.max_header_bytes) {
@@ -330,8 +331,12 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
         || fields.value(&UPGRADE).is_some()
         || fields.value(&EXPECT).is_some();
     let (admitted, refusal) = match admitted {
+        // Hyper admits it again, and takes its rate-limit token.
         Ok(_) if hyper_needed => return Parsed::Handoff,
-        Ok(admitted) => (admitted, None),
+        Ok(admitted) => match limit_rate(worker.rate_limiter(), fields, meta.peer) {
+            Ok(()) => (admitted, None),
+            Err(refusal) => (admitted, Some(refusal)),
+        },
         // A refused request's body would be read as the next request: the
         // connection closes after the answer.
         Err(refusal) if !bodiless => {
@@ -485,17 +490,16 @@ async fn exchange(
     let id = request.request_id.bytes(head);
     out.clear();
     if let Some(refusal) = &request.refusal {
-        let (keep_alive, sent) = write_local(out, worker, request, refusal, id, false);
-        let written = stream.write_all(out).await.is_ok();
-        if let Some(observation) = observation {
-            let status = local_answer(refusal).status;
-            let settled = Settled::refused(status, sent, request.start.elapsed());
-            worker.settle(observation, &settled);
-        }
-        return written && keep_alive;
+        return refuse(worker, stream, out, request, refusal, id, observation).await;
     }
     let start = request.start;
-    let mut record = OutcomeRecord::new(worker.clone(), request.target, start, true, observation);
+    let record = OutcomeRecord::new(worker.clone(), request.target, start, true, observation);
+    let mut record = match record {
+        Ok(record) => record,
+        Err((refusal, observation)) => {
+            return refuse(worker, stream, out, request, &refusal, id, observation).await;
+        }
+    };
     let sent = send_watched(
         worker,
         stream,
@@ -619,6 +623,29 @@ async fn exchange(
         }
         out.clear();
     }
+}
+
+/// Writes serin's answer to a request it refuses before sending it anywhere,
+/// with its access-log line and span settled; returns whether the
+/// connection stays open.
+async fn refuse(
+    worker: &Worker,
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    request: &Request,
+    refusal: &Refusal,
+    id: &[u8],
+    observation: Option<Observation>,
+) -> bool {
+    let (keep_alive, sent) = write_local(out, worker, request, refusal, id, false);
+    let written = stream.write_all(out).await.is_ok();
+    if let Some(observation) = observation {
+        let answer = local_answer(refusal);
+        let elapsed = request.start.elapsed();
+        let settled = Settled::refused(answer.upstream, answer.status, sent, elapsed);
+        worker.settle(observation, &settled);
+    }
+    written && keep_alive
 }
 
 /// Sends the encoded request to `target` (see [`send`]) while watching the
