@@ -100,18 +100,13 @@ async fn answer(
         },
         trace.as_ref(),
     );
+    let version = parts.version;
+    let refused = |refusal: &Refusal, observation| {
+        refuse(&worker, refusal, observation, request_id, version, start)
+    };
     let admitted = match admitted {
         Ok(admitted) => admitted,
-        Err(refusal) => {
-            return refuse(
-                &worker,
-                &refusal,
-                observation,
-                request_id,
-                parts.version,
-                start,
-            );
-        }
+        Err(refusal) => return refused(&refusal, observation),
     };
     let target = worker.decide(&parts.headers);
     // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
@@ -157,16 +152,7 @@ async fn answer(
     let record = OutcomeRecord::new(worker.clone(), target, start, bodiless, observation);
     let mut record = match record {
         Ok(record) => record,
-        Err((refusal, observation)) => {
-            return refuse(
-                &worker,
-                &refusal,
-                observation,
-                request_id,
-                parts.version,
-                start,
-            );
-        }
+        Err((refusal, observation)) => return refused(&refusal, observation),
     };
     if let Some(upload) = &upload {
         record.uploading(upload);
