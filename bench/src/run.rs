@@ -352,7 +352,12 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     let previous = std::fs::read(bench_dir().join("results/latest.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Results>(&b).ok());
-    res.micro_previous = previous.map(|p| p.micro).unwrap_or_default();
+    // What this run does not measure is carried over: the fleet benchmark
+    // has its own command (`serin-bench fleet`).
+    if let Some(previous) = previous {
+        res.micro_previous = previous.micro;
+        res.fleet = previous.fleet;
+    }
     if !opts.no_criterion {
         res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
         res.micro = criterion(quick);

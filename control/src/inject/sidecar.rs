@@ -28,6 +28,10 @@ pub mod annotations {
     pub const MAX_ERROR_RATE: &str = "serin.dev/max-error-rate";
     /// Judge: highest canary p95 latency, e.g. `800ms`.
     pub const MAX_P95: &str = "serin.dev/max-p95";
+    /// `stdout` turns the sidecar's access log on: a JSON line per request
+    /// on the container's standard output, where the node's log collector
+    /// reads it. `off` (or no annotation): no access log.
+    pub const ACCESS_LOG: &str = "serin.dev/access-log";
     /// Sidecar CPU request. Default `50m`.
     pub const CPU_REQUEST: &str = "serin.dev/proxy-cpu-request";
     /// Sidecar CPU limit. Default `1`.
@@ -256,6 +260,17 @@ pub(crate) fn inject_pod(
     let weight = s.number(annotations::CANARY_WEIGHT, 100.0, " (percent)")?;
     let max_error_rate = s.number(annotations::MAX_ERROR_RATE, 1.0, "; write 0.05 for 5%")?;
     let max_p95 = s.duration(annotations::MAX_P95)?;
+    let access_log = match s.get(annotations::ACCESS_LOG)? {
+        None | Some("off") => None,
+        Some("stdout") => Some("stdout".to_owned()),
+        Some(other) => {
+            return Err(s.bad(
+                annotations::ACCESS_LOG,
+                other,
+                "must be stdout or off (a sidecar's access log goes to the container's log)",
+            ))
+        }
+    };
     let fleet = match s.get(annotations::FLEET)? {
         None => None,
         Some(name) => {
@@ -412,6 +427,7 @@ pub(crate) fn inject_pod(
         ("SERIN_CANARY_WEIGHT", weight),
         ("SERIN_JUDGE_MAX_ERROR_RATE", max_error_rate),
         ("SERIN_JUDGE_MAX_P95", max_p95),
+        ("SERIN_ACCESS_LOG", access_log),
     ] {
         if let Some(value) = value {
             env.push(json!({"name": name, "value": value}));

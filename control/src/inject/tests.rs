@@ -77,12 +77,25 @@ fn inbound_takes_over_the_http_port_and_renames_the_apps() {
             "/var/run/serin"
         ]
     );
-    assert!(serin["env"]
-        .as_array()
-        .unwrap()
-        .contains(&json!({"name": "SERIN_JUDGE_MAX_ERROR_RATE", "value": "0.02"})));
+    let env = serin["env"].as_array().unwrap();
+    assert!(env.contains(&json!({"name": "SERIN_JUDGE_MAX_ERROR_RATE", "value": "0.02"})));
+    assert!(
+        !env.iter().any(|e| e["name"] == "SERIN_ACCESS_LOG"),
+        "no access log unless asked"
+    );
     assert_eq!(serin["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(spec["volumes"][0]["name"], "serin-state");
+}
+
+#[test]
+fn the_access_log_annotation_turns_the_sidecars_on() {
+    let logged = WEB.replace(
+        "serin.dev/max-error-rate",
+        "serin.dev/access-log: stdout\n        serin.dev/max-error-rate",
+    );
+    let spec = pod_spec(&inject(&logged).unwrap().output);
+    let env = spec["containers"][1]["env"].as_array().unwrap().clone();
+    assert!(env.contains(&json!({"name": "SERIN_ACCESS_LOG", "value": "stdout"})));
 }
 
 #[test]
@@ -99,6 +112,16 @@ fn refusals_name_the_object_and_say_what_to_do() {
     let e = inject(&no_port).unwrap_err().to_string();
     assert!(
         e.contains("Deployment shop/web") && e.contains("no named port"),
+        "{e}"
+    );
+
+    let bad_log = WEB.replace(
+        "serin.dev/max-error-rate",
+        "serin.dev/access-log: /var/log/a.log\n        serin.dev/max-error-rate",
+    );
+    let e = inject(&bad_log).unwrap_err().to_string();
+    assert!(
+        e.contains("serin.dev/access-log") && e.contains("must be stdout or off"),
         "{e}"
     );
 
