@@ -178,6 +178,8 @@ pub struct RawTrace {
     pub sample: Option<f64>,
     pub otlp_endpoint: Option<String>,
     pub service_name: Option<String>,
+    pub query: Option<String>,
+    pub redact_params: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,29 +299,12 @@ fn access_log(
             format!("must be between 0 and 1, the share of requests logged (got {sample})"),
         ));
     }
-    let redact = raw.redact_params.unwrap_or_default();
-    let query =
-        match raw
-            .query
-            .as_deref()
-            .unwrap_or(if redact.is_empty() { "keep" } else { "redact" })
-        {
-            "keep" if redact.is_empty() => QueryPolicy::Keep,
-            "drop" if redact.is_empty() => QueryPolicy::Drop,
-            "keep" | "drop" => {
-                return Err(ConfigError::invalid(
-                    "access_log.redact_params",
-                    "only applies with query = \"redact\"; remove it, or set query = \"redact\"",
-                ))
-            }
-            "redact" => QueryPolicy::Redact(redact),
-            other => {
-                return Err(ConfigError::invalid(
-                    "access_log.query",
-                    format!("must be \"keep\", \"drop\" or \"redact\" (got {other:?})"),
-                ))
-            }
-        };
+    let query = query_policy(
+        ("access_log.query", "access_log.redact_params"),
+        raw.query.as_deref(),
+        raw.redact_params,
+        "keep",
+    )?;
     Ok(Some(AccessLogConfig {
         sink,
         format,
@@ -368,11 +353,44 @@ fn trace_settings(raw: &RawTrace) -> Result<TraceSettings, ConfigError> {
             "only applies when trace.otlp_endpoint is set",
         ));
     }
+    let query = query_policy(
+        ("trace.query", "trace.redact_params"),
+        raw.query.as_deref(),
+        raw.redact_params.clone(),
+        "redact",
+    )?;
     Ok(TraceSettings {
         start: raw.start.unwrap_or(serin_proxy::defaults::TRACE_START),
         sample,
         export,
+        query,
     })
+}
+
+/// A `query` / `redact_params` pair: what of a request's query is kept.
+/// Naming parameters implies `redact`; `default` applies otherwise.
+fn query_policy(
+    keys: (&'static str, &'static str),
+    query: Option<&str>,
+    redact_params: Option<Vec<String>>,
+    default: &str,
+) -> Result<QueryPolicy, ConfigError> {
+    let (query_key, params_key) = keys;
+    let names = redact_params.unwrap_or_default();
+    let chosen = query.unwrap_or(if names.is_empty() { default } else { "redact" });
+    match chosen {
+        "keep" | "drop" if !names.is_empty() => Err(ConfigError::invalid(
+            params_key,
+            "only applies with query = \"redact\"; remove it, or set query = \"redact\"",
+        )),
+        "keep" => Ok(QueryPolicy::Keep),
+        "drop" => Ok(QueryPolicy::Drop),
+        "redact" => Ok(QueryPolicy::Redact(names)),
+        other => Err(ConfigError::invalid(
+            query_key,
+            format!("must be \"keep\", \"drop\" or \"redact\" (got {other:?})"),
+        )),
+    }
 }
 
 fn log_format(value: Option<&str>) -> Result<LogFormat, ConfigError> {
@@ -1247,6 +1265,11 @@ mod tests {
                 "[trace]\nservice_name = \"x\"\n",
                 "`trace.service_name` only applies",
             ),
+            ("[trace]\nquery = \"hide\"\n", "`trace.query` must be"),
+            (
+                "[trace]\nquery = \"drop\"\nredact_params = [\"a\"]\n",
+                "`trace.redact_params` only applies",
+            ),
         ] {
             let e = load(text, &upstreams()).unwrap_err().to_string();
             assert!(e.contains(says), "{text:?}: {e}");
@@ -1256,6 +1279,7 @@ mod tests {
             &upstreams(),
         )
         .unwrap();
+        assert_eq!(spans.proxy.trace.query, QueryPolicy::Redact(vec![]));
         let export = spans.proxy.trace.export.unwrap();
         assert_eq!(export.service_name, "serin");
     }

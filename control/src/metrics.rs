@@ -124,7 +124,7 @@ const FAMILIES: [(&str, &str); 18] = [
     ),
     (
         "serin_concurrency_limited_requests_total",
-        "Requests answered 503 because the upstream had max_concurrent requests in flight; never sent to it, never judged",
+        "Requests the upstream had no place for (max_concurrent in flight): stable's were answered 503, the canary's sent to stable; never judged",
     ),
     (
         "serin_rate_limit_keys",

@@ -1488,7 +1488,19 @@ async fn rate_limited_requests_are_counted_apart_and_never_judged() {
     assert_eq!((served, limited), (5, 55), "{statuses:?}");
 
     // 55 refusals, well over the judge's min_requests, yet no revert: the
-    // windows hold the 5 served requests and nothing else.
+    // windows hold the 5 served requests (each settles as its response
+    // ends) and nothing else, and the judge, which has looked at them
+    // since, left the canary alone.
+    eventually(
+        Duration::from_secs(10),
+        "the 5 served requests in the windows",
+        || async {
+            let status = serin.api.status().await;
+            let requests = |t: &str| status["upstreams"][t]["requests"].as_u64().unwrap_or(0);
+            requests("stable") + requests("canary") == 5
+        },
+    )
+    .await;
     let status = serin.api.status().await;
     assert_eq!(phase_weight(&status), ("manual", 50.0), "{status}");
     let upstreams = &status["upstreams"];

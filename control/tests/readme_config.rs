@@ -260,6 +260,8 @@ fn the_readme_config_shows_every_key() {
                 sample: trace_sample,
                 otlp_endpoint: _, // no default: no spans exported
                 service_name: _,  // only with otlp_endpoint
+                query: trace_query,
+                redact_params: _, // no default: every value
             },
         classify: RawClassify {
             error_statuses,
@@ -316,6 +318,7 @@ fn the_readme_config_shows_every_key() {
         ("headers.upstream_header", upstream_header.is_some()),
         ("trace.start", trace_start.is_some()),
         ("trace.sample", trace_sample.is_some()),
+        ("trace.query", trace_query.is_some()),
         ("classify.error_statuses", error_statuses.is_some()),
         ("classify.grpc_error_codes", grpc_error_codes.is_some()),
         ("judge.window", window.is_some()),

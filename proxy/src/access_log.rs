@@ -50,6 +50,10 @@ const QUEUED_BATCHES: usize = 16;
 /// Line buffers a worker keeps for reuse (requests in flight beyond this
 /// allocate their own).
 const SPARE_LINES: usize = 256;
+/// How long a stopping worker waits for the writer to take its last batch.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// How long `Proxy::wait` waits for the writer to write what it was given.
+pub(crate) const WRITER_EXIT: Duration = Duration::from_secs(5);
 /// How often the writer checks whether its file was rotated.
 const REOPEN_CHECK: Duration = Duration::from_secs(1);
 
@@ -147,6 +151,7 @@ impl AccessLog {
         });
         let writer = Writer {
             sink,
+            torn: false,
             counters: log.counters.clone(),
             last_warning: None,
         };
@@ -228,6 +233,8 @@ fn rotated(path: &PathBuf, file: &File) -> bool {
 
 struct Writer {
     sink: Sink,
+    /// A write failed part-way: the next batch starts on a new line.
+    torn: bool,
     counters: Arc<AccessLogCounters>,
     last_warning: Option<std::time::Instant>,
 }
@@ -235,12 +242,16 @@ struct Writer {
 impl Writer {
     fn run(mut self, batches: Receiver<Batch>, log: std::sync::Weak<AccessLog>) {
         while let Ok(mut batch) = batches.recv() {
+            if self.torn && self.sink.write(b"\n").is_ok() {
+                self.torn = false;
+            }
             match self.sink.write(&batch.bytes) {
                 Ok(()) => self
                     .counters
                     .written
                     .fetch_add(batch.lines, Ordering::Relaxed),
                 Err(e) => {
+                    self.torn = true;
                     self.warn(&e);
                     self.counters
                         .dropped
@@ -362,6 +373,10 @@ impl WorkerLog {
     fn queue(&self, line: &[u8]) {
         let mut batch = self.batch.borrow_mut();
         if batch.len() + line.len() > MAX_BATCH_BYTES {
+            // Full: the writer may have caught up since the last try.
+            self.hand_over(&mut batch);
+        }
+        if batch.len() + line.len() > MAX_BATCH_BYTES {
             // The writer is behind and this worker's batch is full.
             self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -382,7 +397,9 @@ impl WorkerLog {
         }
     }
 
-    fn hand_over(&self, batch: &mut Vec<u8>) {
+    /// Hands `batch` to the writer if its queue has room; returns whether
+    /// the writer is still there to take it (later).
+    fn hand_over(&self, batch: &mut Vec<u8>) -> bool {
         let full = Batch {
             bytes: std::mem::take(batch),
             lines: self.batch_lines.replace(0),
@@ -396,14 +413,43 @@ impl WorkerLog {
                     .unwrap_or_else(|e| e.into_inner())
                     .pop()
                     .unwrap_or_else(|| Vec::with_capacity(FLUSH_BYTES + 1024));
+                true
             }
             // The writer is behind: keep collecting into the same batch
             // until it reaches its cap.
-            Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+            Err(TrySendError::Full(back)) => {
                 *batch = back.bytes;
                 self.batch_lines.set(back.lines);
+                true
+            }
+            Err(TrySendError::Disconnected(back)) => {
+                *batch = back.bytes;
+                self.batch_lines.set(back.lines);
+                false
             }
         }
+    }
+
+    /// The worker's last hand-over, when it stops: every line its requests
+    /// settled is then in the batch (their records held the worker). The
+    /// writer gets [`FINAL_FLUSH`] to make room; what still does not fit is
+    /// counted as dropped, so written plus dropped stays every line.
+    fn final_flush(&self) {
+        let mut batch = self.batch.borrow_mut();
+        let deadline = std::time::Instant::now() + FINAL_FLUSH;
+        while !batch.is_empty() && std::time::Instant::now() < deadline {
+            if !self.hand_over(&mut batch) {
+                break;
+            }
+            if !batch.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let lost = self.batch_lines.replace(0);
+        self.shared
+            .counters
+            .dropped
+            .fetch_add(lost, Ordering::Relaxed);
     }
 
     /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for now, the second's part cached.
@@ -418,6 +464,12 @@ impl WorkerLog {
             self.stamp.set((secs, second));
         }
         wallclock::with_millis(second, now.subsec_millis())
+    }
+}
+
+impl Drop for WorkerLog {
+    fn drop(&mut self) {
+        self.final_flush();
     }
 }
 
@@ -519,38 +571,10 @@ impl<'a> Fields<'a> {
 
     /// The request target, its query kept, dropped or redacted.
     fn target(&mut self, key: &str, target: &[u8], policy: &QueryPolicy) {
-        let (path, query) = match target.iter().position(|&b| b == b'?') {
-            Some(at) => (&target[..at], Some(&target[at + 1..])),
-            None => (target, None),
-        };
-        let (query, redact) = match (policy, query) {
-            (_, None) | (QueryPolicy::Drop, _) => return self.str(key, path),
-            (QueryPolicy::Keep, Some(_)) => return self.str(key, target),
-            (QueryPolicy::Redact(names), Some(query)) => (query, names),
-        };
         self.key(key);
-        let format = self.format;
-        let quote = format == LineFormat::Json || text_needs_quotes(target);
+        let quote = self.format == LineFormat::Json || text_needs_quotes(target);
         self.quoted(
-            |out| {
-                escape(out, path);
-                out.push(b'?');
-                for (i, pair) in query.split(|&b| b == b'&').enumerate() {
-                    if i > 0 {
-                        out.push(b'&');
-                    }
-                    match pair.iter().position(|&b| b == b'=') {
-                        Some(eq)
-                            if redact.is_empty()
-                                || redact.iter().any(|n| n.as_bytes() == &pair[..eq]) =>
-                        {
-                            escape(out, &pair[..eq]);
-                            out.extend_from_slice(b"=REDACTED");
-                        }
-                        _ => escape(out, pair),
-                    }
-                }
-            },
+            |out| redact_target(target, policy, |piece| escape(out, piece)),
             quote,
         );
     }
@@ -571,6 +595,63 @@ impl<'a> Fields<'a> {
         }
         self.out.push(b'\n');
     }
+}
+
+/// Passes `target` (path and query) to `emit` in pieces, its query kept,
+/// dropped or redacted. Redacting replaces a parameter's value with
+/// `REDACTED`: every parameter's (and every bare one, which may be a secret
+/// itself), or the named ones', compared without case and after
+/// percent-decoding, so `?Token=` and `?tok%65n=` are `token`.
+pub(crate) fn redact_target(target: &[u8], policy: &QueryPolicy, mut emit: impl FnMut(&[u8])) {
+    let (path, query) = match target.iter().position(|&b| b == b'?') {
+        Some(at) => (&target[..at], &target[at + 1..]),
+        None => return emit(target),
+    };
+    let names = match policy {
+        QueryPolicy::Keep => return emit(target),
+        QueryPolicy::Drop => return emit(path),
+        QueryPolicy::Redact(names) => names,
+    };
+    emit(path);
+    emit(b"?");
+    for (i, pair) in query.split(|&b| b == b'&').enumerate() {
+        if i > 0 {
+            emit(b"&");
+        }
+        match pair.iter().position(|&b| b == b'=') {
+            Some(eq) if names.is_empty() || names.iter().any(|n| same_name(&pair[..eq], n)) => {
+                emit(&pair[..eq]);
+                emit(b"=REDACTED");
+            }
+            None if names.is_empty() && !pair.is_empty() => emit(b"REDACTED"),
+            _ => emit(pair),
+        }
+    }
+}
+
+/// A query parameter's name, as sent, is `name` (ASCII case aside, and
+/// after percent-decoding).
+fn same_name(sent: &[u8], name: &str) -> bool {
+    let mut name = name.bytes();
+    let mut rest = sent;
+    while let Some((&b, tail)) = rest.split_first() {
+        let (byte, tail) = match (b, tail) {
+            (b'%', [h, l, tail @ ..]) => match (hex_digit(*h), hex_digit(*l)) {
+                (Some(h), Some(l)) => (h << 4 | l, tail),
+                _ => (b, tail),
+            },
+            _ => (b, tail),
+        };
+        match name.next() {
+            Some(n) if n.eq_ignore_ascii_case(&byte) => rest = tail,
+            _ => return false,
+        }
+    }
+    name.next().is_none()
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
 }
 
 /// logfmt quotes a value that is empty or holds a space, `"`, `=` or a

@@ -314,9 +314,21 @@ impl Proxy {
             for w in workers {
                 let _ = w.join();
             }
-            // The workers held the only senders: the writer ends now.
+            // The workers held the only senders: the writer ends once it
+            // has written what they gave it, unless its sink is stuck (a
+            // pipe nobody reads): shutdown does not wait for that.
             if let Some(writer) = log_writer {
-                let _ = writer.join();
+                let deadline = std::time::Instant::now() + access_log::WRITER_EXIT;
+                while !writer.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if writer.is_finished() {
+                    let _ = writer.join();
+                } else {
+                    tracing::warn!(
+                        "the access log's writer is still blocked on its sink; stopping without it"
+                    );
+                }
             }
         })
         .await;

@@ -418,6 +418,11 @@ impl ConcurrencyLimit {
             .is_ok()
     }
 
+    /// All `max` places are taken (at this moment).
+    pub(crate) fn is_full(&self) -> bool {
+        self.inflight.load(Relaxed) >= self.max
+    }
+
     /// Gives back a place [`ConcurrencyLimit::try_acquire`] took.
     pub(crate) fn release(&self) {
         self.inflight.fetch_sub(1, Relaxed);

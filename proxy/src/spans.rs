@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{StatusCode, Version};
 
+use crate::access_log::{redact_target, QueryPolicy};
 use crate::otlp::{encode_span, Exporter, SpanFields};
 use crate::outcome::{OutcomeClass, RequestFacts, Settled};
 use crate::trace::{SpanIds, TraceContext};
@@ -48,6 +49,8 @@ pub(crate) struct SpanStart {
 /// One worker's spans: its batch, its spare starts, the exporter.
 pub(crate) struct WorkerSpans {
     exporter: Arc<Exporter>,
+    /// What of a request's query its span keeps (`[trace] query`).
+    query: QueryPolicy,
     batch: RefCell<Vec<u8>>,
     spans: Cell<u32>,
     /// Boxes, not values: a request carries its start boxed (it would
@@ -58,9 +61,10 @@ pub(crate) struct WorkerSpans {
 }
 
 impl WorkerSpans {
-    pub(crate) fn new(exporter: Arc<Exporter>) -> Self {
+    pub(crate) fn new(exporter: Arc<Exporter>, query: QueryPolicy) -> Self {
         Self {
             exporter,
+            query,
             batch: RefCell::new(Vec::with_capacity(FLUSH_BYTES + 4096)),
             spans: Cell::new(0),
             spare: RefCell::new(Vec::new()),
@@ -96,18 +100,16 @@ impl WorkerSpans {
             })
         });
         start.text.clear();
-        for (i, part) in [
-            facts.method,
-            facts.authority,
-            facts.target,
-            facts.request_id,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            start.text.extend_from_slice(part);
-            start.ends[i] = start.text.len();
-        }
+        start.text.extend_from_slice(facts.method);
+        start.ends[0] = start.text.len();
+        start.text.extend_from_slice(facts.authority);
+        start.ends[1] = start.text.len();
+        redact_target(facts.target, &self.query, |piece| {
+            start.text.extend_from_slice(piece)
+        });
+        start.ends[2] = start.text.len();
+        start.text.extend_from_slice(facts.request_id);
+        start.ends[3] = start.text.len();
         start.trace_id = trace_id;
         start.span_id = span_id;
         start.parent = parent;
@@ -189,5 +191,14 @@ impl WorkerSpans {
                 back
             }
         };
+    }
+}
+
+impl Drop for WorkerSpans {
+    /// A stopping worker's last spans (its requests' records, which held
+    /// the worker, have all settled by now); the exporter counts them as
+    /// dropped if its queue is full.
+    fn drop(&mut self) {
+        self.flush();
     }
 }

@@ -12,6 +12,7 @@
 //! Everything here is computed only when one of those is on, or the access
 //! log is: otherwise the request path never looks at `traceparent`.
 
+use crate::access_log::QueryPolicy;
 use crate::fields::Fields;
 use crate::split::FastRng;
 
@@ -26,6 +27,9 @@ pub struct TraceSettings {
     pub sample: f64,
     /// Record one span per request and export it (default off).
     pub export: Option<SpanExport>,
+    /// What of a request's query its span keeps in `url.query` (default:
+    /// every value redacted, as spans leave for another system).
+    pub query: QueryPolicy,
 }
 
 /// Where spans go (`[trace] otlp_endpoint`).
@@ -43,6 +47,7 @@ impl Default for TraceSettings {
             start: crate::defaults::TRACE_START,
             sample: crate::defaults::TRACE_SAMPLE,
             export: None,
+            query: QueryPolicy::Redact(Vec::new()),
         }
     }
 }
@@ -276,7 +281,7 @@ mod tests {
         let start = TraceSettings {
             start: true,
             sample: 1.0,
-            export: None,
+            ..TraceSettings::default()
         };
         let started = TraceContext::of(&HeaderMap::new(), &start, &rng).unwrap();
         let forward = started.forward().unwrap();

@@ -103,7 +103,10 @@ impl Worker {
             .access_log
             .as_ref()
             .map(|log| WorkerLog::new(log.clone(), index as u64));
-        let spans = shared.exporter.clone().map(WorkerSpans::new);
+        let spans = shared
+            .exporter
+            .clone()
+            .map(|exporter| WorkerSpans::new(exporter, config.trace.query.clone()));
         Self {
             pools: [
                 Rc::new(Pool::new(config.stable.clone(), config.pool.clone())),
@@ -191,8 +194,19 @@ impl Worker {
     #[inline]
     pub(crate) fn decide<H: Fields + ?Sized>(&self, headers: &H) -> Target {
         let rules = &self.shared.config.split;
-        self.routes
-            .with(|table| rules.decide(table, headers, &self.rng).0)
+        let target = self
+            .routes
+            .with(|table| rules.decide(table, headers, &self.rng).0);
+        // A canary at its `max_concurrent` sends the overflow to stable:
+        // its clients are served, and the judge still sees the canary's
+        // latency in the requests it does take.
+        match self.concurrency_limit(target) {
+            Some(limit) if target == Target::Canary && limit.is_full() => {
+                self.stats(Target::Canary).record_concurrency_limited();
+                Target::Stable
+            }
+            _ => target,
+        }
     }
 
     /// The local rate limit, if configured.

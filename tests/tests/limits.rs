@@ -284,3 +284,52 @@ async fn an_upstream_at_max_concurrent_gets_no_more_until_a_request_ends() {
         "503s are not stable's errors"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_at_max_concurrent_sends_the_overflow_to_stable() {
+    let serin =
+        Limited::start(|c| c.max_concurrent[Target::Canary.index()] = NonZeroUsize::new(1)).await;
+    let (proxy, url, canary) = (&serin.proxy, &serin.url, &serin.canary);
+    let gate = Gate::closed();
+    canary.set(Behavior {
+        hold: Some(gate.clone()),
+        ..Behavior::default()
+    });
+    let always = [("x-serin-canary", "always")];
+    let held = {
+        let url = url.clone();
+        tokio::spawn(async move { get(&http1_client(), &url, &always).await })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the first request held by the canary",
+        || async { canary.requests() == 1 },
+    )
+    .await;
+    // The canary is full: its next requests are served by stable, on
+    // either path, never refused.
+    for client in [http1_client(), h2c_client()] {
+        let a = get(&client, url, &always).await;
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (StatusCode::OK, "stable"),
+            "{a:?}"
+        );
+        assert_eq!(a.upstream(), "stable");
+    }
+    assert_eq!(
+        canary.requests(),
+        1,
+        "the overflow never reached the canary"
+    );
+    assert_eq!(proxy.stats().totals(Target::Canary).concurrency_limited, 2);
+    gate.open();
+    let first = held.await.unwrap();
+    assert_eq!(
+        (first.status, first.body.as_str()),
+        (StatusCode::OK, "canary")
+    );
+    // Its place is free again: the canary takes the next one.
+    let a = get(&h2c_client(), url, &always).await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "canary"));
+}

@@ -219,3 +219,63 @@ fn a_file_sink_writes_lines_and_follows_rotation() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "two\n");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn redaction_matches_names_without_case_or_percent_encoding_and_hides_bare_values() {
+    let redacted = |target: &str, policy: &QueryPolicy| {
+        let mut out = Vec::new();
+        redact_target(target.as_bytes(), policy, |p| out.extend_from_slice(p));
+        String::from_utf8(out).unwrap()
+    };
+    let token = QueryPolicy::Redact(vec!["token".into()]);
+    assert_eq!(redacted("/p?Token=s3&x=1", &token), "/p?Token=REDACTED&x=1");
+    assert_eq!(redacted("/p?tok%65n=s3", &token), "/p?tok%65n=REDACTED");
+    assert_eq!(redacted("/p?TOK%45N=s3", &token), "/p?TOK%45N=REDACTED");
+    assert_eq!(redacted("/p?tokens=s3&tok=1", &token), "/p?tokens=s3&tok=1");
+    assert_eq!(
+        redacted("/p?s3cret", &token),
+        "/p?s3cret",
+        "a bare value has no name to match"
+    );
+    let all = QueryPolicy::Redact(vec![]);
+    assert_eq!(redacted("/p?s3cret&a=1&", &all), "/p?REDACTED&a=REDACTED&");
+    assert_eq!(redacted("/p", &all), "/p");
+    assert_eq!(redacted("/p?a=1", &QueryPolicy::Drop), "/p");
+    assert_eq!(redacted("/p?a=1", &QueryPolicy::Keep), "/p?a=1");
+}
+
+#[test]
+fn a_stalled_writer_costs_counted_lines_and_a_recovered_one_takes_them_again() {
+    let (log, rx) = worker_log(config(LineFormat::Json, QueryPolicy::Keep));
+    let shared = log.shared.clone();
+    let dropped = || shared.counters.dropped.load(Ordering::Relaxed);
+    let mut sent = 0u64;
+    let mut fill = |n: usize| {
+        for _ in 0..n {
+            let line = log.begin(&facts(b"/some/path"));
+            log.finish(line, &settled(200, OutcomeClass::Success));
+            sent += 1;
+        }
+    };
+    // Nobody reads: one batch queued, the worker's own full, the rest dropped.
+    fill(5_000);
+    let dropped_while_stalled = dropped();
+    assert!(dropped_while_stalled > 0);
+    // The writer takes the queued batch: the very next line hands the full
+    // batch over instead of being dropped.
+    let first = rx.try_recv().expect("a batch was queued");
+    fill(1);
+    assert_eq!(
+        dropped(),
+        dropped_while_stalled,
+        "a line was dropped though there was room"
+    );
+    let second = rx
+        .try_recv()
+        .expect("the full batch went as soon as there was room");
+    // The worker stops with the writer gone: what is left is counted, so
+    // every line is written (here: taken) or dropped.
+    drop(rx);
+    drop(log);
+    assert_eq!(first.lines + second.lines + dropped(), sent);
+}

@@ -697,12 +697,6 @@ fn a_kept_connection_the_collector_closed_is_replaced_without_losing_a_batch() {
 }
 
 #[test]
-fn one_exporter_is_shared_by_every_worker() {
-    fn shared<T: Send + Sync>() {}
-    shared::<Exporter>();
-}
-
-#[test]
 fn a_bad_config_is_refused_with_what_to_write() {
     let refused = |config: OtlpConfig| match Exporter::start(&config) {
         Ok(_) => panic!("{config:?} was accepted"),

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use http::header::{CONNECTION, COOKIE, HOST, UPGRADE};
 use http::request::Parts;
 use http::uri::Authority;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -101,8 +101,12 @@ async fn answer(
         trace.as_ref(),
     );
     let version = parts.version;
+    let to = Asker {
+        version,
+        head: parts.method == Method::HEAD,
+    };
     let refused = |refusal: &Refusal, observation| {
-        refuse(&worker, refusal, observation, request_id, version, start)
+        refuse(&worker, refusal, observation, request_id, to, start)
     };
     let admitted = match admitted {
         Ok(admitted) => admitted,
@@ -193,7 +197,7 @@ async fn answer(
                 &Refusal::Upstream(served_by, e),
                 fell_back,
                 request_id,
-                parts.version,
+                to,
             );
             record.body_sent(sent);
             resp
@@ -433,13 +437,22 @@ impl Outgoing<'_> {
     }
 }
 
-/// The response serin makes itself for `refusal`, and its body's length.
+/// What serin's own answers depend on of the request they answer.
+#[derive(Clone, Copy)]
+struct Asker {
+    version: Version,
+    /// A HEAD request: hyper sends the answer's length, not its body.
+    head: bool,
+}
+
+/// The response serin makes itself for `refusal`, and the body bytes the
+/// client gets.
 fn answer_locally(
     worker: &Worker,
     refusal: &Refusal,
     fell_back: bool,
     request_id: &[u8],
-    version: Version,
+    to: Asker,
 ) -> (Response<ProxyBody>, u64) {
     let answer = local_answer(refusal);
     let mut headers = HeaderMap::with_capacity(6);
@@ -453,13 +466,14 @@ fn answer_locally(
             shared: None,
         },
     );
-    if answer.close && version < Version::HTTP_2 {
+    if answer.close && to.version < Version::HTTP_2 {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
     let mut resp = Response::new(ProxyBody::fixed(answer.text));
     *resp.status_mut() = answer.status;
     *resp.headers_mut() = headers;
-    (resp, answer.text.len() as u64)
+    let sent = if to.head { 0 } else { answer.text.len() as u64 };
+    (resp, sent)
 }
 
 /// serin's answer to a request it refuses before sending it anywhere, with
@@ -469,10 +483,10 @@ fn refuse(
     refusal: &Refusal,
     observation: Option<Observation>,
     request_id: &[u8],
-    version: Version,
+    to: Asker,
     start: Instant,
 ) -> Response<ProxyBody> {
-    let (resp, sent) = answer_locally(worker, refusal, false, request_id, version);
+    let (resp, sent) = answer_locally(worker, refusal, false, request_id, to);
     if let Some(observation) = observation {
         let upstream = local_answer(refusal).upstream;
         let settled = Settled::refused(upstream, resp.status(), sent, start.elapsed());
