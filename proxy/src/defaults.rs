@@ -32,6 +32,9 @@ pub const MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// section itself is off unless set; its other defaults are in
 /// [`crate::RateLimit::new`]).
 pub const RATE_LIMIT_MAX_KEYS: usize = 100_000;
+/// `tls.reload_interval`: how often the listener's certificate and key
+/// files are read to see whether they changed.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// `split.canary_fallback`: replay a failed bodiless GET/HEAD/OPTIONS from
 /// the canary on stable (the judge still sees the canary's failure).
 pub const CANARY_FALLBACK: bool = true;

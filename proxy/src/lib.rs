@@ -118,6 +118,9 @@ pub struct ProxyConfig {
     pub headers: HeaderPolicy,
     /// TLS on the listener (default none: plain HTTP and h2c).
     pub tls: Option<TlsFiles>,
+    /// How often the TLS files are read to see whether they changed
+    /// (default 5 s); a changed valid pair is served to new connections.
+    pub tls_reload_interval: Duration,
     /// Length of the rolling stats window (default 10 s).
     pub window: Duration,
     /// The access log (default off).
@@ -147,6 +150,7 @@ impl ProxyConfig {
             canary_fallback: defaults::CANARY_FALLBACK,
             headers: HeaderPolicy::default(),
             tls: None,
+            tls_reload_interval: defaults::TLS_RELOAD_INTERVAL,
             window: defaults::WINDOW,
             access_log: None,
             trace: trace::TraceSettings::default(),
@@ -201,6 +205,7 @@ pub struct Proxy {
     shutdown: watch::Sender<bool>,
     workers: Vec<JoinHandle<()>>,
     access_log: Option<JoinHandle<()>>,
+    tls: Option<tls::Listener>,
 }
 
 impl Proxy {
@@ -208,10 +213,7 @@ impl Proxy {
     /// workers. Must be called from outside any worker thread.
     pub fn start(config: ProxyConfig, routes: Routes) -> Result<Self, StartError> {
         let tls = match &config.tls {
-            Some(files) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
-                &files.cert,
-                &files.key,
-            )?)),
+            Some(files) => Some(tls::Listener::start(files, config.tls_reload_interval)?),
             None => None,
         };
         let workers = config.workers.max(1);
@@ -228,6 +230,9 @@ impl Proxy {
         }
         let now = tokio::time::Instant::now();
         let mut stats = Stats::new(workers, config.window, now);
+        if let Some(tls) = &tls {
+            stats = stats.with_tls_reload(tls.counters.clone());
+        }
         let (log, access_log) = match &config.access_log {
             Some(log) => {
                 let (log, writer) = access_log::AccessLog::start(log.clone())?;
@@ -252,7 +257,8 @@ impl Proxy {
         let shared = Arc::new(worker::Shared::new(
             config,
             routes.clone(),
-            tls,
+            tls.as_ref()
+                .map(|tls| tokio_rustls::TlsAcceptor::from(tls.config.clone())),
             now,
             log,
             exporter,
@@ -281,6 +287,7 @@ impl Proxy {
             shutdown,
             workers: handles,
             access_log,
+            tls,
         })
     }
 
@@ -310,7 +317,11 @@ impl Proxy {
     pub async fn wait(self) {
         let workers = self.workers;
         let log_writer = self.access_log;
+        let tls = self.tls;
         let _ = tokio::task::spawn_blocking(move || {
+            if let Some(tls) = tls {
+                tls.stop();
+            }
             for w in workers {
                 let _ = w.join();
             }

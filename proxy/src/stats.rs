@@ -12,6 +12,7 @@
 
 use crate::access_log::AccessLogCounters;
 use crate::otlp::ExportCounters;
+use crate::tls::TlsReloadCounters;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -459,6 +460,7 @@ pub struct Stats {
     alarm: Arc<tokio::sync::Notify>,
     access_log: Option<Arc<AccessLogCounters>>,
     span_export: Option<Arc<ExportCounters>>,
+    tls_reload: Option<Arc<TlsReloadCounters>>,
     /// The local rate limit, whose table and refusals are read from its
     /// shards (counted under the lock each refusal takes anyway).
     rate_limiter: Option<Arc<RateLimiter>>,
@@ -477,6 +479,7 @@ impl Stats {
             alarm,
             access_log: None,
             span_export: None,
+            tls_reload: None,
             rate_limiter: None,
         }
     }
@@ -490,6 +493,17 @@ impl Stats {
     /// The span exporter's counters, when spans are exported.
     pub fn span_export(&self) -> Option<&ExportCounters> {
         self.span_export.as_deref()
+    }
+
+    /// These stats with the TLS listener's reload counters.
+    pub(crate) fn with_tls_reload(mut self, counters: Arc<TlsReloadCounters>) -> Self {
+        self.tls_reload = Some(counters);
+        self
+    }
+
+    /// The TLS listener's reload counters, when the listener has TLS.
+    pub fn tls_reload(&self) -> Option<&TlsReloadCounters> {
+        self.tls_reload.as_deref()
     }
 
     /// These stats with the access log's counters.

@@ -1,13 +1,33 @@
 //! TLS termination for the client-facing listener (rustls with the `ring`
 //! provider: no C toolchain or cmake needed). ALPN offers `h2` and
 //! `http/1.1`; the server then serves whichever the client picked.
+//!
+//! The certificate and key are reloaded while serin runs: one
+//! `serin-tls-reload` thread reads both files every `reload_interval`
+//! (following symlinks, so a Kubernetes Secret's `..data` swap is seen as
+//! well as a renewal in place) and, when their contents changed and make a
+//! valid pair, swaps the new [`CertifiedKey`] in. A handshake only loads an
+//! `Arc` from one `ArcSwap`: no lock, and connections already open keep the
+//! key they were made with. A file that is unreadable, unparsable or does
+//! not match its partner is refused: the old pair stays, the failure is
+//! logged and counted.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::TlsFiles;
 
 /// Why the TLS settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -27,36 +47,189 @@ pub enum TlsError {
     },
 }
 
-/// Builds the rustls server config from PEM files.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert.to_path_buf(),
-            reason: "no certificate found".into(),
-        });
+/// Reloads of the listener's certificate and key since start.
+#[derive(Debug, Default)]
+pub struct TlsReloadCounters {
+    /// Changed files that were loaded and are now served.
+    pub reloads: AtomicU64,
+    /// Changed files that were refused (unreadable, not PEM, or a key that
+    /// is not the certificate's); the previous pair is still served.
+    pub failures: AtomicU64,
+}
+
+/// Checks that the files hold a certificate chain and its private key, as
+/// the listener would load them (`serin check`).
+pub fn check(files: &TlsFiles) -> Result<(), TlsError> {
+    certified_key(files, &Contents::read(files), &provider()).map(drop)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The two files' bytes as last read (`Err`: the read's error).
+#[derive(PartialEq)]
+struct Contents {
+    cert: Result<Vec<u8>, String>,
+    key: Result<Vec<u8>, String>,
+}
+
+impl Contents {
+    fn read(files: &TlsFiles) -> Self {
+        let read = |path: &Path| std::fs::read(path).map_err(|e| e.to_string());
+        Self {
+            cert: read(&files.cert),
+            key: read(&files.key),
+        }
     }
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config_error = |reason: String| TlsError::Config {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
+}
+
+/// Parses the pair and checks that the key is the certificate's.
+fn certified_key(
+    files: &TlsFiles,
+    contents: &Contents,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let cert_error = |reason: String| TlsError::Cert {
+        path: files.cert.clone(),
         reason,
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| config_error(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, private_key)
-        .map_err(|e| config_error(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let certs = contents.cert.clone().map_err(cert_error)?;
+    let certs = CertificateDer::pem_slice_iter(&certs)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(cert_error("no certificate found".into()));
+    }
+    let key_error = |reason: String| TlsError::Key {
+        path: files.key.clone(),
+        reason,
+    };
+    let key = contents.key.as_ref().map_err(|e| key_error(e.clone()))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| key_error(e.to_string()))?;
+    let pair = CertifiedKey::from_der(certs, key, provider).map_err(|e| TlsError::Config {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Arc::new(pair))
+}
+
+// === impl Listener ===
+
+/// The listener's rustls config, and the thread that reloads its key pair.
+pub(crate) struct Listener {
+    /// What every handshake uses.
+    pub(crate) config: Arc<ServerConfig>,
+    /// The reload counters, read by [`crate::Stats`].
+    pub(crate) counters: Arc<TlsReloadCounters>,
+    /// Dropped (or sent to) to stop the reload thread.
+    stop: Sender<()>,
+    reloader: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Loads the files (an error here stops the start) and starts the
+    /// reload thread, which checks them every `interval`.
+    pub(crate) fn start(files: &TlsFiles, interval: Duration) -> Result<Self, crate::StartError> {
+        let provider = provider();
+        let contents = Contents::read(files);
+        let current = Arc::new(CurrentKey(ArcSwap::new(certified_key(
+            files, &contents, &provider,
+        )?)));
+        let mut config = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                reason: e.to_string(),
+            })?
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let counters = Arc::new(TlsReloadCounters::default());
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let reload = Reload {
+            files: files.clone(),
+            provider,
+            current,
+            counters: counters.clone(),
+            seen: contents,
+        };
+        let reloader = std::thread::Builder::new()
+            .name("serin-tls-reload".into())
+            .spawn(move || reload.run(interval, stopped))
+            .map_err(crate::StartError::Spawn)?;
+        Ok(Self {
+            config: Arc::new(config),
+            counters,
+            stop,
+            reloader,
+        })
+    }
+
+    /// Stops the reload thread and waits for it (at most one file read).
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.reloader.join();
+    }
+}
+
+/// The key pair new handshakes get.
+#[derive(Debug)]
+struct CurrentKey(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for CurrentKey {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// The reload thread's state.
+struct Reload {
+    files: TlsFiles,
+    provider: Arc<CryptoProvider>,
+    current: Arc<CurrentKey>,
+    counters: Arc<TlsReloadCounters>,
+    /// The contents last looked at: only a change is loaded (or refused,
+    /// once).
+    seen: Contents,
+}
+
+impl Reload {
+    fn run(mut self, interval: Duration, stopped: Receiver<()>) {
+        while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+            self.poll();
+        }
+    }
+
+    /// Reads the files; loads them if they changed since the last look.
+    /// They are read twice: contents that change between the two reads
+    /// (a symlink swapped between reading the certificate and the key) are
+    /// left for the next look.
+    fn poll(&mut self) {
+        let contents = Contents::read(&self.files);
+        if contents == self.seen || contents != Contents::read(&self.files) {
+            return;
+        }
+        match certified_key(&self.files, &contents, &self.provider) {
+            Ok(pair) => {
+                self.current.0.store(pair);
+                self.counters.reloads.fetch_add(1, Relaxed);
+                tracing::info!(
+                    cert = %self.files.cert.display(),
+                    key = %self.files.key.display(),
+                    "TLS certificate reloaded; new connections use it"
+                );
+            }
+            Err(e) => {
+                self.counters.failures.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    error = %e,
+                    "TLS certificate not reloaded; still serving the previous one"
+                );
+            }
+        }
+        self.seen = contents;
+    }
 }

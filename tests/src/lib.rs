@@ -464,6 +464,12 @@ pub struct TestCert {
     pub cert_path: std::path::PathBuf,
     /// The private key PEM file.
     pub key_path: std::path::PathBuf,
+    /// The certificate's PEM text (what `cert_path` holds).
+    pub cert_pem: String,
+    /// The private key's PEM text (what `key_path` holds).
+    pub key_pem: String,
+    /// The certificate, as a server presents it.
+    pub der: rustls_pki_types::CertificateDer<'static>,
     /// A client config trusting the certificate, offering h2 and http/1.1.
     pub client: Arc<rustls::ClientConfig>,
     /// Where the files are; removed with the certificate.
@@ -473,18 +479,46 @@ pub struct TestCert {
 impl TestCert {
     /// Generates the certificate and files.
     pub fn generate() -> Self {
+        Self::named("serin test")
+    }
+
+    /// Generates a certificate whose subject's common name is `name` (each
+    /// has a new key and serial number), and its files.
+    pub fn named(name: &str) -> Self {
         let key = rcgen::KeyPair::generate().unwrap();
-        let params =
+        let mut params =
             rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
                 .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         let cert = params.self_signed(&key).unwrap();
         let dir = temp_dir("tls");
         let cert_path = dir.join("cert.pem");
         let key_path = dir.join("key.pem");
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        std::fs::write(&cert_path, &cert_pem).unwrap();
+        std::fs::write(&key_path, &key_pem).unwrap();
+        let der = cert.der().clone();
+        Self {
+            cert_path,
+            key_path,
+            cert_pem,
+            key_pem,
+            client: Self::client_trusting(&[&der]),
+            der,
+            _dir: dir,
+        }
+    }
+
+    /// A client config trusting each of `certs`, offering h2 and http/1.1.
+    pub fn client_trusting(
+        certs: &[&rustls_pki_types::CertificateDer<'static>],
+    ) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).unwrap();
+        for cert in certs {
+            roots.add((*cert).clone()).unwrap();
+        }
         let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -493,12 +527,7 @@ impl TestCert {
         .with_root_certificates(roots)
         .with_no_client_auth();
         client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Self {
-            cert_path,
-            key_path,
-            client: Arc::new(client),
-            _dir: dir,
-        }
+        Arc::new(client)
     }
 }
 
