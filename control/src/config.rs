@@ -42,6 +42,10 @@ pub enum ConfigError {
     /// A judge or rollout setting the control plane refused (the text names the key).
     #[error("{0}")]
     Policy(String),
+    /// A file the config names (`[tls] cert` or `key`) is unreadable or
+    /// wrong (the text names the file).
+    #[error("`tls`: {0}")]
+    Tls(#[from] serin_proxy::tls::TlsError),
     /// A required value is missing.
     #[error("`{key}` is required: {hint}")]
     Missing {
@@ -158,6 +162,7 @@ pub struct RawHeaders {
 pub struct RawTls {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub reload_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -554,6 +559,16 @@ pub struct Config {
 pub const WEBHOOK_EVENTS: [&str; 5] = ["rollback", "promoted", "step", "paused", "judge_blocked"];
 
 impl Config {
+    /// Reads the files the config names, as the data plane will when it
+    /// starts: the `[tls]` certificate and key must be a valid pair
+    /// (`serin check`; `serin run` fails the same way when it starts).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        match &self.proxy.tls {
+            Some(files) => Ok(serin_proxy::tls::check(files)?),
+            None => Ok(()),
+        }
+    }
+
     /// Reads `file` (if any), lays `overrides` over it and validates the result.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let raw = match file {
@@ -651,6 +666,11 @@ impl Config {
         let rollout = rollout_settings(&raw.rollout)?;
         let access_log = access_log(raw.access_log, o.access_log.as_deref())?;
         let trace = trace_settings(&raw.trace)?;
+        let tls_reload_interval = duration_or(
+            "tls.reload_interval",
+            raw.tls.as_ref().and_then(|t| t.reload_interval.as_deref()),
+            serin_proxy::defaults::TLS_RELOAD_INTERVAL,
+        )?;
 
         let proxy = ProxyConfig {
             workers,
@@ -695,6 +715,7 @@ impl Config {
                 cert: t.cert,
                 key: t.key,
             }),
+            tls_reload_interval,
             window: judge.policy.window,
             access_log,
             trace,
@@ -1176,6 +1197,15 @@ mod tests {
             LogFormat::Json
         );
         assert!(err("[judge]\nmax_eror_rate = 0.1\n").contains("max_eror_rate"));
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert!(err(&format!("{tls}reload_interval = \"0s\"\n")).contains("`tls.reload_interval`"));
+        assert_eq!(
+            load(&format!("{tls}reload_interval = \"250ms\"\n"), &upstreams())
+                .unwrap()
+                .proxy
+                .tls_reload_interval,
+            Duration::from_millis(250)
+        );
         assert!(err("listen = \"nope\"\n").contains("`listen`"));
         assert!(err("[timeouts]\nconnect = \"soon\"\n").contains("`timeouts.connect`"));
         assert!(err("[rollout]\nsteps = [50, 25]\n")

@@ -25,7 +25,9 @@ fn main() -> ExitCode {
             print!("{}", serin_control::fleet::crd::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match Config::load(Some(&config), &Overrides::default()) {
+        Command::Check { config } => match Config::load(Some(&config), &Overrides::default())
+            .and_then(|c| c.check_files().map(|()| c))
+        {
             Ok(c) => {
                 println!(
                     "{}: ok (listen {}, stable {}, canary {} at {}%, admin {})",

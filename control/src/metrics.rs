@@ -89,7 +89,7 @@ struct Exporter {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 18] = [
+const FAMILIES: [(&str, &str); 20] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -161,6 +161,14 @@ const FAMILIES: [(&str, &str); 18] = [
     (
         "serin_trace_export_failures_total",
         "OTLP export requests that failed (no connection, no answer in time, or not a 2xx)",
+    ),
+    (
+        "serin_tls_reloads_total",
+        "Times the listener's changed certificate and key files were loaded and served to new connections",
+    ),
+    (
+        "serin_tls_reload_failures_total",
+        "Times changed certificate or key files were refused (unreadable, not PEM, or a key not for the certificate); the previous pair is still served",
     ),
 ];
 
@@ -358,18 +366,27 @@ impl Collector for Exporter {
                 vec![counter(&[], log.dropped.load(Ordering::Relaxed))],
             ));
         }
+        // Unlabelled counters of the parts that are on.
+        let mut totals = Vec::default();
         if let Some(spans) = stats.span_export() {
-            for (index, value) in [
+            totals.extend([
                 ("serin_trace_spans_exported_total", &spans.spans_exported),
                 ("serin_trace_spans_dropped_total", &spans.spans_dropped),
                 ("serin_trace_export_failures_total", &spans.export_failures),
-            ] {
-                families.push(family(
-                    index,
-                    MetricType::COUNTER,
-                    vec![counter(&[], value.load(Ordering::Relaxed))],
-                ));
-            }
+            ]);
+        }
+        if let Some(tls) = stats.tls_reload() {
+            totals.extend([
+                ("serin_tls_reloads_total", &tls.reloads),
+                ("serin_tls_reload_failures_total", &tls.failures),
+            ]);
+        }
+        for (name, value) in totals {
+            families.push(family(
+                name,
+                MetricType::COUNTER,
+                vec![counter(&[], value.load(Ordering::Relaxed))],
+            ));
         }
         if let Some(member) = self.fleet.get() {
             let flag = |b: bool| if b { 1.0 } else { 0.0 };

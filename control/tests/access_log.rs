@@ -54,16 +54,6 @@ async fn spawn_logging_to_a_pipe(
     (child, admin, proxy)
 }
 
-/// A counter's value from the control API's `/metrics`.
-async fn metric(admin: SocketAddr, name: &str) -> u64 {
-    let text = get(&http1_client(), &format!("http://{admin}/metrics"), &[])
-        .await
-        .body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}")) as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_reader_costs_lines_never_requests() {
     const REQUESTS: u64 = 6_000;

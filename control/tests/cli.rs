@@ -121,6 +121,102 @@ fn check_accepts_a_good_config_and_env_overrides_the_file() {
     );
 }
 
+#[test]
+fn check_loads_the_tls_files_and_names_the_bad_one() {
+    let (cert, other) = (TestCert::generate(), TestCert::generate());
+    let dir = temp_dir("tlsconfig");
+    let broken = dir.join("broken.pem");
+    std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    let check = |cert: &std::path::Path, key: &std::path::Path| {
+        let file = dir.join("serin.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n\
+                 [tls]\ncert = {cert:?}\nkey = {key:?}\nreload_interval = \"2s\"\n"
+            ),
+        )
+        .unwrap();
+        let mut command = serin();
+        command.args(["check", "--config"]).arg(file);
+        command
+    };
+    let out = check(&cert.cert_path, &cert.key_path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fails_with(
+        &mut check(&broken, &cert.key_path),
+        &format!(
+            "cannot read TLS certificate chain from {}",
+            broken.display()
+        ),
+    );
+    fails_with(
+        &mut check(&cert.cert_path, &dir.join("missing.pem")),
+        "missing.pem",
+    );
+    fails_with(
+        &mut check(&cert.cert_path, &other.key_path),
+        "do not work together",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reloads_a_renewed_certificate_and_counts_a_refused_one() {
+    let (first, second) = (TestCert::named("first"), TestCert::named("second"));
+    let dir = temp_dir("tlsreload");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let replace = |path: &std::path::Path, text: &str| {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    };
+    replace(&cert, &first.cert_pem);
+    replace(&key, &first.key_pem);
+    let file = dir.join("serin.toml");
+    std::fs::write(
+        &file,
+        format!("[tls]\ncert = {cert:?}\nkey = {key:?}\nreload_interval = \"50ms\"\n"),
+    )
+    .unwrap();
+    let (stable, canary) = (
+        TestUpstream::start("stable").await,
+        TestUpstream::start("canary").await,
+    );
+    let state = temp_dir("tlsreload-state");
+    let config = file.to_str().unwrap();
+    let serin = SerinProcess::run(
+        env!("CARGO_BIN_EXE_serin"),
+        &stable,
+        &canary,
+        &state,
+        &["--config", config],
+    )
+    .await;
+    let admin = serin.admin.expect("the control API's address");
+    assert_eq!(metric(admin, "serin_tls_reloads_total").await, 0);
+    assert_eq!(metric(admin, "serin_tls_reload_failures_total").await, 0);
+
+    replace(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n");
+    eventually(
+        Duration::from_secs(20),
+        "the broken file is counted",
+        || async { metric(admin, "serin_tls_reload_failures_total").await == 1 },
+    )
+    .await;
+    replace(&key, &second.key_pem);
+    replace(&cert, &second.cert_pem);
+    eventually(
+        Duration::from_secs(20),
+        "the renewed pair is loaded",
+        || async { metric(admin, "serin_tls_reloads_total").await == 1 },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let stable = TestUpstream::start("stable").await;

@@ -455,6 +455,16 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// An unlabelled metric's value from the control API's `/metrics` at `admin`.
+pub async fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let text = get(&http1_client(), &format!("http://{admin}/metrics"), &[])
+        .await
+        .body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}")) as u64
+}
+
 // === TLS ===
 
 /// A self-signed certificate for `localhost`/127.0.0.1, written to PEM files
