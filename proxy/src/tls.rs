@@ -94,8 +94,8 @@ fn certified_key(
         path: files.cert.clone(),
         reason,
     };
-    let certs = contents.cert.clone().map_err(cert_error)?;
-    let certs = CertificateDer::pem_slice_iter(&certs)
+    let certs = contents.cert.as_ref().map_err(|e| cert_error(e.clone()))?;
+    let certs = CertificateDer::pem_slice_iter(certs)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_error(e.to_string()))?;
     if certs.is_empty() {
@@ -231,5 +231,63 @@ impl Reload {
             }
         }
         self.seen = contents;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serin_tests::TestCert;
+
+    #[test]
+    fn each_change_is_loaded_or_refused_once_and_a_refusal_keeps_the_old_pair() {
+        let (first, second) = (TestCert::named("first"), TestCert::named("second"));
+        let files = TlsFiles {
+            cert: first.cert_path.clone(),
+            key: first.key_path.clone(),
+        };
+        let provider = provider();
+        let seen = Contents::read(&files);
+        let pair = certified_key(&files, &seen, &provider).unwrap();
+        let current = Arc::new(CurrentKey(ArcSwap::new(pair)));
+        let counters = Arc::new(TlsReloadCounters::default());
+        let mut reload = Reload {
+            files: files.clone(),
+            provider,
+            current: current.clone(),
+            counters: counters.clone(),
+            seen,
+        };
+        let count = || {
+            (
+                counters.reloads.load(Relaxed),
+                counters.failures.load(Relaxed),
+            )
+        };
+        reload.poll();
+        assert_eq!(count(), (0, 0), "unchanged files are not loaded again");
+        // Each step changes one file; two looks count it once.
+        let steps = [
+            (&files.cert, "not a certificate", (0, 1), &first.der),
+            (&files.cert, &second.cert_pem, (0, 2), &first.der),
+            (&files.key, &second.key_pem, (1, 2), &second.der),
+        ];
+        for (path, text, counts, served) in steps {
+            std::fs::write(path, text).unwrap();
+            reload.poll();
+            reload.poll();
+            assert_eq!(count(), counts, "after writing {text:?}");
+            assert_eq!(&current.0.load().cert[0], served, "after writing {text:?}");
+        }
+
+        std::fs::remove_file(&files.key).unwrap();
+        reload.poll();
+        assert_eq!(count(), (1, 3), "a missing file is refused");
+        assert_eq!(current.0.load().cert[0], second.der);
+        let err = certified_key(&files, &Contents::read(&files), &reload.provider).unwrap_err();
+        assert!(
+            err.to_string().contains(&files.key.display().to_string()),
+            "{err}"
+        );
     }
 }
