@@ -150,7 +150,7 @@ fn check_loads_the_tls_files_and_names_the_bad_one() {
     fails_with(
         &mut check(&broken, &cert.key_path),
         &format!(
-            "cannot read TLS certificate chain from {}",
+            "cannot read TLS certificate chain from {}: no \"-----END CERTIFICATE-----\" line",
             broken.display()
         ),
     );

@@ -24,7 +24,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::TlsFiles;
@@ -97,7 +97,7 @@ fn certified_key(
     let certs = contents.cert.as_ref().map_err(|e| cert_error(e.clone()))?;
     let certs = CertificateDer::pem_slice_iter(certs)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_error(e.to_string()))?;
+        .map_err(|e| cert_error(pem_reason(e)))?;
     if certs.is_empty() {
         return Err(cert_error("no certificate found".into()));
     }
@@ -106,13 +106,32 @@ fn certified_key(
         reason,
     };
     let key = contents.key.as_ref().map_err(|e| key_error(e.clone()))?;
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| key_error(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| key_error(pem_reason(e)))?;
     let pair = CertifiedKey::from_der(certs, key, provider).map_err(|e| TlsError::Config {
         cert: files.cert.clone(),
         key: files.key.clone(),
         reason: e.to_string(),
     })?;
     Ok(Arc::new(pair))
+}
+
+/// What is wrong with a PEM file, in words (the parser's own text shows
+/// bytes as numbers).
+fn pem_reason(e: pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "no \"-----END {}-----\" line (is the file cut short?)",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => {
+            format!(
+                "a malformed BEGIN line: {:?}",
+                String::from_utf8_lossy(&line)
+            )
+        }
+        pem::Error::NoItemsFound => "none found".into(),
+        other => other.to_string(),
+    }
 }
 
 // === impl Listener ===
