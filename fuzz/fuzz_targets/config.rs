@@ -32,7 +32,7 @@ fuzz_target!(|input: &[u8]| {
 
 fn check_error(e: &ConfigError) {
     let says = match e {
-        ConfigError::Read { .. } => unreachable!("nothing is read"),
+        ConfigError::Read { .. } | ConfigError::Tls(_) => unreachable!("no file is read"),
         ConfigError::Parse { message, .. }
         | ConfigError::Invalid { message, .. }
         | ConfigError::Policy(message) => message.as_str(),
