@@ -366,8 +366,7 @@ impl WorkerLog {
         if config.errors_only {
             return false;
         }
-        config.sample >= 1.0
-            || (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64) < config.sample
+        self.rng.chance(config.sample)
     }
 
     fn queue(&self, line: &[u8]) {

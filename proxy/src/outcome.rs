@@ -45,7 +45,7 @@ pub(crate) struct OutcomeRecord {
     start: Instant,
     state: State,
     /// What the access log and span export follow, when either is on.
-    log: Option<Followed>,
+    followed: Option<Followed>,
     /// It holds a place in `target`'s `max_concurrent`.
     holds_place: bool,
 }
@@ -65,7 +65,7 @@ struct Followed {
 }
 
 /// nginx's status for a request whose client left before any answer.
-const CLIENT_CLOSED: u16 = 499;
+pub(crate) const CLIENT_CLOSED: u16 = 499;
 
 enum State {
     /// Waiting for the response head. `bodiless`: the wait is the
@@ -111,7 +111,7 @@ impl OutcomeRecord {
             start,
             state: State::Waiting { bodiless },
             holds_place,
-            log: observation.map(|observation| Followed {
+            followed: observation.map(|observation| Followed {
                 observation,
                 status: CLIENT_CLOSED,
                 class: None,
@@ -126,24 +126,24 @@ impl OutcomeRecord {
     /// The request's body is streamed upstream: its bytes are read from
     /// `upload` for the access log.
     pub(crate) fn uploading(&mut self, upload: &UploadEnd) {
-        if let Some(log) = &mut self.log {
-            log.upload = Some(upload.clone());
+        if let Some(f) = &mut self.followed {
+            f.upload = Some(upload.clone());
         }
     }
 
     /// The client has been sent `bytes` of the response body so far.
     #[inline]
     pub(crate) fn body_sent(&mut self, bytes: u64) {
-        if let Some(log) = &mut self.log {
-            log.bytes_out = bytes;
+        if let Some(f) = &mut self.followed {
+            f.bytes_out = bytes;
         }
     }
 
     /// Another `bytes` of the response body went to the client.
     #[inline]
     pub(crate) fn more_body_sent(&mut self, bytes: u64) {
-        if let Some(log) = &mut self.log {
-            log.bytes_out += bytes;
+        if let Some(f) = &mut self.followed {
+            f.bytes_out += bytes;
         }
     }
 
@@ -163,9 +163,9 @@ impl OutcomeRecord {
         self.give_back_place();
         self.target = Target::Stable;
         self.state = State::Waiting { bodiless: true };
-        if let Some(log) = &mut self.log {
-            log.fell_back = true;
-            log.class = None;
+        if let Some(f) = &mut self.followed {
+            f.fell_back = true;
+            f.class = None;
         }
     }
 
@@ -174,21 +174,21 @@ impl OutcomeRecord {
     pub(crate) fn failed(&mut self, error: &UpstreamError) {
         if matches!(error, UpstreamError::ClientAborted { .. }) {
             self.state = State::Recorded;
-            self.settle_log(OutcomeClass::Abandoned);
+            self.note_class(OutcomeClass::Abandoned);
         } else {
             self.record(Instant::now(), true);
         }
-        if let Some(log) = &mut self.log {
-            log.status = upstream_failure_status(error).as_u16();
+        if let Some(f) = &mut self.followed {
+            f.status = upstream_failure_status(error).as_u16();
         }
     }
 
     /// The response head arrived.
     pub(crate) fn headers<F: Fields + ?Sized>(&mut self, status: StatusCode, fields: &F) {
         let now = Instant::now();
-        if let Some(log) = &mut self.log {
-            log.status = status.as_u16();
-            log.upstream_time = Some(now.saturating_duration_since(self.start));
+        if let Some(f) = &mut self.followed {
+            f.status = status.as_u16();
+            f.upstream_time = Some(now.saturating_duration_since(self.start));
         }
         let grpc = match self.worker.shared.classifier.classify(status, fields) {
             Outcome::Error => return self.record(now, true),
@@ -234,7 +234,7 @@ impl OutcomeRecord {
     fn record_latency(&mut self, at: Instant, latency: Duration, error: bool) {
         self.worker.stats(self.target).record(at, latency, error);
         self.state = State::Recorded;
-        self.settle_log(if error {
+        self.note_class(if error {
             OutcomeClass::Error
         } else {
             OutcomeClass::Success
@@ -243,29 +243,29 @@ impl OutcomeRecord {
 
     /// Notes how the exchange ended, for the access log (the first
     /// verdict stands: a body that breaks after a 5xx head is still that 5xx's error).
-    fn settle_log(&mut self, class: OutcomeClass) {
-        if let Some(log) = &mut self.log {
-            log.class.get_or_insert(class);
+    fn note_class(&mut self, class: OutcomeClass) {
+        if let Some(f) = &mut self.followed {
+            f.class.get_or_insert(class);
         }
     }
 
     /// Settles the access-log line and the span, once the exchange is over.
-    fn write_log(&mut self, log: Followed) {
-        let class = match log.class {
-            Some(OutcomeClass::Success) if log.fell_back => OutcomeClass::Fallback,
+    fn settle_followed(&mut self, f: Followed) {
+        let class = match f.class {
+            Some(OutcomeClass::Success) if f.fell_back => OutcomeClass::Fallback,
             Some(class) => class,
             None => OutcomeClass::Abandoned,
         };
         let settled = Settled {
             upstream: Some(self.target),
-            status: log.status,
+            status: f.status,
             class,
-            bytes_in: log.upload.as_ref().map_or(0, |u| u.bytes.get()),
-            bytes_out: log.bytes_out,
-            upstream_time: log.upstream_time,
+            bytes_in: f.upload.as_ref().map_or(0, |u| u.bytes.get()),
+            bytes_out: f.bytes_out,
+            upstream_time: f.upstream_time,
             total_time: self.start.elapsed(),
         };
-        self.worker.settle(log.observation, &settled);
+        self.worker.settle(f.observation, &settled);
     }
 }
 
@@ -293,8 +293,8 @@ impl Drop for OutcomeRecord {
             State::Waiting { bodiless: false } | State::Recorded => {}
         }
         self.give_back_place();
-        if let Some(log) = self.log.take() {
-            self.write_log(log);
+        if let Some(followed) = self.followed.take() {
+            self.settle_followed(followed);
         }
         self.worker.request_ended();
     }

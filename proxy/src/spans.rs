@@ -20,16 +20,13 @@ use http::{StatusCode, Version};
 
 use crate::access_log::{redact_target, QueryPolicy};
 use crate::otlp::{encode_span, Exporter, SpanFields};
-use crate::outcome::{OutcomeClass, RequestFacts, Settled};
+use crate::outcome::{OutcomeClass, RequestFacts, Settled, CLIENT_CLOSED};
 use crate::trace::{SpanIds, TraceContext};
 
 /// A worker hands its batch over once it holds this many bytes.
 const FLUSH_BYTES: usize = 64 * 1024;
 /// `SpanStart`s a worker keeps for reuse.
 const SPARE_STARTS: usize = 256;
-/// The status a request that got no answer is logged with (see
-/// [`Settled::status`]); a span has no status then.
-const CLIENT_CLOSED: u16 = 499;
 
 /// What a span keeps of its request from admission to the end.
 pub(crate) struct SpanStart {

@@ -315,6 +315,11 @@ impl FastRng {
         mix(s)
     }
 
+    /// True with probability `p` (always when `p` ≥ 1, never when ≤ 0).
+    pub fn chance(&self, p: f64) -> bool {
+        p >= 1.0 || ((self.next_u64() >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < p
+    }
+
     /// A uniform bucket in 0..10 000.
     #[inline]
     pub fn bucket(&self) -> u16 {

@@ -84,7 +84,7 @@ impl TraceContext {
         let (trace_id, parent, sampled) = match &client {
             Some(client) => (client.trace_id, client.parent, client.sampled),
             None if settings.start => {
-                let sampled = settings.sample >= 1.0 || unit(rng) < settings.sample;
+                let sampled = rng.chance(settings.sample);
                 (new_id::<32>(rng), new_id::<16>(rng), sampled)
             }
             None => return None,
@@ -222,11 +222,6 @@ fn unhex<const N: usize>(hex: &[u8]) -> [u8; N] {
         *byte = digit(pair[0]) << 4 | digit(pair[1]);
     }
     out
-}
-
-/// A uniform number in [0, 1).
-fn unit(rng: &FastRng) -> f64 {
-    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
 #[cfg(test)]
