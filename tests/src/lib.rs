@@ -6,8 +6,10 @@
 //! answers until the test opens it, a failure ratio, a reset, a gRPC status
 //! in trailers). A few paths do special jobs: `/echo-headers`
 //! returns the request headers, `/upgrade` switches protocols and echoes bytes, `/upload` counts the request body's bytes, and
-//! `/download/N` streams N bytes. Nothing here sleeps to wait for a
-//! condition: use [`eventually`] to poll with a deadline.
+//! `/download/N` streams N bytes. An upstream can speak TLS
+//! ([`TestUpstream::start_tls`]) with a certificate from a [`TestCa`], which
+//! also issues client certificates for mTLS. Nothing here sleeps to wait for
+//! a condition: use [`eventually`] to poll with a deadline.
 
 pub mod kube_api;
 pub mod otlp_collector;
@@ -77,6 +79,14 @@ struct UpstreamState {
     aborted_uploads: AtomicU64,
     /// Delayed answers dropped before their delay ended (the client left).
     cancelled: AtomicU64,
+    /// Speaks TLS.
+    tls: bool,
+    /// TLS connections that resumed a session.
+    resumed: AtomicU64,
+    /// TLS connections that negotiated h2.
+    http2: AtomicU64,
+    /// TLS handshakes that failed.
+    failed_handshakes: AtomicU64,
 }
 
 /// A scriptable upstream HTTP server (HTTP/1.1 and h2c) on 127.0.0.1.
@@ -96,6 +106,16 @@ impl Drop for TestUpstream {
 impl TestUpstream {
     /// Starts an upstream whose body is `name`.
     pub async fn start(name: &'static str) -> Self {
+        Self::serve(name, None).await
+    }
+
+    /// Starts an upstream whose body is `name`, speaking TLS with `config`
+    /// (its ALPN decides between HTTP/1.1 and HTTP/2).
+    pub async fn start_tls(name: &'static str, config: Arc<rustls::ServerConfig>) -> Self {
+        Self::serve(name, Some(tokio_rustls::TlsAcceptor::from(config))).await
+    }
+
+    async fn serve(name: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -107,6 +127,10 @@ impl TestUpstream {
             connections: AtomicU64::new(0),
             aborted_uploads: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            tls: tls.is_some(),
+            resumed: AtomicU64::new(0),
+            http2: AtomicU64::new(0),
+            failed_handshakes: AtomicU64::new(0),
         });
         let accept_state = state.clone();
         let task = tokio::spawn(async move {
@@ -117,20 +141,64 @@ impl TestUpstream {
                 let _ = stream.set_nodelay(true);
                 accept_state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = accept_state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let Some(tls) = tls else {
+                        let svc = hyper::service::service_fn(move |req| answer(state.clone(), req));
+                        let _ = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .await;
+                        return;
+                    };
+                    let Ok(stream) = tls.accept(stream).await else {
+                        state.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    let session = stream.get_ref().1;
+                    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                        state.resumed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let h2 = session.alpn_protocol() == Some(b"h2");
+                    if h2 {
+                        state.http2.fetch_add(1, Ordering::SeqCst);
+                    }
                     let svc = hyper::service::service_fn(move |req| answer(state.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let io = TokioIo::new(stream);
+                    let _ = if h2 {
+                        builder
+                            .http2_only()
+                            .serve_connection_with_upgrades(io, svc)
+                            .await
+                    } else {
+                        builder.serve_connection_with_upgrades(io, svc).await
+                    };
                 });
             }
         });
         Self { addr, state, task }
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` for a TLS upstream.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.state.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// TLS connections that resumed an earlier session.
+    pub fn resumed(&self) -> u64 {
+        self.state.resumed.load(Ordering::SeqCst)
+    }
+
+    /// TLS connections that negotiated HTTP/2 (ALPN `h2`).
+    pub fn http2_connections(&self) -> u64 {
+        self.state.http2.load(Ordering::SeqCst)
+    }
+
+    /// TLS handshakes that failed (e.g. no or an untrusted client certificate).
+    pub fn failed_handshakes(&self) -> u64 {
+        self.state.failed_handshakes.load(Ordering::SeqCst)
     }
 
     /// Changes how it answers from now on.
@@ -538,6 +606,145 @@ impl TestCert {
         .with_no_client_auth();
         client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Arc::new(client)
+    }
+}
+
+/// A test certificate authority: issues server certificates (for an
+/// upstream serin connects to over TLS) and client certificates (for mTLS),
+/// each with a new key, as PEM files in the CA's temp directory.
+pub struct TestCa {
+    /// The CA certificate's PEM file (what a `ca` or `client_ca` setting names).
+    pub cert_path: std::path::PathBuf,
+    /// The CA certificate.
+    pub der: rustls_pki_types::CertificateDer<'static>,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    dir: TempDir,
+    issued: AtomicU64,
+}
+
+/// A certificate issued by a [`TestCa`], and its key, as files and PEM text.
+pub struct Issued {
+    /// The certificate PEM file.
+    pub cert_path: std::path::PathBuf,
+    /// The private key PEM file.
+    pub key_path: std::path::PathBuf,
+    /// The certificate's PEM text.
+    pub cert_pem: String,
+    /// The private key's PEM text.
+    pub key_pem: String,
+    /// The certificate.
+    pub der: rustls_pki_types::CertificateDer<'static>,
+}
+
+impl TestCa {
+    /// A new CA whose common name is `name`.
+    pub fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        let dir = temp_dir("ca");
+        let cert_path = dir.join("ca.pem");
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        Self {
+            cert_path,
+            der: cert.der().clone(),
+            cert,
+            key,
+            dir,
+            issued: AtomicU64::new(0),
+        }
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses).
+    pub fn server(&self, names: &[&str]) -> Issued {
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        self.issue(params)
+    }
+
+    /// A client certificate whose one subject alternative name is `identity`:
+    /// a URI (`spiffe://…`) when it has a scheme, else a DNS name.
+    pub fn client(&self, identity: &str) -> Issued {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, identity);
+        let san = if identity.contains("://") {
+            rcgen::SanType::URI(identity.try_into().unwrap())
+        } else {
+            rcgen::SanType::DnsName(identity.try_into().unwrap())
+        };
+        params.subject_alt_names = vec![san];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params)
+    }
+
+    fn issue(&self, params: rcgen::CertificateParams) -> Issued {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let n = self.issued.fetch_add(1, Ordering::SeqCst);
+        let cert_path = self.dir.join(format!("{n}.pem"));
+        let key_path = self.dir.join(format!("{n}-key.pem"));
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        std::fs::write(&cert_path, &cert_pem).unwrap();
+        std::fs::write(&key_path, &key_pem).unwrap();
+        Issued {
+            cert_path,
+            key_path,
+            cert_pem,
+            key_pem,
+            der: cert.der().clone(),
+        }
+    }
+}
+
+impl Issued {
+    /// A rustls server config presenting this certificate, offering `alpn`,
+    /// and, with `client_ca`, requiring a client certificate it issued.
+    pub fn server_config(
+        &self,
+        alpn: &[&[u8]],
+        client_ca: Option<&TestCa>,
+    ) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.der.clone()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let key = rustls_pki_types::PrivateKeyDer::try_from(
+            rcgen::KeyPair::from_pem(&self.key_pem)
+                .unwrap()
+                .serialize_der(),
+        )
+        .unwrap();
+        let mut config = builder
+            .with_single_cert(vec![self.der.clone()], key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
     }
 }
 
