@@ -21,7 +21,7 @@ use serin_proxy::access_log::{AccessLogConfig, LineFormat, LogSink, QueryPolicy}
 use serin_proxy::trace::{SpanExport, TraceSettings};
 use serin_proxy::{
     Classifier, HeaderPolicy, PoolSettings, ProxyConfig, Rate, RateLimit, RateLimitKey, SplitRules,
-    StickyKey, Target, TlsFiles, Upstream, UpstreamProtocol,
+    StickyKey, Target, TlsFiles, Upstream, UpstreamProtocol, UpstreamTls,
 };
 
 /// A configuration problem, with the key it concerns.
@@ -46,6 +46,13 @@ pub enum ConfigError {
     /// wrong (the text names the file).
     #[error("`tls`: {0}")]
     Tls(#[from] serin_proxy::tls::TlsError),
+    /// A file an `https://` upstream's TLS settings name is unreadable or
+    /// wrong, or its server name is not one (the text names the file).
+    #[error("`{key}`: {source}")]
+    UpstreamTls {
+        key: &'static str,
+        source: serin_proxy::tls::TlsError,
+    },
     /// A required value is missing.
     #[error("`{key}` is required: {hint}")]
     Missing {
@@ -110,6 +117,16 @@ pub struct RawUpstream {
     pub url: Option<String>,
     pub protocol: Option<String>,
     pub max_concurrent: Option<usize>,
+    pub tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub server_name: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -560,13 +577,22 @@ pub const WEBHOOK_EVENTS: [&str; 5] = ["rollback", "promoted", "step", "paused",
 
 impl Config {
     /// Reads the files the config names, as the data plane will when it
-    /// starts: the `[tls]` certificate and key must be a valid pair
+    /// starts: the `[tls]` certificate and key must be a valid pair, and an
+    /// `https://` upstream's CA, client certificate and key must load
     /// (`serin check`; `serin run` fails the same way when it starts).
     pub fn check_files(&self) -> Result<(), ConfigError> {
-        match &self.proxy.tls {
-            Some(files) => Ok(serin_proxy::tls::check(files)?),
-            None => Ok(()),
+        if let Some(files) = &self.proxy.tls {
+            serin_proxy::tls::check(files)?;
         }
+        for (key, upstream) in [
+            ("stable.tls", &self.proxy.stable),
+            ("canary.tls", &self.proxy.canary),
+        ] {
+            upstream
+                .check_tls()
+                .map_err(|source| ConfigError::UpstreamTls { key, source })?;
+        }
+        Ok(())
     }
 
     /// Reads `file` (if any), lays `overrides` over it and validates the result.
@@ -608,18 +634,8 @@ impl Config {
                 format!("must be between 1 and 256 (got {workers})"),
             ));
         }
-        let stable = upstream(
-            "stable.url",
-            "stable.protocol",
-            o.stable.as_deref().or(raw.stable.url.as_deref()),
-            raw.stable.protocol.as_deref(),
-        )?;
-        let canary = upstream(
-            "canary.url",
-            "canary.protocol",
-            o.canary.as_deref().or(raw.canary.url.as_deref()),
-            raw.canary.protocol.as_deref(),
-        )?;
+        let stable = upstream(&STABLE_KEYS, &raw.stable, o.stable.as_deref())?;
+        let canary = upstream(&CANARY_KEYS, &raw.canary, o.canary.as_deref())?;
         let weight = o
             .canary_weight
             .or(raw.canary_weight)
@@ -779,30 +795,83 @@ fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError>
     })
 }
 
+/// The config keys of one upstream's section, for error messages.
+struct UpstreamKeys {
+    url: &'static str,
+    protocol: &'static str,
+    tls: &'static str,
+    server_name: &'static str,
+    cert: &'static str,
+}
+
+const STABLE_KEYS: UpstreamKeys = UpstreamKeys {
+    url: "stable.url",
+    protocol: "stable.protocol",
+    tls: "stable.tls",
+    server_name: "stable.tls.server_name",
+    cert: "stable.tls.cert",
+};
+
+const CANARY_KEYS: UpstreamKeys = UpstreamKeys {
+    url: "canary.url",
+    protocol: "canary.protocol",
+    tls: "canary.tls",
+    server_name: "canary.tls.server_name",
+    cert: "canary.tls.cert",
+};
+
+/// One upstream from its section, with the URL from a flag or env if given.
 fn upstream(
-    key: &'static str,
-    protocol_key: &'static str,
+    keys: &UpstreamKeys,
+    raw: &RawUpstream,
     url: Option<&str>,
-    protocol: Option<&str>,
 ) -> Result<Upstream, ConfigError> {
-    let url = url.ok_or(ConfigError::Missing {
-        key,
+    let url = url.or(raw.url.as_deref()).ok_or(ConfigError::Missing {
+        key: keys.url,
         hint: "give the upstream's URL, e.g. --stable http://127.0.0.1:8081 --canary http://127.0.0.1:8082",
     })?;
-    let protocol = match protocol {
+    let protocol = match raw.protocol.as_deref() {
         None => UpstreamProtocol::default(),
         Some("http1") => UpstreamProtocol::Http1,
         Some("http2" | "h2c") => UpstreamProtocol::Http2,
         Some(other) => {
             return Err(ConfigError::invalid(
-                protocol_key,
+                keys.protocol,
                 format!(
                     "must be \"http1\" or \"http2\" (got {other:?}); use http2 for gRPC upstreams"
                 ),
             ))
         }
     };
-    Upstream::parse(url, protocol).map_err(|e| ConfigError::invalid(key, e.to_string()))
+    let mut upstream = Upstream::parse(url, protocol)
+        .map_err(|e| ConfigError::invalid(keys.url, e.to_string()))?;
+    if let Some(tls) = &raw.tls {
+        let Some(settings) = upstream.tls.as_mut() else {
+            return Err(ConfigError::invalid(
+                keys.tls,
+                format!("is set, but {url} is not https://; write https:// to speak TLS to it"),
+            ));
+        };
+        if tls.server_name.as_deref() == Some("") {
+            return Err(ConfigError::invalid(
+                keys.server_name,
+                "must not be empty; leave it out to use the URL's host",
+            ));
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err(ConfigError::invalid(
+                keys.cert,
+                "and `key` go together: a client certificate is a PEM chain and its key; set both, or neither",
+            ));
+        }
+        *settings = UpstreamTls {
+            server_name: tls.server_name.clone(),
+            ca: tls.ca.clone(),
+            cert: tls.cert.clone(),
+            key: tls.key.clone(),
+        };
+    }
+    Ok(upstream)
 }
 
 /// Percent (0..=100, e.g. 12.5) to basis points.
@@ -1224,13 +1293,40 @@ mod tests {
         let bad_url = load(
             "",
             &Overrides {
-                canary: Some("https://x".into()),
+                canary: Some("ftp://x".into()),
                 ..upstreams()
             },
         )
         .unwrap_err()
         .to_string();
         assert!(bad_url.contains("`canary.url`"), "{bad_url}");
+    }
+
+    #[test]
+    fn an_https_upstream_takes_tls_settings_and_only_it_does() {
+        let https = Overrides {
+            stable: Some("https://app.internal:8443".into()),
+            ..upstreams()
+        };
+        let config = load("", &https).unwrap();
+        assert_eq!(config.proxy.stable.tls, Some(UpstreamTls::default()));
+        assert_eq!(config.proxy.canary.tls, None);
+        let config = load(
+            "[stable.tls]\nserver_name = \"app\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            &https,
+        )
+        .unwrap();
+        let tls = config.proxy.stable.tls.unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("app"));
+        assert_eq!(tls.ca, Some(PathBuf::from("ca.pem")));
+        let err = |text: &str, o: &Overrides| load(text, o).unwrap_err().to_string();
+        assert!(err("[canary.tls]\nca = \"ca.pem\"\n", &https)
+            .contains("`canary.tls` is set, but http://127.0.0.1:2 is not https://"));
+        assert!(err("[stable.tls]\ncert = \"c.pem\"\n", &https)
+            .contains("`stable.tls.cert` and `key` go together"));
+        assert!(err("[stable.tls]\nserver_name = \"\"\n", &https)
+            .contains("`stable.tls.server_name` must not be empty"));
+        assert!(err("[stable.tls]\nsni = \"x\"\n", &https).contains("sni"));
     }
 
     #[test]

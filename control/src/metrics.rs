@@ -164,11 +164,11 @@ const FAMILIES: [(&str, &str); 20] = [
     ),
     (
         "serin_tls_reloads_total",
-        "Times the listener's changed certificate and key files were loaded and served to new connections",
+        "Times changed TLS files were loaded and used by new connections, by what they serve (files: listener, stable, canary)",
     ),
     (
         "serin_tls_reload_failures_total",
-        "Times changed certificate or key files were refused (unreadable, not PEM, or a key not for the certificate); the previous pair is still served",
+        "Times changed TLS files were refused (unreadable, not PEM, or a key not for the certificate); the previous ones are still used (files: listener, stable, canary)",
     ),
 ];
 
@@ -375,17 +375,30 @@ impl Collector for Exporter {
                 ("serin_trace_export_failures_total", &spans.export_failures),
             ]);
         }
-        if let Some(tls) = stats.tls_reload() {
-            totals.extend([
-                ("serin_tls_reloads_total", &tls.reloads),
-                ("serin_tls_reload_failures_total", &tls.failures),
-            ]);
-        }
         for (name, value) in totals {
             families.push(family(
                 name,
                 MetricType::COUNTER,
                 vec![counter(&[], value.load(Ordering::Relaxed))],
+            ));
+        }
+        let tls = stats.tls_reloads();
+        if !tls.is_empty() {
+            let (mut reloads, mut failures) = (Vec::new(), Vec::new());
+            for (files, c) in tls {
+                let files = [("files", *files)];
+                reloads.push(counter(&files, c.reloads.load(Ordering::Relaxed)));
+                failures.push(counter(&files, c.failures.load(Ordering::Relaxed)));
+            }
+            families.push(family(
+                "serin_tls_reloads_total",
+                MetricType::COUNTER,
+                reloads,
+            ));
+            families.push(family(
+                "serin_tls_reload_failures_total",
+                MetricType::COUNTER,
+                failures,
             ));
         }
         if let Some(member) = self.fleet.get() {

@@ -164,6 +164,58 @@ fn check_loads_the_tls_files_and_names_the_bad_one() {
     );
 }
 
+#[test]
+fn check_loads_an_https_upstreams_files_and_names_the_bad_one() {
+    let ca = TestCa::new("upstream ca");
+    let client = ca.client("serin.app.svc");
+    let dir = temp_dir("upstreamtls");
+    let broken = dir.join("broken-ca.pem");
+    std::fs::write(&broken, "no certificates here\n").unwrap();
+    let check = |tls: &str| {
+        let file = dir.join("serin.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[stable]\nurl = \"https://127.0.0.1:1\"\n[stable.tls]\n{tls}\n\
+                 [canary]\nurl = \"http://127.0.0.1:2\"\n"
+            ),
+        )
+        .unwrap();
+        let mut command = serin();
+        command.args(["check", "--config"]).arg(file);
+        command
+    };
+    let good = format!(
+        "ca = {:?}\ncert = {:?}\nkey = {:?}",
+        ca.cert_path, client.cert_path, client.key_path
+    );
+    let out = check(&good).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fails_with(
+        &mut check(&format!("ca = {broken:?}")),
+        &format!(
+            "`stable.tls`: cannot read CA certificates from {}: no certificate found",
+            broken.display()
+        ),
+    );
+    fails_with(
+        &mut check(&format!(
+            "cert = {:?}\nkey = {:?}",
+            client.cert_path,
+            dir.join("missing-key.pem")
+        )),
+        "missing-key.pem",
+    );
+    fails_with(
+        &mut check("server_name = \"not a name!\""),
+        "`not a name!` cannot be a TLS server name",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_reloads_a_renewed_certificate_and_counts_a_refused_one() {
     let (first, second) = (TestCert::named("first"), TestCert::named("second"));
@@ -197,14 +249,22 @@ async fn run_reloads_a_renewed_certificate_and_counts_a_refused_one() {
     )
     .await;
     let admin = serin.admin.expect("the control API's address");
-    assert_eq!(metric(admin, "serin_tls_reloads_total").await, 0);
-    assert_eq!(metric(admin, "serin_tls_reload_failures_total").await, 0);
+    assert_eq!(
+        metric(admin, "serin_tls_reloads_total{files=\"listener\"}").await,
+        0
+    );
+    assert_eq!(
+        metric(admin, "serin_tls_reload_failures_total{files=\"listener\"}").await,
+        0
+    );
 
     replace(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n");
     eventually(
         Duration::from_secs(20),
         "the broken file is counted",
-        || async { metric(admin, "serin_tls_reload_failures_total").await == 1 },
+        || async {
+            metric(admin, "serin_tls_reload_failures_total{files=\"listener\"}").await == 1
+        },
     )
     .await;
     replace(&key, &second.key_pem);
@@ -212,7 +272,7 @@ async fn run_reloads_a_renewed_certificate_and_counts_a_refused_one() {
     eventually(
         Duration::from_secs(20),
         "the renewed pair is loaded",
-        || async { metric(admin, "serin_tls_reloads_total").await == 1 },
+        || async { metric(admin, "serin_tls_reloads_total{files=\"listener\"}").await == 1 },
     )
     .await;
 }

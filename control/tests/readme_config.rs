@@ -218,12 +218,14 @@ fn the_readme_config_shows_every_key() {
                 url: stable_url,
                 protocol: stable_protocol,
                 max_concurrent: _, // no default: unlimited
+                tls: _,            // only for https:// URLs
             },
         canary:
             RawUpstream {
                 url: canary_url,
                 protocol: canary_protocol,
                 max_concurrent: _,
+                tls: _,
             },
         split:
             RawSplit {

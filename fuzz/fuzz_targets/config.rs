@@ -32,7 +32,9 @@ fuzz_target!(|input: &[u8]| {
 
 fn check_error(e: &ConfigError) {
     let says = match e {
-        ConfigError::Read { .. } | ConfigError::Tls(_) => unreachable!("no file is read"),
+        ConfigError::Read { .. } | ConfigError::Tls(_) | ConfigError::UpstreamTls { .. } => {
+            unreachable!("no file is read")
+        }
         ConfigError::Parse { message, .. }
         | ConfigError::Invalid { message, .. }
         | ConfigError::Policy(message) => message.as_str(),

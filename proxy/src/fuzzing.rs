@@ -70,6 +70,7 @@ fn worker_for(policy: &HeaderPolicy) -> Worker {
         config,
         Routes::new(RouteTable::new(0)),
         None,
+        [None, None],
         now,
         None,
         None,

@@ -19,6 +19,7 @@ mod limit;
 mod otlp;
 mod outcome;
 mod policy;
+mod reload;
 mod server;
 mod spans;
 pub mod split;
@@ -44,7 +45,7 @@ pub use limit::{Rate, RateLimit, RateLimitKey};
 pub use otlp::ExportCounters;
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
-pub use upstream::{PoolSettings, Upstream, UpstreamProtocol, UpstreamUrlError};
+pub use upstream::{PoolSettings, Upstream, UpstreamProtocol, UpstreamTls, UpstreamUrlError};
 
 /// Which headers serin adds or rewrites.
 #[derive(Clone, Debug)]
@@ -206,6 +207,8 @@ pub struct Proxy {
     workers: Vec<JoinHandle<()>>,
     access_log: Option<JoinHandle<()>>,
     tls: Option<tls::Listener>,
+    /// Reloads the upstreams' TLS files, when one is `https://`.
+    upstream_tls: Option<reload::Reloader>,
 }
 
 impl Proxy {
@@ -228,11 +231,44 @@ impl Proxy {
                 .map_err(|source| StartError::Bind { addr, source })?;
             listeners.push(listener);
         }
+        let origins = [&config.stable, &config.canary].map(|upstream| {
+            upstream
+                .tls
+                .as_ref()
+                .map(|tls| upstream::tls::Origin::load(tls, upstream.host(), upstream.protocol))
+                .transpose()
+                .map(|origin| origin.map(Arc::new))
+        });
+        let origins = match origins {
+            [Ok(stable), Ok(canary)] => [stable, canary],
+            [Err(e), _] | [_, Err(e)] => return Err(e.into()),
+        };
         let now = tokio::time::Instant::now();
         let mut stats = Stats::new(workers, config.window, now);
         if let Some(tls) = &tls {
-            stats = stats.with_tls_reload(tls.counters.clone());
+            stats = stats.with_tls_reload("listener", tls.counters.clone());
         }
+        for (target, origin) in Target::ALL.into_iter().zip(&origins) {
+            if let Some(origin) = origin {
+                stats = stats.with_tls_reload(target.as_str(), origin.counters.clone());
+            }
+        }
+        let upstream_tls = if origins.iter().any(Option::is_some) {
+            let origins = origins.clone();
+            let job = move || {
+                for (target, origin) in Target::ALL.into_iter().zip(&origins) {
+                    if let Some(origin) = origin {
+                        origin.reload(target.as_str());
+                    }
+                }
+            };
+            Some(
+                reload::Reloader::spawn("serin-upstream-tls", config.tls_reload_interval, job)
+                    .map_err(StartError::Spawn)?,
+            )
+        } else {
+            None
+        };
         let (log, access_log) = match &config.access_log {
             Some(log) => {
                 let (log, writer) = access_log::AccessLog::start(log.clone())?;
@@ -259,6 +295,7 @@ impl Proxy {
             routes.clone(),
             tls.as_ref()
                 .map(|tls| tokio_rustls::TlsAcceptor::from(tls.config.clone())),
+            origins,
             now,
             log,
             exporter,
@@ -288,6 +325,7 @@ impl Proxy {
             workers: handles,
             access_log,
             tls,
+            upstream_tls,
         })
     }
 
@@ -318,9 +356,13 @@ impl Proxy {
         let workers = self.workers;
         let log_writer = self.access_log;
         let tls = self.tls;
+        let upstream_tls = self.upstream_tls;
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(tls) = tls {
                 tls.stop();
+            }
+            if let Some(reloader) = upstream_tls {
+                reloader.stop();
             }
             for w in workers {
                 let _ = w.join();

@@ -701,7 +701,9 @@ fn upstream_failure(e: &UpstreamError) -> (StatusCode, &'static str) {
             StatusCode::GATEWAY_TIMEOUT,
             "serin: upstream connect timed out\n",
         ),
-        UpstreamError::Connect { .. } | UpstreamError::Handshake { .. } => {
+        UpstreamError::Connect { .. }
+        | UpstreamError::Tls { .. }
+        | UpstreamError::Handshake { .. } => {
             (StatusCode::BAD_GATEWAY, "serin: upstream connect failed\n")
         }
         UpstreamError::ClientAborted { .. } => (

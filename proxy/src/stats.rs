@@ -460,7 +460,9 @@ pub struct Stats {
     alarm: Arc<tokio::sync::Notify>,
     access_log: Option<Arc<AccessLogCounters>>,
     span_export: Option<Arc<ExportCounters>>,
-    tls_reload: Option<Arc<TlsReloadCounters>>,
+    /// Reload counters of each set of TLS files, by what they serve:
+    /// `listener`, `stable` or `canary`.
+    tls_reload: Vec<(&'static str, Arc<TlsReloadCounters>)>,
     /// The local rate limit, whose table and refusals are read from its
     /// shards (counted under the lock each refusal takes anyway).
     rate_limiter: Option<Arc<RateLimiter>>,
@@ -479,7 +481,7 @@ impl Stats {
             alarm,
             access_log: None,
             span_export: None,
-            tls_reload: None,
+            tls_reload: Vec::new(),
             rate_limiter: None,
         }
     }
@@ -495,15 +497,21 @@ impl Stats {
         self.span_export.as_deref()
     }
 
-    /// These stats with the TLS listener's reload counters.
-    pub(crate) fn with_tls_reload(mut self, counters: Arc<TlsReloadCounters>) -> Self {
-        self.tls_reload = Some(counters);
+    /// These stats with the reload counters of the TLS files of `files`
+    /// (`listener`, `stable` or `canary`).
+    pub(crate) fn with_tls_reload(
+        mut self,
+        files: &'static str,
+        counters: Arc<TlsReloadCounters>,
+    ) -> Self {
+        self.tls_reload.push((files, counters));
         self
     }
 
-    /// The TLS listener's reload counters, when the listener has TLS.
-    pub fn tls_reload(&self) -> Option<&TlsReloadCounters> {
-        self.tls_reload.as_deref()
+    /// The reload counters of every set of TLS files serin watches, by what
+    /// they serve: `listener`, `stable`, `canary`.
+    pub fn tls_reloads(&self) -> &[(&'static str, Arc<TlsReloadCounters>)] {
+        &self.tls_reload
     }
 
     /// These stats with the access log's counters.

@@ -38,6 +38,18 @@ pub enum TlsError {
     /// The key file could not be read or holds no key.
     #[error("cannot read TLS private key from {path}: {reason} (expected a PEM file with a PKCS#8, PKCS#1 or SEC1 key)")]
     Key { path: PathBuf, reason: String },
+    /// A CA bundle could not be read or holds no certificate.
+    #[error("cannot read CA certificates from {path}: {reason} (expected a PEM file with one or more CERTIFICATE blocks)")]
+    Ca { path: PathBuf, reason: String },
+    /// An upstream's TLS would trust nobody.
+    #[error("no CA certificates to trust: the system has none (install ca-certificates) and no `ca` file is set")]
+    NoRoots,
+    /// The name to check an upstream's certificate against is not a DNS name or IP address.
+    #[error("`{name}` cannot be a TLS server name: {reason} (set `server_name` to the name in the upstream's certificate)")]
+    ServerName { name: String, reason: String },
+    /// rustls refused to build a client config.
+    #[error("cannot set up TLS to the upstream: {reason}")]
+    Client { reason: String },
     /// rustls refused the pair (e.g. the key does not match the certificate).
     #[error("TLS certificate {cert} and key {key} do not work together: {reason}")]
     Config {
@@ -117,7 +129,7 @@ fn certified_key(
 
 /// What is wrong with a PEM file, in words (the parser's own text shows
 /// bytes as numbers).
-fn pem_reason(e: pem::Error) -> String {
+pub(crate) fn pem_reason(e: pem::Error) -> String {
     match e {
         pem::Error::MissingSectionEnd { end_marker } => format!(
             "no \"-----END {}-----\" line (is the file cut short?)",

@@ -13,6 +13,8 @@ mod body;
 mod connection;
 mod idle;
 mod pool;
+mod socket;
+pub mod tls;
 mod upload;
 
 use std::cell::Cell;
@@ -31,6 +33,7 @@ use tokio::time::Instant;
 pub(crate) use body::{Copied, ResponseBody, Tunnel, UpstreamResponse};
 pub(crate) use pool::H1Request;
 pub use pool::Pool;
+pub use tls::UpstreamTls;
 pub(crate) use upload::RequestFraming;
 
 use crate::http1::chunked::ChunkedError;
@@ -53,8 +56,8 @@ pub enum UpstreamUrlError {
     /// Not a parseable URI.
     #[error("`{url}` is not a valid URL: {reason}")]
     Invalid { url: String, reason: String },
-    /// Only plain http is proxied to.
-    #[error("`{url}` must start with http:// (serin speaks plain HTTP or h2c to upstreams; terminate TLS in serin's listener instead)")]
+    /// Only http and https are proxied to.
+    #[error("`{url}` must start with http:// or https://")]
     Scheme { url: String },
     /// A path or query would be silently ignored.
     #[error("`{url}` has a path; write only scheme, host and port, e.g. http://127.0.0.1:8080")]
@@ -72,10 +75,13 @@ pub struct Upstream {
     pub(crate) authority: HeaderValue,
     /// The protocol spoken to it.
     pub protocol: UpstreamProtocol,
+    /// TLS settings: `Some` exactly for an `https://` URL.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Upstream {
-    /// Parses `http://host[:port]` (port 80 by default).
+    /// Parses `http://host[:port]` (port 80 by default) or
+    /// `https://host[:port]` (port 443 by default, TLS with default settings).
     pub fn parse(url: &str, protocol: UpstreamProtocol) -> Result<Self, UpstreamUrlError> {
         let uri: Uri =
             url.parse()
@@ -83,11 +89,15 @@ impl Upstream {
                     url: url.to_string(),
                     reason: e.to_string(),
                 })?;
-        if uri.scheme_str() != Some("http") {
-            return Err(UpstreamUrlError::Scheme {
-                url: url.to_string(),
-            });
-        }
+        let (tls, default_port) = match uri.scheme_str() {
+            Some("http") => (None, 80),
+            Some("https") => (Some(UpstreamTls::default()), 443),
+            _ => {
+                return Err(UpstreamUrlError::Scheme {
+                    url: url.to_string(),
+                })
+            }
+        };
         if uri
             .path_and_query()
             .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
@@ -105,7 +115,7 @@ impl Upstream {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(default_port);
         Ok(Self {
             url: url.to_string(),
             authority: HeaderValue::from_str(authority.as_str()).map_err(|e| {
@@ -117,7 +127,22 @@ impl Upstream {
             host,
             port,
             protocol,
+            tls,
         })
+    }
+
+    /// The URL's host (without brackets for IPv6).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Checks that the TLS files of an `https://` upstream load, as serin
+    /// would load them (`serin check`).
+    pub fn check_tls(&self) -> Result<(), crate::tls::TlsError> {
+        match &self.tls {
+            Some(tls) => tls::check(tls, &self.host, self.protocol),
+            None => Ok(()),
+        }
     }
 }
 
@@ -154,6 +179,9 @@ pub enum UpstreamError {
     /// The TCP connect did not finish in time.
     #[error("connect to {url} timed out after {timeout:?}")]
     ConnectTimeout { url: String, timeout: Duration },
+    /// The TLS handshake failed (certificate not trusted, wrong name, ALPN).
+    #[error("TLS handshake with {url} failed: {source}")]
+    Tls { url: String, source: io::Error },
     /// The HTTP handshake failed.
     #[error("handshake with {url} failed: {source}")]
     Handshake { url: String, source: hyper::Error },
@@ -330,8 +358,11 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port), ("app.ns.svc", 80));
         let u = Upstream::parse("http://[::1]:9000", UpstreamProtocol::Http1).unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 9000));
+        let u = Upstream::parse("https://app.example", UpstreamProtocol::Http1).unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("app.example", 443));
+        assert_eq!(u.tls, Some(UpstreamTls::default()));
         assert!(matches!(
-            Upstream::parse("https://x:1", UpstreamProtocol::Http1),
+            Upstream::parse("ftp://x:1", UpstreamProtocol::Http1),
             Err(UpstreamUrlError::Scheme { .. })
         ));
         assert!(matches!(

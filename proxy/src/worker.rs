@@ -25,6 +25,7 @@ use crate::spans::WorkerSpans;
 use crate::split::{FastRng, LocalRoutes, Target};
 use crate::stats::{UpstreamStats, WorkerStats};
 use crate::trace::TraceContext;
+use crate::upstream::tls::Origin;
 use crate::upstream::{Pool, UpstreamProtocol};
 use crate::{ProxyConfig, Routes};
 
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     /// Each upstream's cap on requests in flight (`max_concurrent`), by
     /// [`Target::index`].
     concurrency: [Option<ConcurrencyLimit>; 2],
+    /// Each `https://` upstream's TLS client, by [`Target::index`].
+    origins: [Option<Arc<Origin>>; 2],
 }
 
 impl Shared {
@@ -50,6 +53,7 @@ impl Shared {
         config: ProxyConfig,
         routes: Routes,
         tls: Option<TlsAcceptor>,
+        origins: [Option<Arc<Origin>>; 2],
         now: Instant,
         access_log: Option<Arc<AccessLog>>,
         exporter: Option<Arc<Exporter>>,
@@ -66,6 +70,7 @@ impl Shared {
             config,
             routes,
             tls,
+            origins,
             access_log,
             exporter,
         }
@@ -109,8 +114,16 @@ impl Worker {
             .map(|exporter| WorkerSpans::new(exporter, config.trace.query.clone()));
         Self {
             pools: [
-                Rc::new(Pool::new(config.stable.clone(), config.pool.clone())),
-                Rc::new(Pool::new(config.canary.clone(), config.pool.clone())),
+                Rc::new(Pool::new(
+                    config.stable.clone(),
+                    shared.origins[0].clone(),
+                    config.pool.clone(),
+                )),
+                Rc::new(Pool::new(
+                    config.canary.clone(),
+                    shared.origins[1].clone(),
+                    config.pool.clone(),
+                )),
             ],
             routes: shared.routes.local(),
             shared,

@@ -78,8 +78,11 @@ impl Harness {
     fn reloads(&self) -> u64 {
         self.proxy
             .stats()
-            .tls_reload()
-            .unwrap()
+            .tls_reloads()
+            .iter()
+            .find(|(files, _)| *files == "listener")
+            .expect("the listener's files are watched")
+            .1
             .reloads
             .load(Relaxed)
     }
@@ -87,8 +90,11 @@ impl Harness {
     fn failures(&self) -> u64 {
         self.proxy
             .stats()
-            .tls_reload()
-            .unwrap()
+            .tls_reloads()
+            .iter()
+            .find(|(files, _)| *files == "listener")
+            .expect("the listener's files are watched")
+            .1
             .failures
             .load(Relaxed)
     }

@@ -14,10 +14,10 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::net::TcpStream;
 
 use super::connection::Connection;
 use super::idle::IdleConnections;
+use super::socket::UpstreamIo;
 use super::Http1Error;
 use crate::fields::RawFields;
 use crate::http1::chunked::{encode_chunk, Chunked, Decoded};
@@ -154,7 +154,7 @@ enum Piece {
 
 /// An upgraded upstream connection, and what it sent after the 101.
 pub(crate) struct Tunnel {
-    pub(crate) io: TcpStream,
+    pub(crate) io: UpstreamIo,
     pub(crate) early: Bytes,
 }
 

@@ -15,14 +15,13 @@ use std::future::poll_fn;
 use std::io;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
-use http::StatusCode;
-use tokio::net::TcpStream;
-
+use super::socket::UpstreamIo;
 use super::upload::{Upload, UploadError};
 use super::{Http1Error, RequestBody, RequestFraming};
 use crate::fields::Span;
 use crate::http1::head::{parse_response, ResponseHead};
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
 
 /// The largest response head accepted (status line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -45,7 +44,7 @@ pub(crate) enum ExchangeError {
 
 /// One keep-alive connection to an upstream.
 pub(crate) struct Connection {
-    pub(crate) io: TcpStream,
+    pub(crate) io: UpstreamIo,
     /// Bytes read but not yet consumed.
     pub(crate) read: BytesMut,
     /// How much the next read asks for.
@@ -60,7 +59,7 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Wraps a freshly connected socket.
-    pub(crate) fn new(io: TcpStream) -> Self {
+    pub(crate) fn new(io: UpstreamIo) -> Self {
         Self {
             io,
             read: BytesMut::new(),
@@ -69,23 +68,6 @@ impl Connection {
             reused: false,
             spans: Vec::new(),
         }
-    }
-
-    /// True if an idle connection can no longer be used: the upstream closed
-    /// it or sent something unasked. Costs no system call unless the socket
-    /// has reported readable since it went idle.
-    pub(crate) async fn closed_while_idle(&self) -> bool {
-        poll_fn(|cx| {
-            Poll::Ready(match self.io.poll_read_ready(cx) {
-                Poll::Pending => false,
-                Poll::Ready(Err(_)) => true,
-                Poll::Ready(Ok(())) => !matches!(
-                    self.io.try_read(&mut [0u8; 1]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
-                ),
-            })
-        })
-        .await
     }
 
     /// Writes the request head already encoded in [`Connection::write`] and
@@ -179,19 +161,11 @@ impl Connection {
         if self.read.capacity() - self.read.len() < 1024 {
             self.read.reserve(self.read_size);
         }
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            let room = self.read.capacity() - self.read.len();
-            match self.io.try_read_buf(&mut self.read) {
-                Ok(n) => {
-                    if n == room {
-                        self.read_size = (self.read_size * 2).min(MAX_READ);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        let room = self.read.capacity() - self.read.len();
+        let n = ready!(self.io.poll_fill(cx, &mut self.read))?;
+        if n == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
         }
+        Poll::Ready(Ok(n))
     }
 }

@@ -3,9 +3,7 @@
 //! they end).
 
 use std::cell::{Cell, RefCell};
-use std::io;
 
-use tokio::io::Interest;
 use tokio::time::Instant;
 
 use super::connection::Connection;
@@ -49,16 +47,16 @@ impl IdleConnections {
     }
 
     /// The most recently used idle connection that is still usable.
-    pub(crate) async fn checkout(&self) -> Option<Connection> {
+    pub(crate) fn checkout(&self) -> Option<Connection> {
         let now = self.recent.get();
         loop {
-            // The borrow ends with this statement: never held across an await.
             let idle = self.idle.borrow_mut().pop()?;
             let expired = now.saturating_duration_since(idle.since) >= self.settings.idle_timeout;
-            if expired || idle.conn.closed_while_idle().await {
+            let mut conn = idle.conn;
+            if expired || conn.io.closed_while_idle() {
                 continue;
             }
-            return Some(idle.conn);
+            return Some(conn);
         }
     }
 
@@ -68,13 +66,7 @@ impl IdleConnections {
             return;
         }
         // The socket is still marked readable from the response just read.
-        // Clearing the mark (no system call) lets the next exchange, and the
-        // idle check, trust it again: without this each request paid one
-        // recv(2) that found nothing. A close or data that arrives later
-        // sets it anew.
-        let _ = conn.io.try_io(Interest::READABLE, || {
-            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-        });
+        conn.io.clear_read_mark();
         let mut idle = self.idle.borrow_mut();
         if idle.len() < self.settings.max_idle {
             idle.push(Idle {

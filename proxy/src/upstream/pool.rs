@@ -12,6 +12,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
@@ -25,6 +26,8 @@ use tokio::time::Instant;
 use super::body::UpstreamResponse;
 use super::connection::{Connection, ExchangeError};
 use super::idle::IdleConnections;
+use super::socket::UpstreamIo;
+use super::tls::Origin;
 use super::{Http1Error, PoolSettings, RequestBody, RequestFraming, Upstream, UpstreamError};
 use crate::fields::RawFields;
 use crate::http1::framing::{response_framing, Framing};
@@ -33,6 +36,8 @@ use crate::LocalExec;
 /// One worker's connections to one upstream.
 pub struct Pool {
     upstream: Upstream,
+    /// The upstream's TLS client, for `https://`.
+    tls: Option<Arc<Origin>>,
     idle: Rc<IdleConnections>,
     shared_h2: RefCell<Option<http2::SendRequest<RequestBody>>>,
 }
@@ -58,10 +63,16 @@ pub(crate) struct H1Request<'a, E> {
 }
 
 impl Pool {
-    /// An empty pool for `upstream`.
-    pub fn new(upstream: Upstream, settings: PoolSettings) -> Self {
+    /// An empty pool for `upstream`; `tls` is its TLS client when it is
+    /// `https://`.
+    pub(crate) fn new(
+        upstream: Upstream,
+        tls: Option<Arc<Origin>>,
+        settings: PoolSettings,
+    ) -> Self {
         Self {
             upstream,
+            tls,
             idle: Rc::new(IdleConnections::new(settings)),
             shared_h2: RefCell::new(None),
         }
@@ -88,13 +99,13 @@ impl Pool {
         let mut body = Some(request.body);
         for attempt in 0..2 {
             let pooled = if attempt == 0 {
-                self.idle.checkout().await
+                self.idle.checkout()
             } else {
                 None
             };
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => Connection::new(self.connect_tcp().await?),
+                None => Connection::new(self.connect().await?),
             };
             conn.write.clear();
             (request.encode)(&mut conn.write);
@@ -185,31 +196,41 @@ impl Pool {
         Ok(sender)
     }
 
-    async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
+    /// Opens a connection: TCP, then TLS for `https://`, all within the
+    /// connect timeout.
+    async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
         let url = &self.upstream.url;
         let timeout = self.idle.settings().connect_timeout;
-        let connect = TcpStream::connect((self.upstream.host.as_str(), self.upstream.port));
-        let stream = match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => {
-                return Err(UpstreamError::Connect {
+        let connect = async {
+            let tcp = TcpStream::connect((self.upstream.host.as_str(), self.upstream.port))
+                .await
+                .map_err(|source| UpstreamError::Connect {
                     url: url.clone(),
                     source,
-                })
-            }
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    url: url.clone(),
-                    timeout,
-                })
+                })?;
+            let _ = tcp.set_nodelay(true);
+            match &self.tls {
+                None => Ok(UpstreamIo::Plain(tcp)),
+                Some(tls) => match tls.connect(tcp).await {
+                    Ok(stream) => Ok(UpstreamIo::Tls(Box::new(stream))),
+                    Err(source) => Err(UpstreamError::Tls {
+                        url: url.clone(),
+                        source,
+                    }),
+                },
             }
         };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(connected) => connected,
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                url: url.clone(),
+                timeout,
+            }),
+        }
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-        let io = TokioIo::new(self.connect_tcp().await?);
+        let io = TokioIo::new(self.connect().await?);
         let (sender, conn) = http2::Builder::new(LocalExec)
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))

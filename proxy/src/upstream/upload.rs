@@ -10,8 +10,8 @@ use std::task::{ready, Context, Poll};
 
 use http_body::Body;
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 
+use super::socket::UpstreamIo;
 use super::RequestBody;
 use crate::http1::chunked::{encode_chunk, encode_last_chunk};
 
@@ -73,7 +73,7 @@ impl Upload {
     pub(crate) fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        io: &mut TcpStream,
+        io: &mut UpstreamIo,
         out: &mut Vec<u8>,
     ) -> Poll<Result<(), UploadError>> {
         loop {
@@ -111,6 +111,12 @@ impl Upload {
             }
             out.clear();
             self.written = 0;
+            // Over TLS, rustls may still hold records the socket would not
+            // take: push them out before waiting on the body or the answer
+            // (a no-op on plain TCP).
+            if let Err(e) = ready!(Pin::new(&mut *io).poll_flush(cx)) {
+                return Poll::Ready(Err(UploadError::Io(e)));
+            }
             if self.finished {
                 self.done = true;
                 return Poll::Ready(Ok(()));
