@@ -20,8 +20,8 @@ use crate::rollout::{basis_points, parse_hold, validate_steps};
 use serin_proxy::access_log::{AccessLogConfig, LineFormat, LogSink, QueryPolicy};
 use serin_proxy::trace::{SpanExport, TraceSettings};
 use serin_proxy::{
-    Classifier, HeaderPolicy, PoolSettings, ProxyConfig, Rate, RateLimit, RateLimitKey, SplitRules,
-    StickyKey, Target, TlsFiles, Upstream, UpstreamProtocol, UpstreamTls,
+    Classifier, HeaderPolicy, OutlierSettings, PoolSettings, ProxyConfig, Rate, RateLimit,
+    RateLimitKey, SplitRules, StickyKey, Target, TlsFiles, Upstream, UpstreamProtocol, UpstreamTls,
 };
 
 /// A configuration problem, with the key it concerns.
@@ -114,10 +114,39 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub url: Option<String>,
+    pub url: Option<RawUrls>,
     pub protocol: Option<String>,
     pub max_concurrent: Option<usize>,
+    pub resolve_interval: Option<String>,
     pub tls: Option<RawUpstreamTls>,
+    pub outlier: Option<RawOutlier>,
+}
+
+/// `url = "…"`, or `url = ["…", "…"]` for several endpoints.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RawUrls {
+    /// The URLs as one comma-separated list (the flag's and env's form).
+    fn joined(&self) -> String {
+        match self {
+            RawUrls::One(url) => url.clone(),
+            RawUrls::Many(urls) => urls.join(","),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_failures: Option<u32>,
+    pub base_ejection: Option<String>,
+    pub max_ejection: Option<String>,
+    pub max_ejection_percent: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -799,25 +828,40 @@ fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError>
 struct UpstreamKeys {
     url: &'static str,
     protocol: &'static str,
+    resolve_interval: &'static str,
     tls: &'static str,
     server_name: &'static str,
     cert: &'static str,
+    consecutive_failures: &'static str,
+    base_ejection: &'static str,
+    max_ejection: &'static str,
+    max_ejection_percent: &'static str,
 }
 
 const STABLE_KEYS: UpstreamKeys = UpstreamKeys {
     url: "stable.url",
     protocol: "stable.protocol",
+    resolve_interval: "stable.resolve_interval",
     tls: "stable.tls",
     server_name: "stable.tls.server_name",
     cert: "stable.tls.cert",
+    consecutive_failures: "stable.outlier.consecutive_failures",
+    base_ejection: "stable.outlier.base_ejection",
+    max_ejection: "stable.outlier.max_ejection",
+    max_ejection_percent: "stable.outlier.max_ejection_percent",
 };
 
 const CANARY_KEYS: UpstreamKeys = UpstreamKeys {
     url: "canary.url",
     protocol: "canary.protocol",
+    resolve_interval: "canary.resolve_interval",
     tls: "canary.tls",
     server_name: "canary.tls.server_name",
     cert: "canary.tls.cert",
+    consecutive_failures: "canary.outlier.consecutive_failures",
+    base_ejection: "canary.outlier.base_ejection",
+    max_ejection: "canary.outlier.max_ejection",
+    max_ejection_percent: "canary.outlier.max_ejection_percent",
 };
 
 /// One upstream from its section, with the URL from a flag or env if given.
@@ -826,7 +870,8 @@ fn upstream(
     raw: &RawUpstream,
     url: Option<&str>,
 ) -> Result<Upstream, ConfigError> {
-    let url = url.or(raw.url.as_deref()).ok_or(ConfigError::Missing {
+    let from_file = raw.url.as_ref().map(RawUrls::joined);
+    let url = url.or(from_file.as_deref()).ok_or(ConfigError::Missing {
         key: keys.url,
         hint: "give the upstream's URL, e.g. --stable http://127.0.0.1:8081 --canary http://127.0.0.1:8082",
     })?;
@@ -845,6 +890,14 @@ fn upstream(
     };
     let mut upstream = Upstream::parse(url, protocol)
         .map_err(|e| ConfigError::invalid(keys.url, e.to_string()))?;
+    upstream.resolve_interval = duration_or(
+        keys.resolve_interval,
+        raw.resolve_interval.as_deref(),
+        serin_proxy::defaults::RESOLVE_INTERVAL,
+    )?;
+    if let Some(outlier) = &raw.outlier {
+        upstream.outlier = outlier_settings(keys, outlier)?;
+    }
     if let Some(tls) = &raw.tls {
         let Some(settings) = upstream.tls.as_mut() else {
             return Err(ConfigError::invalid(
@@ -872,6 +925,51 @@ fn upstream(
         };
     }
     Ok(upstream)
+}
+
+/// `[stable.outlier]` or `[canary.outlier]`.
+fn outlier_settings(keys: &UpstreamKeys, raw: &RawOutlier) -> Result<OutlierSettings, ConfigError> {
+    let defaults = OutlierSettings::default();
+    let consecutive_failures = raw
+        .consecutive_failures
+        .unwrap_or(defaults.consecutive_failures);
+    if consecutive_failures == 0 {
+        return Err(ConfigError::invalid(
+            keys.consecutive_failures,
+            "must be at least 1 (to never eject, set max_ejection_percent = 0)",
+        ));
+    }
+    let max_ejection_percent = raw
+        .max_ejection_percent
+        .unwrap_or(defaults.max_ejection_percent);
+    if max_ejection_percent > 100 {
+        return Err(ConfigError::invalid(
+            keys.max_ejection_percent,
+            format!("must be between 0 and 100 (got {max_ejection_percent})"),
+        ));
+    }
+    let base_ejection = duration_or(
+        keys.base_ejection,
+        raw.base_ejection.as_deref(),
+        defaults.base_ejection,
+    )?;
+    let max_ejection = duration_or(
+        keys.max_ejection,
+        raw.max_ejection.as_deref(),
+        defaults.max_ejection,
+    )?;
+    if max_ejection < base_ejection {
+        return Err(ConfigError::invalid(
+            keys.max_ejection,
+            format!("must be at least base_ejection ({base_ejection:?})"),
+        ));
+    }
+    Ok(OutlierSettings {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
+        max_ejection_percent,
+    })
 }
 
 /// Percent (0..=100, e.g. 12.5) to basis points.
@@ -1300,6 +1398,55 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(bad_url.contains("`canary.url`"), "{bad_url}");
+    }
+
+    #[test]
+    fn an_upstream_is_one_url_or_several_with_outlier_settings() {
+        let none = Overrides::default();
+        let text = "[stable]\nurl = [\"http://10.0.0.1:80\", \"http://app.svc:81\"]\n\
+                    resolve_interval = \"2s\"\n\
+                    [stable.outlier]\nconsecutive_failures = 3\nbase_ejection = \"10s\"\n\
+                    [canary]\nurl = \"http://10.0.0.2:80\"\n";
+        let config = load(text, &none).unwrap();
+        let stable = &config.proxy.stable;
+        assert_eq!(stable.url, "http://10.0.0.1:80,http://app.svc:81");
+        assert_eq!(stable.resolve_interval, Duration::from_secs(2));
+        assert_eq!(
+            stable.outlier,
+            OutlierSettings {
+                consecutive_failures: 3,
+                base_ejection: Duration::from_secs(10),
+                ..OutlierSettings::default()
+            }
+        );
+        assert_eq!(config.proxy.canary.outlier, OutlierSettings::default());
+        // The flag's and env's form: a comma-separated list.
+        let flag = Overrides {
+            stable: Some("http://10.0.0.1:80, http://10.0.0.3:80".into()),
+            ..upstreams()
+        };
+        assert_eq!(
+            load("", &flag).unwrap().proxy.stable.url,
+            "http://10.0.0.1:80, http://10.0.0.3:80"
+        );
+        let err = |text: &str| load(text, &upstreams()).unwrap_err().to_string();
+        assert!(err("[stable.outlier]\nconsecutive_failures = 0\n")
+            .contains("`stable.outlier.consecutive_failures` must be at least 1"));
+        assert!(err("[canary.outlier]\nmax_ejection_percent = 101\n")
+            .contains("`canary.outlier.max_ejection_percent` must be between 0 and 100"));
+        assert!(
+            err("[stable.outlier]\nbase_ejection = \"1m\"\nmax_ejection = \"30s\"\n")
+                .contains("`stable.outlier.max_ejection` must be at least base_ejection")
+        );
+        assert!(err("[stable]\nresolve_interval = \"0s\"\n").contains("`stable.resolve_interval`"));
+        let mixed = Overrides {
+            stable: Some("http://a:1,https://b:2".into()),
+            ..upstreams()
+        };
+        assert!(load("", &mixed)
+            .unwrap_err()
+            .to_string()
+            .contains("`stable.url` `http://a:1,https://b:2` mixes http:// and https://"));
     }
 
     #[test]

@@ -124,6 +124,44 @@ pub struct UpstreamStatus {
     pub p95_ms: f64,
     /// 99th percentile latency, ms.
     pub p99_ms: f64,
+    /// Each endpoint (address) of the upstream, since start; `/status`
+    /// only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One endpoint of an upstream in `/status`: its counts since start, and
+/// whether outlier detection has it out of rotation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// `ip:port`.
+    pub address: String,
+    /// `serving`, or `ejected`.
+    pub state: String,
+    /// Answers from it, and failures to connect to it.
+    pub requests: u64,
+    /// Of those, 5xx answers and failures to connect.
+    pub failures: u64,
+    /// Times outlier detection ejected it.
+    pub ejections: u32,
+}
+
+impl EndpointStatus {
+    fn list(stats: &Stats, target: Target) -> Vec<Self> {
+        let Some(set) = stats.endpoints(target) else {
+            return Vec::new();
+        };
+        set.snapshot()
+            .into_iter()
+            .map(|e| Self {
+                address: e.address,
+                state: if e.ejected { "ejected" } else { "serving" }.into(),
+                requests: e.requests,
+                failures: e.failures,
+                ejections: e.ejections,
+            })
+            .collect()
+    }
 }
 
 impl UpstreamStatus {
@@ -138,6 +176,7 @@ impl UpstreamStatus {
             p50_ms: ms(0.5),
             p95_ms: ms(0.95),
             p99_ms: ms(0.99),
+            endpoints: Vec::new(),
         }
     }
 }
@@ -761,15 +800,13 @@ impl Inner {
     }
 
     fn upstreams(&self, now: Instant) -> Upstreams {
+        let status = |url: &str, target| UpstreamStatus {
+            endpoints: EndpointStatus::list(&self.stats, target),
+            ..UpstreamStatus::new(url, &self.stats.window_snapshot(target, now))
+        };
         Upstreams {
-            stable: UpstreamStatus::new(
-                &self.config.stable_url,
-                &self.stats.window_snapshot(Target::Stable, now),
-            ),
-            canary: UpstreamStatus::new(
-                &self.config.canary_url,
-                &self.stats.window_snapshot(Target::Canary, now),
-            ),
+            stable: status(&self.config.stable_url, Target::Stable),
+            canary: status(&self.config.canary_url, Target::Canary),
         }
     }
 }

@@ -89,7 +89,7 @@ struct Exporter {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 20] = [
+const FAMILIES: [(&str, &str); 25] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -125,6 +125,26 @@ const FAMILIES: [(&str, &str); 20] = [
     (
         "serin_concurrency_limited_requests_total",
         "Requests the upstream had no place for (max_concurrent in flight): stable's were answered 503, the canary's sent to stable; never judged",
+    ),
+    (
+        "serin_endpoint_requests_total",
+        "Answers from each endpoint (address) of an upstream, and failures to connect to it",
+    ),
+    (
+        "serin_endpoint_failures_total",
+        "Of those, 5xx answers and failures to connect: what outlier detection counts",
+    ),
+    (
+        "serin_endpoint_ejections_total",
+        "Times outlier detection took the endpoint out of rotation",
+    ),
+    (
+        "serin_endpoint_ejected",
+        "1 while the endpoint is out of rotation (outlier detection), else 0",
+    ),
+    (
+        "serin_upstream_resolve_failures_total",
+        "Re-resolutions of an upstream URL's host name that failed; its previous addresses stay in use",
     ),
     (
         "serin_rate_limit_keys",
@@ -251,8 +271,20 @@ impl Collector for Exporter {
         let mut error_ratio = Vec::default();
         let mut latency = Vec::default();
         let mut concurrency_limited = Vec::default();
+        let mut endpoints: [Vec<Metric>; 4] = Default::default();
+        let mut resolve_failures = Vec::default();
         for target in Target::ALL {
             let upstream = target.as_str();
+            if let Some(set) = stats.endpoints(target) {
+                resolve_failures.push(counter(&[("upstream", upstream)], set.resolve_failures()));
+                for e in set.snapshot() {
+                    let pairs = [("upstream", upstream), ("endpoint", e.address.as_str())];
+                    endpoints[0].push(counter(&pairs, e.requests));
+                    endpoints[1].push(counter(&pairs, e.failures));
+                    endpoints[2].push(counter(&pairs, u64::from(e.ejections)));
+                    endpoints[3].push(gauge(&pairs, if e.ejected { 1.0 } else { 0.0 }));
+                }
+            }
             let totals = stats.totals(target);
             requests.push(counter(
                 &[("upstream", upstream), ("class", "success")],
@@ -354,6 +386,32 @@ impl Collector for Exporter {
                 vec![gauge(&[], stats.rate_limit_keys() as f64)],
             ),
         ];
+        if !resolve_failures.is_empty() {
+            let [requests, failures, ejections, ejected] = endpoints;
+            families.extend([
+                family(
+                    "serin_endpoint_requests_total",
+                    MetricType::COUNTER,
+                    requests,
+                ),
+                family(
+                    "serin_endpoint_failures_total",
+                    MetricType::COUNTER,
+                    failures,
+                ),
+                family(
+                    "serin_endpoint_ejections_total",
+                    MetricType::COUNTER,
+                    ejections,
+                ),
+                family("serin_endpoint_ejected", MetricType::GAUGE, ejected),
+                family(
+                    "serin_upstream_resolve_failures_total",
+                    MetricType::COUNTER,
+                    resolve_failures,
+                ),
+            ]);
+        }
         if let Some(log) = stats.access_log() {
             families.push(family(
                 "serin_access_log_lines_total",

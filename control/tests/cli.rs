@@ -599,3 +599,56 @@ async fn a_log_line_about_a_request_carries_its_request_id() {
         "{generated} not in {logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_of_several_endpoints_shows_each_in_status_and_metrics() {
+    let (one, two, canary) = (
+        TestUpstream::start("one").await,
+        TestUpstream::start("two").await,
+        TestUpstream::start("canary").await,
+    );
+    let state = temp_dir("endpoints");
+    let stable = format!("{},{}", one.url(), two.url());
+    let serin = SerinProcess::run_urls(
+        env!("CARGO_BIN_EXE_serin"),
+        &stable,
+        &canary.url(),
+        &state,
+        &[],
+        &[],
+    )
+    .await;
+    let client = http1_client();
+    for _ in 0..40 {
+        let a = get(&client, &format!("http://{}/", serin.proxy), &[]).await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    let admin = serin.admin.expect("the control API's address");
+    let status = get(&client, &format!("http://{admin}/status"), &[]).await;
+    let status: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let stable_status = &status["upstreams"]["stable"];
+    assert_eq!(stable_status["url"], stable.as_str());
+    let endpoints = stable_status["endpoints"].as_array().unwrap();
+    let addresses = endpoints
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(addresses, [one.addr.to_string(), two.addr.to_string()]);
+    let served = [one.requests(), two.requests()];
+    for (endpoint, served) in endpoints.iter().zip(served) {
+        assert_eq!(endpoint["state"], "serving");
+        assert_eq!(endpoint["requests"], served);
+        assert_eq!(endpoint["failures"], 0);
+    }
+    assert_eq!(served.iter().sum::<u64>(), 40);
+    let name = format!(
+        "serin_endpoint_requests_total{{upstream=\"stable\",endpoint=\"{}\"}}",
+        one.addr
+    );
+    assert_eq!(metric(admin, &name).await, one.requests());
+    let ejected = format!(
+        "serin_endpoint_ejected{{upstream=\"stable\",endpoint=\"{}\"}}",
+        two.addr
+    );
+    assert_eq!(metric(admin, &ejected).await, 0);
+}

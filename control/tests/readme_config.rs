@@ -10,7 +10,8 @@ use std::path::Path;
 
 use serin_control::config::{
     AdminSettings, Config, JudgeSettings, Overrides, RawClassify, RawConfig, RawHeaders, RawJudge,
-    RawLimits, RawRollout, RawSplit, RawTimeouts, RawTrace, RawUpstream, RolloutSettings,
+    RawLimits, RawOutlier, RawRollout, RawSplit, RawTimeouts, RawTrace, RawUpstream, RawUrls,
+    RolloutSettings,
 };
 use serin_control::JudgePolicy;
 use serin_proxy::{HeaderPolicy, PoolSettings, ProxyConfig, SplitRules};
@@ -133,8 +134,14 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "log_format" => log_format,
         "stable.url" => stable.url,
         "stable.protocol" => stable.protocol,
+        "stable.resolve_interval" => stable.resolve_interval,
+        "stable.outlier" => stable.outlier,
+        "stable.tls" => stable.tls,
         "canary.url" => canary.url,
         "canary.protocol" => canary.protocol,
+        "canary.resolve_interval" => canary.resolve_interval,
+        "canary.outlier" => canary.outlier,
+        "canary.tls" => canary.tls,
         "split.override_header" => override_header,
         "split.override_cookie" => override_cookie,
         "split.sticky_cookie / split.sticky_header" => sticky,
@@ -178,11 +185,14 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
 #[test]
 fn the_readme_config_is_exactly_the_defaults() {
     let raw = parse(readme_config());
-    let (stable, canary) = (raw.stable.url.clone(), raw.canary.url.clone());
+    let url = |raw: &RawUpstream| match &raw.url {
+        Some(RawUrls::One(url)) => url.clone(),
+        _ => panic!("the README's config sets each upstream's url to one URL"),
+    };
     let minimal = format!(
         "[stable]\nurl = {:?}\n[canary]\nurl = {:?}\n",
-        stable.expect("the README's config sets stable.url"),
-        canary.expect("the README's config sets canary.url"),
+        url(&raw.stable),
+        url(&raw.canary),
     );
     let shown = settings(&build(raw));
     let defaults = settings(&build(parse(&minimal)));
@@ -218,14 +228,18 @@ fn the_readme_config_shows_every_key() {
                 url: stable_url,
                 protocol: stable_protocol,
                 max_concurrent: _, // no default: unlimited
-                tls: _,            // only for https:// URLs
+                resolve_interval: stable_resolve_interval,
+                tls: _, // only for https:// URLs
+                outlier: stable_outlier,
             },
         canary:
             RawUpstream {
                 url: canary_url,
                 protocol: canary_protocol,
                 max_concurrent: _,
+                resolve_interval: canary_resolve_interval,
                 tls: _,
+                outlier: _, // the same keys and defaults as stable's, shown there
             },
         split:
             RawSplit {
@@ -291,7 +305,23 @@ fn the_readme_config_shows_every_key() {
             },
         webhook: _, // no default: none
     } = parse(readme_config());
+    let RawOutlier {
+        consecutive_failures,
+        base_ejection,
+        max_ejection,
+        max_ejection_percent,
+    } = stable_outlier.expect("the README's config shows [stable.outlier]");
     let shown = [
+        (
+            "stable.outlier.consecutive_failures",
+            consecutive_failures.is_some(),
+        ),
+        ("stable.outlier.base_ejection", base_ejection.is_some()),
+        ("stable.outlier.max_ejection", max_ejection.is_some()),
+        (
+            "stable.outlier.max_ejection_percent",
+            max_ejection_percent.is_some(),
+        ),
         ("listen", listen.is_some()),
         ("workers", workers.is_some()),
         ("admin", admin.is_some()),
@@ -301,8 +331,10 @@ fn the_readme_config_shows_every_key() {
         ("log_format", log_format.is_some()),
         ("stable.url", stable_url.is_some()),
         ("stable.protocol", stable_protocol.is_some()),
+        ("stable.resolve_interval", stable_resolve_interval.is_some()),
         ("canary.url", canary_url.is_some()),
         ("canary.protocol", canary_protocol.is_some()),
+        ("canary.resolve_interval", canary_resolve_interval.is_some()),
         ("split.override_header", override_header.is_some()),
         ("split.override_cookie", override_cookie.is_some()),
         ("split.canary_fallback", canary_fallback.is_some()),

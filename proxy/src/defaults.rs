@@ -35,6 +35,20 @@ pub const RATE_LIMIT_MAX_KEYS: usize = 100_000;
 /// `tls.reload_interval`: how often the listener's certificate and key
 /// files are read to see whether they changed.
 pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// `stable.resolve_interval`: how often an upstream URL's host name is
+/// resolved again (its addresses are its endpoints).
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+/// `stable.outlier.consecutive_failures`: failures in a row (5xx answers,
+/// or no connection) that eject an endpoint.
+pub const OUTLIER_CONSECUTIVE_FAILURES: u32 = 5;
+/// `stable.outlier.base_ejection`: a first ejection's length; the n-th is n
+/// times as long.
+pub const OUTLIER_BASE_EJECTION: Duration = Duration::from_secs(30);
+/// `stable.outlier.max_ejection`: the longest an ejection lasts.
+pub const OUTLIER_MAX_EJECTION: Duration = Duration::from_secs(300);
+/// `stable.outlier.max_ejection_percent`: the most endpoints out at once (one
+/// always may be, of two or more; the last never is).
+pub const OUTLIER_MAX_EJECTION_PERCENT: u8 = 50;
 /// `split.canary_fallback`: replay a failed bodiless GET/HEAD/OPTIONS from
 /// the canary on stable (the judge still sees the canary's failure).
 pub const CANARY_FALLBACK: bool = true;

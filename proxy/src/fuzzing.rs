@@ -17,7 +17,8 @@ use crate::http1::head::parse_response;
 use crate::policy::ConnMeta;
 use crate::server::own_h1::{parse, Parsed, Scratch};
 use crate::stats::Stats;
-use crate::worker::{Shared, Worker};
+use crate::upstream::{EndpointSet, OutlierSettings};
+use crate::worker::{Shared, UpstreamLinks, Worker};
 use crate::{HeaderPolicy, ProxyConfig, RouteTable, Routes, Upstream, UpstreamProtocol};
 
 /// The upstream's `host:port` the request encoder is given.
@@ -64,13 +65,26 @@ fn worker_for(policy: &HeaderPolicy) -> Worker {
         upstream,
     );
     config.headers = policy.clone();
+    // Nothing is sent upstream here: the endpoints are never resolved.
+    let endpoints = [&config.stable, &config.canary].map(|upstream| {
+        Arc::new(EndpointSet::new(
+            "fuzz",
+            upstream.targets().to_vec(),
+            None,
+            OutlierSettings::default(),
+            &|_, _| Ok(Vec::new()),
+        ))
+    });
     let now = tokio::time::Instant::now();
     let stats = Stats::new(1, config.window, now);
     let shared = Arc::new(Shared::new(
         config,
         Routes::new(RouteTable::new(0)),
         None,
-        [None, None],
+        UpstreamLinks {
+            endpoints,
+            tls: [None, None],
+        },
         now,
         None,
         None,

@@ -45,7 +45,10 @@ pub use limit::{Rate, RateLimit, RateLimitKey};
 pub use otlp::ExportCounters;
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
 pub use stats::{Stats, WindowSnapshot};
-pub use upstream::{PoolSettings, Upstream, UpstreamProtocol, UpstreamTls, UpstreamUrlError};
+pub use upstream::{
+    EndpointSet, EndpointSnapshot, OutlierSettings, PoolSettings, Upstream, UpstreamProtocol,
+    UpstreamTls, UpstreamUrlError,
+};
 
 /// Which headers serin adds or rewrites.
 #[derive(Clone, Debug)]
@@ -209,6 +212,8 @@ pub struct Proxy {
     tls: Option<tls::Listener>,
     /// Reloads the upstreams' TLS files, when one is `https://`.
     upstream_tls: Option<reload::Reloader>,
+    /// Resolves the upstreams' host names again, when a URL has one.
+    resolver: Option<reload::Reloader>,
 }
 
 impl Proxy {
@@ -235,7 +240,7 @@ impl Proxy {
             upstream
                 .tls
                 .as_ref()
-                .map(|tls| upstream::tls::Origin::load(tls, upstream.host(), upstream.protocol))
+                .map(|tls| upstream::tls::Origin::load(tls, upstream.targets(), upstream.protocol))
                 .transpose()
                 .map(|origin| origin.map(Arc::new))
         });
@@ -243,8 +248,22 @@ impl Proxy {
             [Ok(stable), Ok(canary)] => [stable, canary],
             [Err(e), _] | [_, Err(e)] => return Err(e.into()),
         };
+        let endpoints = [
+            (Target::Stable, &config.stable),
+            (Target::Canary, &config.canary),
+        ]
+        .map(|(target, upstream)| {
+            Arc::new(upstream::EndpointSet::new(
+                target.as_str(),
+                upstream.targets().to_vec(),
+                upstream.tls.as_ref(),
+                upstream.outlier.clone(),
+                &upstream::system_resolve,
+            ))
+        });
+        let resolver = Self::start_resolver(&config, &endpoints)?;
         let now = tokio::time::Instant::now();
-        let mut stats = Stats::new(workers, config.window, now);
+        let mut stats = Stats::new(workers, config.window, now).with_endpoints(endpoints.clone());
         if let Some(tls) = &tls {
             stats = stats.with_tls_reload("listener", tls.counters.clone());
         }
@@ -295,7 +314,10 @@ impl Proxy {
             routes.clone(),
             tls.as_ref()
                 .map(|tls| tokio_rustls::TlsAcceptor::from(tls.config.clone())),
-            origins,
+            worker::UpstreamLinks {
+                endpoints,
+                tls: origins,
+            },
             now,
             log,
             exporter,
@@ -326,7 +348,36 @@ impl Proxy {
             access_log,
             tls,
             upstream_tls,
+            resolver,
         })
+    }
+
+    /// Starts the thread that resolves the upstreams' host names again
+    /// every `resolve_interval`, when a URL has a name.
+    fn start_resolver(
+        config: &ProxyConfig,
+        endpoints: &[Arc<upstream::EndpointSet>; 2],
+    ) -> Result<Option<reload::Reloader>, StartError> {
+        let resolving = endpoints
+            .iter()
+            .filter(|set| set.resolves())
+            .cloned()
+            .collect::<Vec<_>>();
+        if resolving.is_empty() {
+            return Ok(None);
+        }
+        let interval = config
+            .stable
+            .resolve_interval
+            .min(config.canary.resolve_interval);
+        let job = move || {
+            for set in &resolving {
+                set.refresh(&upstream::system_resolve);
+            }
+        };
+        reload::Reloader::spawn("serin-resolve", interval, job)
+            .map(Some)
+            .map_err(StartError::Spawn)
     }
 
     /// The address the listeners are bound to (the real port when 0 was asked).
@@ -357,7 +408,11 @@ impl Proxy {
         let log_writer = self.access_log;
         let tls = self.tls;
         let upstream_tls = self.upstream_tls;
+        let resolver = self.resolver;
         let _ = tokio::task::spawn_blocking(move || {
+            if let Some(resolver) = resolver {
+                resolver.stop();
+            }
             if let Some(tls) = tls {
                 tls.stop();
             }

@@ -706,6 +706,10 @@ fn upstream_failure(e: &UpstreamError) -> (StatusCode, &'static str) {
         | UpstreamError::Handshake { .. } => {
             (StatusCode::BAD_GATEWAY, "serin: upstream connect failed\n")
         }
+        UpstreamError::NoEndpoint { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "serin: the upstream has no address (its host name does not resolve)\n",
+        ),
         UpstreamError::ClientAborted { .. } => (
             StatusCode::BAD_REQUEST,
             "serin: the request body ended early; nothing was counted against the upstream\n",

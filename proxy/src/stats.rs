@@ -13,6 +13,7 @@
 use crate::access_log::AccessLogCounters;
 use crate::otlp::ExportCounters;
 use crate::tls::TlsReloadCounters;
+use crate::upstream::EndpointSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -463,6 +464,9 @@ pub struct Stats {
     /// Reload counters of each set of TLS files, by what they serve:
     /// `listener`, `stable` or `canary`.
     tls_reload: Vec<(&'static str, Arc<TlsReloadCounters>)>,
+    /// Each upstream's endpoints, by [`Target::index`] (none: stats made
+    /// without a proxy).
+    endpoints: Option<[Arc<EndpointSet>; 2]>,
     /// The local rate limit, whose table and refusals are read from its
     /// shards (counted under the lock each refusal takes anyway).
     rate_limiter: Option<Arc<RateLimiter>>,
@@ -482,6 +486,7 @@ impl Stats {
             access_log: None,
             span_export: None,
             tls_reload: Vec::new(),
+            endpoints: None,
             rate_limiter: None,
         }
     }
@@ -495,6 +500,18 @@ impl Stats {
     /// The span exporter's counters, when spans are exported.
     pub fn span_export(&self) -> Option<&ExportCounters> {
         self.span_export.as_deref()
+    }
+
+    /// These stats with the upstreams' endpoints.
+    pub(crate) fn with_endpoints(mut self, endpoints: [Arc<EndpointSet>; 2]) -> Self {
+        self.endpoints = Some(endpoints);
+        self
+    }
+
+    /// The endpoints of `target`'s upstream (none for stats made without a
+    /// proxy).
+    pub fn endpoints(&self, target: Target) -> Option<&EndpointSet> {
+        self.endpoints.as_ref().map(|e| &*e[target.index()])
     }
 
     /// These stats with the reload counters of the TLS files of `files`

@@ -11,6 +11,7 @@
 
 mod body;
 mod connection;
+mod endpoints;
 mod idle;
 mod pool;
 mod socket;
@@ -19,6 +20,7 @@ mod upload;
 
 use std::cell::Cell;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -31,6 +33,8 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 pub(crate) use body::{Copied, ResponseBody, Tunnel, UpstreamResponse};
+pub(crate) use endpoints::{system_resolve, Target};
+pub use endpoints::{EndpointSet, EndpointSnapshot, OutlierSettings};
 pub(crate) use pool::H1Request;
 pub use pool::Pool;
 pub use tls::UpstreamTls;
@@ -59,6 +63,9 @@ pub enum UpstreamUrlError {
     /// Only http and https are proxied to.
     #[error("`{url}` must start with http:// or https://")]
     Scheme { url: String },
+    /// A list mixes http:// and https://.
+    #[error("`{url}` mixes http:// and https://; an upstream's URLs must all be one or the other")]
+    MixedSchemes { url: String },
     /// A path or query would be silently ignored.
     #[error("`{url}` has a path; write only scheme, host and port, e.g. http://127.0.0.1:8080")]
     Path { url: String },
@@ -67,31 +74,69 @@ pub enum UpstreamUrlError {
 /// Where an upstream is and how to talk to it. Built once at start-up.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    /// The URL as the user wrote it (for status output).
+    /// The URL, or comma-separated URLs, as the user wrote them (for status
+    /// output).
     pub url: String,
-    host: String,
-    port: u16,
-    /// `host:port`, used as the `Host` header when `rewrite_host` is on.
+    /// Each URL's host and port: the endpoints' source.
+    targets: Vec<Target>,
+    /// The first URL's `host:port`, used as the `Host` header when
+    /// `rewrite_host` is on.
     pub(crate) authority: HeaderValue,
     /// The protocol spoken to it.
     pub protocol: UpstreamProtocol,
-    /// TLS settings: `Some` exactly for an `https://` URL.
+    /// TLS settings: `Some` exactly for `https://` URLs.
     pub tls: Option<UpstreamTls>,
+    /// How often a host name is resolved again (default 5 s).
+    pub resolve_interval: Duration,
+    /// When an endpoint is taken out of rotation.
+    pub outlier: OutlierSettings,
 }
 
 impl Upstream {
     /// Parses `http://host[:port]` (port 80 by default) or
-    /// `https://host[:port]` (port 443 by default, TLS with default settings).
+    /// `https://host[:port]` (port 443 by default, TLS with default
+    /// settings), or several such URLs separated by commas, all of one
+    /// scheme: an upstream of several endpoints.
     pub fn parse(url: &str, protocol: UpstreamProtocol) -> Result<Self, UpstreamUrlError> {
-        let uri: Uri =
-            url.parse()
-                .map_err(|e: http::uri::InvalidUri| UpstreamUrlError::Invalid {
-                    url: url.to_string(),
-                    reason: e.to_string(),
-                })?;
+        let mut targets = Vec::new();
+        let mut first: Option<(bool, HeaderValue)> = None;
+        for one in url.split(',').map(str::trim) {
+            let (tls, authority, target) = Self::parse_one(one)?;
+            match &first {
+                None => first = Some((tls, authority)),
+                Some((first_tls, _)) if *first_tls != tls => {
+                    return Err(UpstreamUrlError::MixedSchemes {
+                        url: url.to_string(),
+                    })
+                }
+                Some(_) => {}
+            }
+            targets.push(target);
+        }
+        let (tls, authority) = first.expect("split yields at least one part");
+        Ok(Self {
+            url: url.to_string(),
+            targets,
+            authority,
+            protocol,
+            tls: tls.then(UpstreamTls::default),
+            resolve_interval: crate::defaults::RESOLVE_INTERVAL,
+            outlier: OutlierSettings::default(),
+        })
+    }
+
+    /// One URL: whether it is https, its authority, and its target.
+    fn parse_one(url: &str) -> Result<(bool, HeaderValue, Target), UpstreamUrlError> {
+        let invalid = |reason: String| UpstreamUrlError::Invalid {
+            url: url.to_string(),
+            reason,
+        };
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(e.to_string()))?;
         let (tls, default_port) = match uri.scheme_str() {
-            Some("http") => (None, 80),
-            Some("https") => (Some(UpstreamTls::default()), 443),
+            Some("http") => (false, 80),
+            Some("https") => (true, 443),
             _ => {
                 return Err(UpstreamUrlError::Scheme {
                     url: url.to_string(),
@@ -106,41 +151,37 @@ impl Upstream {
                 url: url.to_string(),
             });
         }
-        let authority = uri.authority().ok_or_else(|| UpstreamUrlError::Invalid {
-            url: url.to_string(),
-            reason: "no host".to_string(),
-        })?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = authority.port_u16().unwrap_or(default_port);
-        Ok(Self {
-            url: url.to_string(),
-            authority: HeaderValue::from_str(authority.as_str()).map_err(|e| {
-                UpstreamUrlError::Invalid {
-                    url: url.to_string(),
-                    reason: e.to_string(),
-                }
-            })?,
-            host,
-            port,
-            protocol,
-            tls,
-        })
+        let authority = uri
+            .authority()
+            .ok_or_else(|| invalid("no host".to_string()))?;
+        let target = Target {
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port: authority.port_u16().unwrap_or(default_port),
+        };
+        let header =
+            HeaderValue::from_str(authority.as_str()).map_err(|e| invalid(e.to_string()))?;
+        Ok((tls, header, target))
     }
 
-    /// The URL's host (without brackets for IPv6).
+    /// The first URL's host (without brackets for IPv6).
     pub fn host(&self) -> &str {
-        &self.host
+        &self.targets[0].host
+    }
+
+    /// The hosts of its URLs.
+    pub(crate) fn targets(&self) -> &[Target] {
+        &self.targets
     }
 
     /// Checks that the TLS files of an `https://` upstream load, as serin
     /// would load them (`serin check`).
     pub fn check_tls(&self) -> Result<(), crate::tls::TlsError> {
         match &self.tls {
-            Some(tls) => tls::check(tls, &self.host, self.protocol),
+            Some(tls) => tls::check(tls, &self.targets, self.protocol),
             None => Ok(()),
         }
     }
@@ -173,15 +214,30 @@ impl Default for PoolSettings {
 /// maps it to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// No TCP connection could be made (refused, unreachable, DNS).
-    #[error("connect to {url} failed: {source}")]
-    Connect { url: String, source: io::Error },
-    /// The TCP connect did not finish in time.
-    #[error("connect to {url} timed out after {timeout:?}")]
-    ConnectTimeout { url: String, timeout: Duration },
+    /// The upstream has no address: its host name has not resolved yet.
+    #[error("{url} has no address to connect to (its host name does not resolve)")]
+    NoEndpoint { url: String },
+    /// No TCP connection could be made (refused, unreachable).
+    #[error("connect to {url} ({endpoint}) failed: {source}")]
+    Connect {
+        url: String,
+        endpoint: SocketAddr,
+        source: io::Error,
+    },
+    /// The connect (and TLS handshake) did not finish in time.
+    #[error("connect to {url} ({endpoint}) timed out after {timeout:?}")]
+    ConnectTimeout {
+        url: String,
+        endpoint: SocketAddr,
+        timeout: Duration,
+    },
     /// The TLS handshake failed (certificate not trusted, wrong name, ALPN).
-    #[error("TLS handshake with {url} failed: {source}")]
-    Tls { url: String, source: io::Error },
+    #[error("TLS handshake with {url} ({endpoint}) failed: {source}")]
+    Tls {
+        url: String,
+        endpoint: SocketAddr,
+        source: io::Error,
+    },
     /// The HTTP handshake failed.
     #[error("handshake with {url} failed: {source}")]
     Handshake { url: String, source: hyper::Error },
@@ -351,15 +407,30 @@ mod tests {
 
     #[test]
     fn upstream_urls_are_validated() {
+        let at = |u: &Upstream| {
+            u.targets
+                .iter()
+                .map(|t| (t.host.clone(), t.port))
+                .collect::<Vec<_>>()
+        };
         let u = Upstream::parse("http://127.0.0.1:8080", UpstreamProtocol::Http1).unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 8080));
+        assert_eq!(at(&u), [("127.0.0.1".into(), 8080)]);
         assert_eq!(u.authority, "127.0.0.1:8080");
         let u = Upstream::parse("http://app.ns.svc/", UpstreamProtocol::Http1).unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("app.ns.svc", 80));
+        assert_eq!(at(&u), [("app.ns.svc".into(), 80)]);
         let u = Upstream::parse("http://[::1]:9000", UpstreamProtocol::Http1).unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("::1", 9000));
+        assert_eq!(at(&u), [("::1".into(), 9000)]);
+        let u =
+            Upstream::parse("http://10.0.0.1:81, http://app:82", UpstreamProtocol::Http1).unwrap();
+        assert_eq!(at(&u), [("10.0.0.1".into(), 81), ("app".into(), 82)]);
+        assert_eq!(u.authority, "10.0.0.1:81");
+        assert!(matches!(
+            Upstream::parse("http://a:1,https://b:2", UpstreamProtocol::Http1),
+            Err(UpstreamUrlError::MixedSchemes { .. })
+        ));
+        assert!(Upstream::parse("http://a:1,", UpstreamProtocol::Http1).is_err());
         let u = Upstream::parse("https://app.example", UpstreamProtocol::Http1).unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("app.example", 443));
+        assert_eq!(at(&u), [("app.example".into(), 443)]);
         assert_eq!(u.tls, Some(UpstreamTls::default()));
         assert!(matches!(
             Upstream::parse("ftp://x:1", UpstreamProtocol::Http1),

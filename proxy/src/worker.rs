@@ -26,7 +26,7 @@ use crate::split::{FastRng, LocalRoutes, Target};
 use crate::stats::{UpstreamStats, WorkerStats};
 use crate::trace::TraceContext;
 use crate::upstream::tls::Origin;
-use crate::upstream::{Pool, UpstreamProtocol};
+use crate::upstream::{EndpointSet, Pool, UpstreamProtocol};
 use crate::{ProxyConfig, Routes};
 
 /// What every worker shares (read-only, or atomic).
@@ -42,8 +42,16 @@ pub(crate) struct Shared {
     /// Each upstream's cap on requests in flight (`max_concurrent`), by
     /// [`Target::index`].
     concurrency: [Option<ConcurrencyLimit>; 2],
-    /// Each `https://` upstream's TLS client, by [`Target::index`].
-    origins: [Option<Arc<Origin>>; 2],
+    /// Each upstream's endpoints and TLS client.
+    upstreams: UpstreamLinks,
+}
+
+/// What every worker's pools share of each upstream, by [`Target::index`].
+pub(crate) struct UpstreamLinks {
+    /// Its endpoints.
+    pub(crate) endpoints: [Arc<EndpointSet>; 2],
+    /// Its TLS client, for `https://`.
+    pub(crate) tls: [Option<Arc<Origin>>; 2],
 }
 
 impl Shared {
@@ -53,7 +61,7 @@ impl Shared {
         config: ProxyConfig,
         routes: Routes,
         tls: Option<TlsAcceptor>,
-        origins: [Option<Arc<Origin>>; 2],
+        upstreams: UpstreamLinks,
         now: Instant,
         access_log: Option<Arc<AccessLog>>,
         exporter: Option<Arc<Exporter>>,
@@ -70,7 +78,7 @@ impl Shared {
             config,
             routes,
             tls,
-            origins,
+            upstreams,
             access_log,
             exporter,
         }
@@ -116,13 +124,17 @@ impl Worker {
             pools: [
                 Rc::new(Pool::new(
                     config.stable.clone(),
-                    shared.origins[0].clone(),
+                    shared.upstreams.endpoints[0].clone(),
+                    shared.upstreams.tls[0].clone(),
                     config.pool.clone(),
+                    rng.next_u64(),
                 )),
                 Rc::new(Pool::new(
                     config.canary.clone(),
-                    shared.origins[1].clone(),
+                    shared.upstreams.endpoints[1].clone(),
+                    shared.upstreams.tls[1].clone(),
                     config.pool.clone(),
+                    rng.next_u64(),
                 )),
             ],
             routes: shared.routes.local(),

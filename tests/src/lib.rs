@@ -90,35 +90,50 @@ struct UpstreamState {
 }
 
 /// A scriptable upstream HTTP server (HTTP/1.1 and h2c) on 127.0.0.1.
+/// Dropping it closes its listener and every connection, as a killed
+/// process would.
 pub struct TestUpstream {
     /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<UpstreamState>,
     task: tokio::task::JoinHandle<()>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for TestUpstream {
     fn drop(&mut self) {
         self.task.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
     }
 }
 
 impl TestUpstream {
     /// Starts an upstream whose body is `name`.
     pub async fn start(name: &'static str) -> Self {
-        Self::serve(name, None).await
+        Self::serve(name, "127.0.0.1:0".parse().unwrap(), None).await
+    }
+
+    /// Starts an upstream whose body is `name` on `addr`: e.g. where one
+    /// that was dropped listened, as a restarted process would.
+    pub async fn start_at(name: &'static str, addr: SocketAddr) -> Self {
+        Self::serve(name, addr, None).await
     }
 
     /// Starts an upstream whose body is `name`, speaking TLS with `config`
     /// (its ALPN decides between HTTP/1.1 and HTTP/2).
     pub async fn start_tls(name: &'static str, config: Arc<rustls::ServerConfig>) -> Self {
-        Self::serve(name, Some(tokio_rustls::TlsAcceptor::from(config))).await
+        let addr = "127.0.0.1:0".parse().unwrap();
+        Self::serve(name, addr, Some(tokio_rustls::TlsAcceptor::from(config))).await
     }
 
-    async fn serve(name: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+    async fn serve(
+        name: &'static str,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(UpstreamState {
             name,
@@ -133,6 +148,8 @@ impl TestUpstream {
             failed_handshakes: AtomicU64::new(0),
         });
         let accept_state = state.clone();
+        let connections = Arc::new(Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let tasks = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -142,7 +159,7 @@ impl TestUpstream {
                 accept_state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = accept_state.clone();
                 let tls = tls.clone();
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let Some(tls) = tls else {
@@ -175,9 +192,17 @@ impl TestUpstream {
                         builder.serve_connection_with_upgrades(io, svc).await
                     };
                 });
+                let mut tasks = tasks.lock().unwrap();
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(connection.abort_handle());
             }
         });
-        Self { addr, state, task }
+        Self {
+            addr,
+            state,
+            task,
+            connections,
+        }
     }
 
     /// `http://127.0.0.1:PORT`, or `https://` for a TLS upstream.
@@ -890,8 +915,21 @@ impl SerinProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let state = state_dir.to_str().expect("UTF-8 temp path");
         let (stable, canary) = (stable.url(), canary.url());
+        Self::run_urls(bin, &stable, &canary, state_dir, extra, env).await
+    }
+
+    /// As [`SerinProcess::run_env`], with the upstreams given as `--stable`
+    /// and `--canary` values (e.g. several comma-separated URLs).
+    pub async fn run_urls(
+        bin: &str,
+        stable: &str,
+        canary: &str,
+        state_dir: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let state = state_dir.to_str().expect("UTF-8 temp path");
         let mut args = vec![
             "run",
             "--listen",
@@ -899,9 +937,9 @@ impl SerinProcess {
             "--admin",
             "127.0.0.1:0",
             "--stable",
-            &stable,
+            stable,
             "--canary",
-            &canary,
+            canary,
             "--state-dir",
             state,
         ];

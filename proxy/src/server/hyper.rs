@@ -328,7 +328,7 @@ impl Outgoing<'_> {
                 }
                 // Boxed: h2c's future is large and rare; unboxed it would grow
                 // every request's future.
-                UpstreamProtocol::Http2 => Box::pin(self.send_h2(target, body))
+                UpstreamProtocol::Http2 => Box::pin(self.send_h2(target, body, sent_at))
                     .await
                     .map(Answer::Http2),
             }
@@ -400,6 +400,7 @@ impl Outgoing<'_> {
         &self,
         target: Target,
         body: RequestBody,
+        sent_at: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let pool = self.worker.pool(target);
         let parts = self.parts;
@@ -422,8 +423,13 @@ impl Outgoing<'_> {
             .and_then(|h| h.to_str().ok())
             .unwrap_or("localhost");
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let scheme = if pool.upstream().tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(scheme)
             .authority(authority)
             .path_and_query(path)
             .build()
@@ -433,7 +439,7 @@ impl Outgoing<'_> {
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_2;
         *req.headers_mut() = headers;
-        pool.send_h2(req).await
+        pool.send_h2(req, sent_at).await
     }
 }
 

@@ -8,7 +8,6 @@
 //! end, the connection goes back to its pool; dropped early, it is closed.
 
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -16,7 +15,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use super::connection::Connection;
-use super::idle::IdleConnections;
+use super::idle::Busy;
 use super::socket::UpstreamIo;
 use super::Http1Error;
 use crate::fields::RawFields;
@@ -39,7 +38,7 @@ impl UpstreamResponse {
         head: ResponseHead,
         framing: Framing,
         conn: Connection,
-        idle: Rc<IdleConnections>,
+        busy: Busy,
         reusable: bool,
     ) -> Self {
         let state = match framing {
@@ -54,7 +53,7 @@ impl UpstreamResponse {
             body: ResponseBody {
                 state,
                 conn: Some(conn),
-                idle,
+                busy,
                 reusable: reusable && head.keep_alive,
                 copied: 0,
             },
@@ -162,7 +161,9 @@ pub(crate) struct Tunnel {
 pub(crate) struct ResponseBody {
     state: State,
     conn: Option<Connection>,
-    idle: Rc<IdleConnections>,
+    /// The request's place in its endpoint's in-flight count, and the way
+    /// back to the idle list.
+    busy: Busy,
     /// Keep-alive on both sides and the request fully sent.
     reusable: bool,
     /// Body bytes [`ResponseBody::poll_copy`] has appended so far.
@@ -183,7 +184,7 @@ impl ResponseBody {
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
             if self.reusable {
-                self.idle.checkin(conn);
+                self.busy.idle().checkin(conn);
             }
         }
     }

@@ -1,8 +1,10 @@
-//! The idle HTTP/1.1 connections to one upstream, shared by its pool (which
-//! checks them out) and the response bodies (which check them back in when
-//! they end).
+//! The idle HTTP/1.1 connections to one endpoint of an upstream, shared by
+//! its pool (which checks them out) and the response bodies (which check
+//! them back in when they end), and the worker's requests in flight to it
+//! ([`Busy`]), which the pool's choice between endpoints reads.
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
 use tokio::time::Instant;
 
@@ -18,6 +20,8 @@ struct Idle {
 pub(crate) struct IdleConnections {
     settings: PoolSettings,
     idle: RefCell<Vec<Idle>>,
+    /// This worker's requests in flight to the endpoint.
+    busy: Cell<u32>,
     /// When the latest request through this pool started: the clock for
     /// idle bookkeeping, so it reads no clock of its own. It runs behind by
     /// at most one request, which only makes idle connections expire sooner.
@@ -29,16 +33,14 @@ impl IdleConnections {
         Self {
             settings,
             idle: RefCell::new(Vec::new()),
+            busy: Cell::new(0),
             recent: Cell::new(Instant::now()),
         }
     }
 
-    pub(crate) fn settings(&self) -> &PoolSettings {
-        &self.settings
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.idle.borrow().len()
+    /// This worker's requests in flight to the endpoint.
+    pub(crate) fn busy(&self) -> u32 {
+        self.busy.get()
     }
 
     /// A request starts now.
@@ -74,5 +76,28 @@ impl IdleConnections {
                 since: self.recent.get(),
             });
         }
+    }
+}
+
+/// A request's place in its endpoint's in-flight count, from the choice of
+/// endpoint to the end of the response body (or the failure); given back
+/// when dropped. It also carries the way back to the idle list.
+pub(crate) struct Busy(Rc<IdleConnections>);
+
+impl Busy {
+    pub(crate) fn new(idle: &Rc<IdleConnections>) -> Self {
+        idle.busy.set(idle.busy.get() + 1);
+        Self(idle.clone())
+    }
+
+    /// The endpoint's idle list.
+    pub(crate) fn idle(&self) -> &IdleConnections {
+        &self.0
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.set(self.0.busy.get() - 1);
     }
 }

@@ -32,7 +32,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::UpstreamProtocol;
+use super::{Target, UpstreamProtocol};
 use crate::reload::{FileContents, WatchedFiles};
 use crate::tls::{pem_reason, TlsError, TlsReloadCounters};
 
@@ -67,10 +67,27 @@ impl UpstreamTls {
 
 /// Checks that an upstream's TLS settings load, as serin would load them
 /// (`serin check`).
-pub fn check(tls: &UpstreamTls, host: &str, protocol: UpstreamProtocol) -> Result<(), TlsError> {
+pub(crate) fn check(
+    tls: &UpstreamTls,
+    targets: &[Target],
+    protocol: UpstreamProtocol,
+) -> Result<(), TlsError> {
     let files = WatchedFiles::read(&tls.paths());
-    Origin::server_name(tls, host)?;
+    server_names(tls, targets)?;
     build(tls, &files, &Roots::system(), protocol).map(drop)
+}
+
+/// Checks that each target's host, or `server_name`, can be checked
+/// against a certificate (a DNS name or an IP address).
+fn server_names(tls: &UpstreamTls, targets: &[Target]) -> Result<(), TlsError> {
+    for target in targets {
+        let name = tls.server_name.as_deref().unwrap_or(&target.host);
+        ServerName::try_from(name).map_err(|e| TlsError::ServerName {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// The system's trusted roots, read once.
@@ -166,9 +183,9 @@ fn certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 // === impl Origin ===
 
 /// One upstream's TLS client, shared by every worker's pool: the config new
-/// connections use (swapped on reload) and the name they check.
+/// connections use (swapped on reload). The name each connection checks is
+/// its endpoint's ([`super::endpoints::Endpoint::server_name`]).
 pub(crate) struct Origin {
-    server_name: ServerName<'static>,
     config: ArcSwap<ClientConfig>,
     /// Reloads of this upstream's files, read by [`crate::Stats`].
     pub(crate) counters: Arc<TlsReloadCounters>,
@@ -180,18 +197,18 @@ pub(crate) struct Origin {
 }
 
 impl Origin {
-    /// Loads `tls` for the upstream at `host` (an error stops the start).
+    /// Loads `tls` for the upstream's `targets` (an error stops the start).
     pub(crate) fn load(
         tls: &UpstreamTls,
-        host: &str,
+        targets: &[Target],
         protocol: UpstreamProtocol,
     ) -> Result<Self, TlsError> {
+        server_names(tls, targets)?;
         let paths = tls.paths();
         let contents = WatchedFiles::read(&paths);
         let roots = Roots::system();
         let config = build(tls, &contents, &roots, protocol)?;
         Ok(Self {
-            server_name: Self::server_name(tls, host)?,
             config: ArcSwap::from_pointee(config),
             counters: Arc::default(),
             settings: tls.clone(),
@@ -201,21 +218,14 @@ impl Origin {
         })
     }
 
-    fn server_name(tls: &UpstreamTls, host: &str) -> Result<ServerName<'static>, TlsError> {
-        let name = tls.server_name.as_deref().unwrap_or(host);
-        ServerName::try_from(name.to_string()).map_err(|e| TlsError::ServerName {
-            name: name.to_string(),
-            reason: e.to_string(),
-        })
-    }
-
-    /// Makes a TLS connection over `tcp`.
+    /// Makes a TLS connection over `tcp` to the server named `name`.
     pub(crate) async fn connect(
         &self,
         tcp: TcpStream,
+        name: ServerName<'static>,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let stream = TlsConnector::from(self.config.load_full())
-            .connect(self.server_name.clone(), tcp)
+            .connect(name, tcp)
             .await?;
         let wanted = match self.protocol {
             UpstreamProtocol::Http1 => &b"http/1.1"[..],
