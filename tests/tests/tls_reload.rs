@@ -265,3 +265,49 @@ async fn requests_keep_succeeding_while_the_certificate_rotates() {
     assert!(h.reloads() >= 1);
     assert_eq!(h.failures(), 0);
 }
+
+/// The issue's target: the certificate rotated again and again while h2load
+/// keeps opening TLS connections (HTTP/2 by ALPN) and sending requests; not
+/// one request fails. h2load opens 3 connections every 50 ms, 60 in all,
+/// so the run lasts at least a second and rotations land between and during
+/// handshakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_under_h2load_fail_no_request() {
+    let certs = [TestCert::named("first"), TestCert::named("second")];
+    let mut volume = SecretVolume::new(&certs[0]);
+    let h = Harness::start(volume.files(), &[&certs[0], &certs[1]]).await;
+    let url = format!("https://127.0.0.1:{}/", h.proxy.local_addr().port());
+    let load = tokio::process::Command::new("h2load")
+        .args(["-n", "6000", "-c", "60", "-m", "2", "-r", "3"])
+        .args(["--rate-period", "50ms", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("h2load runs (Debian: apt-get install nghttp2-client)");
+    let mut load = std::pin::pin!(load.wait_with_output());
+    let mut rotations = 0;
+    let output = loop {
+        let reloads = h.reloads();
+        volume.update(&certs[(rotations + 1) % 2]);
+        let reloaded = async {
+            eventually(DEADLINE, "the rotated certificate is loaded", || async {
+                h.reloads() > reloads
+            })
+            .await
+        };
+        tokio::select! {
+            output = &mut load => break output.unwrap(),
+            () = reloaded => rotations += 1,
+        }
+    };
+    let report = String::from_utf8_lossy(&output.stdout);
+    let errors = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{report}{errors}");
+    assert!(
+        report.contains("6000 succeeded, 0 failed, 0 errored, 0 timeout"),
+        "{report}"
+    );
+    assert!(report.contains("status codes: 6000 2xx"), "{report}");
+    assert!(rotations >= 1, "no rotation finished while h2load ran");
+}
