@@ -205,3 +205,37 @@ async fn a_host_name_is_resolved_to_its_addresses() {
         .iter()
         .all(|(s, b)| *s == StatusCode::OK && b == "named"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_killed_and_restarted_while_load_runs() {
+    let ([one, two, three], url) = three().await;
+    let h = std::sync::Arc::new(Harness::start(&url, quick_ejection()).await);
+    let load = tokio::spawn({
+        let h = h.clone();
+        async move { h.load(1200).await }
+    });
+    let addr = two.addr;
+    eventually(DEADLINE, "the load reaches every endpoint", || async {
+        one.requests() > 20 && two.requests() > 20 && three.requests() > 20
+    })
+    .await;
+    drop(two);
+    let served = one.requests() + three.requests();
+    eventually(DEADLINE, "the others carry the load", || async {
+        one.requests() + three.requests() > served + 100
+    })
+    .await;
+    let two = TestUpstream::start_at("two", addr).await;
+    let answers = load.await.unwrap();
+    // The only requests that may fail are the (at most 4) in flight on a
+    // fresh connection to it at the kill; everything else is moved or
+    // replayed.
+    let failed = answers.iter().filter(|(s, _)| *s != StatusCode::OK).count();
+    assert!(failed <= 4, "{failed} failed");
+    assert_eq!(answers.len(), 1200);
+    eventually(DEADLINE, "the restarted endpoint serves again", || async {
+        h.load(8).await;
+        two.requests() > 0
+    })
+    .await;
+}
