@@ -879,11 +879,12 @@ fn upstream(
         None => UpstreamProtocol::default(),
         Some("http1") => UpstreamProtocol::Http1,
         Some("http2" | "h2c") => UpstreamProtocol::Http2,
+        Some("auto") => UpstreamProtocol::Auto,
         Some(other) => {
             return Err(ConfigError::invalid(
                 keys.protocol,
                 format!(
-                    "must be \"http1\" or \"http2\" (got {other:?}); use http2 for gRPC upstreams"
+                    "must be \"http1\", \"http2\" or, for https://, \"auto\" (got {other:?}); use http2 for gRPC upstreams"
                 ),
             ))
         }

@@ -50,8 +50,12 @@ pub enum UpstreamProtocol {
     /// HTTP/1.1 with keep-alive (the default; what most apps speak).
     #[default]
     Http1,
-    /// HTTP/2 with prior knowledge (h2c): needed for gRPC upstreams.
+    /// HTTP/2: with prior knowledge (h2c) over plain TCP, by ALPN `h2`
+    /// over TLS. Needed for gRPC upstreams.
     Http2,
+    /// Over TLS only: whichever ALPN chooses, `h2` or `http/1.1`, learned
+    /// from each worker's first connection (Envoy's `auto_config`).
+    Auto,
 }
 
 /// Why an upstream URL was refused.
@@ -63,6 +67,9 @@ pub enum UpstreamUrlError {
     /// Only http and https are proxied to.
     #[error("`{url}` must start with http:// or https://")]
     Scheme { url: String },
+    /// `protocol = "auto"` needs TLS, where ALPN chooses.
+    #[error("`{url}`: protocol \"auto\" needs https:// (ALPN chooses between h2 and http/1.1); write http1 or http2 for http://")]
+    AutoWithoutTls { url: String },
     /// A list mixes http:// and https://.
     #[error("`{url}` mixes http:// and https://; an upstream's URLs must all be one or the other")]
     MixedSchemes { url: String },
@@ -114,6 +121,11 @@ impl Upstream {
             targets.push(target);
         }
         let (tls, authority) = first.expect("split yields at least one part");
+        if protocol == UpstreamProtocol::Auto && !tls {
+            return Err(UpstreamUrlError::AutoWithoutTls {
+                url: url.to_string(),
+            });
+        }
         Ok(Self {
             url: url.to_string(),
             targets,

@@ -292,3 +292,23 @@ async fn a_changed_ca_is_used_by_new_connections_and_a_bad_one_is_refused() {
     .await;
     assert_eq!(h.get("/").await.body, "stable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_auto_speaks_what_alpn_chooses() {
+    let ca = TestCa::new("upstream ca");
+    let cert = ca.server(&["127.0.0.1"]);
+    for (alpn, h2) in [(&b"h2"[..], true), (&b"http/1.1"[..], false)] {
+        let stable = TestUpstream::start_tls("stable", cert.server_config(&[alpn], None)).await;
+        let h = Harness::start(&stable, UpstreamProtocol::Auto, trusting(&ca), |_| {}).await;
+        let client = http1_client();
+        for _ in 0..20 {
+            assert_eq!(get(&client, &h.url("/"), &[]).await.body, "stable");
+        }
+        assert_eq!(stable.connections(), 1, "the learning connection is used");
+        assert_eq!(stable.http2_connections(), u64::from(h2));
+    }
+    assert!(matches!(
+        Upstream::parse("http://127.0.0.1:1", UpstreamProtocol::Auto),
+        Err(serin_proxy::UpstreamUrlError::AutoWithoutTls { .. })
+    ));
+}

@@ -322,15 +322,19 @@ impl Outgoing<'_> {
         let upstream = pool.upstream();
         let timeout = self.worker.config().response_timeout;
         let send = async {
-            match upstream.protocol {
-                UpstreamProtocol::Http1 => {
-                    self.send_h1(target, body, sent_at).await.map(Answer::Http1)
-                }
-                // Boxed: h2c's future is large and rare; unboxed it would grow
-                // every request's future.
-                UpstreamProtocol::Http2 => Box::pin(self.send_h2(target, body, sent_at))
+            let h2 = match upstream.protocol {
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::Http2 => true,
+                UpstreamProtocol::Auto => pool.speaks_h2(sent_at).await?,
+            };
+            if h2 {
+                // Boxed: HTTP/2's future is large and rare; unboxed it would
+                // grow every request's future.
+                Box::pin(self.send_h2(target, body, sent_at))
                     .await
-                    .map(Answer::Http2),
+                    .map(Answer::Http2)
+            } else {
+                self.send_h1(target, body, sent_at).await.map(Answer::Http1)
             }
         };
         let mut send = std::pin::pin!(send);

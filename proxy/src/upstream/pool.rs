@@ -40,7 +40,10 @@ use super::endpoints::{Endpoint, EndpointSet};
 use super::idle::{Busy, IdleConnections};
 use super::socket::UpstreamIo;
 use super::tls::Origin;
-use super::{Http1Error, PoolSettings, RequestBody, RequestFraming, Upstream, UpstreamError};
+use super::{
+    Http1Error, PoolSettings, RequestBody, RequestFraming, Upstream, UpstreamError,
+    UpstreamProtocol,
+};
 use crate::fields::RawFields;
 use crate::http1::framing::{response_framing, Framing};
 use crate::split::FastRng;
@@ -65,6 +68,9 @@ pub struct Pool {
     locals: RefCell<Vec<Rc<Local>>>,
     seen: Cell<u64>,
     rng: FastRng,
+    /// The protocol spoken: the configured one, or for `auto` what this
+    /// worker's first connection chose (`Auto` until then).
+    protocol: Cell<UpstreamProtocol>,
 }
 
 impl fmt::Debug for Pool {
@@ -98,14 +104,51 @@ impl Pool {
         seed: u64,
     ) -> Self {
         Self {
-            upstream,
             tls,
             endpoints,
             settings,
             locals: RefCell::new(Vec::new()),
             seen: Cell::new(0),
             rng: FastRng::new(seed),
+            protocol: Cell::new(upstream.protocol),
+            upstream,
         }
+    }
+
+    /// Whether requests go over HTTP/2. For a `protocol = "auto"`
+    /// upstream, the first call connects to learn what ALPN chooses, and
+    /// keeps the connection for the request.
+    pub(crate) async fn speaks_h2(&self, now: Instant) -> Result<bool, UpstreamError> {
+        match self.protocol.get() {
+            UpstreamProtocol::Http1 => return Ok(false),
+            UpstreamProtocol::Http2 => return Ok(true),
+            UpstreamProtocol::Auto => {}
+        }
+        let local = self.pick(now, None).ok_or_else(|| self.no_endpoint())?;
+        let io = match self.connect(&local.endpoint).await {
+            Ok(io) => io,
+            Err(e) => {
+                self.endpoints.record(&local.endpoint, true, now);
+                return Err(e);
+            }
+        };
+        // Another request may have learned it meanwhile: this connection
+        // is used all the same.
+        let h2 = io.is_h2();
+        if h2 {
+            let sender = self.handshake_h2(io).await?;
+            *local.shared_h2.borrow_mut() = Some(sender);
+        } else {
+            local.idle.set_now(now);
+            local.idle.checkin(Connection::new(io));
+        }
+        let learned = if h2 {
+            UpstreamProtocol::Http2
+        } else {
+            UpstreamProtocol::Http1
+        };
+        self.protocol.set(learned);
+        Ok(h2)
     }
 
     /// The upstream this pool connects to.
@@ -363,7 +406,7 @@ impl Pool {
             let name = endpoint.server_name.clone().ok_or_else(|| {
                 tls_error(std::io::Error::other("no valid TLS server name for it"))
             })?;
-            match tls.connect(tcp, name).await {
+            match tls.connect(tcp, name, self.protocol.get()).await {
                 Ok(stream) => Ok(UpstreamIo::Tls(Box::new(stream))),
                 Err(source) => Err(tls_error(source)),
             }
@@ -382,7 +425,16 @@ impl Pool {
         &self,
         endpoint: &Endpoint,
     ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-        let io = TokioIo::new(self.connect(endpoint).await?);
+        let io = self.connect(endpoint).await?;
+        self.handshake_h2(io).await
+    }
+
+    /// Starts HTTP/2 on a new connection.
+    async fn handshake_h2(
+        &self,
+        io: UpstreamIo,
+    ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        let io = TokioIo::new(io);
         let (sender, conn) = http2::Builder::new(LocalExec)
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))

@@ -86,6 +86,14 @@ impl UpstreamIo {
         }
     }
 
+    /// Whether ALPN chose HTTP/2 (TLS only).
+    pub(crate) fn is_h2(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(_) => false,
+            UpstreamIo::Tls(tls) => tls.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+
     /// Clears the socket's readable mark after a response was read to its
     /// end (no system call), so that the next exchange and the idle check
     /// can trust it again: without this each request paid one `recv(2)`

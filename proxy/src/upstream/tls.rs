@@ -9,8 +9,9 @@
 //!   names).
 //! - **mTLS:** `cert` and `key` present a client certificate.
 //! - **ALPN** offers only the protocol the upstream is configured to speak
-//!   (`http/1.1`, or `h2` for gRPC); an upstream that picks another is
-//!   refused at the handshake rather than misread.
+//!   (`http/1.1`, or `h2` for gRPC), or both with `protocol = "auto"`; an
+//!   upstream that picks another is refused at the handshake rather than
+//!   misread.
 //! - **Resumption:** every worker's connections to the upstream share one
 //!   in-memory session cache, so a new connection usually resumes
 //!   (an abbreviated handshake) instead of paying for a full one.
@@ -38,6 +39,9 @@ use crate::tls::{pem_reason, TlsError, TlsReloadCounters};
 
 /// Sessions each upstream's cache keeps for resumption.
 const SESSION_CACHE: usize = 256;
+/// ALPN's names of the two protocols.
+const H2: &[u8] = b"h2";
+const HTTP1: &[u8] = b"http/1.1";
 
 /// How serin speaks TLS to an upstream: the `[stable.tls]` / `[canary.tls]`
 /// settings. An `https://` URL has them (all defaulted); `http://` has none.
@@ -161,10 +165,11 @@ fn build(
         }
         _ => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![match protocol {
-        UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
-        UpstreamProtocol::Http2 => b"h2".to_vec(),
-    }];
+    config.alpn_protocols = match protocol {
+        UpstreamProtocol::Http1 => vec![HTTP1.to_vec()],
+        UpstreamProtocol::Http2 => vec![H2.to_vec()],
+        UpstreamProtocol::Auto => vec![H2.to_vec(), HTTP1.to_vec()],
+    };
     config.resumption = Resumption::in_memory_sessions(SESSION_CACHE);
     Ok(config)
 }
@@ -218,25 +223,29 @@ impl Origin {
         })
     }
 
-    /// Makes a TLS connection over `tcp` to the server named `name`.
+    /// Makes a TLS connection over `tcp` to the server named `name`, which
+    /// must speak `protocol` (the configured one, or the one an `auto`
+    /// upstream's first connection chose; `Auto`: either).
     pub(crate) async fn connect(
         &self,
         tcp: TcpStream,
         name: ServerName<'static>,
+        protocol: UpstreamProtocol,
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let stream = TlsConnector::from(self.config.load_full())
             .connect(name, tcp)
             .await?;
-        let wanted = match self.protocol {
-            UpstreamProtocol::Http1 => &b"http/1.1"[..],
-            UpstreamProtocol::Http2 => &b"h2"[..],
+        let wanted = match protocol {
+            UpstreamProtocol::Http1 => HTTP1,
+            UpstreamProtocol::Http2 => H2,
+            UpstreamProtocol::Auto => return Ok(stream),
         };
         match stream.get_ref().1.alpn_protocol() {
             // No ALPN at all: the upstream did not say; speak as configured.
             None => Ok(stream),
             Some(p) if p == wanted => Ok(stream),
             Some(p) => Err(std::io::Error::other(format!(
-                "the upstream chose ALPN protocol {:?}, not the configured {:?}",
+                "the upstream chose ALPN protocol {:?}, not {:?} (the configured one, or what its other connections chose)",
                 String::from_utf8_lossy(p),
                 String::from_utf8_lossy(wanted)
             ))),
