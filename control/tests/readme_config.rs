@@ -86,6 +86,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         override_header,
         override_cookie,
         sticky,
+        sticky_identity,
     } = split;
     let PoolSettings {
         connect_timeout,
@@ -96,6 +97,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         rewrite_host,
         via,
         upstream_header,
+        identity_header,
     } = headers;
     let AdminSettings {
         listen: admin_listen,
@@ -138,6 +140,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "split.override_header" => override_header,
         "split.override_cookie" => override_cookie,
         "split.sticky_cookie / split.sticky_header" => sticky,
+        "split.sticky_identity" => sticky_identity,
         "split.canary_fallback" => canary_fallback,
         "timeouts.connect" => connect_timeout,
         "timeouts.response" => response_timeout,
@@ -152,6 +155,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "headers.rewrite_host" => rewrite_host,
         "headers.via" => via,
         "headers.upstream_header" => upstream_header,
+        "tls.identity_header" => identity_header,
         "tls" => tls,
         "tls.reload_interval" => tls_reload_interval,
         "access_log" => access_log,
@@ -231,6 +235,7 @@ fn the_readme_config_shows_every_key() {
                 override_cookie,
                 sticky_cookie: _, // no default: random split
                 sticky_header: _,
+                sticky_identity,
                 canary_fallback,
             },
         timeouts:
@@ -303,6 +308,7 @@ fn the_readme_config_shows_every_key() {
         ("canary.protocol", canary_protocol.is_some()),
         ("split.override_header", override_header.is_some()),
         ("split.override_cookie", override_cookie.is_some()),
+        ("split.sticky_identity", sticky_identity.is_some()),
         ("split.canary_fallback", canary_fallback.is_some()),
         ("timeouts.connect", connect.is_some()),
         ("timeouts.response", response.is_some()),

@@ -135,6 +135,7 @@ impl SecretVolume {
         TlsFiles {
             cert: self.dir.join("tls.crt"),
             key: self.dir.join("tls.key"),
+            client_auth: None,
         }
     }
 
@@ -159,6 +160,7 @@ async fn replaced_files_serve_new_connections_and_bad_ones_keep_the_last_good_pa
     let files = TlsFiles {
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+        client_auth: None,
     };
     replace(&files.cert, &first.cert_pem);
     replace(&files.key, &first.key_pem);
