@@ -270,7 +270,7 @@ impl Proxy {
         let now = tokio::time::Instant::now();
         let mut stats = Stats::new(workers, config.window, now);
         if let Some(tls) = &tls {
-            stats = stats.with_tls_reload(tls.counters.clone());
+            stats = stats.with_tls_reload(tls.counters().clone());
         }
         let (log, access_log) = match &config.access_log {
             Some(log) => {
@@ -296,7 +296,7 @@ impl Proxy {
         let shared = Arc::new(worker::Shared::new(
             config,
             routes.clone(),
-            tls.as_ref().map(|tls| tls.acceptor.clone()),
+            tls.as_ref().map(tls::Listener::acceptor),
             now,
             log,
             exporter,

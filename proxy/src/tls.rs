@@ -244,12 +244,12 @@ fn identity_of(leaf: &CertificateDer<'_>) -> Option<HeaderValue> {
 
 /// The listener's current rustls config: what a new connection's handshake
 /// uses, loaded once per connection (one atomic load, no lock).
-#[derive(Clone)]
-pub(crate) struct Acceptor(Arc<ArcSwap<ServerConfig>>);
+#[derive(Clone, Debug)]
+pub struct Acceptor(Arc<ArcSwap<ServerConfig>>);
 
 impl Acceptor {
     /// Starts the server side of a handshake on `io` with the current config.
-    pub(crate) fn accept<IO>(&self, io: IO) -> tokio_rustls::Accept<IO>
+    pub fn accept<IO>(&self, io: IO) -> tokio_rustls::Accept<IO>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -257,12 +257,14 @@ impl Acceptor {
     }
 }
 
-/// The listener's TLS, and the thread that reloads its files.
-pub(crate) struct Listener {
+/// A TLS listener's config, and the thread that reloads its files: serin's
+/// client-facing listener, and `serin inject --serve`'s webhook.
+#[derive(Debug)]
+pub struct Listener {
     /// What every handshake uses.
-    pub(crate) acceptor: Acceptor,
+    acceptor: Acceptor,
     /// The reload counters, read by [`crate::Stats`].
-    pub(crate) counters: Arc<TlsReloadCounters>,
+    counters: Arc<TlsReloadCounters>,
     /// Dropped (or sent to) to stop the reload thread.
     stop: Sender<()>,
     reloader: JoinHandle<()>,
@@ -270,8 +272,9 @@ pub(crate) struct Listener {
 
 impl Listener {
     /// Loads the files (an error here stops the start) and starts the
-    /// reload thread, which checks them every `interval`.
-    pub(crate) fn start(files: &TlsFiles, interval: Duration) -> Result<Self, crate::StartError> {
+    /// reload thread, which checks them every `interval`. Dropping the
+    /// listener ends the thread at its next look; [`Listener::stop`] waits.
+    pub fn start(files: &TlsFiles, interval: Duration) -> Result<Self, crate::StartError> {
         let provider = provider();
         let contents = Contents::read(files);
         let key = certified_key(files, &contents, &provider)?;
@@ -306,8 +309,18 @@ impl Listener {
         })
     }
 
+    /// What new connections' handshakes use (its clones follow reloads).
+    pub fn acceptor(&self) -> Acceptor {
+        self.acceptor.clone()
+    }
+
+    /// The reloads loaded and refused so far.
+    pub fn counters(&self) -> &Arc<TlsReloadCounters> {
+        &self.counters
+    }
+
     /// Stops the reload thread and waits for it (at most one file read).
-    pub(crate) fn stop(self) {
+    pub fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.reloader.join();
     }
