@@ -88,6 +88,13 @@ impl Harness {
     /// `cert` if given. A refused handshake shows as an error here or on
     /// the first request (in TLS 1.3 the client finishes first).
     async fn connect(&self, alpn: &[u8], cert: Option<&Issued>) -> Result<Sender, String> {
+        let client = self.client(alpn, cert);
+        self.connect_with(&client).await.map(|(sender, _)| sender)
+    }
+
+    /// A client config trusting the proxy, offering `alpn`, presenting
+    /// `cert` if given; its connections resume the sessions of earlier ones.
+    fn client(&self, alpn: &[u8], cert: Option<&Issued>) -> Arc<rustls::ClientConfig> {
         let roots = {
             let mut roots = rustls::RootCertStore::empty();
             roots.add(self.server_ca.der.clone()).unwrap();
@@ -114,27 +121,37 @@ impl Harness {
             None => builder.with_no_client_auth(),
         };
         client.alpn_protocols = vec![alpn.to_vec()];
+        Arc::new(client)
+    }
+
+    /// A new connection made with `client`, and whether it resumed a session.
+    async fn connect_with(
+        &self,
+        client: &Arc<rustls::ClientConfig>,
+    ) -> Result<(Sender, bool), String> {
         let tcp = tokio::net::TcpStream::connect(self.proxy.local_addr())
             .await
             .unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        let tls = tokio_rustls::TlsConnector::from(client.clone())
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
             .map_err(|e| format!("handshake: {e}"))?;
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let io = TokioIo::new(tls);
-        if alpn == b"h2" {
+        let sender = if client.alpn_protocols[0] == b"h2" {
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(|e| format!("h2 handshake: {e}"))?;
             tokio::spawn(conn);
-            Ok(Sender::H2(sender))
+            Sender::H2(sender)
         } else {
             let (sender, conn) = http1::handshake(io)
                 .await
                 .map_err(|e| format!("h1 handshake: {e}"))?;
             tokio::spawn(conn);
-            Ok(Sender::H1(sender))
-        }
+            Sender::H1(sender)
+        };
+        Ok((sender, resumed))
     }
 
     /// One GET of `path` with `headers` on a new connection.
@@ -319,6 +336,21 @@ async fn the_identity_reaches_the_upstream_and_a_client_cannot_forge_it() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_keeps_its_identity() {
+    let clients = TestCa::new("clients");
+    let h = Harness::start(&clients, ClientAuthMode::Required, |_| {}).await;
+    let client = h.client(b"http/1.1", Some(&clients.client(SPIFFE_A)));
+    let (mut first, resumed) = h.connect_with(&client).await.unwrap();
+    assert!(!resumed);
+    // The session ticket arrives with the first response.
+    first.get("/", &[]).await.unwrap();
+    let (mut second, resumed) = h.connect_with(&client).await.unwrap();
+    assert!(resumed, "the second connection resumed the first's session");
+    let got = second.get("/echo-headers", &[]).await.unwrap();
+    assert_eq!(got.echoed(IDENTITY), [SPIFFE_A], "{}", got.body);
+}
+
 /// Without TLS no connection has an identity, but the header is still
 /// serin's: on its own HTTP/1.1 loop, on hyper's (h2c), and on an HTTP/1.1
 /// connection the own loop hands to hyper (a request with a body).
@@ -413,7 +445,9 @@ async fn a_swapped_client_ca_verifies_new_handshakes_and_a_bad_one_keeps_the_las
     let (first, second) = (TestCa::new("first clients"), TestCa::new("second clients"));
     let h = Harness::start(&first, ClientAuthMode::Required, |_| {}).await;
     let (old_client, new_client) = (first.client(SPIFFE_A), second.client(SPIFFE_B));
-    let mut open = h.connect(b"http/1.1", Some(&old_client)).await.unwrap();
+    // Its session would let a new connection skip the certificate.
+    let resuming = h.client(b"http/1.1", Some(&old_client));
+    let (mut open, _) = h.connect_with(&resuming).await.unwrap();
     assert_eq!(open.get("/", &[]).await.unwrap().status, StatusCode::OK);
     assert!(h.get(b"h2", Some(&new_client), "/", &[]).await.is_err());
 
@@ -429,6 +463,14 @@ async fn a_swapped_client_ca_verifies_new_handshakes_and_a_bad_one_keeps_the_las
     assert!(
         h.get(b"h2", Some(&old_client), "/", &[]).await.is_err(),
         "the removed CA's clients are refused on new connections"
+    );
+    let resumed = match h.connect_with(&resuming).await {
+        Ok((mut sender, resumed)) => sender.get("/", &[]).await.map(|_| resumed),
+        Err(e) => Err(e),
+    };
+    assert!(
+        resumed.is_err(),
+        "a session made under the removed CA was resumed: {resumed:?}"
     );
     let still = open.get("/echo-headers", &[]).await.unwrap();
     assert_eq!(
