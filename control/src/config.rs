@@ -1057,7 +1057,7 @@ fn split_rules(raw: &RawSplit, client_auth: bool) -> Result<SplitRules, ConfigEr
         )),
         (None, None) => None,
     };
-    rules.sticky_identity = raw.sticky_identity.unwrap_or(false);
+    rules.sticky_identity = raw.sticky_identity.unwrap_or(defaults::STICKY_IDENTITY);
     if rules.sticky_identity && !client_auth {
         return Err(ConfigError::invalid(
             "split.sticky_identity",

@@ -198,7 +198,7 @@ impl Default for SplitRules {
             override_header: HeaderName::from_static(OVERRIDE_HEADER),
             override_cookie: OVERRIDE_COOKIE.to_string(),
             sticky: None,
-            sticky_identity: false,
+            sticky_identity: crate::defaults::STICKY_IDENTITY,
         }
     }
 }
