@@ -215,9 +215,16 @@ impl Sender {
             req = req.header(*k, *v);
         }
         let req = req.body(Empty::new()).unwrap();
+        // Once the connection has taken the previous exchange's end.
         let resp = match self {
-            Sender::H1(s) => s.send_request(req).await,
-            Sender::H2(s) => s.send_request(req).await,
+            Sender::H1(s) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
+            Sender::H2(s) => match s.ready().await {
+                Ok(()) => s.send_request(req).await,
+                Err(e) => Err(e),
+            },
         }
         .map_err(|e| format!("request: {e}"))?;
         let status = resp.status();
