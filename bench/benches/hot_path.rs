@@ -37,7 +37,7 @@ fn route_decision(c: &mut Criterion) {
     group.bench_function("load_and_decide/weight", |b| {
         b.iter(|| {
             let table = routes.load();
-            black_box(rules.decide(&table, black_box(&headers), &rng))
+            black_box(rules.decide(&table, black_box(&headers), None, &rng))
         })
     });
     let sticky = SplitRules {
@@ -47,7 +47,7 @@ fn route_decision(c: &mut Criterion) {
     group.bench_function("load_and_decide/sticky_cookie", |b| {
         b.iter(|| {
             let table = routes.load();
-            black_box(sticky.decide(&table, black_box(&headers), &rng))
+            black_box(sticky.decide(&table, black_box(&headers), None, &rng))
         })
     });
     group.finish();
@@ -102,7 +102,7 @@ fn decide_and_record(c: &mut Criterion) {
     let raw = &*req.headers;
     c.bench_function("decide_and_record", |b| {
         b.iter(|| {
-            let (target, _) = local.with(|table| rules.decide(table, black_box(raw), &rng));
+            let (target, _) = local.with(|table| rules.decide(table, black_box(raw), None, &rng));
             worker.upstream(target).record(
                 Instant::now(),
                 black_box(Duration::from_micros(180)),
@@ -113,7 +113,8 @@ fn decide_and_record(c: &mut Criterion) {
     let headers = typical_headers();
     c.bench_function("decide_and_record/header_map", |b| {
         b.iter(|| {
-            let (target, _) = local.with(|table| rules.decide(table, black_box(&headers), &rng));
+            let (target, _) =
+                local.with(|table| rules.decide(table, black_box(&headers), None, &rng));
             worker.upstream(target).record(
                 Instant::now(),
                 black_box(Duration::from_micros(180)),

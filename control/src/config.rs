@@ -20,8 +20,9 @@ use crate::rollout::{basis_points, parse_hold, validate_steps};
 use serin_proxy::access_log::{AccessLogConfig, LineFormat, LogSink, QueryPolicy};
 use serin_proxy::trace::{SpanExport, TraceSettings};
 use serin_proxy::{
-    Classifier, HeaderPolicy, OutlierSettings, PoolSettings, ProxyConfig, Rate, RateLimit,
-    RateLimitKey, SplitRules, StickyKey, Target, TlsFiles, Upstream, UpstreamProtocol, UpstreamTls,
+    Classifier, ClientAuth, ClientAuthMode, HeaderPolicy, OutlierSettings, PoolSettings,
+    ProxyConfig, Rate, RateLimit, RateLimitKey, SplitRules, StickyKey, Target, TlsFiles, Upstream,
+    UpstreamProtocol, UpstreamTls,
 };
 
 /// A configuration problem, with the key it concerns.
@@ -42,8 +43,8 @@ pub enum ConfigError {
     /// A judge or rollout setting the control plane refused (the text names the key).
     #[error("{0}")]
     Policy(String),
-    /// A file the config names (`[tls] cert` or `key`) is unreadable or
-    /// wrong (the text names the file).
+    /// A file the config names (`[tls] cert`, `key` or `client_ca`) is
+    /// unreadable or wrong (the text names the file).
     #[error("`tls`: {0}")]
     Tls(#[from] serin_proxy::tls::TlsError),
     /// A file an `https://` upstream's TLS settings name is unreadable or
@@ -165,6 +166,7 @@ pub struct RawSplit {
     pub override_cookie: Option<String>,
     pub sticky_cookie: Option<String>,
     pub sticky_header: Option<String>,
+    pub sticky_identity: Option<bool>,
     pub canary_fallback: Option<bool>,
 }
 
@@ -209,6 +211,9 @@ pub struct RawTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub reload_interval: Option<String>,
+    pub client_ca: Option<PathBuf>,
+    pub client_auth: Option<String>,
+    pub identity_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -606,9 +611,10 @@ pub const WEBHOOK_EVENTS: [&str; 5] = ["rollback", "promoted", "step", "paused",
 
 impl Config {
     /// Reads the files the config names, as the data plane will when it
-    /// starts: the `[tls]` certificate and key must be a valid pair, and an
-    /// `https://` upstream's CA, client certificate and key must load
-    /// (`serin check`; `serin run` fails the same way when it starts).
+    /// starts: the `[tls]` certificate and key must be a valid pair,
+    /// `client_ca` a bundle of CAs, and an `https://` upstream's CA, client
+    /// certificate and key must load (`serin check`; `serin run` fails the
+    /// same way when it starts).
     pub fn check_files(&self) -> Result<(), ConfigError> {
         if let Some(files) = &self.proxy.tls {
             serin_proxy::tls::check(files)?;
@@ -671,7 +677,8 @@ impl Config {
             .unwrap_or(defaults::CANARY_WEIGHT);
         let canary_weight_bp = percent_to_bp("canary_weight", weight)?;
 
-        let split = split_rules(&raw.split)?;
+        let tls = tls_settings(raw.tls)?;
+        let split = split_rules(&raw.split, tls.client_auth)?;
         let classifier = classifier(&raw.classify)?;
         let t = &raw.timeouts;
         let pool = PoolSettings {
@@ -711,11 +718,6 @@ impl Config {
         let rollout = rollout_settings(&raw.rollout)?;
         let access_log = access_log(raw.access_log, o.access_log.as_deref())?;
         let trace = trace_settings(&raw.trace)?;
-        let tls_reload_interval = duration_or(
-            "tls.reload_interval",
-            raw.tls.as_ref().and_then(|t| t.reload_interval.as_deref()),
-            serin_proxy::defaults::TLS_RELOAD_INTERVAL,
-        )?;
 
         let proxy = ProxyConfig {
             workers,
@@ -738,7 +740,11 @@ impl Config {
                 max_concurrent(Target::Stable, raw.stable.max_concurrent)?,
                 max_concurrent(Target::Canary, raw.canary.max_concurrent)?,
             ],
-            rate_limit: raw.rate_limit.as_ref().map(rate_limit).transpose()?,
+            rate_limit: raw
+                .rate_limit
+                .as_ref()
+                .map(|raw| rate_limit(raw, tls.client_auth))
+                .transpose()?,
             drain_timeout: duration_or(
                 "timeouts.drain",
                 t.drain.as_deref(),
@@ -755,12 +761,10 @@ impl Config {
                     .headers
                     .upstream_header
                     .unwrap_or(defaults::UPSTREAM_HEADER),
+                identity_header: tls.identity_header,
             },
-            tls: raw.tls.map(|t| TlsFiles {
-                cert: t.cert,
-                key: t.key,
-            }),
-            tls_reload_interval,
+            tls: tls.files,
+            tls_reload_interval: tls.reload_interval,
             window: judge.policy.window,
             access_log,
             trace,
@@ -1019,10 +1023,90 @@ fn max_concurrent(
     }
 }
 
+/// `[tls]`, validated: what the data plane gets of it.
+struct TlsSettings {
+    files: Option<TlsFiles>,
+    reload_interval: Duration,
+    identity_header: Option<http::HeaderName>,
+    /// `client_ca` is set: connections may carry a verified identity.
+    client_auth: bool,
+}
+
+fn tls_settings(raw: Option<RawTls>) -> Result<TlsSettings, ConfigError> {
+    let reload_interval = duration_or(
+        "tls.reload_interval",
+        raw.as_ref().and_then(|t| t.reload_interval.as_deref()),
+        serin_proxy::defaults::TLS_RELOAD_INTERVAL,
+    )?;
+    let Some(raw) = raw else {
+        return Ok(TlsSettings {
+            files: None,
+            reload_interval,
+            identity_header: None,
+            client_auth: false,
+        });
+    };
+    let mode = match raw.client_auth.as_deref() {
+        None | Some("required") => ClientAuthMode::Required,
+        Some("optional") => ClientAuthMode::Optional,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "tls.client_auth",
+                format!("must be \"required\" or \"optional\" (got {other:?})"),
+            ))
+        }
+    };
+    let client_auth = match (raw.client_ca, &raw.client_auth) {
+        (Some(ca), _) => Some(ClientAuth { ca, mode }),
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "tls.client_auth",
+                "is set without tls.client_ca; set client_ca to the PEM bundle of the CAs \
+                 that issue client certificates, or remove client_auth",
+            ))
+        }
+        (None, None) => None,
+    };
+    let identity_header = match &raw.identity_header {
+        None => None,
+        Some(_) if client_auth.is_none() => {
+            return Err(ConfigError::invalid(
+                "tls.identity_header",
+                "needs tls.client_ca: the identity comes from a verified client certificate",
+            ))
+        }
+        Some(name) => Some(
+            http::HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .filter(|h| !HeaderPolicy::is_reserved(h))
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        "tls.identity_header",
+                        format!(
+                            "must be a valid header name that serin does not set itself \
+                             (got {name:?}), e.g. \"x-client-identity\""
+                        ),
+                    )
+                })?,
+        ),
+    };
+    Ok(TlsSettings {
+        reload_interval,
+        identity_header,
+        client_auth: client_auth.is_some(),
+        files: Some(TlsFiles {
+            cert: raw.cert,
+            key: raw.key,
+            client_auth,
+        }),
+    })
+}
+
 /// The most keys `rate_limit.max_keys` may ask for (about 100 bytes each).
 const MAX_RATE_LIMIT_KEYS: usize = 10_000_000;
 
-fn rate_limit(raw: &RawRateLimit) -> Result<RateLimit, ConfigError> {
+/// `[rate_limit]`; `client_auth`: `[tls] client_ca` is set.
+fn rate_limit(raw: &RawRateLimit, client_auth: bool) -> Result<RateLimit, ConfigError> {
     let per_second = raw.requests_per_second.ok_or(ConfigError::Missing {
         key: "rate_limit.requests_per_second",
         hint: "set each client key's refill rate, e.g. requests_per_second = 100, \
@@ -1056,7 +1140,7 @@ fn rate_limit(raw: &RawRateLimit) -> Result<RateLimit, ConfigError> {
             })?;
     }
     if let Some(key) = &raw.key {
-        limit.key = rate_limit_key(key)?;
+        limit.key = rate_limit_key(key, client_auth)?;
     }
     if let Some(max_keys) = raw.max_keys {
         limit.max_keys = NonZeroUsize::new(max_keys)
@@ -1074,11 +1158,22 @@ fn rate_limit(raw: &RawRateLimit) -> Result<RateLimit, ConfigError> {
     Ok(limit)
 }
 
-/// `client_ip`, `header:NAME` or `cookie:NAME`.
-fn rate_limit_key(key: &str) -> Result<RateLimitKey, ConfigError> {
+/// `client_ip`, `header:NAME`, `cookie:NAME` or `identity`.
+fn rate_limit_key(key: &str, client_auth: bool) -> Result<RateLimitKey, ConfigError> {
     const KEY: &str = "rate_limit.key";
     if key == "client_ip" {
         return Ok(RateLimitKey::ClientIp);
+    }
+    if key == "identity" {
+        return if client_auth {
+            Ok(RateLimitKey::Identity)
+        } else {
+            Err(ConfigError::invalid(
+                KEY,
+                "is \"identity\", which needs tls.client_ca: the identity comes from a \
+                 verified client certificate",
+            ))
+        };
     }
     if let Some(name) = key.strip_prefix("header:") {
         return http::HeaderName::from_bytes(name.as_bytes())
@@ -1093,13 +1188,14 @@ fn rate_limit_key(key: &str) -> Result<RateLimitKey, ConfigError> {
     Err(ConfigError::invalid(
         KEY,
         format!(
-            "must be \"client_ip\", \"header:NAME\" or \"cookie:NAME\" (got {key:?}), \
-             e.g. \"header:x-api-key\""
+            "must be \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"identity\" \
+             (got {key:?}), e.g. \"header:x-api-key\""
         ),
     ))
 }
 
-fn split_rules(raw: &RawSplit) -> Result<SplitRules, ConfigError> {
+/// `[split]`; `client_auth`: `[tls] client_ca` is set.
+fn split_rules(raw: &RawSplit, client_auth: bool) -> Result<SplitRules, ConfigError> {
     let mut rules = SplitRules::default();
     if let Some(h) = &raw.override_header {
         rules.override_header = http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
@@ -1130,6 +1226,13 @@ fn split_rules(raw: &RawSplit) -> Result<SplitRules, ConfigError> {
         )),
         (None, None) => None,
     };
+    rules.sticky_identity = raw.sticky_identity.unwrap_or(defaults::STICKY_IDENTITY);
+    if rules.sticky_identity && !client_auth {
+        return Err(ConfigError::invalid(
+            "split.sticky_identity",
+            "needs tls.client_ca: the identity comes from a verified client certificate",
+        ));
+    }
     Ok(rules)
 }
 
@@ -1559,6 +1662,74 @@ mod tests {
     }
 
     #[test]
+    fn client_certificates_and_what_their_identity_is_used_for() {
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let mtls = format!("{tls}client_ca = \"ca.pem\"\n");
+        let proxy = |text: &str| load(text, &upstreams()).unwrap().proxy;
+        let client_auth = |text: &str| proxy(text).tls.unwrap().client_auth;
+        assert!(client_auth(tls).is_none());
+        let auth = client_auth(&mtls).unwrap();
+        assert_eq!(
+            (auth.ca, auth.mode),
+            (PathBuf::from("ca.pem"), ClientAuthMode::Required)
+        );
+        let optional = format!("{mtls}client_auth = \"optional\"\n");
+        assert_eq!(
+            client_auth(&optional).unwrap().mode,
+            ClientAuthMode::Optional
+        );
+
+        let uses = format!(
+            "[split]\nsticky_identity = true\n[rate_limit]\nrequests_per_second = 1\n\
+             key = \"identity\"\n{mtls}identity_header = \"X-Client-Identity\"\n"
+        );
+        let p = proxy(&uses);
+        assert!(p.split.sticky_identity);
+        assert_eq!(p.rate_limit.unwrap().key, RateLimitKey::Identity);
+        assert_eq!(
+            p.headers.identity_header.unwrap().as_str(),
+            "x-client-identity"
+        );
+        let off = proxy(&mtls);
+        assert!(!off.split.sticky_identity && off.headers.identity_header.is_none());
+
+        let err = |text: &str| load(text, &upstreams()).unwrap_err().to_string();
+        for (text, says) in [
+            (
+                format!("{tls}client_auth = \"optional\"\n"),
+                "`tls.client_auth` is set without tls.client_ca",
+            ),
+            (
+                format!("{mtls}client_auth = \"maybe\"\n"),
+                "`tls.client_auth` must be \"required\" or \"optional\" (got \"maybe\")",
+            ),
+            (
+                format!("{tls}identity_header = \"x-id\"\n"),
+                "`tls.identity_header` needs tls.client_ca",
+            ),
+            (
+                format!("{mtls}identity_header = \"x-forwarded-for\"\n"),
+                "`tls.identity_header` must be a valid header name that serin does not set itself",
+            ),
+            (
+                format!("{mtls}identity_header = \"bad name\"\n"),
+                "`tls.identity_header` must be a valid header name",
+            ),
+            (
+                "[split]\nsticky_identity = true\n".to_string(),
+                "`split.sticky_identity` needs tls.client_ca",
+            ),
+            (
+                "[rate_limit]\nrequests_per_second = 1\nkey = \"identity\"\n".to_string(),
+                "`rate_limit.key` is \"identity\", which needs tls.client_ca",
+            ),
+        ] {
+            let message = err(&text);
+            assert!(message.contains(says), "{text}: {message}");
+        }
+    }
+
+    #[test]
     fn rate_limit_errors_name_the_key_and_what_to_write() {
         let err = |text: &str| load(text, &upstreams()).unwrap_err().to_string();
         for (text, expected) in [
@@ -1573,7 +1744,7 @@ mod tests {
             ),
             (
                 "requests_per_second = 10\nkey = \"ip\"",
-                "`rate_limit.key` must be \"client_ip\", \"header:NAME\" or \"cookie:NAME\" (got \"ip\")",
+                "`rate_limit.key` must be \"client_ip\", \"header:NAME\", \"cookie:NAME\" or \"identity\" (got \"ip\")",
             ),
             (
                 "requests_per_second = 10\nkey = \"header:x api\"",

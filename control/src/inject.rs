@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 pub use patch::diff as json_patch;
-pub use serve::{review, serve, tls_config};
+pub use serve::{review, serve, tls};
 pub use sidecar::annotations;
 
 /// The image the sidecar runs when `--image` is not given.

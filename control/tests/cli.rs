@@ -1,5 +1,6 @@
-//! The `serin` binary as a user runs it: config errors, `serin check`, and a
-//! SIGTERM that drains in-flight requests before exiting 0.
+//! The `serin` binary as a user runs it: config errors, `serin check`, TLS
+//! (a renewed certificate; client certificates, with curl and openssl
+//! s_client), and a SIGTERM that drains in-flight requests before exiting 0.
 
 use std::process::Command;
 use std::time::Duration;
@@ -164,6 +165,191 @@ fn check_loads_the_tls_files_and_names_the_bad_one() {
     );
 }
 
+/// What a `serin run` of these tests runs with: two test upstreams and a
+/// state directory, kept until the test ends.
+type RunsWith = (TestUpstream, TestUpstream, TempDir);
+
+/// `serin run` with `extra` arguments in front of two test upstreams.
+async fn run_serin(extra: &[&str]) -> (SerinProcess, RunsWith) {
+    let (stable, canary) = (
+        TestUpstream::start("stable").await,
+        TestUpstream::start("canary").await,
+    );
+    let state = temp_dir("run-state");
+    let serin =
+        SerinProcess::run(env!("CARGO_BIN_EXE_serin"), &stable, &canary, &state, extra).await;
+    (serin, (stable, canary, state))
+}
+
+/// `serin run --config file` in front of two test upstreams.
+async fn run_with_config(file: &std::path::Path) -> (SerinProcess, RunsWith) {
+    run_serin(&["--config", file.to_str().unwrap()]).await
+}
+
+#[test]
+fn check_loads_the_client_ca_and_names_it_when_it_is_bad() {
+    let (cert, clients) = (TestCert::generate(), TestCa::new("clients"));
+    let dir = temp_dir("mtlsconfig");
+    let broken = dir.join("broken-ca.pem");
+    std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    let check = |client: &str| {
+        let file = dir.join("serin.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n\
+                 [tls]\ncert = {:?}\nkey = {:?}\n{client}",
+                cert.cert_path, cert.key_path
+            ),
+        )
+        .unwrap();
+        let mut command = serin();
+        command.args(["check", "--config"]).arg(file);
+        command
+    };
+    let good = format!(
+        "client_ca = {:?}\nclient_auth = \"optional\"\n",
+        clients.cert_path
+    );
+    let out = check(&good).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fails_with(
+        &mut check(&format!("client_ca = {broken:?}\n")),
+        &format!(
+            "cannot read the client CA bundle (tls.client_ca) from {}: no \"-----END CERTIFICATE-----\" line",
+            broken.display()
+        ),
+    );
+    fails_with(
+        &mut check(&format!("client_ca = {:?}\n", cert.key_path)),
+        &format!(
+            "(tls.client_ca) from {}: no certificate found",
+            cert.key_path.display()
+        ),
+    );
+    fails_with(
+        &mut check(&format!("client_ca = {:?}\n", dir.join("missing.pem"))),
+        "missing.pem",
+    );
+    fails_with(
+        &mut check("client_auth = \"required\"\n"),
+        "`tls.client_auth` is set without tls.client_ca",
+    );
+}
+
+/// `serin run` with client certificates, as curl and openssl talk to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_client_certificates_serves_curl_and_openssl_a_verified_identity() {
+    let (server_ca, clients) = (TestCa::new("server CA"), TestCa::new("clients"));
+    let server = server_ca.server(&["localhost", "127.0.0.1"]);
+    let spiffe = "spiffe://cluster.local/ns/a/sa/b";
+    let client = clients.client(spiffe);
+    let dir = temp_dir("mtlsrun");
+    let file = dir.join("serin.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+             identity_header = \"x-client-identity\"\n",
+            server.cert_path, server.key_path, clients.cert_path
+        ),
+    )
+    .unwrap();
+    let (serin, _upstreams) = run_with_config(&file).await;
+    let url = format!("https://127.0.0.1:{}/echo-headers", serin.proxy.port());
+    let curl = |with_cert: bool| {
+        let mut curl = tokio::process::Command::new("curl");
+        curl.args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&server_ca.cert_path)
+            .args(["-H", "x-client-identity: forged", &url]);
+        if with_cert {
+            curl.arg("--cert")
+                .arg(&client.cert_path)
+                .arg("--key")
+                .arg(&client.key_path);
+        }
+        curl.output()
+    };
+    let out = curl(true).await.expect("curl is installed");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let identities: Vec<_> = body
+        .lines()
+        .filter(|l| l.starts_with("x-client-identity:"))
+        .collect();
+    assert_eq!(
+        identities,
+        [format!("x-client-identity: {spiffe}")],
+        "{body}"
+    );
+    let out = curl(false).await.unwrap();
+    assert!(!out.status.success(), "served without a client certificate");
+
+    // openssl s_client: the same request with the certificate, and a
+    // handshake without one that the server ends.
+    let s_client = |with_cert: bool| {
+        let mut openssl = tokio::process::Command::new("openssl");
+        openssl
+            .args([
+                "s_client",
+                "-quiet",
+                "-verify_return_error",
+                "-servername",
+                "localhost",
+            ])
+            .args(["-connect", &serin.proxy.to_string(), "-CAfile"])
+            .arg(&server_ca.cert_path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if with_cert {
+            openssl
+                .arg("-cert")
+                .arg(&client.cert_path)
+                .arg("-key")
+                .arg(&client.key_path);
+        }
+        let mut child = openssl.spawn().expect("openssl is installed");
+        let mut stdin = child.stdin.take().unwrap();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let request = "GET /echo-headers HTTP/1.1\r\nHost: localhost\r\n\
+                           x-client-identity: forged\r\nConnection: close\r\n\r\n";
+            // A refused handshake may close the pipe first.
+            let _ = stdin.write_all(request.as_bytes()).await;
+            drop(stdin);
+            tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+                .await
+                .expect("openssl s_client finished")
+                .unwrap()
+        }
+    };
+    let out = s_client(true).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains(&format!("x-client-identity: {spiffe}\n")),
+        "{text}"
+    );
+    assert!(!text.contains("forged"), "{text}");
+    let out = s_client(false).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("HTTP/1.1 200"),
+        "served without a certificate: {text}"
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("certificate required"), "{said}");
+}
+
 #[test]
 fn check_loads_an_https_upstreams_files_and_names_the_bad_one() {
     let ca = TestCa::new("upstream ca");
@@ -234,20 +420,7 @@ async fn run_reloads_a_renewed_certificate_and_counts_a_refused_one() {
         format!("[tls]\ncert = {cert:?}\nkey = {key:?}\nreload_interval = \"50ms\"\n"),
     )
     .unwrap();
-    let (stable, canary) = (
-        TestUpstream::start("stable").await,
-        TestUpstream::start("canary").await,
-    );
-    let state = temp_dir("tlsreload-state");
-    let config = file.to_str().unwrap();
-    let serin = SerinProcess::run(
-        env!("CARGO_BIN_EXE_serin"),
-        &stable,
-        &canary,
-        &state,
-        &["--config", config],
-    )
-    .await;
+    let (serin, _upstreams) = run_with_config(&file).await;
     let admin = serin.admin.expect("the control API's address");
     assert_eq!(
         metric(admin, "serin_tls_reloads_total{files=\"listener\"}").await,
@@ -336,17 +509,7 @@ fn demo_rolls_out_breaks_and_reverts_on_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_subcommands_drive_a_running_serin() {
-    let stable = TestUpstream::start("stable").await;
-    let canary = TestUpstream::start("canary").await;
-    let state = temp_dir("client");
-    let running = SerinProcess::run(
-        env!("CARGO_BIN_EXE_serin"),
-        &stable,
-        &canary,
-        &state,
-        &["--admin-token", "s3cret"],
-    )
-    .await;
+    let (running, _upstreams) = run_serin(&["--admin-token", "s3cret"]).await;
     let admin = running
         .admin
         .expect("control API address printed")

@@ -87,6 +87,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         override_header,
         override_cookie,
         sticky,
+        sticky_identity,
     } = split;
     let PoolSettings {
         connect_timeout,
@@ -97,6 +98,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         rewrite_host,
         via,
         upstream_header,
+        identity_header,
     } = headers;
     let AdminSettings {
         listen: admin_listen,
@@ -145,6 +147,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "split.override_header" => override_header,
         "split.override_cookie" => override_cookie,
         "split.sticky_cookie / split.sticky_header" => sticky,
+        "split.sticky_identity" => sticky_identity,
         "split.canary_fallback" => canary_fallback,
         "timeouts.connect" => connect_timeout,
         "timeouts.response" => response_timeout,
@@ -159,6 +162,7 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "headers.rewrite_host" => rewrite_host,
         "headers.via" => via,
         "headers.upstream_header" => upstream_header,
+        "tls.identity_header" => identity_header,
         "tls" => tls,
         "tls.reload_interval" => tls_reload_interval,
         "access_log" => access_log,
@@ -247,6 +251,7 @@ fn the_readme_config_shows_every_key() {
                 override_cookie,
                 sticky_cookie: _, // no default: random split
                 sticky_header: _,
+                sticky_identity,
                 canary_fallback,
             },
         timeouts:
@@ -337,6 +342,7 @@ fn the_readme_config_shows_every_key() {
         ("canary.resolve_interval", canary_resolve_interval.is_some()),
         ("split.override_header", override_header.is_some()),
         ("split.override_cookie", override_cookie.is_some()),
+        ("split.sticky_identity", sticky_identity.is_some()),
         ("split.canary_fallback", canary_fallback.is_some()),
         ("timeouts.connect", connect.is_some()),
         ("timeouts.response", response.is_some()),

@@ -36,6 +36,7 @@ fuzz_target!(|input: &[u8]| {
             rewrite_host,
             via,
             upstream_header: true,
+            identity_header: None,
         };
         if let RequestHead::Forwarded {
             len,

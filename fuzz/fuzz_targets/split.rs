@@ -3,13 +3,16 @@
 //! Input: two bytes of canary weight (basis points, little-endian), a byte
 //! of rules (bit 0: override header `x-serin-canary` or `x-canary`; bits
 //! 1-2: override cookie; bits 3-4: no sticky key, a sticky cookie, or sticky
-//! header `x-user` or `x-canary`; bits 5-6: sticky cookie), a byte of random
-//! state, then header lines ending in an empty line, as in a request.
+//! header `x-user` or `x-canary`; bits 5-6: sticky cookie; bit 7: the
+//! client certificate's identity first), a byte of random state (when odd,
+//! the connection has a verified identity), then header lines ending in an
+//! empty line, as in a request.
 //!
 //! Properties: it never panics; a closed table sends everything to stable;
 //! an override header, else an override cookie, of `always`/`never` (any
-//! case) wins exactly when the rules say so; otherwise a non-empty sticky
-//! key decides by its bucket alone (the same key, the same target at a given
+//! case) wins exactly when the rules say so; otherwise the identity, when
+//! the rules take it and there is one, else a non-empty sticky key, decides
+//! by its bucket alone (the same key, the same target at a given
 //! weight, whatever the random state, and a canary user stays on the canary
 //! when the weight rises); and the decision is the same on a `HeaderMap`
 //! (hyper's path) as on raw httparse fields (serin's HTTP/1.1 loop).
@@ -42,7 +45,9 @@ fuzz_target!(|input: &[u8]| {
             2 => Some(StickyKey::Header(HeaderName::from_static("x-user"))),
             _ => Some(StickyKey::Header(HeaderName::from_static("x-canary"))),
         },
+        sticky_identity: flags & 0x80 != 0,
     };
+    let identity = (seed & 1 == 1).then_some(&b"spiffe://cluster.local/ns/a/sa/b"[..]);
     let mut slots = [httparse::EMPTY_HEADER; 64];
     let Ok(httparse::Status::Complete((_, raw))) = httparse::parse_headers(lines, &mut slots)
     else {
@@ -65,18 +70,19 @@ fuzz_target!(|input: &[u8]| {
     let closed = RouteTable::closed();
     let rng = FastRng::new(seeds.0);
     assert_eq!(
-        rules.decide(&closed, &map, &rng),
+        rules.decide(&closed, &map, identity, &rng),
         (Target::Stable, Reason::Closed)
     );
 
     let table = RouteTable::new(u16::from_le_bytes([*w0, *w1]));
-    let decided = rules.decide(&table, &map, &FastRng::new(seeds.0));
-    let on_raw = rules.decide(&table, raw, &FastRng::new(seeds.0));
+    let decided = rules.decide(&table, &map, identity, &FastRng::new(seeds.0));
+    let on_raw = rules.decide(&table, raw, identity, &FastRng::new(seeds.0));
     assert_eq!(decided, on_raw, "HeaderMap and raw fields disagree");
 
     let header = map.value(&rules.override_header).and_then(parse_override);
     let by_cookie = cookie(&map, &rules.override_cookie).and_then(parse_override);
     let sticky = match &rules.sticky {
+        _ if rules.sticky_identity && identity.is_some() => identity,
         Some(StickyKey::Header(name)) => map.value(name),
         Some(StickyKey::Cookie(name)) => cookie(&map, name),
         None => None,
@@ -88,10 +94,10 @@ fuzz_target!(|input: &[u8]| {
         (None, None, Some(key)) => {
             let target = at_weight(sticky_bucket(key), table.canary_weight_bp);
             assert_eq!(decided, (target, Reason::Sticky));
-            let other = rules.decide(&table, &map, &FastRng::new(seeds.1));
+            let other = rules.decide(&table, &map, identity, &FastRng::new(seeds.1));
             assert_eq!(other, decided, "a sticky key moved with the random state");
             let higher = RouteTable::new(table.canary_weight_bp.saturating_add(raised));
-            let raised = rules.decide(&higher, &map, &rng);
+            let raised = rules.decide(&higher, &map, identity, &rng);
             if target == Target::Canary {
                 assert_eq!(
                     raised.0,

@@ -32,8 +32,8 @@ pub const MAX_IDLE_PER_UPSTREAM: usize = 256;
 /// section itself is off unless set; its other defaults are in
 /// [`crate::RateLimit::new`]).
 pub const RATE_LIMIT_MAX_KEYS: usize = 100_000;
-/// `tls.reload_interval`: how often the listener's certificate and key
-/// files are read to see whether they changed.
+/// `tls.reload_interval`: how often the listener's certificate, key and
+/// client CA files are read to see whether they changed.
 pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// `stable.resolve_interval`: how often an upstream URL's host name is
 /// resolved again (its addresses are its endpoints).
@@ -52,6 +52,9 @@ pub const OUTLIER_MAX_EJECTION_PERCENT: u8 = 50;
 /// `split.canary_fallback`: replay a failed bodiless GET/HEAD/OPTIONS from
 /// the canary on stable (the judge still sees the canary's failure).
 pub const CANARY_FALLBACK: bool = true;
+/// `split.sticky_identity`: the verified client certificate's identity is
+/// the sticky key (off; it needs `tls.client_ca`).
+pub const STICKY_IDENTITY: bool = false;
 /// `headers.rewrite_host`: replace the client's `Host` with the upstream's
 /// (off: the client's `Host` is kept, as NGINX ingress does).
 pub const REWRITE_HOST: bool = false;

@@ -99,6 +99,7 @@ pub fn forward_request_head(input: &[u8], policy: &HeaderPolicy) -> RequestHead 
         peer: CLIENT_IP.parse().expect("an address"),
         client_ip: HeaderValue::from_static(CLIENT_IP),
         proto: HeaderValue::from_static(CLIENT_PROTO),
+        identity: None,
     };
     WORKERS.with(|workers| {
         let mut workers = workers.borrow_mut();
@@ -129,7 +130,8 @@ pub fn forward_request_head(input: &[u8], policy: &HeaderPolicy) -> RequestHead 
 }
 
 fn same_policy(a: &HeaderPolicy, b: &HeaderPolicy) -> bool {
-    (a.rewrite_host, a.via, a.upstream_header) == (b.rewrite_host, b.via, b.upstream_header)
+    (a.rewrite_host, a.via, a.upstream_header, &a.identity_header)
+        == (b.rewrite_host, b.via, b.upstream_header, &b.identity_header)
 }
 
 /// How a response body is delimited.

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use http::HeaderName;
 use tokio::sync::watch;
 
 pub use classify::Classifier;
@@ -61,6 +62,10 @@ pub struct HeaderPolicy {
     /// Tell the client which upstream answered, in `x-serin-upstream`
     /// (default true).
     pub upstream_header: bool,
+    /// The request header that carries the verified client certificate's
+    /// identity to the upstream (default none). Every copy a client sends
+    /// is removed, on every connection, so a client cannot forge it.
+    pub identity_header: Option<HeaderName>,
 }
 
 impl Default for HeaderPolicy {
@@ -69,7 +74,18 @@ impl Default for HeaderPolicy {
             rewrite_host: defaults::REWRITE_HOST,
             via: defaults::VIA,
             upstream_header: defaults::UPSTREAM_HEADER,
+            identity_header: None,
         }
+    }
+}
+
+impl HeaderPolicy {
+    /// Whether serin writes or drops request header `name` by a rule of
+    /// its own (hop-by-hop fields, `Host`, `X-Forwarded-*`, the request id,
+    /// `traceparent`, `x-serin-*`…): such a header cannot also be the
+    /// identity header.
+    pub fn is_reserved(name: &HeaderName) -> bool {
+        policy::is_reserved(name.as_str().as_bytes())
     }
 }
 
@@ -80,6 +96,29 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// Client certificates to ask for and verify (default none).
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client-certificate authentication on the listener (mTLS).
+#[derive(Clone, Debug)]
+pub struct ClientAuth {
+    /// PEM bundle of the CAs that issue client certificates; reloaded with
+    /// the certificate.
+    pub ca: PathBuf,
+    /// Whether a client must present a certificate.
+    pub mode: ClientAuthMode,
+}
+
+/// Whether a client must present a certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    /// A handshake without a valid client certificate fails (the default).
+    #[default]
+    Required,
+    /// A client without a certificate is served; one that presents a
+    /// certificate the CAs did not issue fails the handshake.
+    Optional,
 }
 
 /// Everything the data plane needs, validated by the caller.
@@ -265,7 +304,7 @@ impl Proxy {
         let now = tokio::time::Instant::now();
         let mut stats = Stats::new(workers, config.window, now).with_endpoints(endpoints.clone());
         if let Some(tls) = &tls {
-            stats = stats.with_tls_reload("listener", tls.counters.clone());
+            stats = stats.with_tls_reload("listener", tls.counters().clone());
         }
         for (target, origin) in Target::ALL.into_iter().zip(&origins) {
             if let Some(origin) = origin {
@@ -312,8 +351,7 @@ impl Proxy {
         let shared = Arc::new(worker::Shared::new(
             config,
             routes.clone(),
-            tls.as_ref()
-                .map(|tls| tokio_rustls::TlsAcceptor::from(tls.config.clone())),
+            tls.as_ref().map(tls::Listener::acceptor),
             worker::UpstreamLinks {
                 endpoints,
                 tls: origins,

@@ -70,6 +70,8 @@ pub enum RateLimitKey {
     Header(HeaderName),
     /// The value of this cookie.
     Cookie(String),
+    /// The verified client certificate's identity (`[tls] client_ca`).
+    Identity,
 }
 
 /// The local rate limit: one token bucket per client key.
@@ -82,7 +84,8 @@ pub struct RateLimit {
     /// [`RateLimit::MAX_BURST`]).
     pub burst: NonZeroU32,
     /// What requests are counted by (default the client's address). Requests
-    /// that lack the header or cookie, or send it empty, share one bucket.
+    /// that lack the header, cookie or client certificate, or send it
+    /// empty, share one bucket.
     pub key: RateLimitKey,
     /// Keys tracked at once (default [`defaults::RATE_LIMIT_MAX_KEYS`]); a
     /// new key beyond them replaces the least recently used one, which
@@ -330,13 +333,15 @@ impl RateLimiter {
         }
     }
 
-    /// Takes a token from the bucket of the request's key (its `fields`, or
-    /// the `client` address it comes from), or says in how many whole
-    /// seconds the bucket will have one.
+    /// Takes a token from the bucket of the request's key (its `fields`, the
+    /// `client` address it comes from, or the connection's verified
+    /// `identity`), or says in how many whole seconds the bucket will have
+    /// one.
     pub(crate) fn take<F: Fields + ?Sized>(
         &self,
         fields: &F,
         client: IpAddr,
+        identity: Option<&[u8]>,
         now: Instant,
     ) -> Result<(), u32> {
         let mut address = [0u8; 16];
@@ -353,6 +358,7 @@ impl RateLimiter {
             },
             RateLimitKey::Header(name) => fields.value(name).unwrap_or_default(),
             RateLimitKey::Cookie(name) => cookie(fields, name).unwrap_or_default(),
+            RateLimitKey::Identity => identity.unwrap_or_default(),
         };
         self.take_key(key, now)
     }
@@ -560,33 +566,43 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn keys_come_from_the_address_a_header_or_a_cookie() {
+    async fn keys_come_from_the_address_a_header_a_cookie_or_the_identity() {
         let v4: IpAddr = "192.0.2.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         let none = HeaderMap::new();
         let by_ip = limiter(1.0, 1, 10);
-        assert_eq!(by_ip.take(&none, v4, Instant::now()), Ok(()));
-        assert_eq!(by_ip.take(&none, mapped, Instant::now()), Err(1));
-        assert_eq!(by_ip.take(&none, other, Instant::now()), Ok(()));
+        assert_eq!(by_ip.take(&none, v4, None, Instant::now()), Ok(()));
+        assert_eq!(by_ip.take(&none, mapped, None, Instant::now()), Err(1));
+        assert_eq!(by_ip.take(&none, other, None, Instant::now()), Ok(()));
 
         let mut by_header = limiter(1.0, 1, 10);
         by_header.key = RateLimitKey::Header(HeaderName::from_static("x-api-key"));
         let mut alice = HeaderMap::new();
         alice.insert("x-api-key", "alice".parse().unwrap());
-        assert_eq!(by_header.take(&alice, v4, Instant::now()), Ok(()));
-        assert_eq!(by_header.take(&alice, other, Instant::now()), Err(1));
+        assert_eq!(by_header.take(&alice, v4, None, Instant::now()), Ok(()));
+        assert_eq!(by_header.take(&alice, other, None, Instant::now()), Err(1));
         // Requests without the header share one bucket.
-        assert_eq!(by_header.take(&none, v4, Instant::now()), Ok(()));
-        assert_eq!(by_header.take(&none, other, Instant::now()), Err(1));
+        assert_eq!(by_header.take(&none, v4, None, Instant::now()), Ok(()));
+        assert_eq!(by_header.take(&none, other, None, Instant::now()), Err(1));
 
         let mut by_cookie = limiter(1.0, 1, 10);
         by_cookie.key = RateLimitKey::Cookie("session".into());
         let mut s1 = HeaderMap::new();
         s1.insert("cookie", "a=1; session=s1".parse().unwrap());
-        assert_eq!(by_cookie.take(&s1, v4, Instant::now()), Ok(()));
-        assert_eq!(by_cookie.take(&s1, other, Instant::now()), Err(1));
-        assert_eq!(by_cookie.take(&alice, v4, Instant::now()), Ok(()));
+        assert_eq!(by_cookie.take(&s1, v4, None, Instant::now()), Ok(()));
+        assert_eq!(by_cookie.take(&s1, other, None, Instant::now()), Err(1));
+        assert_eq!(by_cookie.take(&alice, v4, None, Instant::now()), Ok(()));
+
+        let mut by_identity = limiter(1.0, 1, 10);
+        by_identity.key = RateLimitKey::Identity;
+        let (a, b) = (Some(&b"spiffe://a"[..]), Some(&b"spiffe://b"[..]));
+        assert_eq!(by_identity.take(&alice, v4, a, Instant::now()), Ok(()));
+        assert_eq!(by_identity.take(&none, other, a, Instant::now()), Err(1));
+        assert_eq!(by_identity.take(&alice, v4, b, Instant::now()), Ok(()));
+        // Clients without a certificate share one bucket.
+        assert_eq!(by_identity.take(&alice, v4, None, Instant::now()), Ok(()));
+        assert_eq!(by_identity.take(&none, other, None, Instant::now()), Err(1));
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //!    [`crate::outcome::OutcomeRecord`], once the split has picked it.
 //! 2. [`write_request_fields`]: hop-by-hop fields out, every field named in
 //!    `Connection` out (no cap), `Host`, `X-Forwarded-For`/`-Proto`, `Via`,
-//!    `Max-Forwards` and the request id.
+//!    `Max-Forwards`, the request id, and the client certificate's identity
+//!    header (every copy the client sent out; serin's in).
 //! 3. [`may_fall_back`] and [`canary_failed`]: the canary fallback.
 //! 4. [`write_response_fields`]: the same hop-by-hop rules on the way back,
 //!    serin's own `x-serin-*` fields, and the request id.
@@ -52,6 +53,17 @@ pub(crate) struct ConnMeta {
     pub(crate) client_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub(crate) proto: HeaderValue,
+    /// The verified client certificate's identity (see
+    /// [`crate::tls::client_identity`]), read once at the handshake.
+    pub(crate) identity: Option<HeaderValue>,
+}
+
+impl ConnMeta {
+    /// The client's verified identity, if it has one.
+    #[inline]
+    pub(crate) fn identity(&self) -> Option<&[u8]> {
+        self.identity.as_ref().map(HeaderValue::as_bytes)
+    }
 }
 
 static MAX_FORWARDS: HeaderName = HeaderName::from_static("max-forwards");
@@ -127,12 +139,12 @@ pub(crate) fn admit<F: Fields + ?Sized>(
 pub(crate) fn limit_rate<F: Fields + ?Sized>(
     limiter: Option<&RateLimiter>,
     fields: &F,
-    client: IpAddr,
+    conn: &ConnMeta,
 ) -> Result<(), Refusal> {
     match limiter {
         None => Ok(()),
         Some(limiter) => limiter
-            .take(fields, client, Instant::now())
+            .take(fields, conn.peer, conn.identity(), Instant::now())
             .map_err(|retry_after| Refusal::RateLimited { retry_after }),
     }
 }
@@ -295,6 +307,11 @@ enum Special {
     Other,
 }
 
+/// Whether serin writes or drops request field `name` by a rule of its own.
+pub(crate) fn is_reserved(name: &[u8]) -> bool {
+    special(name) != Special::Other
+}
+
 fn special(name: &[u8]) -> Special {
     let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
     match name.len() {
@@ -331,7 +348,16 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
     let mut has_host = false;
     let mut has_forwarded_for = false;
     let mut replaced_max_forwards = false;
+    let identity_header = headers
+        .identity_header
+        .as_ref()
+        .map(|h| h.as_str().as_bytes());
     for (name, value) in fields.each() {
+        // Only serin says who the client is: every copy the client sent,
+        // on every connection, TLS or not, with a certificate or without.
+        if identity_header.is_some_and(|h| name.eq_ignore_ascii_case(h)) {
+            continue;
+        }
         let kind = special(name);
         // A field the client named in `Connection` is hop-by-hop, whatever
         // it is; but `te: trailers` is named there by design, and the
@@ -399,6 +425,9 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
         out.field(b"x-forwarded-for", client_ip);
     }
     out.field(b"x-forwarded-proto", fwd.conn.proto.as_bytes());
+    if let (Some(name), Some(identity)) = (identity_header, fwd.conn.identity()) {
+        out.field(name, identity);
+    }
     if let Some(id) = fwd.generated_id {
         out.field(b"x-request-id", id);
     }
@@ -774,18 +803,28 @@ mod tests {
     }
 
     fn forwarded_with_trace(head: &[u8], traceparent: Option<&[u8]>) -> String {
-        let config = config();
+        forwarded_by(&config(), None, head, traceparent)
+    }
+
+    /// What the upstream gets of `head` from a client with `identity`.
+    fn forwarded_by(
+        config: &ProxyConfig,
+        identity: Option<&'static str>,
+        head: &[u8],
+        traceparent: Option<&[u8]>,
+    ) -> String {
         let conn = ConnMeta {
             peer: "192.0.2.1".parse().unwrap(),
             client_ip: HeaderValue::from_static("192.0.2.1"),
             proto: HeaderValue::from_static("http"),
+            identity: identity.map(HeaderValue::from_static),
         };
         let mut out = Vec::new();
         parsed(head, |fields| {
             let fwd = Forwarding {
                 conn: &conn,
                 version: Version::HTTP_11,
-                config: &config,
+                config,
                 admitted: Admitted::default(),
                 authority: None,
                 upstream_authority: b"up.test:81",
@@ -811,6 +850,38 @@ mod tests {
         );
         let kept = forwarded(head);
         assert!(kept.contains("traceparent: bad\r\n") && kept.contains("Traceparent: worse\r\n"));
+    }
+
+    #[test]
+    fn the_identity_header_carries_only_the_verified_identity() {
+        let mut config = config();
+        config.headers.identity_header = Some(HeaderName::from_static("x-client-identity"));
+        let head = b"GET / HTTP/1.1\r\nHost: app\r\nX-Client-Identity: forged\r\n\
+                     x-client-identity: again\r\nConnection: x-client-identity\r\n\r\n";
+        let spiffe = "spiffe://cluster.local/ns/a/sa/b";
+        assert_eq!(
+            forwarded_by(&config, Some(spiffe), head, None),
+            format!(
+                "Host: app\r\nx-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: http\r\n\
+                 x-client-identity: {spiffe}\r\n"
+            )
+        );
+        let anonymous = forwarded_by(&config, None, head, None);
+        assert!(
+            !anonymous.to_ascii_lowercase().contains("identity"),
+            "{anonymous}"
+        );
+        // Without the setting the header is the client's, like any other.
+        let kept = forwarded_by(
+            &self::config(),
+            Some(spiffe),
+            b"GET / HTTP/1.1\r\nHost: app\r\nx-client-identity: mine\r\n\r\n",
+            None,
+        );
+        assert!(kept.contains("x-client-identity: mine\r\n"), "{kept}");
+        assert!(!kept.contains(spiffe), "{kept}");
+        assert!(is_reserved(b"X-Forwarded-For") && is_reserved(b"x-serin-upstream"));
+        assert!(!is_reserved(b"x-client-identity"));
     }
 
     #[test]

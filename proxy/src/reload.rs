@@ -7,7 +7,10 @@
 //! whether their contents changed. Contents are compared, not modification
 //! times (a symlink swap keeps the old file's time), and read twice: files
 //! that change between the two reads are caught half-written and left for
-//! the next look. Nothing here is on the request path.
+//! the next look. The listener's certificate, key and client CA
+//! (`serin-tls-reload`), the upstreams' TLS files (`serin-upstream-tls`) and
+//! their host names (`serin-resolve`) each have such a thread. Nothing here
+//! is on the request path.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -52,7 +55,9 @@ impl WatchedFiles {
     }
 }
 
-/// A thread that runs a job every interval until stopped.
+/// A thread that runs a job every interval until stopped (or dropped: the
+/// thread then ends at its next look).
+#[derive(Debug)]
 pub(crate) struct Reloader {
     /// Dropped (or sent to) to stop the thread.
     stop: Sender<()>,

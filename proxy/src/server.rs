@@ -33,6 +33,7 @@ use crate::access_log::FLUSH_INTERVAL;
 use crate::http1::head::MAX_FIELDS;
 use crate::policy::ConnMeta;
 use crate::stats::WorkerStats;
+use crate::tls;
 use crate::worker::{Shared, Worker};
 use crate::{LocalExec, ProxyConfig};
 use rewind::Rewind;
@@ -202,31 +203,25 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
 ) {
-    let tls = worker.shared.tls.clone();
-    let meta = Rc::new(ConnMeta {
-        peer: peer.ip(),
-        client_ip: HeaderValue::from_str(&peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-        proto: HeaderValue::from_static(if tls.is_some() { "https" } else { "http" }),
-    });
-    let mut shutdown = shutdown;
-    let mut stream = stream;
-    let read_so_far = if tls.is_none() && worker.own_h1 {
-        match own_h1::serve(&worker, &meta, &mut stream, &mut shutdown).await {
-            Some(read) => read.freeze(),
-            None => return,
-        }
-    } else {
-        bytes::Bytes::new()
-    };
-    let service =
-        ::hyper::service::service_fn(move |req| hyper::proxy(worker.clone(), meta.clone(), req));
-    let result = match tls {
-        // Boxed: hyper's connection state is large, and most connections
-        // never leave serin's own loop.
+    let result = match worker.shared.tls.clone() {
         None => {
+            let meta = conn_meta(peer, "http", None);
+            let (mut shutdown, mut stream) = (shutdown, stream);
+            let read_so_far = if worker.own_h1 {
+                match own_h1::serve(&worker, &meta, &mut stream, &mut shutdown).await {
+                    Some(read) => read.freeze(),
+                    None => return,
+                }
+            } else {
+                bytes::Bytes::new()
+            };
+            // Boxed: hyper's connection state is large, and most connections
+            // never leave serin's own loop.
             Box::pin(async move {
                 let io = TokioIo::new(Rewind::new(read_so_far, stream));
+                let service = ::hyper::service::service_fn(move |req| {
+                    hyper::proxy(worker.clone(), meta.clone(), req)
+                });
                 let conn = builder.serve_connection_with_upgrades(io, service);
                 until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
             })
@@ -249,6 +244,12 @@ async fn serve_connection(
                         return Ok(());
                     }
                 };
+                // Read once here; every request on the connection carries it.
+                let identity = tls::client_identity(stream.get_ref().1);
+                let meta = conn_meta(peer, "https", identity);
+                let service = ::hyper::service::service_fn(move |req| {
+                    hyper::proxy(worker.clone(), meta.clone(), req)
+                });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
             })
@@ -258,4 +259,16 @@ async fn serve_connection(
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
+}
+
+/// What the policy needs to know of a connection from `peer`, spoken over
+/// `proto` (`http` or `https`) by a client with this verified identity.
+fn conn_meta(peer: SocketAddr, proto: &'static str, identity: Option<HeaderValue>) -> Rc<ConnMeta> {
+    Rc::new(ConnMeta {
+        peer: peer.ip(),
+        client_ip: HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        proto: HeaderValue::from_static(proto),
+        identity,
+    })
 }

@@ -8,7 +8,9 @@
 //! The decision, in order (NGINX's precedence):
 //! 1. override header `x-serin-canary: always|never`;
 //! 2. override cookie `serin-canary=always|never`;
-//! 3. sticky key (a configured cookie or header) hashed to a bucket 0..9999;
+//! 3. sticky key hashed to a bucket 0..9999: the client certificate's
+//!    verified identity when `sticky_identity` is on and the connection has
+//!    one, else a configured cookie or header;
 //! 4. a random bucket 0..9999.
 //!
 //! A rolled-back canary is closed: every request goes to stable, overrides
@@ -185,6 +187,9 @@ pub struct SplitRules {
     pub override_cookie: String,
     /// Sticky key, if any (default none: every request is split at random).
     pub sticky: Option<StickyKey>,
+    /// The verified client certificate's identity is the sticky key when the
+    /// connection has one, before [`SplitRules::sticky`] (default false).
+    pub sticky_identity: bool,
 }
 
 impl Default for SplitRules {
@@ -193,17 +198,20 @@ impl Default for SplitRules {
             override_header: HeaderName::from_static(OVERRIDE_HEADER),
             override_cookie: OVERRIDE_COOKIE.to_string(),
             sticky: None,
+            sticky_identity: crate::defaults::STICKY_IDENTITY,
         }
     }
 }
 
 impl SplitRules {
-    /// Picks the upstream for a request with these headers.
+    /// Picks the upstream for a request with these headers, on a connection
+    /// whose client certificate gave this verified `identity`.
     #[inline]
     pub fn decide<H: Fields + ?Sized>(
         &self,
         table: &RouteTable,
         headers: &H,
+        identity: Option<&[u8]>,
         rng: &FastRng,
     ) -> (Target, Reason) {
         if table.closed {
@@ -219,6 +227,7 @@ impl SplitRules {
             return (t, Reason::Cookie);
         }
         let sticky = match &self.sticky {
+            _ if self.sticky_identity && identity.is_some() => identity,
             Some(StickyKey::Header(name)) => headers.value(name),
             Some(StickyKey::Cookie(name)) => cookie(headers, name),
             None => None,
@@ -347,11 +356,11 @@ mod tests {
         let none = headers(&[]);
         for _ in 0..10_000 {
             assert_eq!(
-                rules.decide(&RouteTable::new(0), &none, &rng).0,
+                rules.decide(&RouteTable::new(0), &none, None, &rng).0,
                 Target::Stable
             );
             assert_eq!(
-                rules.decide(&RouteTable::new(10_000), &none, &rng).0,
+                rules.decide(&RouteTable::new(10_000), &none, None, &rng).0,
                 Target::Canary
             );
         }
@@ -366,7 +375,7 @@ mod tests {
             let table = RouteTable::new(bp);
             let n = 200_000;
             let canary = (0..n)
-                .filter(|_| rules.decide(&table, &none, &rng).0 == Target::Canary)
+                .filter(|_| rules.decide(&table, &none, None, &rng).0 == Target::Canary)
                 .count();
             let share = canary as f64 / n as f64;
             let want = f64::from(bp) / 10_000.0;
@@ -388,12 +397,12 @@ mod tests {
             ("cookie", "serin-canary=never"),
         ]);
         assert_eq!(
-            rules.decide(&zero, &h, &rng),
+            rules.decide(&zero, &h, None, &rng),
             (Target::Canary, Reason::Header)
         );
         let h = headers(&[("cookie", "a=1; serin-canary=never; user=bob")]);
         assert_eq!(
-            rules.decide(&full, &h, &rng),
+            rules.decide(&full, &h, None, &rng),
             (Target::Stable, Reason::Cookie)
         );
         // An unknown override value falls through to the next rule.
@@ -402,12 +411,12 @@ mod tests {
             ("cookie", "serin-canary=always"),
         ]);
         assert_eq!(
-            rules.decide(&zero, &h, &rng),
+            rules.decide(&zero, &h, None, &rng),
             (Target::Canary, Reason::Cookie)
         );
         let h = headers(&[("x-serin-canary", "maybe"), ("cookie", "user=bob")]);
         assert_eq!(
-            rules.decide(&full, &h, &rng),
+            rules.decide(&full, &h, None, &rng),
             (Target::Canary, Reason::Sticky)
         );
         // A rolled-back canary is closed to overrides too.
@@ -416,8 +425,49 @@ mod tests {
             ("cookie", "serin-canary=always"),
         ]);
         assert_eq!(
-            rules.decide(&RouteTable::closed(), &h, &rng),
+            rules.decide(&RouteTable::closed(), &h, None, &rng),
             (Target::Stable, Reason::Closed)
+        );
+    }
+
+    #[test]
+    fn the_verified_identity_is_the_sticky_key_after_the_overrides_and_before_a_cookie() {
+        let rules = SplitRules {
+            sticky: Some(StickyKey::Cookie("user".into())),
+            sticky_identity: true,
+            ..SplitRules::default()
+        };
+        let rng = FastRng::new(5);
+        let spiffe = &b"spiffe://cluster.local/ns/a/sa/b"[..];
+        // At the identity's own bucket: canary from one basis point above.
+        let bucket = sticky_bucket(spiffe);
+        let (below, above) = (RouteTable::new(bucket), RouteTable::new(bucket + 1));
+        let bob = headers(&[("cookie", "user=bob")]);
+        for (table, want) in [(&below, Target::Stable), (&above, Target::Canary)] {
+            assert_eq!(
+                rules.decide(table, &bob, Some(spiffe), &rng),
+                (want, Reason::Sticky)
+            );
+        }
+        let never = headers(&[("x-serin-canary", "never")]);
+        assert_eq!(
+            rules.decide(&above, &never, Some(spiffe), &rng),
+            (Target::Stable, Reason::Header)
+        );
+        // No certificate: the cookie decides.
+        let by_cookie = RouteTable::new(sticky_bucket(b"bob") + 1);
+        assert_eq!(
+            rules.decide(&by_cookie, &bob, None, &rng),
+            (Target::Canary, Reason::Sticky)
+        );
+        // Off: the identity is not looked at.
+        let off = SplitRules {
+            sticky_identity: false,
+            ..rules.clone()
+        };
+        assert_eq!(
+            off.decide(&by_cookie, &bob, Some(spiffe), &rng),
+            off.decide(&by_cookie, &bob, None, &rng)
         );
     }
 
@@ -452,7 +502,7 @@ mod tests {
             let table = RouteTable::new(bp);
             let now: Vec<bool> = users
                 .iter()
-                .map(|h| rules.decide(&table, h, &rng).0 == Target::Canary)
+                .map(|h| rules.decide(&table, h, None, &rng).0 == Target::Canary)
                 .collect();
             for (i, (&was, &is)) in previous.iter().zip(&now).enumerate() {
                 assert!(

@@ -531,6 +531,15 @@ impl Stats {
         &self.tls_reload
     }
 
+    /// The reload counters of the TLS files of `files` (`listener`,
+    /// `stable` or `canary`), if serin watches them.
+    pub fn tls_reload(&self, files: &str) -> Option<&TlsReloadCounters> {
+        self.tls_reload
+            .iter()
+            .find(|(f, _)| *f == files)
+            .map(|(_, c)| &**c)
+    }
+
     /// These stats with the access log's counters.
     pub(crate) fn with_access_log(mut self, counters: Arc<AccessLogCounters>) -> Self {
         self.access_log = Some(counters);

@@ -2,32 +2,52 @@
 //! provider: no C toolchain or cmake needed). ALPN offers `h2` and
 //! `http/1.1`; the server then serves whichever the client picked.
 //!
-//! The certificate and key are reloaded while serin runs: one
-//! `serin-tls-reload` thread reads both files every `reload_interval`
-//! (following symlinks, so a Kubernetes Secret's `..data` swap is seen as
-//! well as a renewal in place) and, when their contents changed and make a
-//! valid pair, swaps the new [`CertifiedKey`] in. A handshake only loads an
-//! `Arc` from one `ArcSwap`: no lock, and connections already open keep the
-//! key they were made with. A file that is unreadable, unparsable or does
-//! not match its partner is refused: the old pair stays, the failure is
-//! logged and counted.
+//! **Client certificates** (`[tls] client_ca`): rustls's webpki verifier
+//! checks them against the CA bundle, `required` (no certificate, no
+//! handshake) or `optional` (none is fine; a bad one still fails the
+//! handshake). [`client_identity`] reads the verified leaf's identity once
+//! per connection, at the handshake: its first URI SAN (a SPIFFE ID), else
+//! its first DNS SAN. The certificate is parsed with `rustls-webpki`, the
+//! parser that has just verified it: it is already in the tree through
+//! rustls, so no X.509 crate is added and the names read are those the
+//! verifier accepted.
+//!
+//! **Live reload.** One `serin-tls-reload` thread reads the certificate,
+//! key and client CA every `reload_interval` (following symlinks, so a
+//! Kubernetes Secret's `..data` swap is seen as well as a renewal in place).
+//! When their contents changed and are valid, it builds a new
+//! [`ServerConfig`] and swaps it into the one `ArcSwap` the accept loop
+//! loads once per connection ([`Acceptor`]): no lock, and connections
+//! already open keep the config they were made with. A file that is
+//! unreadable, unparsable or does not match its partner is refused: the
+//! old material stays, the failure is logged and counted.
+//!
+//! The whole config is swapped, rather than a certificate resolver and a
+//! client verifier each behind an `ArcSwap` of its own, for two reasons:
+//! rustls asks the verifier for the CA names it sends in its
+//! `CertificateRequest` as a borrow, which a verifier loaded per handshake
+//! cannot lend; and a new client CA comes with a new session cache, so a
+//! session made under a CA that was since removed cannot be resumed (a
+//! resumed session skips the client certificate). A new server certificate
+//! keeps the session cache.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoClientAuth, ServerConnection, StoresServerSessions, WebPkiClientVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::TlsFiles;
+use crate::reload::{read_file, FileContents, Reloader};
+use crate::{ClientAuth, ClientAuthMode, TlsFiles};
 
 /// Why the TLS settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -57,42 +77,58 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
+    /// The client CA bundle could not be read or holds no usable CA.
+    #[error("cannot read the client CA bundle (tls.client_ca) from {path}: {reason} (expected a PEM file with one or more CERTIFICATE blocks: the CAs that issue client certificates)")]
+    ClientCa { path: PathBuf, reason: String },
 }
 
-/// Reloads of the listener's certificate and key since start.
+/// Reloads of the listener's TLS files since start.
 #[derive(Debug, Default)]
 pub struct TlsReloadCounters {
-    /// Changed files that were loaded and are now served.
+    /// Changes that were loaded and are now served: a certificate and key
+    /// pair, or a client CA bundle.
     pub reloads: AtomicU64,
-    /// Changed files that were refused (unreadable, not PEM, or a key that
-    /// is not the certificate's); the previous pair is still served.
+    /// Changes that were refused (unreadable, not PEM, a key that is not
+    /// the certificate's, a CA bundle with no CA); the previous material is
+    /// still served.
     pub failures: AtomicU64,
 }
 
-/// Checks that the files hold a certificate chain and its private key, as
-/// the listener would load them (`serin check`).
+/// Checks that the files hold a certificate chain and its private key, and
+/// the client CA bundle when one is set, as the listener would load them
+/// (`serin check`).
 pub fn check(files: &TlsFiles) -> Result<(), TlsError> {
-    certified_key(files, &Contents::read(files), &provider()).map(drop)
+    let contents = Contents::read(files);
+    let provider = provider();
+    certified_key(files, &contents, &provider)?;
+    client_verifier(files.client_auth.as_ref(), &contents, &provider).map(drop)
 }
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The two files' bytes as last read (`Err`: the read's error).
+/// The files' bytes as last read (`Err`: the read's error).
 #[derive(PartialEq)]
 struct Contents {
-    cert: Result<Vec<u8>, String>,
-    key: Result<Vec<u8>, String>,
+    cert: FileContents,
+    key: FileContents,
+    /// The client CA bundle, when `client_ca` is set.
+    ca: Option<FileContents>,
 }
 
 impl Contents {
     fn read(files: &TlsFiles) -> Self {
-        let read = |path: &Path| std::fs::read(path).map_err(|e| e.to_string());
+        let read = |path: &PathBuf| read_file(path);
         Self {
             cert: read(&files.cert),
             key: read(&files.key),
+            ca: files.client_auth.as_ref().map(|auth| read(&auth.ca)),
         }
+    }
+
+    fn same_pair(&self, other: &Self) -> bool {
+        self.cert == other.cert && self.key == other.key
     }
 }
 
@@ -127,6 +163,58 @@ fn certified_key(
     Ok(Arc::new(pair))
 }
 
+/// The client-certificate verifier for `auth` over the CA bundle in
+/// `contents` (no client authentication without `auth`).
+fn client_verifier(
+    auth: Option<&ClientAuth>,
+    contents: &Contents,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let (Some(auth), Some(ca)) = (auth, &contents.ca) else {
+        return Ok(Arc::new(NoClientAuth));
+    };
+    let error = |reason: String| TlsError::ClientCa {
+        path: auth.ca.clone(),
+        reason,
+    };
+    let ca = ca.as_ref().map_err(|e| error(e.clone()))?;
+    let mut roots = RootCertStore::empty();
+    for (n, cert) in CertificateDer::pem_slice_iter(ca).enumerate() {
+        let cert = cert.map_err(|e| error(pem_reason(e)))?;
+        roots
+            .add(cert)
+            .map_err(|e| error(format!("certificate {} is not a usable CA: {e}", n + 1)))?;
+    }
+    if roots.is_empty() {
+        return Err(error("no certificate found".into()));
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = match auth.mode {
+        ClientAuthMode::Required => builder,
+        ClientAuthMode::Optional => builder.allow_unauthenticated(),
+    };
+    builder.build().map_err(|e| error(e.to_string()))
+}
+
+/// A listener config serving `key` and verifying clients with `verifier`;
+/// `sessions` carries an earlier config's session cache over.
+fn server_config(
+    provider: &Arc<CryptoProvider>,
+    key: &Arc<CertifiedKey>,
+    verifier: &Arc<dyn ClientCertVerifier>,
+    sessions: Option<Arc<dyn StoresServerSessions>>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier.clone())
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(key.clone())));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if let Some(sessions) = sessions {
+        config.session_storage = sessions;
+    }
+    Ok(Arc::new(config))
+}
+
 /// What is wrong with a PEM file, in words (the parser's own text shows
 /// bytes as numbers).
 pub(crate) fn pem_reason(e: pem::Error) -> String {
@@ -146,73 +234,99 @@ pub(crate) fn pem_reason(e: pem::Error) -> String {
     }
 }
 
+// === client identity ===
+
+/// The identity of the client on `conn`, from its verified certificate:
+/// the leaf's first URI SAN (a SPIFFE ID), else its first DNS SAN; `None`
+/// without a certificate, or with no such name that is a valid header
+/// value. Called once per connection, after the handshake.
+pub(crate) fn client_identity(conn: &ServerConnection) -> Option<HeaderValue> {
+    identity_of(conn.peer_certificates()?.first()?)
+}
+
+fn identity_of(leaf: &CertificateDer<'_>) -> Option<HeaderValue> {
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    cert.valid_uri_names()
+        .chain(cert.valid_dns_names())
+        .find_map(|name| HeaderValue::from_str(name).ok())
+}
+
 // === impl Listener ===
 
-/// The listener's rustls config, and the thread that reloads its key pair.
-pub(crate) struct Listener {
+/// The listener's current rustls config: what a new connection's handshake
+/// uses, loaded once per connection (one atomic load, no lock).
+#[derive(Clone, Debug)]
+pub struct Acceptor(Arc<ArcSwap<ServerConfig>>);
+
+impl Acceptor {
+    /// Starts the server side of a handshake on `io` with the current config.
+    pub fn accept<IO>(&self, io: IO) -> tokio_rustls::Accept<IO>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        tokio_rustls::TlsAcceptor::from(self.0.load_full()).accept(io)
+    }
+}
+
+/// A TLS listener's config, and the thread that reloads its files: serin's
+/// client-facing listener, and `serin inject --serve`'s webhook.
+#[derive(Debug)]
+pub struct Listener {
     /// What every handshake uses.
-    pub(crate) config: Arc<ServerConfig>,
+    acceptor: Acceptor,
     /// The reload counters, read by [`crate::Stats`].
-    pub(crate) counters: Arc<TlsReloadCounters>,
-    /// Dropped (or sent to) to stop the reload thread.
-    stop: Sender<()>,
-    reloader: JoinHandle<()>,
+    counters: Arc<TlsReloadCounters>,
+    reloader: Reloader,
 }
 
 impl Listener {
     /// Loads the files (an error here stops the start) and starts the
-    /// reload thread, which checks them every `interval`.
-    pub(crate) fn start(files: &TlsFiles, interval: Duration) -> Result<Self, crate::StartError> {
+    /// reload thread, which checks them every `interval`. Dropping the
+    /// listener ends the thread at its next look; [`Listener::stop`] waits.
+    pub fn start(files: &TlsFiles, interval: Duration) -> Result<Self, crate::StartError> {
         let provider = provider();
         let contents = Contents::read(files);
-        let current = Arc::new(CurrentKey(ArcSwap::new(certified_key(
-            files, &contents, &provider,
-        )?)));
-        let mut config = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config {
+        let key = certified_key(files, &contents, &provider)?;
+        let verifier = client_verifier(files.client_auth.as_ref(), &contents, &provider)?;
+        let config =
+            server_config(&provider, &key, &verifier, None).map_err(|e| TlsError::Config {
                 cert: files.cert.clone(),
                 key: files.key.clone(),
                 reason: e.to_string(),
-            })?
-            .with_no_client_auth()
-            .with_cert_resolver(current.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            })?;
+        let current = Arc::new(ArcSwap::new(config));
         let counters = Arc::new(TlsReloadCounters::default());
-        let (stop, stopped) = std::sync::mpsc::channel();
-        let reload = Reload {
+        let mut reload = Reload {
             files: files.clone(),
             provider,
-            current,
+            current: current.clone(),
             counters: counters.clone(),
             seen: contents,
+            key,
+            verifier,
         };
-        let reloader = std::thread::Builder::new()
-            .name("serin-tls-reload".into())
-            .spawn(move || reload.run(interval, stopped))
+        let reloader = Reloader::spawn("serin-tls-reload", interval, move || reload.poll())
             .map_err(crate::StartError::Spawn)?;
         Ok(Self {
-            config: Arc::new(config),
+            acceptor: Acceptor(current),
             counters,
-            stop,
             reloader,
         })
     }
 
-    /// Stops the reload thread and waits for it (at most one file read).
-    pub(crate) fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.reloader.join();
+    /// What new connections' handshakes use (its clones follow reloads).
+    pub fn acceptor(&self) -> Acceptor {
+        self.acceptor.clone()
     }
-}
 
-/// The key pair new handshakes get.
-#[derive(Debug)]
-struct CurrentKey(ArcSwap<CertifiedKey>);
+    /// The reloads loaded and refused so far.
+    pub fn counters(&self) -> &Arc<TlsReloadCounters> {
+        &self.counters
+    }
 
-impl ResolvesServerCert for CurrentKey {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load_full())
+    /// Stops the reload thread and waits for it (at most one file read).
+    pub fn stop(self) {
+        self.reloader.stop();
     }
 }
 
@@ -220,55 +334,130 @@ impl ResolvesServerCert for CurrentKey {
 struct Reload {
     files: TlsFiles,
     provider: Arc<CryptoProvider>,
-    current: Arc<CurrentKey>,
+    current: Arc<ArcSwap<ServerConfig>>,
     counters: Arc<TlsReloadCounters>,
     /// The contents last looked at: only a change is loaded (or refused,
     /// once).
     seen: Contents,
+    /// The pair being served.
+    key: Arc<CertifiedKey>,
+    /// The client verifier in use.
+    verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl Reload {
-    fn run(mut self, interval: Duration, stopped: Receiver<()>) {
-        while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
-            self.poll();
-        }
-    }
-
-    /// Reads the files; loads them if they changed since the last look.
-    /// They are read twice: contents that change between the two reads
-    /// (a symlink swapped between reading the certificate and the key) are
-    /// left for the next look.
+    /// Reads the files; loads what changed since the last look, each of
+    /// the pair and the CA on its own (a bad CA does not hold back a good
+    /// renewed certificate). The files are read twice: contents that change
+    /// between the two reads (a symlink swapped between reading the
+    /// certificate and the key) are left for the next look.
     fn poll(&mut self) {
         let contents = Contents::read(&self.files);
         if contents == self.seen || contents != Contents::read(&self.files) {
             return;
         }
-        match certified_key(&self.files, &contents, &self.provider) {
-            Ok(pair) => {
-                self.current.0.store(pair);
-                self.counters.reloads.fetch_add(1, Relaxed);
-                tracing::info!(
-                    cert = %self.files.cert.display(),
-                    key = %self.files.key.display(),
-                    "TLS certificate reloaded; new connections use it"
-                );
+        let mut key = None;
+        if !contents.same_pair(&self.seen) {
+            match certified_key(&self.files, &contents, &self.provider) {
+                Ok(pair) => key = Some(pair),
+                Err(e) => self.refused(&e),
             }
-            Err(e) => {
-                self.counters.failures.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    error = %e,
-                    "TLS certificate not reloaded; still serving the previous one"
-                );
+        }
+        let mut verifier = None;
+        if contents.ca != self.seen.ca {
+            let auth = self.files.client_auth.as_ref();
+            match client_verifier(auth, &contents, &self.provider) {
+                Ok(v) => verifier = Some(v),
+                Err(e) => self.refused(&e),
             }
         }
         self.seen = contents;
+        if key.is_none() && verifier.is_none() {
+            return;
+        }
+        // A new CA starts a new session cache (see the module's header).
+        let sessions = verifier
+            .is_none()
+            .then(|| self.current.load().session_storage.clone());
+        let (new_key, new_verifier) = (key.as_ref(), verifier.as_ref());
+        let config = server_config(
+            &self.provider,
+            new_key.unwrap_or(&self.key),
+            new_verifier.unwrap_or(&self.verifier),
+            sessions,
+        );
+        match config {
+            Ok(config) => self.current.store(config),
+            Err(e) => {
+                self.counters.failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "TLS files not reloaded; still serving the previous ones");
+                return;
+            }
+        }
+        if let Some(pair) = key {
+            self.key = pair;
+            self.counters.reloads.fetch_add(1, Relaxed);
+            tracing::info!(
+                cert = %self.files.cert.display(),
+                key = %self.files.key.display(),
+                "TLS certificate reloaded; new connections use it"
+            );
+        }
+        if let Some(verifier) = verifier {
+            self.verifier = verifier;
+            self.counters.reloads.fetch_add(1, Relaxed);
+            if let Some(auth) = &self.files.client_auth {
+                tracing::info!(
+                    client_ca = %auth.ca.display(),
+                    "TLS client CA reloaded; new handshakes verify client certificates with it"
+                );
+            }
+        }
+    }
+
+    fn refused(&self, e: &TlsError) {
+        self.counters.failures.fetch_add(1, Relaxed);
+        let what = match e {
+            TlsError::ClientCa { .. } => {
+                "TLS client CA not reloaded; still verifying clients with the previous one"
+            }
+            _ => "TLS certificate not reloaded; still serving the previous one",
+        };
+        tracing::warn!(error = %e, "{what}");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serin_tests::TestCert;
+    use serin_tests::{temp_dir, TestCa, TestCert};
+
+    /// A reload thread's state over `files`, as `Listener::start` makes it
+    /// (without the thread: the test calls `poll`).
+    fn reload(files: &TlsFiles) -> Reload {
+        let provider = provider();
+        let seen = Contents::read(files);
+        let key = certified_key(files, &seen, &provider).unwrap();
+        let verifier = client_verifier(files.client_auth.as_ref(), &seen, &provider).unwrap();
+        let config = server_config(&provider, &key, &verifier, None).unwrap();
+        Reload {
+            files: files.clone(),
+            provider,
+            current: Arc::new(ArcSwap::new(config)),
+            counters: Arc::new(TlsReloadCounters::default()),
+            seen,
+            key,
+            verifier,
+        }
+    }
+
+    fn count(reload: &Reload) -> (u64, u64) {
+        let counters = &reload.counters;
+        (
+            counters.reloads.load(Relaxed),
+            counters.failures.load(Relaxed),
+        )
+    }
 
     #[test]
     fn each_change_is_loaded_or_refused_once_and_a_refusal_keeps_the_old_pair() {
@@ -276,27 +465,15 @@ mod tests {
         let files = TlsFiles {
             cert: first.cert_path.clone(),
             key: first.key_path.clone(),
+            client_auth: None,
         };
-        let provider = provider();
-        let seen = Contents::read(&files);
-        let pair = certified_key(&files, &seen, &provider).unwrap();
-        let current = Arc::new(CurrentKey(ArcSwap::new(pair)));
-        let counters = Arc::new(TlsReloadCounters::default());
-        let mut reload = Reload {
-            files: files.clone(),
-            provider,
-            current: current.clone(),
-            counters: counters.clone(),
-            seen,
-        };
-        let count = || {
-            (
-                counters.reloads.load(Relaxed),
-                counters.failures.load(Relaxed),
-            )
-        };
+        let mut reload = reload(&files);
         reload.poll();
-        assert_eq!(count(), (0, 0), "unchanged files are not loaded again");
+        assert_eq!(
+            count(&reload),
+            (0, 0),
+            "unchanged files are not loaded again"
+        );
         // Each step changes one file; two looks count it once.
         let steps = [
             (&files.cert, "not a certificate", (0, 1), &first.der),
@@ -307,18 +484,102 @@ mod tests {
             std::fs::write(path, text).unwrap();
             reload.poll();
             reload.poll();
-            assert_eq!(count(), counts, "after writing {text:?}");
-            assert_eq!(&current.0.load().cert[0], served, "after writing {text:?}");
+            assert_eq!(count(&reload), counts, "after writing {text:?}");
+            assert_eq!(&reload.key.cert[0], served, "after writing {text:?}");
         }
 
         std::fs::remove_file(&files.key).unwrap();
         reload.poll();
-        assert_eq!(count(), (1, 3), "a missing file is refused");
-        assert_eq!(current.0.load().cert[0], second.der);
+        assert_eq!(count(&reload), (1, 3), "a missing file is refused");
+        assert_eq!(reload.key.cert[0], second.der);
         let err = certified_key(&files, &Contents::read(&files), &reload.provider).unwrap_err();
         assert!(
             err.to_string().contains(&files.key.display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_new_client_ca_is_loaded_with_a_new_session_cache_and_a_bad_one_keeps_the_old() {
+        let (old_ca, new_ca) = (TestCa::new("old CA"), TestCa::new("new CA"));
+        let (first, second) = (TestCert::named("first"), TestCert::named("second"));
+        let dir = temp_dir("client-ca");
+        let files = TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            client_auth: Some(ClientAuth {
+                ca: dir.join("ca.pem"),
+                mode: ClientAuthMode::Required,
+            }),
+        };
+        let ca = &files.client_auth.as_ref().unwrap().ca;
+        std::fs::write(&files.cert, &first.cert_pem).unwrap();
+        std::fs::write(&files.key, &first.key_pem).unwrap();
+        std::fs::copy(&old_ca.cert_path, ca).unwrap();
+        let mut reload = reload(&files);
+        let sessions = |reload: &Reload| reload.current.load().session_storage.clone();
+        let verifier = reload.verifier.clone();
+        let cache = sessions(&reload);
+
+        // A bad bundle, then one with no certificate: refused, nothing swapped.
+        for bad in ["-----BEGIN CERTIFICATE-----\nbroken\n", "no PEM here\n"] {
+            std::fs::write(ca, bad).unwrap();
+            reload.poll();
+            reload.poll();
+            assert!(Arc::ptr_eq(&reload.verifier, &verifier), "after {bad:?}");
+            assert!(Arc::ptr_eq(&sessions(&reload), &cache), "after {bad:?}");
+        }
+        assert_eq!(count(&reload), (0, 2));
+
+        // A renewed certificate keeps the session cache.
+        std::fs::write(&files.cert, &second.cert_pem).unwrap();
+        std::fs::write(&files.key, &second.key_pem).unwrap();
+        reload.poll();
+        assert_eq!(count(&reload), (1, 2));
+        assert_eq!(reload.key.cert[0], second.der);
+        assert!(Arc::ptr_eq(&sessions(&reload), &cache));
+
+        // A new CA: a new verifier and a new session cache.
+        std::fs::copy(&new_ca.cert_path, ca).unwrap();
+        reload.poll();
+        assert_eq!(count(&reload), (2, 2));
+        assert!(!Arc::ptr_eq(&reload.verifier, &verifier));
+        assert!(!Arc::ptr_eq(&sessions(&reload), &cache));
+
+        std::fs::remove_file(ca).unwrap();
+        let err = check(&files).unwrap_err().to_string();
+        assert!(err.contains(&ca.display().to_string()), "{err}");
+        assert!(err.contains("tls.client_ca"), "{err}");
+    }
+
+    fn cert_with(names: Vec<rcgen::SanType>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = names;
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn the_identity_is_the_first_uri_san_else_the_first_dns_san() {
+        use rcgen::SanType::{DnsName, IpAddress, URI};
+        let dns = |n: &str| DnsName(n.try_into().unwrap());
+        let uri = |n: &str| URI(n.try_into().unwrap());
+        let identity = |names| identity_of(&cert_with(names));
+        let spiffe = "spiffe://cluster.local/ns/a/sa/b";
+        assert_eq!(
+            identity(vec![dns("a.example"), uri(spiffe), uri("spiffe://x/y")]).unwrap(),
+            spiffe
+        );
+        assert_eq!(
+            identity(vec![
+                IpAddress([10, 0, 0, 1].into()),
+                dns("a.example"),
+                dns("b.example")
+            ])
+            .unwrap(),
+            "a.example"
+        );
+        assert_eq!(identity(vec![IpAddress([10, 0, 0, 1].into())]), None);
+        assert_eq!(identity(vec![]), None);
     }
 }

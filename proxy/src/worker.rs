@@ -13,7 +13,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 use crate::access_log::{AccessLog, WorkerLog};
 use crate::classify::Classifier;
@@ -24,6 +23,7 @@ use crate::outcome::{Observation, RequestFacts, Settled};
 use crate::spans::WorkerSpans;
 use crate::split::{FastRng, LocalRoutes, Target};
 use crate::stats::{UpstreamStats, WorkerStats};
+use crate::tls::Acceptor;
 use crate::trace::TraceContext;
 use crate::upstream::tls::Origin;
 use crate::upstream::{EndpointSet, Pool, UpstreamProtocol};
@@ -34,7 +34,7 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) routes: Routes,
     pub(crate) classifier: Classifier,
-    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) tls: Option<Acceptor>,
     pub(crate) access_log: Option<Arc<AccessLog>>,
     pub(crate) exporter: Option<Arc<Exporter>>,
     /// The local rate limit (`[rate_limit]`), if configured.
@@ -60,7 +60,7 @@ impl Shared {
     pub(crate) fn new(
         config: ProxyConfig,
         routes: Routes,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Acceptor>,
         upstreams: UpstreamLinks,
         now: Instant,
         access_log: Option<Arc<AccessLog>>,
@@ -215,13 +215,18 @@ impl Worker {
         TraceContext::of(headers, settings, &self.rng)
     }
 
-    /// The split decision for a request with these header fields.
+    /// The split decision for a request with these header fields, from a
+    /// client with this verified identity.
     #[inline]
-    pub(crate) fn decide<H: Fields + ?Sized>(&self, headers: &H) -> Target {
+    pub(crate) fn decide<H: Fields + ?Sized>(
+        &self,
+        headers: &H,
+        identity: Option<&[u8]>,
+    ) -> Target {
         let rules = &self.shared.config.split;
         let target = self
             .routes
-            .with(|table| rules.decide(table, headers, &self.rng).0);
+            .with(|table| rules.decide(table, headers, identity, &self.rng).0);
         // A canary at its `max_concurrent` sends the overflow to stable:
         // its clients are served, and the judge still sees the canary's
         // latency in the requests it does take.

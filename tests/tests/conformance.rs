@@ -1649,6 +1649,7 @@ fn start_proxy(rec: &Recorder, cert: Option<&TestCert>, via: bool) -> Proxy {
     config.tls = cert.map(|c| TlsFiles {
         cert: c.cert_path.clone(),
         key: c.key_path.clone(),
+        client_auth: None,
     });
     Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap()
 }

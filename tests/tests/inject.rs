@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 use serin_control::inject::{self, InjectArgs, InjectOptions, Mode, Outcome};
+use serin_tests::eventually;
 use tokio::net::{TcpListener, TcpStream};
 
 fn fixtures() -> PathBuf {
@@ -599,9 +600,16 @@ fn outbound_flag_is_the_default_mode_for_unannotated_objects() {
 
 // === the webhook, over HTTPS ===
 
+/// How often the webhook under test re-reads its certificate and key.
+const WEBHOOK_RELOAD: Duration = Duration::from_millis(50);
+
 struct Webhook {
     addr: std::net::SocketAddr,
     client: Arc<rustls::ClientConfig>,
+    /// Where `tls.crt` and `tls.key` are.
+    dir: PathBuf,
+    /// The webhook's TLS, reloaded while it lives.
+    _tls: serin_proxy::tls::Listener,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -622,33 +630,26 @@ impl Webhook {
         let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
         std::fs::write(&cert, certified.cert.pem()).unwrap();
         std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
-        let tls = inject::tls_config(&cert, &key).unwrap();
+        let tls = inject::tls(&cert, &key, WEBHOOK_RELOAD).unwrap();
+        let acceptor = tls.acceptor();
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let opts = Arc::new(InjectOptions::default());
         let task = tokio::spawn(async move {
-            inject::serve(listener, tls, opts, async {
+            inject::serve(listener, acceptor, opts, async {
                 let _ = stopped.await;
             })
             .await
             .unwrap();
         });
 
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(certified.cert.der().to_vec()))
-            .unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         Self {
             addr,
-            client: Arc::new(client),
+            client: client_trusting(certified.cert.der()),
+            dir,
+            _tls: tls,
             stop: Some(stop),
             task,
         }
@@ -925,16 +926,65 @@ async fn webhook_allows_with_a_warning_what_it_cannot_handle() {
     hook.stop().await;
 }
 
+/// A client trusting only `cert`.
+fn client_trusting(cert: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(cert.to_vec())).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_serves_a_renewed_certificate_without_a_restart() {
+    let hook = Webhook::start().await;
+    let renewed = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    for (file, pem) in [
+        ("tls.key", renewed.key_pair.serialize_pem()),
+        ("tls.crt", renewed.cert.pem()),
+    ] {
+        let tmp = hook.dir.join("renewed.tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, hook.dir.join(file)).unwrap();
+    }
+    let handshake = |client: Arc<rustls::ClientConfig>| async move {
+        let tcp = TcpStream::connect(hook.addr).await.unwrap();
+        let name = ServerName::IpAddress(hook.addr.ip().into());
+        tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+            .is_ok()
+    };
+    let trusting_renewed = client_trusting(renewed.cert.der());
+    eventually(
+        Duration::from_secs(20),
+        "new connections get the renewed certificate",
+        || handshake(trusting_renewed.clone()),
+    )
+    .await;
+    assert!(
+        !handshake(hook.client.clone()).await,
+        "the old certificate is no longer served"
+    );
+    hook.stop().await;
+}
+
 #[test]
-fn tls_config_names_the_unusable_file() {
+fn tls_names_the_unusable_file() {
     let dir =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("inject-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let empty = dir.join("empty.pem");
     std::fs::write(&empty, "").unwrap();
-    let e = inject::tls_config(&empty, &empty).unwrap_err().to_string();
+    let e = inject::tls(&empty, &empty, WEBHOOK_RELOAD)
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.contains("empty.pem") && e.contains("no PEM certificate"),
+        e.contains("empty.pem") && e.contains("no certificate found"),
         "{e}"
     );
 }

@@ -554,6 +554,7 @@ async fn tls_listener_serves_http1_and_h2_by_alpn() {
         c.tls = Some(serin_proxy::TlsFiles {
             cert: cert.cert_path.clone(),
             key: cert.key_path.clone(),
+            client_auth: None,
         })
     })
     .await;

@@ -78,11 +78,8 @@ impl Harness {
     fn reloads(&self) -> u64 {
         self.proxy
             .stats()
-            .tls_reloads()
-            .iter()
-            .find(|(files, _)| *files == "listener")
+            .tls_reload("listener")
             .expect("the listener's files are watched")
-            .1
             .reloads
             .load(Relaxed)
     }
@@ -90,11 +87,8 @@ impl Harness {
     fn failures(&self) -> u64 {
         self.proxy
             .stats()
-            .tls_reloads()
-            .iter()
-            .find(|(files, _)| *files == "listener")
+            .tls_reload("listener")
             .expect("the listener's files are watched")
-            .1
             .failures
             .load(Relaxed)
     }
@@ -102,6 +96,9 @@ impl Harness {
 
 /// One GET on an open connection; its status.
 async fn get(sender: &mut SendRequest<Empty<Bytes>>) -> StatusCode {
+    // The previous response may still be ending: wait until the
+    // connection can take the next request.
+    sender.ready().await.unwrap();
     let req = Request::get("/")
         .header("host", "localhost")
         .body(Empty::new())
@@ -141,6 +138,7 @@ impl SecretVolume {
         TlsFiles {
             cert: self.dir.join("tls.crt"),
             key: self.dir.join("tls.key"),
+            client_auth: None,
         }
     }
 
@@ -165,6 +163,7 @@ async fn replaced_files_serve_new_connections_and_bad_ones_keep_the_last_good_pa
     let files = TlsFiles {
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+        client_auth: None,
     };
     replace(&files.cert, &first.cert_pem);
     replace(&files.key, &first.key_pem);

@@ -60,12 +60,10 @@ impl Harness {
 
     /// The reload and failure counts of the stable upstream's TLS files.
     fn reloads(&self) -> (u64, u64) {
-        let (_, c) = self
+        let c = self
             .proxy
             .stats()
-            .tls_reloads()
-            .iter()
-            .find(|(files, _)| *files == "stable")
+            .tls_reload("stable")
             .expect("the stable upstream's files are watched");
         (
             c.reloads.load(std::sync::atomic::Ordering::Relaxed),

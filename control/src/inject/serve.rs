@@ -4,6 +4,10 @@
 //! the fleet env only: the RBAC its service account needs must already exist. It is
 //! failurePolicy-safe: a malformed review, or a pod that cannot be injected, gets an
 //! *allowed* response with a warning. It must never panic on input, and never block a pod.
+//!
+//! Its TLS is the proxy listener's ([`serin_proxy::tls`]): the certificate and key are
+//! re-read every few seconds, so a renewed Secret (cert-manager) is served to new
+//! connections without a restart, and a bad file keeps the previous pair.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,12 +21,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
+use serin_proxy::tls::{Acceptor, Listener};
+use serin_proxy::TlsFiles;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use super::{describe, inject_object, patch, InjectArgs, InjectError, InjectOptions, Outcome};
 
@@ -31,37 +33,15 @@ const MAX_BODY: usize = 8 * 1024 * 1024;
 /// A client that has not finished its TLS handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Builds the server's TLS config from PEM files (ALPN: h2, http/1.1).
-pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, InjectError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| {
-            InjectError::Tls(format!(
-                "cannot read certificates from {}: {e}",
-                cert.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(InjectError::Tls(format!(
-            "{} holds no PEM certificate",
-            cert.display()
-        )));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-        InjectError::Tls(format!(
-            "cannot read a private key from {}: {e}",
-            key.display()
-        ))
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(|e| {
-            InjectError::Tls(format!("certificate and key do not make a TLS config: {e}"))
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+/// Loads the server's certificate and key (ALPN: h2, http/1.1) and re-reads them every
+/// `reload_interval`; dropping the returned listener stops the reloads.
+pub fn tls(cert: &Path, key: &Path, reload_interval: Duration) -> Result<Listener, InjectError> {
+    let files = TlsFiles {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        client_auth: None,
+    };
+    Listener::start(&files, reload_interval).map_err(|e| InjectError::Tls(e.to_string()))
 }
 
 /// Answers one AdmissionReview body. Never fails: problems become warnings on an allowed
@@ -184,11 +164,10 @@ async fn handle(
 /// Serves the webhook on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    acceptor: Acceptor,
     opts: Arc<InjectOptions>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), InjectError> {
-    let acceptor = TlsAcceptor::from(tls);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -228,7 +207,7 @@ pub(crate) async fn run_server(args: &InjectArgs, opts: InjectOptions) -> Result
             "--serve needs --tls-cert and --tls-key".to_owned(),
         ));
     };
-    let tls = tls_config(cert, key)?;
+    let tls = tls(cert, key, serin_proxy::defaults::TLS_RELOAD_INTERVAL)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|source| InjectError::Serve {
@@ -236,7 +215,8 @@ pub(crate) async fn run_server(args: &InjectArgs, opts: InjectOptions) -> Result
             source,
         })?;
     tracing::info!(addr = %args.listen, "serving the serin injection webhook");
-    serve(listener, tls, Arc::new(opts), shutdown_signal()).await
+    // `tls` lives until the server ends: its reload thread with it.
+    serve(listener, tls.acceptor(), Arc::new(opts), shutdown_signal()).await
 }
 
 async fn shutdown_signal() {

@@ -78,7 +78,7 @@ async fn answer(
         fields: &parts.headers,
     };
     let admitted = admit(&head, worker.inflight(), worker.config()).and_then(|admitted| {
-        limit_rate(worker.rate_limiter(), &parts.headers, meta.peer).map(|()| admitted)
+        limit_rate(worker.rate_limiter(), &parts.headers, &meta).map(|()| admitted)
     });
     let trace = worker.trace_context(&parts.headers);
     let observation = worker.observe(
@@ -112,7 +112,7 @@ async fn answer(
         Ok(admitted) => admitted,
         Err(refusal) => return refused(&refusal, observation),
     };
-    let target = worker.decide(&parts.headers);
+    let target = worker.decide(&parts.headers, meta.identity());
     // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
     // is forwarded with its `Upgrade` header and, after a 101, the two
     // connections are spliced together. Only the handshake is judged.

@@ -333,7 +333,7 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
     let (admitted, refusal) = match admitted {
         // Hyper admits it again, and takes its rate-limit token.
         Ok(_) if hyper_needed => return Parsed::Handoff,
-        Ok(admitted) => match limit_rate(worker.rate_limiter(), fields, meta.peer) {
+        Ok(admitted) => match limit_rate(worker.rate_limiter(), fields, meta) {
             Ok(()) => (admitted, None),
             Err(refusal) => (admitted, Some(refusal)),
         },
@@ -355,7 +355,7 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
         }
         None => RequestId::Generated(worker.next_request_id_bytes()),
     };
-    let target = worker.decide(fields);
+    let target = worker.decide(fields, meta.identity());
     let trace = worker.trace_context(fields);
     if refusal.is_none() {
         let upstream_head = &mut scratch.upstream_head;
