@@ -83,6 +83,16 @@ fn invalid_config_exits_non_zero_naming_the_key_before_binding() {
 }
 
 /// Runs the command and asserts it exits 2 with `text` on stderr.
+/// Runs `command` and asserts that it succeeds.
+fn succeeds(command: &mut Command) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn fails_with(command: &mut Command, text: &str) {
     let out = command.output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{command:?}");
@@ -142,12 +152,7 @@ fn check_loads_the_tls_files_and_names_the_bad_one() {
         command.args(["check", "--config"]).arg(file);
         command
     };
-    let out = check(&cert.cert_path, &cert.key_path).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&mut check(&cert.cert_path, &cert.key_path));
     fails_with(
         &mut check(&broken, &cert.key_path),
         &format!(
@@ -211,12 +216,7 @@ fn check_loads_the_client_ca_and_names_it_when_it_is_bad() {
         "client_ca = {:?}\nclient_auth = \"optional\"\n",
         clients.cert_path
     );
-    let out = check(&good).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&mut check(&good));
     fails_with(
         &mut check(&format!("client_ca = {broken:?}\n")),
         &format!(
@@ -375,12 +375,7 @@ fn check_loads_an_https_upstreams_files_and_names_the_bad_one() {
         "ca = {:?}\ncert = {:?}\nkey = {:?}",
         ca.cert_path, client.cert_path, client.key_path
     );
-    let out = check(&good).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(&mut check(&good));
     fails_with(
         &mut check(&format!("ca = {broken:?}")),
         &format!(
