@@ -38,6 +38,12 @@ pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// `split.canary_fallback`: replay a failed bodiless GET/HEAD/OPTIONS from
 /// the canary on stable (the judge still sees the canary's failure).
 pub const CANARY_FALLBACK: bool = true;
+/// `shadow.max_concurrent`: copies to the canary in flight, all workers
+/// together (phase `shadowing`); over it a copy is skipped and counted.
+pub const SHADOW_MAX_CONCURRENT: usize = 64;
+/// `shadow.max_body_bytes`: the largest request body copied to the canary;
+/// 0 copies only bodiless GET, HEAD, OPTIONS and TRACE requests.
+pub const SHADOW_MAX_BODY_BYTES: u64 = 0;
 /// `headers.rewrite_host`: replace the client's `Host` with the upstream's
 /// (off: the client's `Host` is kept, as NGINX ingress does).
 pub const REWRITE_HOST: bool = false;

@@ -21,9 +21,10 @@ use crate::fields::Fields;
 use crate::limit::{ConcurrencyLimit, RateLimiter};
 use crate::otlp::Exporter;
 use crate::outcome::{Observation, RequestFacts, Settled};
+use crate::shadow::ShadowSlots;
 use crate::spans::WorkerSpans;
 use crate::split::{FastRng, LocalRoutes, Target};
-use crate::stats::{UpstreamStats, WorkerStats};
+use crate::stats::{ShadowStats, UpstreamStats, WorkerStats};
 use crate::trace::TraceContext;
 use crate::upstream::{Pool, UpstreamProtocol};
 use crate::{ProxyConfig, Routes};
@@ -89,6 +90,17 @@ pub(crate) struct Worker {
     request_prefix: u64,
     access_log: Option<WorkerLog>,
     spans: Option<WorkerSpans>,
+    /// This worker's share of the shadow's bound on copies in flight.
+    shadow: ShadowSlots,
+}
+
+/// Where a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Decision {
+    /// The upstream that answers the client.
+    pub(crate) target: Target,
+    /// A copy goes to the canary too (phase `shadowing`; see [`crate::shadow`]).
+    pub(crate) shadow: bool,
 }
 
 impl Worker {
@@ -107,6 +119,7 @@ impl Worker {
             .exporter
             .clone()
             .map(|exporter| WorkerSpans::new(exporter, config.trace.query.clone()));
+        let shadow = ShadowSlots::new(&config.shadow, config.workers);
         Self {
             pools: [
                 Rc::new(Pool::new(config.stable.clone(), config.pool.clone())),
@@ -123,6 +136,7 @@ impl Worker {
             request_prefix,
             access_log,
             spans,
+            shadow,
         }
     }
 
@@ -190,23 +204,39 @@ impl Worker {
         TraceContext::of(headers, settings, &self.rng)
     }
 
-    /// The split decision for a request with these header fields.
+    /// The split decision for a request with these header fields, and
+    /// whether a request for stable is copied to the canary too: the route
+    /// table's shadow share, one branch when it is 0.
     #[inline]
-    pub(crate) fn decide<H: Fields + ?Sized>(&self, headers: &H) -> Target {
+    pub(crate) fn decide<H: Fields + ?Sized>(&self, headers: &H) -> Decision {
         let rules = &self.shared.config.split;
-        let target = self
+        let (target, shadow_bp) = self
             .routes
-            .with(|table| rules.decide(table, headers, &self.rng).0);
+            .with(|table| (rules.decide(table, headers, &self.rng).0, table.shadow_bp));
+        let shadow = shadow_bp > 0 && target == Target::Stable && self.rng.bucket() < shadow_bp;
         // A canary at its `max_concurrent` sends the overflow to stable:
         // its clients are served, and the judge still sees the canary's
         // latency in the requests it does take.
         match self.concurrency_limit(target) {
             Some(limit) if target == Target::Canary && limit.is_full() => {
                 self.stats(Target::Canary).record_concurrency_limited();
-                Target::Stable
+                Decision {
+                    target: Target::Stable,
+                    shadow: false,
+                }
             }
-            _ => target,
+            _ => Decision { target, shadow },
         }
+    }
+
+    /// This worker's bound on shadow copies in flight.
+    pub(crate) fn shadow_slots(&self) -> &ShadowSlots {
+        &self.shadow
+    }
+
+    /// This worker's shadow figures.
+    pub(crate) fn shadow_stats(&self) -> &ShadowStats {
+        self.stats.shadow()
     }
 
     /// The local rate limit, if configured.

@@ -49,6 +49,13 @@ pub enum FleetError {
     /// The call makes no sense in the current state; nothing changed.
     #[error(transparent)]
     Refused(#[from] RolloutError),
+    /// Shadowing (phase `shadowing`) is one serin's; a fleet does not
+    /// shadow yet.
+    #[error(
+        "shadowing is not available in fleet mode yet; shadow the canary on a serin outside \
+         the fleet, or start the rollout without a shadow step"
+    )]
+    NoShadow,
     /// Writes kept conflicting with others.
     #[error("SerinRollout {0}: gave up after {CONFLICT_RETRIES} conflicting writes; try again")]
     Contended(FleetRef),
@@ -441,7 +448,11 @@ pub async fn run_cli(
         let object = match &call {
             C::Status { .. } => fleet.get().await?,
             C::Weight(pct) => fleet.set_weight(*pct, actor).await?,
-            C::Rollout { steps, hold } => {
+            C::Rollout {
+                shadow: Some(_), ..
+            }
+            | C::Shadow(_) => return Err(FleetError::NoShadow),
+            C::Rollout { steps, hold, .. } => {
                 let hold = hold
                     .as_deref()
                     .map(crate::rollout::parse_hold)

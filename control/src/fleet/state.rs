@@ -79,6 +79,8 @@ pub fn rollout_state(
             reason: String::new(),
             resume: None,
             history: Default::default(),
+            shadow_bp: 0,
+            shadow_hold_ms: None,
         });
     }
     let phase = parse_phase(&status.phase)
@@ -111,6 +113,8 @@ pub fn rollout_state(
         reason: status.reason.clone(),
         resume,
         history: Default::default(),
+        shadow_bp: 0,
+        shadow_hold_ms: None,
     })
 }
 
