@@ -702,16 +702,12 @@ impl Inner {
         let canary_total = self.stats.request_count(Target::Canary);
         let mut rollout = self.rollout.lock().await;
         let was_latched = rollout.latched();
-        let was_shadowing = rollout.phase() == Phase::Shadowing;
         let event = op(&mut rollout, now, canary_total)?;
         self.runs_counted_from.store(canary_total, Relaxed);
         if was_latched && !rollout.latched() {
             // The canary is back by hand: judge it on what it does from now
-            // on, not on the failures that got it reverted.
+            // on, not on the failures (or mismatches) that got it reverted.
             self.stats.restart_window(Target::Canary, now);
-        }
-        if !was_shadowing && rollout.phase() == Phase::Shadowing {
-            // A new shadow is judged on its own pairs.
             self.stats.restart_shadow_window(now);
         }
         let upstreams = self.upstreams(now);

@@ -5,7 +5,7 @@
 //! [`Behavior`] says otherwise (a status, a delay, a [`Gate`] that holds
 //! answers until the test opens it, a failure ratio, a reset, a gRPC status
 //! in trailers). A few paths do special jobs: `/echo-headers`
-//! returns the request headers, `/upgrade` switches protocols and echoes bytes, `/upload` counts the request body's bytes, and
+//! returns the request headers, `/upgrade` switches protocols and echoes bytes, `/upload` counts the request body's bytes (and the upstream the bytes of every upload), and
 //! `/download/N` streams N bytes. An upstream can speak TLS
 //! ([`TestUpstream::start_tls`]) with a certificate from a [`TestCa`], which
 //! also issues client certificates for mTLS. Nothing here sleeps to wait for
@@ -87,6 +87,10 @@ struct UpstreamState {
     http2: AtomicU64,
     /// TLS handshakes that failed.
     failed_handshakes: AtomicU64,
+    /// The header fields of the last request received.
+    last_headers: Mutex<Option<HeaderMap>>,
+    /// `/upload` body bytes received, all requests together.
+    uploaded: AtomicU64,
 }
 
 /// A scriptable upstream HTTP server (HTTP/1.1 and h2c) on 127.0.0.1.
@@ -131,6 +135,8 @@ impl TestUpstream {
             resumed: AtomicU64::new(0),
             http2: AtomicU64::new(0),
             failed_handshakes: AtomicU64::new(0),
+            last_headers: Mutex::new(None),
+            uploaded: AtomicU64::new(0),
         });
         let accept_state = state.clone();
         let task = tokio::spawn(async move {
@@ -226,6 +232,16 @@ impl TestUpstream {
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::SeqCst)
     }
+
+    /// The header fields of the last request received, if any.
+    pub fn last_headers(&self) -> Option<HeaderMap> {
+        self.state.last_headers.lock().unwrap().clone()
+    }
+
+    /// `/upload` body bytes received so far, all requests together.
+    pub fn uploaded(&self) -> u64 {
+        self.state.uploaded.load(Ordering::SeqCst)
+    }
 }
 
 /// An address on 127.0.0.1 where nothing listens (bound, then released).
@@ -299,6 +315,7 @@ async fn answer(
     state: Arc<UpstreamState>,
     mut req: Request<Incoming>,
 ) -> Result<Response<TestBody>, std::io::Error> {
+    *state.last_headers.lock().unwrap() = Some(req.headers().clone());
     let n = state.requests.fetch_add(1, Ordering::SeqCst);
     let behavior = state.behavior.lock().unwrap().clone();
     if !behavior.delay.is_zero() {
@@ -358,6 +375,7 @@ async fn answer(
             })?;
             total += frame.data_ref().map_or(0, |d| d.len() as u64);
         }
+        state.uploaded.fetch_add(total, Ordering::SeqCst);
         return Ok(Response::new(TestBody::text(format!("received {total}"))));
     }
     if let Some(n) = path.strip_prefix("/download/") {
