@@ -46,17 +46,13 @@ impl Serin {
     /// Starts serin with `extra` appended to a config that sets the
     /// listeners (port 0), a fresh state directory and both upstreams.
     async fn start(extra: &str) -> Self {
-        let stable = TestUpstream::start("stable").await;
-        let canary = TestUpstream::start("canary").await;
-        let state = temp_dir("shadow");
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstate_dir = '{}'\n\
-             stable.url = \"{}\"\ncanary.url = \"{}\"\n{extra}\n",
-            state.display(),
-            stable.url(),
-            canary.url(),
-        );
-        let raw = Config::parse_toml(&text, Path::new("shadow.toml")).expect("TOML");
+        let Stage {
+            stable,
+            canary,
+            state,
+            toml,
+        } = Stage::new("shadow", extra).await;
+        let raw = Config::parse_toml(&toml, Path::new("shadow.toml")).expect("TOML");
         let config = Config::from_raw(raw, &Overrides::default()).expect("valid config");
         let running = Running::start(config).await.expect("serin starts");
         Self {
@@ -69,6 +65,15 @@ impl Serin {
             h2: h2c_client(),
             _state: state,
         }
+    }
+
+    /// [`Serin::start`], then `POST /shadow` at the configured share.
+    async fn shadowing(extra: &str) -> Self {
+        let serin = Self::start(extra).await;
+        let (code, status) = serin.call(Method::POST, "/shadow", None).await;
+        assert_eq!(code, StatusCode::OK, "{status}");
+        assert_eq!(status["phase"], "shadowing");
+        serin
     }
 
     /// One control API call: its status and JSON body.
@@ -95,12 +100,24 @@ impl Serin {
         get(client, &format!("{}{path}", self.proxy), &[]).await
     }
 
-    /// A POST with `body` through the proxy, over HTTP/1.1.
-    async fn post(&self, path: &str, body: &'static [u8]) -> Answer {
-        let req = Request::post(format!("{}{path}", self.proxy))
+    /// A POST of `body` to `/upload` through the proxy, over HTTP/1.1:
+    /// stable must have answered it, whole.
+    async fn upload(&self, body: &'static [u8]) {
+        let req = Request::post(format!("{}/upload", self.proxy))
             .body(Either::Left(Full::new(Bytes::from_static(body))))
             .unwrap();
-        send(&self.h1, req).await
+        let answer = send(&self.h1, req).await;
+        let received = format!("received {}", body.len());
+        assert_eq!(
+            (answer.status, answer.upstream(), answer.body.as_str()),
+            (StatusCode::OK, "stable", received.as_str())
+        );
+    }
+
+    /// `serin_shadow_requests_total{result=...}`.
+    async fn shadow_requests(&self, result: &str) -> f64 {
+        let series = format!("serin_shadow_requests_total{{result=\"{result}\"}}");
+        sample(&self.metrics().await, &series)
     }
 
     /// Sends GETs, alternating HTTP/1.1 and h2c, until the phase is
@@ -233,13 +250,11 @@ async fn a_canary_that_fails_only_in_shadow_is_rolled_back_and_no_client_sees_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_answering_404_where_stable_answers_200_is_caught_by_the_mismatch_rule() {
     // A 404 is no error: only the comparison with stable's answer shows it.
-    let serin = Serin::start("").await;
+    let serin = Serin::shadowing("").await;
     serin.canary.set(Behavior {
         status: Some(404),
         ..Behavior::default()
     });
-    let (code, _) = serin.call(Method::POST, "/shadow", None).await;
-    assert_eq!(code, StatusCode::OK);
     let (status, _) = serin.traffic_until("rolled_back", 2_000).await;
     let reason = status["reason"].as_str().unwrap();
     assert!(
@@ -292,13 +307,12 @@ async fn a_healthy_canary_is_judged_on_copies_and_stays_in_shadow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_canary_never_delays_a_client_and_its_copies_are_bounded() {
-    let serin = Serin::start("[shadow]\nmax_concurrent = 2\n").await;
+    let serin = Serin::shadowing("[shadow]\nmax_concurrent = 2\n").await;
     let gate = Gate::closed();
     serin.canary.set(Behavior {
         hold: Some(gate.clone()),
         ..Behavior::default()
     });
-    serin.call(Method::POST, "/shadow", None).await;
     // The gate stays closed: every client's answer completes all the same,
     // over either protocol, one after the other.
     for i in 0..10 {
@@ -314,14 +328,7 @@ async fn a_hung_canary_never_delays_a_client_and_its_copies_are_bounded() {
         (&2.into(), &8.into()),
         "{shadow}"
     );
-    let metrics = serin.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            "serin_shadow_requests_total{result=\"skipped_busy\"}"
-        ),
-        8.0
-    );
+    assert_eq!(serin.shadow_requests("skipped_busy").await, 8.0);
 
     // Released, the two copies are judged and compared, and a place is
     // free for the next one.
@@ -345,70 +352,36 @@ async fn a_hung_canary_never_delays_a_client_and_its_copies_are_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_are_not_copied_by_default() {
-    let serin = Serin::start("").await;
-    serin.call(Method::POST, "/shadow", None).await;
-    let answer = serin.post("/upload", b"hello").await;
-    assert_eq!(
-        (answer.status, answer.body.as_str()),
-        (StatusCode::OK, "received 5")
-    );
-    assert_eq!(answer.upstream(), "stable");
+    let serin = Serin::shadowing("").await;
+    serin.upload(b"hello").await;
     assert_stable(&serin.get("/", false).await);
     eventually(DEADLINE, "the GET is copied", || async {
         serin.canary.requests() == 1
     })
     .await;
     assert_eq!(serin.canary.uploaded(), 0);
-    let metrics = serin.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            "serin_shadow_requests_total{result=\"skipped_body\"}"
-        ),
-        1.0
-    );
+    assert_eq!(serin.shadow_requests("skipped_body").await, 1.0);
     // Nor is a bodiless request of a method that may write.
     let req = Request::delete(format!("{}/", serin.proxy))
         .body(empty())
         .unwrap();
     assert_eq!(send(&serin.h1, req).await.status, StatusCode::OK);
-    let metrics = serin.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            "serin_shadow_requests_total{result=\"skipped_method\"}"
-        ),
-        1.0
-    );
+    assert_eq!(serin.shadow_requests("skipped_method").await, 1.0);
     serin.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_up_to_max_body_bytes_are_copied() {
-    let serin = Serin::start("[shadow]\nmax_body_bytes = 16\n").await;
-    serin.call(Method::POST, "/shadow", None).await;
-    let answer = serin.post("/upload", b"hello").await;
-    assert_eq!(
-        (answer.status, answer.body.as_str()),
-        (StatusCode::OK, "received 5")
-    );
-    assert_eq!(answer.upstream(), "stable");
+    let serin = Serin::shadowing("[shadow]\nmax_body_bytes = 16\n").await;
+    serin.upload(b"hello").await;
     eventually(DEADLINE, "the body reaches the canary", || async {
         serin.canary.uploaded() == 5
     })
     .await;
     // One byte over: stable gets it whole, the canary nothing.
-    let answer = serin.post("/upload", b"seventeen bytes!!").await;
-    assert_eq!(answer.body, "received 17");
+    serin.upload(b"seventeen bytes!!").await;
     assert_eq!(serin.stable.uploaded(), 22);
-    let metrics = serin.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            "serin_shadow_requests_total{result=\"skipped_body\"}"
-        ),
-        1.0
-    );
+    assert_eq!(serin.shadow_requests("skipped_body").await, 1.0);
     assert_eq!(serin.canary.uploaded(), 5);
     assert_eq!(serin.canary.requests(), 1);
     serin.stop().await;
@@ -416,8 +389,7 @@ async fn bodies_up_to_max_body_bytes_are_copied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_carry_the_marker_and_the_clients_host() {
-    let serin = Serin::start("").await;
-    serin.call(Method::POST, "/shadow", None).await;
+    let serin = Serin::shadowing("").await;
     for h2 in [false, true] {
         let before = serin.canary.requests();
         let answer = serin.get("/echo-headers", h2).await;

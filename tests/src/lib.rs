@@ -812,6 +812,45 @@ impl AsRef<std::ffi::OsStr> for TempDir {
     }
 }
 
+// === serin in-process ===
+
+/// What a serin under test runs in front of: a stable and a canary
+/// upstream (answering `stable` and `canary`), a fresh state directory, and
+/// the config file of a serin on 127.0.0.1 port 0 (proxy and control API)
+/// in front of them, for `Config::parse_toml`.
+pub struct Stage {
+    /// The stable upstream.
+    pub stable: TestUpstream,
+    /// The canary upstream.
+    pub canary: TestUpstream,
+    /// The state directory, removed when dropped.
+    pub state: TempDir,
+    /// The config file's text, `extra` appended.
+    pub toml: String,
+}
+
+impl Stage {
+    /// Starts both upstreams; `tag` names the state directory.
+    pub async fn new(tag: &str, extra: &str) -> Self {
+        let stable = TestUpstream::start("stable").await;
+        let canary = TestUpstream::start("canary").await;
+        let state = temp_dir(tag);
+        let toml = format!(
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstate_dir = '{}'\n\
+             stable.url = \"{}\"\ncanary.url = \"{}\"\n{extra}\n",
+            state.display(),
+            stable.url(),
+            canary.url(),
+        );
+        Self {
+            stable,
+            canary,
+            state,
+            toml,
+        }
+    }
+}
+
 // === the serin binary ===
 
 /// A `serin run` child process, started with `kill_on_drop`.
