@@ -100,43 +100,13 @@ pub(crate) fn eligibility(
     }
 }
 
-// === impl ShadowSlots ===
-
-/// One worker's share of `max_concurrent`.
-pub(crate) struct ShadowSlots {
-    inflight: Cell<usize>,
-    limit: usize,
-}
-
-impl ShadowSlots {
-    /// Worker's share of `settings.max_concurrent` among `workers`.
-    pub(crate) fn new(settings: &ShadowSettings, workers: usize) -> Self {
-        Self {
-            inflight: Cell::new(0),
-            limit: settings.max_concurrent.div_ceil(workers.max(1)).max(1),
-        }
-    }
-
-    fn try_take(&self) -> bool {
-        let n = self.inflight.get();
-        if n >= self.limit {
-            return false;
-        }
-        self.inflight.set(n + 1);
-        true
-    }
-
-    fn give_back(&self) {
-        self.inflight.set(self.inflight.get() - 1);
-    }
-}
-
-/// A copy's place in its worker's [`ShadowSlots`], given back when dropped.
+/// A copy's place in its worker's share of `shadow.max_concurrent`, given
+/// back when dropped.
 struct Slot(Rc<Worker>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.shadow_slots().give_back();
+        self.0.shadow_ended();
     }
 }
 
@@ -183,7 +153,7 @@ pub(crate) enum ShadowCopy {
 /// when the copy is sent.
 pub(crate) fn start(worker: &Rc<Worker>, copy: impl FnOnce() -> ShadowCopy) -> Option<Rc<Pair>> {
     let stats = worker.shadow_stats();
-    if !worker.shadow_slots().try_take() {
+    if !worker.shadow_started() {
         stats.record_skipped(ShadowSkip::Busy);
         return None;
     }
@@ -339,24 +309,6 @@ mod tests {
         );
         assert_eq!(ok(Method::POST, BodyLength::Chunked), Err(ShadowSkip::Body));
         assert_eq!(ok(Method::DELETE, BodyLength::Empty), Ok(None));
-    }
-
-    #[test]
-    fn slots_split_the_bound_between_workers() {
-        let settings = ShadowSettings {
-            max_concurrent: 5,
-            ..ShadowSettings::default()
-        };
-        let slots = ShadowSlots::new(&settings, 2);
-        assert!(slots.try_take() && slots.try_take() && slots.try_take());
-        assert!(!slots.try_take(), "ceil(5 / 2) = 3 per worker");
-        slots.give_back();
-        assert!(slots.try_take());
-        assert_eq!(
-            ShadowSlots::new(&settings, 64).limit,
-            1,
-            "at least one each"
-        );
     }
 
     #[test]

@@ -21,7 +21,6 @@ use crate::fields::Fields;
 use crate::limit::{ConcurrencyLimit, RateLimiter};
 use crate::otlp::Exporter;
 use crate::outcome::{Observation, RequestFacts, Settled};
-use crate::shadow::ShadowSlots;
 use crate::spans::WorkerSpans;
 use crate::split::{FastRng, LocalRoutes, Target};
 use crate::stats::{ShadowStats, UpstreamStats, WorkerStats};
@@ -90,8 +89,10 @@ pub(crate) struct Worker {
     request_prefix: u64,
     access_log: Option<WorkerLog>,
     spans: Option<WorkerSpans>,
-    /// This worker's share of the shadow's bound on copies in flight.
-    shadow: ShadowSlots,
+    /// Shadow copies in flight on this worker, and its share of
+    /// `shadow.max_concurrent`.
+    shadow_inflight: Cell<usize>,
+    shadow_limit: usize,
 }
 
 /// Where a request goes.
@@ -119,7 +120,7 @@ impl Worker {
             .exporter
             .clone()
             .map(|exporter| WorkerSpans::new(exporter, config.trace.query.clone()));
-        let shadow = ShadowSlots::new(&config.shadow, config.workers);
+        let shadow_limit = share(config.shadow.max_concurrent, config.workers);
         Self {
             pools: [
                 Rc::new(Pool::new(config.stable.clone(), config.pool.clone())),
@@ -136,7 +137,8 @@ impl Worker {
             request_prefix,
             access_log,
             spans,
-            shadow,
+            shadow_inflight: Cell::new(0),
+            shadow_limit,
         }
     }
 
@@ -229,9 +231,20 @@ impl Worker {
         }
     }
 
-    /// This worker's bound on shadow copies in flight.
-    pub(crate) fn shadow_slots(&self) -> &ShadowSlots {
-        &self.shadow
+    /// Takes a place for a shadow copy in this worker's share of
+    /// `shadow.max_concurrent`; false when none is left.
+    pub(crate) fn shadow_started(&self) -> bool {
+        let n = self.shadow_inflight.get();
+        if n >= self.shadow_limit {
+            return false;
+        }
+        self.shadow_inflight.set(n + 1);
+        true
+    }
+
+    /// Gives a shadow copy's place back.
+    pub(crate) fn shadow_ended(&self) {
+        self.shadow_inflight.set(self.shadow_inflight.get() - 1);
     }
 
     /// This worker's shadow figures.
@@ -287,6 +300,12 @@ impl Worker {
     }
 }
 
+/// One worker's share of a bound on `total` for all `workers`: split
+/// evenly, rounded up, at least one.
+fn share(total: usize, workers: usize) -> usize {
+    total.div_ceil(workers.max(1)).max(1)
+}
+
 fn write_hex(out: &mut [u8], mut value: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for slot in out.iter_mut().rev() {
@@ -298,6 +317,13 @@ fn write_hex(out: &mut [u8], mut value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_is_shared_between_workers() {
+        assert_eq!(share(64, 1), 64);
+        assert_eq!(share(5, 2), 3, "rounded up");
+        assert_eq!(share(5, 64), 1, "at least one each");
+    }
 
     #[test]
     fn request_ids_are_hex() {
