@@ -350,17 +350,15 @@ where
 {
     let body = read_json::<RolloutBody, B>(req).await?.unwrap_or_default();
     let duration = |key: &str, text: Option<&str>| match text.map(parse_hold).transpose() {
-        Ok(Some(d)) if d.is_zero() => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("{key} must be longer than 0s, e.g. \"60s\""),
-        )),
+        Ok(Some(d)) if d.is_zero() => Err(format!("{key} must be longer than 0s, e.g. \"60s\"")),
         Ok(d) => Ok(d),
-        Err(e) if key == "hold" => Err(error(StatusCode::BAD_REQUEST, e)),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, format!("{key}: {e}"))),
+        Err(e) if key == "hold" => Err(e.to_string()),
+        Err(e) => Err(format!("{key}: {e}")),
     };
+    let bad = |message: String| error(StatusCode::BAD_REQUEST, message);
     Ok(RolloutRequest {
-        hold: duration("hold", body.hold.as_deref())?,
-        shadow: duration("shadow", body.shadow.as_deref())?,
+        hold: duration("hold", body.hold.as_deref()).map_err(bad)?,
+        shadow: duration("shadow", body.shadow.as_deref()).map_err(bad)?,
         steps: body.steps,
     })
 }

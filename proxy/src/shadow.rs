@@ -143,8 +143,8 @@ pub(crate) fn class_of(status: StatusCode) -> u8 {
 pub(crate) enum ShadowCopy {
     /// To an HTTP/1.1 canary: the whole message (head, then any body).
     Http1 { method: Method, message: Vec<u8> },
-    /// To an h2c canary (bodiless).
-    Http2(Request<RequestBody>),
+    /// To an h2c canary (bodiless); boxed, as it is much the larger.
+    Http2(Box<Request<RequestBody>>),
 }
 
 /// Starts a copy as its own task, unless the worker's bound or the canary's
@@ -199,7 +199,7 @@ async fn run(
                     })
                 })
         }
-        ShadowCopy::Http2(request) => tokio::time::timeout_at(deadline, pool.send_h2(request))
+        ShadowCopy::Http2(request) => tokio::time::timeout_at(deadline, pool.send_h2(*request))
             .await
             .map(|sent| {
                 sent.map(|resp| {

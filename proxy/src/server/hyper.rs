@@ -455,9 +455,11 @@ impl Outgoing<'_> {
                     message,
                 }
             }
-            UpstreamProtocol::Http2 => {
-                ShadowCopy::Http2(self.h2_request(Target::Canary, RequestBody::Empty, true))
-            }
+            UpstreamProtocol::Http2 => ShadowCopy::Http2(Box::new(self.h2_request(
+                Target::Canary,
+                RequestBody::Empty,
+                true,
+            ))),
         }
     }
 
