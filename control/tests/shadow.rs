@@ -415,6 +415,23 @@ async fn copies_carry_the_marker_and_the_clients_host() {
     serin.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_canary_gets_its_copies_over_http2_and_is_judged_on_them() {
+    let serin = Serin::shadowing("canary.protocol = \"http2\"\n").await;
+    serin.canary.set(Behavior {
+        status: Some(503),
+        ..Behavior::default()
+    });
+    let (status, _) = serin.traffic_until("rolled_back", 2_000).await;
+    assert!(
+        status["reason"].as_str().unwrap().starts_with("shadow: "),
+        "{status}"
+    );
+    let seen = serin.canary.last_headers().unwrap();
+    assert_eq!(seen["x-serin-shadow"], "1", "{seen:?}");
+    serin.stop().await;
+}
+
 // === rollouts, the API and the CLI ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
