@@ -76,6 +76,14 @@ impl Serin {
         serin
     }
 
+    /// The canary answers every request with `status` from now on.
+    fn canary_answers(&self, status: u16) {
+        self.canary.set(Behavior {
+            status: Some(status),
+            ..Behavior::default()
+        });
+    }
+
     /// One control API call: its status and JSON body.
     async fn call(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
         call(&self.admin, method, path, body).await
@@ -185,10 +193,7 @@ fn sample(metrics: &str, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_fails_only_in_shadow_is_rolled_back_and_no_client_sees_it() {
     let serin = Serin::start("").await;
-    serin.canary.set(Behavior {
-        status: Some(500),
-        ..Behavior::default()
-    });
+    serin.canary_answers(500);
     let (code, status) = serin
         .call(Method::POST, "/shadow", Some(r#"{"percent": 100}"#))
         .await;
@@ -251,10 +256,7 @@ async fn a_canary_that_fails_only_in_shadow_is_rolled_back_and_no_client_sees_it
 async fn a_canary_answering_404_where_stable_answers_200_is_caught_by_the_mismatch_rule() {
     // A 404 is no error: only the comparison with stable's answer shows it.
     let serin = Serin::shadowing("").await;
-    serin.canary.set(Behavior {
-        status: Some(404),
-        ..Behavior::default()
-    });
+    serin.canary_answers(404);
     let (status, _) = serin.traffic_until("rolled_back", 2_000).await;
     let reason = status["reason"].as_str().unwrap();
     assert!(
@@ -418,10 +420,7 @@ async fn copies_carry_the_marker_and_the_clients_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2c_canary_gets_its_copies_over_http2_and_is_judged_on_them() {
     let serin = Serin::shadowing("canary.protocol = \"http2\"\n").await;
-    serin.canary.set(Behavior {
-        status: Some(503),
-        ..Behavior::default()
-    });
+    serin.canary_answers(503);
     let (status, _) = serin.traffic_until("rolled_back", 2_000).await;
     assert!(
         status["reason"].as_str().unwrap().starts_with("shadow: "),
