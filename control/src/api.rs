@@ -308,16 +308,18 @@ where
             Err(resp) => return resp,
         },
         "/rollout" => match read_rollout(req).await {
-            Ok(RolloutRequest {
-                shadow: Some(_), ..
-            }) => return fleet_no_shadow(),
-            Ok(r) => fleet.rollout(r.steps, r.hold, &actor).await,
+            Ok(r) => fleet.rollout(r.steps, r.hold, r.shadow, &actor).await,
             Err(resp) => return resp,
         },
-        "/shadow" => {
-            let _ = Limited::new(req.into_body(), MAX_BODY).collect().await;
-            return fleet_no_shadow();
-        }
+        "/shadow" => match read_json::<ShadowBody, B>(req).await {
+            Ok(body) => {
+                let pct = body.unwrap_or_default().percent;
+                fleet
+                    .shadow(pct.unwrap_or(fleet.defaults().shadow_percent), &actor)
+                    .await
+            }
+            Err(resp) => return resp,
+        },
         "/pause" => fleet.pause(&actor).await,
         "/resume" => fleet.resume(&actor).await,
         "/promote" => fleet.promote(&actor).await,
@@ -334,11 +336,6 @@ where
         }
         Err(e) => fleet_error(e),
     }
-}
-
-/// A fleet shares no shadow yet: the call is refused, and says what to do.
-fn fleet_no_shadow() -> ApiResponse {
-    error(StatusCode::CONFLICT, FleetError::NoShadow)
 }
 
 /// Reads a `POST /rollout` body: its steps, hold and shadow hold, all

@@ -552,7 +552,9 @@ impl Controller {
             && current.steps == state.steps
             && current.hold_ms == state.hold_ms
             && current.latched == state.latched
-            && current.resume == state.resume;
+            && current.resume == state.resume
+            && current.shadow_bp == state.shadow_bp
+            && current.shadow_hold_ms == state.shadow_hold_ms;
         if same_course {
             // A new epoch that changes nothing here (the same weight set
             // again) is still this member's epoch from now on: a rollback it
@@ -607,6 +609,7 @@ fn fleet_event(
         Phase::RolledBack if before.phase != Phase::RolledBack => Some(Event::Rollback),
         Phase::Promoted if before.phase != Phase::Promoted => Some(Event::Promoted),
         Phase::Paused if before.phase != Phase::Paused => Some(Event::Paused),
+        Phase::Shadowing if before.phase != Phase::Shadowing => Some(Event::Shadowing),
         Phase::Progressing if before.phase != Phase::Progressing || before.step != after.step => {
             Some(Event::Step)
         }
