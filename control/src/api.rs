@@ -63,6 +63,22 @@ struct WeightBody {
 struct RolloutBody {
     steps: Option<Vec<f64>>,
     hold: Option<String>,
+    /// The hold of a shadow step before the first weight step.
+    shadow: Option<String>,
+}
+
+/// `POST /shadow`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowBody {
+    percent: Option<f64>,
+}
+
+/// A `POST /rollout` body, its durations parsed.
+struct RolloutRequest {
+    steps: Option<Vec<f64>>,
+    hold: Option<Duration>,
+    shadow: Option<Duration>,
 }
 
 type ApiResponse = Response<Full<Bytes>>;
@@ -155,7 +171,9 @@ impl Api {
         let allowed: &[Method] = match path.as_str() {
             "/status" | "/history" | "/metrics" | "/healthz" | "/readyz" => &[Method::GET],
             "/weight" => &[Method::PUT],
-            "/rollout" | "/pause" | "/resume" | "/promote" | "/rollback" => &[Method::POST],
+            "/rollout" | "/shadow" | "/pause" | "/resume" | "/promote" | "/rollback" => {
+                &[Method::POST]
+            }
             _ => {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -243,8 +261,15 @@ impl Api {
                 Err(resp) => resp,
             },
             "/rollout" => match read_rollout(req).await {
-                Ok((steps, hold)) => c
-                    .rollout(steps, hold)
+                Ok(r) => c
+                    .rollout(r.steps, r.hold, r.shadow)
+                    .await
+                    .map_or_else(controller_error, |s| ok(&s)),
+                Err(resp) => resp,
+            },
+            "/shadow" => match read_json::<ShadowBody, B>(req).await {
+                Ok(body) => c
+                    .shadow(body.unwrap_or_default().percent)
                     .await
                     .map_or_else(controller_error, |s| ok(&s)),
                 Err(resp) => resp,
@@ -283,7 +308,16 @@ where
             Err(resp) => return resp,
         },
         "/rollout" => match read_rollout(req).await {
-            Ok((steps, hold)) => fleet.rollout(steps, hold, &actor).await,
+            Ok(r) => fleet.rollout(r.steps, r.hold, r.shadow, &actor).await,
+            Err(resp) => return resp,
+        },
+        "/shadow" => match read_json::<ShadowBody, B>(req).await {
+            Ok(body) => {
+                let pct = body.unwrap_or_default().percent;
+                fleet
+                    .shadow(pct.unwrap_or(fleet.defaults().shadow_percent), &actor)
+                    .await
+            }
             Err(resp) => return resp,
         },
         "/pause" => fleet.pause(&actor).await,
@@ -304,24 +338,26 @@ where
     }
 }
 
-/// Reads a `POST /rollout` body: its steps and hold, both optional; a hold
-/// that is not a duration, or is 0, is a bad body.
-async fn read_rollout<B>(
-    req: Request<B>,
-) -> Result<(Option<Vec<f64>>, Option<Duration>), ApiResponse>
+/// Reads a `POST /rollout` body: its steps, hold and shadow hold, all
+/// optional; a duration that is not one, or is 0, is a bad body.
+async fn read_rollout<B>(req: Request<B>) -> Result<RolloutRequest, ApiResponse>
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let body = read_json::<RolloutBody, B>(req).await?.unwrap_or_default();
-    match body.hold.as_deref().map(parse_hold).transpose() {
-        Ok(Some(hold)) if hold.is_zero() => Err(error(
-            StatusCode::BAD_REQUEST,
-            "hold must be longer than 0s, e.g. \"60s\"",
-        )),
-        Ok(hold) => Ok((body.steps, hold)),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, e)),
-    }
+    let duration = |key: &str, text: Option<&str>| match text.map(parse_hold).transpose() {
+        Ok(Some(d)) if d.is_zero() => Err(format!("{key} must be longer than 0s, e.g. \"60s\"")),
+        Ok(d) => Ok(d),
+        Err(e) if key == "hold" => Err(e.to_string()),
+        Err(e) => Err(format!("{key}: {e}")),
+    };
+    let bad = |message: String| error(StatusCode::BAD_REQUEST, message);
+    Ok(RolloutRequest {
+        hold: duration("hold", body.hold.as_deref()).map_err(bad)?,
+        shadow: duration("shadow", body.shadow.as_deref()).map_err(bad)?,
+        steps: body.steps,
+    })
 }
 
 /// Reads a JSON body of at most [`MAX_BODY`] bytes; `Ok(None)` when empty.

@@ -80,6 +80,22 @@ pub enum Command {
         /// Minimum time on each step, e.g. 60s or 5m.
         #[arg(long)]
         hold: Option<String>,
+        /// Shadow the canary this long before the first step (phase `shadowing`), e.g. 60s.
+        #[arg(long)]
+        shadow: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Copy a share of stable's requests to the canary and judge its answers, with no user
+    /// sent to it: phase `shadowing`.
+    #[command(mut_arg("percent", with_default(format_args!(
+        "the server's shadow.percent, {} unless configured",
+        defaults::SHADOW_PERCENT
+    ))))]
+    Shadow {
+        /// Share of stable's eligible requests copied, (0, 100].
+        #[arg(allow_negative_numbers = true)]
+        percent: Option<f64>,
         #[command(flatten)]
         admin: AdminArgs,
     },

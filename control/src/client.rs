@@ -1,5 +1,5 @@
-//! The CLI's client side: `serin status|weight|rollout|pause|resume|promote|
-//! rollback` talk to a running serin's control API and print a readable
+//! The CLI's client side: `serin status|weight|rollout|shadow|pause|resume|
+//! promote|rollback` talk to a running serin's control API and print a readable
 //! summary (or the raw JSON with `--json`). A failed call exits non-zero with
 //! the server's own error message.
 
@@ -133,13 +133,17 @@ pub enum Call {
     },
     /// `serin weight PCT`.
     Weight(f64),
-    /// `serin rollout [--steps] [--hold]`.
+    /// `serin rollout [--steps] [--hold] [--shadow]`.
     Rollout {
         /// Steps in percent.
         steps: Option<Vec<f64>>,
         /// Hold, e.g. `60s`.
         hold: Option<String>,
+        /// Hold of a shadow step before the first weight step, e.g. `60s`.
+        shadow: Option<String>,
     },
+    /// `serin shadow [PCT]`.
+    Shadow(Option<f64>),
     /// `serin pause`.
     Pause,
     /// `serin resume`.
@@ -160,7 +164,11 @@ pub async fn run(call: Call, admin: &AdminTarget, json: bool) -> Result<(), Clie
             "/weight",
             Some(serde_json::json!({ "canary": pct })),
         ),
-        Call::Rollout { steps, hold } => {
+        Call::Rollout {
+            steps,
+            hold,
+            shadow,
+        } => {
             let mut body = serde_json::Map::new();
             if let Some(steps) = steps {
                 body.insert("steps".into(), serde_json::json!(steps));
@@ -168,8 +176,19 @@ pub async fn run(call: Call, admin: &AdminTarget, json: bool) -> Result<(), Clie
             if let Some(hold) = hold {
                 body.insert("hold".into(), serde_json::json!(hold));
             }
+            if let Some(shadow) = shadow {
+                body.insert("shadow".into(), serde_json::json!(shadow));
+            }
             (Method::POST, "/rollout", Some(Value::Object(body)))
         }
+        Call::Shadow(pct) => (
+            Method::POST,
+            "/shadow",
+            Some(match pct {
+                Some(pct) => serde_json::json!({ "percent": pct }),
+                None => serde_json::json!({}),
+            }),
+        ),
         Call::Pause => (Method::POST, "/pause", None),
         Call::Resume => (Method::POST, "/resume", None),
         Call::Promote => (Method::POST, "/promote", None),
@@ -223,6 +242,7 @@ pub fn render_status(status: &Value, colour: bool) -> String {
         "promoted" => "1;32",
         "progressing" => "1;36",
         "paused" => "1;33",
+        "shadowing" => "1;35",
         _ => "1",
     };
     let mut out = String::new();
@@ -239,6 +259,19 @@ pub fn render_status(status: &Value, colour: bool) -> String {
                 list.join(" → ")
             ));
         }
+    }
+    let shadow = &status["shadow"];
+    if phase == "shadowing" {
+        out.push_str(&format!(
+            "shadow   {}% of eligible requests copied; {} sent, {} skipped; \
+             status class differs in {} of {} compared ({:.2}%)\n",
+            shadow["percent"].as_f64().unwrap_or(0.0),
+            shadow["requests"].as_u64().unwrap_or(0),
+            shadow["skipped"].as_u64().unwrap_or(0),
+            shadow["mismatches"].as_u64().unwrap_or(0),
+            shadow["compared"].as_u64().unwrap_or(0),
+            shadow["mismatch_rate"].as_f64().unwrap_or(0.0) * 100.0,
+        ));
     }
     if let Some(reason) = status["reason"].as_str().filter(|r| !r.is_empty()) {
         out.push_str(&format!("reason   {reason}\n"));

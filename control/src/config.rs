@@ -16,13 +16,13 @@ use serde::Deserialize;
 
 use crate::defaults;
 use crate::judge::JudgePolicy;
-use crate::rollout::{basis_points, parse_hold, validate_steps};
+use crate::rollout::{basis_points, parse_hold, shadow_basis_points, validate_steps};
 use serin_proxy::access_log::{AccessLogConfig, LineFormat, LogSink, QueryPolicy};
 use serin_proxy::trace::{SpanExport, TraceSettings};
 use serin_proxy::{
     Classifier, ClientAuth, ClientAuthMode, HeaderPolicy, OutlierSettings, PoolSettings,
-    ProxyConfig, Rate, RateLimit, RateLimitKey, SplitRules, StickyKey, Target, TlsFiles, Upstream,
-    UpstreamProtocol, UpstreamTls,
+    ProxyConfig, Rate, RateLimit, RateLimitKey, ShadowSettings, SplitRules, StickyKey, Target,
+    TlsFiles, Upstream, UpstreamProtocol, UpstreamTls,
 };
 
 /// A configuration problem, with the key it concerns.
@@ -108,6 +108,8 @@ pub struct RawConfig {
     pub judge: RawJudge,
     #[serde(default)]
     pub rollout: RawRollout,
+    #[serde(default)]
+    pub shadow: RawShadow,
     #[serde(default)]
     pub webhook: Vec<RawWebhook>,
 }
@@ -257,6 +259,7 @@ pub struct RawJudge {
     pub confidence: Option<f64>,
     pub min_error_rate_difference: Option<f64>,
     pub max_consecutive_errors: Option<u32>,
+    pub max_shadow_mismatch_rate: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -265,6 +268,15 @@ pub struct RawRollout {
     pub steps: Option<Vec<f64>>,
     pub hold: Option<String>,
     pub min_requests_per_step: Option<u64>,
+    pub shadow: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadow {
+    pub percent: Option<f64>,
+    pub max_concurrent: Option<usize>,
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -548,6 +560,12 @@ pub struct RolloutSettings {
     /// Canary requests each step must serve before advancing (default
     /// [`defaults::MIN_REQUESTS_PER_STEP`]).
     pub min_requests_per_step: u64,
+    /// `rollout.shadow`: the hold of a shadow step (phase `shadowing`)
+    /// before the first weight step (default none: no shadow step).
+    pub shadow: Option<Duration>,
+    /// `shadow.percent`: share of stable's eligible requests copied to the
+    /// canary when shadowing, in percent (default [`defaults::SHADOW_PERCENT`]).
+    pub shadow_percent: f64,
 }
 
 impl Default for RolloutSettings {
@@ -556,6 +574,8 @@ impl Default for RolloutSettings {
             steps: defaults::ROLLOUT_STEPS.to_vec(),
             hold: defaults::ROLLOUT_HOLD,
             min_requests_per_step: defaults::MIN_REQUESTS_PER_STEP,
+            shadow: None,
+            shadow_percent: defaults::SHADOW_PERCENT,
         }
     }
 }
@@ -607,7 +627,14 @@ pub struct Config {
 }
 
 /// The event names a webhook may subscribe to.
-pub const WEBHOOK_EVENTS: [&str; 5] = ["rollback", "promoted", "step", "paused", "judge_blocked"];
+pub const WEBHOOK_EVENTS: [&str; 6] = [
+    "rollback",
+    "promoted",
+    "step",
+    "paused",
+    "judge_blocked",
+    "shadowing",
+];
 
 impl Config {
     /// Reads the files the config names, as the data plane will when it
@@ -715,7 +742,8 @@ impl Config {
             ));
         }
         let judge = judge_settings(&raw.judge, o)?;
-        let rollout = rollout_settings(&raw.rollout)?;
+        let rollout = rollout_settings(&raw.rollout, &raw.shadow)?;
+        let shadow = shadow_settings(&raw.shadow)?;
         let access_log = access_log(raw.access_log, o.access_log.as_deref())?;
         let trace = trace_settings(&raw.trace)?;
 
@@ -768,6 +796,7 @@ impl Config {
             window: judge.policy.window,
             access_log,
             trace,
+            shadow,
             ..ProxyConfig::new(listen, stable, canary)
         };
 
@@ -1345,6 +1374,9 @@ pub(crate) fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSetti
         max_consecutive_errors: raw
             .max_consecutive_errors
             .unwrap_or(d.max_consecutive_errors),
+        max_shadow_mismatch_rate: raw
+            .max_shadow_mismatch_rate
+            .unwrap_or(d.max_shadow_mismatch_rate),
     };
     policy
         .validate()
@@ -1352,15 +1384,50 @@ pub(crate) fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSetti
     Ok(JudgeSettings { policy, interval })
 }
 
-fn rollout_settings(raw: &RawRollout) -> Result<RolloutSettings, ConfigError> {
+fn rollout_settings(raw: &RawRollout, shadow: &RawShadow) -> Result<RolloutSettings, ConfigError> {
     let d = RolloutSettings::default();
     let steps = raw.steps.clone().unwrap_or(d.steps);
     let steps =
         validate_steps(&steps).map_err(|e| ConfigError::Policy(format!("`rollout.steps`: {e}")))?;
+    let shadow_hold = match raw.shadow.as_deref() {
+        None => None,
+        Some(text) => match parse_hold(text) {
+            Ok(hold) if !hold.is_zero() => Some(hold),
+            _ => {
+                return Err(ConfigError::invalid(
+                    "rollout.shadow",
+                    format!(
+                        "must be a duration longer than 0s, like \"60s\" or \"5m\" (got {text:?}); \
+                         remove it for no shadow step"
+                    ),
+                ))
+            }
+        },
+    };
+    let shadow_percent = shadow.percent.unwrap_or(d.shadow_percent);
+    shadow_basis_points(shadow_percent)
+        .map_err(|e| ConfigError::invalid("shadow.percent", e.to_string()))?;
     Ok(RolloutSettings {
         steps,
         hold: duration_or("rollout.hold", raw.hold.as_deref(), d.hold)?,
         min_requests_per_step: raw.min_requests_per_step.unwrap_or(d.min_requests_per_step),
+        shadow: shadow_hold,
+        shadow_percent,
+    })
+}
+
+fn shadow_settings(raw: &RawShadow) -> Result<ShadowSettings, ConfigError> {
+    let d = ShadowSettings::default();
+    let max_concurrent = raw.max_concurrent.unwrap_or(d.max_concurrent);
+    if max_concurrent == 0 {
+        return Err(ConfigError::invalid(
+            "shadow.max_concurrent",
+            "must be at least 1 (got 0); to copy nothing, do not shadow",
+        ));
+    }
+    Ok(ShadowSettings {
+        max_concurrent,
+        max_body_bytes: raw.max_body_bytes.unwrap_or(d.max_body_bytes),
     })
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::defaults;
-use crate::judge::{Judge, JudgePolicy, PolicyError};
+use crate::judge::{Judge, JudgePolicy, PolicyError, Secs, Verdict};
 use crate::rollout::{
     percent, rfc3339, Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, Transition,
 };
@@ -59,6 +59,13 @@ pub struct ControllerConfig {
     /// Hold of a rollout started without one. Default
     /// [`defaults::ROLLOUT_HOLD`].
     pub default_hold: Duration,
+    /// The shadow step of a rollout started without saying (`rollout.shadow`):
+    /// its hold, or none for no shadow step. Default none.
+    pub default_shadow_hold: Option<Duration>,
+    /// Share of stable's eligible requests copied to the canary when
+    /// shadowing, in percent, when a call names none (`shadow.percent`).
+    /// Default [`defaults::SHADOW_PERCENT`].
+    pub default_shadow_percent: f64,
     /// Canary weight, in percent, when there is no saved state (a corrupt
     /// one always starts at 0). Default [`defaults::CANARY_WEIGHT`].
     pub initial_weight: f64,
@@ -82,6 +89,8 @@ impl Default for ControllerConfig {
             min_requests_per_step: defaults::MIN_REQUESTS_PER_STEP,
             default_steps: defaults::ROLLOUT_STEPS.to_vec(),
             default_hold: defaults::ROLLOUT_HOLD,
+            default_shadow_hold: None,
+            default_shadow_percent: defaults::SHADOW_PERCENT,
             initial_weight: defaults::CANARY_WEIGHT,
             stable_url: String::new(),
             canary_url: String::new(),
@@ -190,9 +199,31 @@ pub struct Upstreams {
     pub canary: UpstreamStatus,
 }
 
+/// The shadow (phase `shadowing`) in `/status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowStatus {
+    /// Share of stable's eligible requests copied to the canary now, in
+    /// percent (0 outside `shadowing`).
+    pub percent: f64,
+    /// The hold of a rollout's shadow step, e.g. `60s`, while it is current.
+    pub hold: Option<String>,
+    /// Copies sent to the canary since serin started.
+    pub requests: u64,
+    /// Requests picked for a copy but not copied since serin started (over
+    /// the concurrency bound, a body, a method).
+    pub skipped: u64,
+    /// Pairs (stable's answer and the copy's) compared in the judge's
+    /// current window.
+    pub compared: u64,
+    /// Of those, pairs whose status classes differed.
+    pub mismatches: u64,
+    /// `mismatches / compared`, 0 when none were compared.
+    pub mismatch_rate: f64,
+}
+
 /// The body of `GET /status`: phase, `canary_weight` (percent), `step`
-/// (from 1; 0 outside a rollout), `steps`, `hold`, `latched`, `reason`, and
-/// `upstreams.{stable,canary}` over the current window.
+/// (from 1; 0 outside a rollout), `steps`, `hold`, `latched`, `reason`,
+/// `upstreams.{stable,canary}` over the current window, and `shadow`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// The rollout's state.
@@ -200,6 +231,9 @@ pub struct Status {
     pub rollout: RolloutSnapshot,
     /// Both upstreams over the current window.
     pub upstreams: Upstreams,
+    /// The shadow's figures.
+    #[serde(default)]
+    pub shadow: ShadowStatus,
 }
 
 /// What the event sink receives: enough for a webhook body
@@ -275,6 +309,9 @@ struct Inner {
     config: ControllerConfig,
     rollbacks: [AtomicU64; 4],
     evaluations: AtomicU64,
+    /// The rollout's phase, as an index into [`Phase::ALL`], for readers
+    /// that cannot wait for the rollout lock (metrics). Set with the routes.
+    phase: std::sync::atomic::AtomicUsize,
     /// A fleet member's view of its fleet: the epoch of the rollout it runs,
     /// and whether it has adopted one yet (until then the routes stay
     /// closed). Changed only under the `rollout` lock.
@@ -340,6 +377,7 @@ impl Controller {
             config,
             rollbacks: Default::default(),
             evaluations: AtomicU64::new(0),
+            phase: Default::default(),
             fleet: FleetView::default(),
             changes: tokio::sync::watch::channel(0).0,
             runs_counted_from: AtomicU64::new(canary_total),
@@ -379,6 +417,11 @@ impl Controller {
         self.inner.rollbacks[actor_index(actor)].load(Relaxed)
     }
 
+    /// The rollout's phase as of its last change.
+    pub fn phase(&self) -> Phase {
+        Phase::ALL[self.inner.phase.load(Relaxed)]
+    }
+
     /// How many times the judge loop has evaluated the windows.
     pub fn evaluations(&self) -> u64 {
         self.inner.evaluations.load(Relaxed)
@@ -387,9 +430,11 @@ impl Controller {
     /// `GET /status`.
     pub async fn status(&self) -> Status {
         let rollout = self.inner.rollout.lock().await;
+        let now = Instant::now();
         Status {
             rollout: rollout.snapshot(),
-            upstreams: self.inner.upstreams(Instant::now()),
+            upstreams: self.inner.upstreams(now),
+            shadow: self.inner.shadow_status(&rollout, now),
         }
     }
 
@@ -413,17 +458,31 @@ impl Controller {
     }
 
     /// `POST /rollout`: starts a rollout; `None` takes the configured
-    /// default steps or hold.
+    /// default steps, hold or shadow step (`rollout.shadow`; none unless
+    /// configured).
     pub async fn rollout(
         &self,
         steps: Option<Vec<f64>>,
         hold: Option<Duration>,
+        shadow: Option<Duration>,
     ) -> Result<Status, ControllerError> {
         let config = &self.inner.config;
         let steps = steps.unwrap_or_else(|| config.default_steps.clone());
         let hold = hold.unwrap_or(config.default_hold);
+        let shadow = shadow
+            .or(config.default_shadow_hold)
+            .map(|hold| (hold, config.default_shadow_percent));
         self.inner
-            .apply(|r, now, canary| r.start_rollout(&steps, hold, now, canary))
+            .apply(|r, now, canary| r.start_rollout_with_shadow(&steps, hold, shadow, now, canary))
+            .await
+    }
+
+    /// `POST /shadow`: phase `shadowing`, copying `percent` (default
+    /// `shadow.percent`) of stable's eligible requests to the canary.
+    pub async fn shadow(&self, percent: Option<f64>) -> Result<Status, ControllerError> {
+        let pct = percent.unwrap_or(self.inner.config.default_shadow_percent);
+        self.inner
+            .apply(|r, now, canary| r.start_shadow(pct, Actor::Api, now, canary))
             .await
     }
 
@@ -532,7 +591,9 @@ impl Controller {
             && current.steps == state.steps
             && current.hold_ms == state.hold_ms
             && current.latched == state.latched
-            && current.resume == state.resume;
+            && current.resume == state.resume
+            && current.shadow_bp == state.shadow_bp
+            && current.shadow_hold_ms == state.shadow_hold_ms;
         if same_course {
             // A new epoch that changes nothing here (the same weight set
             // again) is still this member's epoch from now on: a rollback it
@@ -587,6 +648,7 @@ fn fleet_event(
         Phase::RolledBack if before.phase != Phase::RolledBack => Some(Event::Rollback),
         Phase::Promoted if before.phase != Phase::Promoted => Some(Event::Promoted),
         Phase::Paused if before.phase != Phase::Paused => Some(Event::Paused),
+        Phase::Shadowing if before.phase != Phase::Shadowing => Some(Event::Shadowing),
         Phase::Progressing if before.phase != Phase::Progressing || before.step != after.step => {
             Some(Event::Step)
         }
@@ -686,8 +748,9 @@ impl Inner {
         self.runs_counted_from.store(canary_total, Relaxed);
         if was_latched && !rollout.latched() {
             // The canary is back by hand: judge it on what it does from now
-            // on, not on the failures that got it reverted.
+            // on, not on the failures (or mismatches) that got it reverted.
             self.stats.restart_window(Target::Canary, now);
+            self.stats.restart_shadow_window(now);
         }
         let upstreams = self.upstreams(now);
         let saved = self.commit(&rollout, event, &upstreams).await;
@@ -695,6 +758,7 @@ impl Inner {
         Ok(Status {
             rollout: rollout.snapshot(),
             upstreams,
+            shadow: self.shadow_status(&rollout, now),
         })
     }
 
@@ -713,6 +777,16 @@ impl Inner {
             canary_run as u32,
         );
         let mut rollout = self.rollout.lock().await;
+        // A shadowed canary is judged on its copies' outcomes (in its
+        // window like any canary request's), and on how often their status
+        // class differs from stable's.
+        let verdict = match verdict {
+            Verdict::Breach { .. } => verdict,
+            _ if rollout.phase() == Phase::Shadowing => judge
+                .evaluate_shadow(&self.stats.shadow_window(now))
+                .unwrap_or(verdict),
+            _ => verdict,
+        };
         let min_per_step = self.config.min_requests_per_step;
         let event = if self.config.fleet_member {
             rollout.guard(&verdict)
@@ -752,12 +826,16 @@ impl Inner {
         let closed_for_fleet = self.config.fleet_member && !self.fleet.adopted.load(Relaxed);
         let table = if rollout.latched() || closed_for_fleet {
             RouteTable::closed()
+        } else if rollout.phase() == Phase::Shadowing {
+            RouteTable::shadowing(rollout.shadow_bp())
         } else {
             RouteTable::new(rollout.canary_weight_bp())
         };
         if **self.routes.load() != table {
             self.routes.store(table);
         }
+        let phase = Phase::ALL.iter().position(|p| *p == rollout.phase());
+        self.phase.store(phase.unwrap_or(0), Relaxed);
     }
 
     async fn persist(&self, rollout: &Rollout) -> Result<(), StoreError> {
@@ -796,6 +874,20 @@ impl Inner {
         };
         if let Err(e) = events.try_send(notification) {
             tracing::warn!(%event, error = %e, "event dropped: the sink is full or closed");
+        }
+    }
+
+    fn shadow_status(&self, rollout: &Rollout, now: Instant) -> ShadowStatus {
+        let totals = self.stats.shadow_totals();
+        let pairs = self.stats.shadow_window(now);
+        ShadowStatus {
+            percent: percent(rollout.shadow_bp()),
+            hold: rollout.shadow_hold().map(|h| Secs(h).to_string()),
+            requests: totals.sent,
+            skipped: totals.skipped.iter().sum(),
+            compared: pairs.requests,
+            mismatches: pairs.errors,
+            mismatch_rate: pairs.error_rate(),
         }
     }
 

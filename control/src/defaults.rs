@@ -75,6 +75,11 @@ pub const MIN_ERROR_RATE_DIFFERENCE: f64 = 0.01;
 /// probability below 1e-8.
 pub const MAX_CONSECUTIVE_ERRORS: u32 = 10;
 
+/// `judge.max_shadow_mismatch_rate`: in phase `shadowing`, the highest
+/// acceptable share of copied requests whose status class differs from
+/// stable's answer to the same request (5%).
+pub const MAX_SHADOW_MISMATCH_RATE: f64 = 0.05;
+
 // === [rollout] ===
 
 /// `rollout.steps`: the canary weights of a rollout, in percent.
@@ -84,6 +89,12 @@ pub const ROLLOUT_HOLD: Duration = Duration::from_secs(60);
 /// `rollout.min_requests_per_step`: canary requests each step must serve
 /// before it may advance.
 pub const MIN_REQUESTS_PER_STEP: u64 = 50;
+
+// === [shadow] ===
+
+/// `shadow.percent`: the share of stable's eligible requests copied to the
+/// canary in phase `shadowing`, when `POST /shadow` or a rollout names none.
+pub const SHADOW_PERCENT: f64 = 100.0;
 
 /// A duration as the config file and the flags write it: whole seconds as
 /// `"60s"`, anything else in milliseconds (`"10ms"`, `"1500ms"`).

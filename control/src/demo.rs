@@ -261,7 +261,7 @@ pub async fn run(plain: bool, state_dir: &Path) -> Result<(), DemoError> {
         "clients send ~{DEMO_RPS} req/s through serin (GET /checkout)"
     ));
 
-    controller.rollout(None, None).await?;
+    controller.rollout(None, None, None).await?;
     screen
         .say("POST /rollout: steps 5% → 25% → 50% → 100%, hold 3s and 30 canary requests per step");
 

@@ -113,6 +113,8 @@ pub fn judge_settings(
             spec.max_consecutive_errors
                 .unwrap_or(p.max_consecutive_errors),
         ),
+        // A fleet does not shadow (yet): the member's own value stands.
+        max_shadow_mismatch_rate: Some(p.max_shadow_mismatch_rate),
     };
     crate::config::judge_settings(&raw, &Overrides::default())
 }

@@ -19,6 +19,11 @@
 //!   an exact binomial tail when too few errors are expected for the normal
 //!   approximation, and it needs a minimum absolute difference too.
 //!
+//! In phase `shadowing` one more check reads the compared shadow pairs
+//! ([`Judge::evaluate_shadow`]): how often the canary's status class
+//! differed from stable's for the same request, which catches a canary
+//! whose failures are not errors (a 404 where stable answers 200).
+//!
 //! The fast path is a run of canary errors in a row, which needs no canary
 //! sample at all. A run is a breach when it is improbable given stable's
 //! error rate: its length k must make `p^k ≤ 1e-8`, where `p` is the upper
@@ -92,6 +97,12 @@ pub struct JudgePolicy {
     /// documentation): against a healthy stable, 4 failures. 0 disables both
     /// fast paths. Default [`defaults::MAX_CONSECUTIVE_ERRORS`].
     pub max_consecutive_errors: u32,
+    /// Highest acceptable share of shadowed requests whose status class
+    /// (2xx, 3xx, 4xx, 5xx) differs from stable's answer to the same
+    /// request, as a ratio in (0, 1], in phase `shadowing`. A breach needs
+    /// `min_requests` compared pairs and the share's lower confidence bound
+    /// above it. Default [`defaults::MAX_SHADOW_MISMATCH_RATE`].
+    pub max_shadow_mismatch_rate: f64,
 }
 
 impl Default for JudgePolicy {
@@ -105,6 +116,7 @@ impl Default for JudgePolicy {
             confidence: defaults::CONFIDENCE,
             min_error_rate_difference: defaults::MIN_ERROR_RATE_DIFFERENCE,
             max_consecutive_errors: defaults::MAX_CONSECUTIVE_ERRORS,
+            max_shadow_mismatch_rate: defaults::MAX_SHADOW_MISMATCH_RATE,
         }
     }
 }
@@ -165,14 +177,18 @@ impl JudgePolicy {
         if self.max_p95.is_zero() {
             return Err(PolicyError::Zero { key: "max_p95" });
         }
-        let r = self.max_error_rate;
-        range(
-            "max_error_rate",
-            r,
-            r > 0.0 && r <= 1.0,
-            "between 0 and 1",
-            "write 0.05 for 5%",
-        )?;
+        for (key, r) in [
+            ("max_error_rate", self.max_error_rate),
+            ("max_shadow_mismatch_rate", self.max_shadow_mismatch_rate),
+        ] {
+            range(
+                key,
+                r,
+                r > 0.0 && r <= 1.0,
+                "between 0 and 1",
+                "write 0.05 for 5%",
+            )?;
+        }
         let r = self.max_p95_ratio;
         range(
             "max_p95_ratio",
@@ -373,6 +389,29 @@ impl Judge {
         }
 
         Verdict::Healthy
+    }
+
+    /// The shadow's mismatch rule (phase `shadowing`): `pairs` are the
+    /// compared shadow pairs in the window, `pairs.errors` those whose
+    /// status classes differed. A breach needs `min_requests` pairs and the
+    /// Wilson lower bound of the mismatch rate above
+    /// `max_shadow_mismatch_rate`; otherwise `None`.
+    pub fn evaluate_shadow(&self, pairs: &WindowSnapshot) -> Option<Verdict> {
+        let p = &self.policy;
+        let rate = pairs.error_rate();
+        (pairs.requests >= p.min_requests
+            && rate > p.max_shadow_mismatch_rate
+            && wilson_lower(pairs.errors, pairs.requests, self.z) > p.max_shadow_mismatch_rate)
+            .then(|| {
+                breach(format_args!(
+                    "canary status class differs from stable's in {:.1}% > {:.1}% of {} compared \
+                     requests (window {})",
+                    rate * 100.0,
+                    p.max_shadow_mismatch_rate * 100.0,
+                    pairs.requests,
+                    Secs(p.window),
+                ))
+            })
     }
 
     /// When fewer than [`MIN_EXPECTED_ERRORS_FOR_Z`] canary errors are

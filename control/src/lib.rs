@@ -152,6 +152,8 @@ impl Running {
             min_requests_per_step: config.rollout.min_requests_per_step,
             default_steps: config.rollout.steps.clone(),
             default_hold: config.rollout.hold,
+            default_shadow_hold: config.rollout.shadow,
+            default_shadow_percent: config.rollout.shadow_percent,
             initial_weight: f64::from(config.canary_weight_bp) / 100.0,
             stable_url: config.proxy.stable.url.clone(),
             canary_url: config.proxy.canary.url.clone(),

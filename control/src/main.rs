@@ -16,7 +16,20 @@ fn main() -> ExitCode {
         Command::Inject(args) => inject(*args),
         Command::Status { watch, admin } => call(Call::Status { watch }, admin),
         Command::Weight { percent, admin } => call(Call::Weight(percent), admin),
-        Command::Rollout { steps, hold, admin } => call(Call::Rollout { steps, hold }, admin),
+        Command::Rollout {
+            steps,
+            hold,
+            shadow,
+            admin,
+        } => call(
+            Call::Rollout {
+                steps,
+                hold,
+                shadow,
+            },
+            admin,
+        ),
+        Command::Shadow { percent, admin } => call(Call::Shadow(percent), admin),
         Command::Pause(admin) => call(Call::Pause, admin),
         Command::Resume(admin) => call(Call::Resume, admin),
         Command::Promote(admin) => call(Call::Promote, admin),

@@ -16,11 +16,11 @@ use prometheus::proto::{
 };
 use prometheus::{Encoder, IntGauge, Registry, TextEncoder};
 use serin_proxy::stats::DURATION_BOUNDS_SECONDS;
-use serin_proxy::Target;
+use serin_proxy::{ShadowSkip, Target};
 
 use crate::controller::Controller;
 use crate::fleet::member::Member;
-use crate::rollout::Actor;
+use crate::rollout::{Actor, Phase};
 use crate::webhook::DeliveryStats;
 
 /// The quantiles exported by `serin_window_latency_seconds`.
@@ -89,7 +89,7 @@ struct Exporter {
     descs: Vec<Desc>,
 }
 
-const FAMILIES: [(&str, &str); 25] = [
+const FAMILIES: [(&str, &str); 30] = [
     (
         "serin_requests_total",
         "Requests forwarded, by upstream and outcome class (success, error, or abandoned: the client left before the upstream answered)",
@@ -117,6 +117,26 @@ const FAMILIES: [(&str, &str); 25] = [
     (
         "serin_rollbacks_total",
         "Canary rollbacks since start, by who did them",
+    ),
+    (
+        "serin_phase",
+        "1 for the rollout's current phase (steady, manual, shadowing, progressing, paused, promoted, rolled_back), 0 for the others",
+    ),
+    (
+        "serin_shadow_ratio",
+        "Share of stable's eligible requests copied to the canary (phase shadowing), 0..1",
+    ),
+    (
+        "serin_shadow_requests_total",
+        "Requests picked for a shadow copy: sent to the canary, or skipped (skipped_busy: over shadow.max_concurrent or the canary's max_concurrent; skipped_body: a body not copied; skipped_method: a method or upgrade not copied)",
+    ),
+    (
+        "serin_shadow_compared_total",
+        "Shadow copies whose status class was compared with stable's answer to the same request",
+    ),
+    (
+        "serin_shadow_mismatches_total",
+        "Compared shadow copies whose status class (2xx/3xx/4xx/5xx; a transport failure is 5xx) differed from stable's",
     ),
     (
         "serin_rate_limited_requests_total",
@@ -332,7 +352,19 @@ impl Collector for Exporter {
                 ));
             }
         }
-        let weight = f64::from(self.controller.routes().load().canary_weight_bp) / 10_000.0;
+        let table = self.controller.routes().load();
+        let weight = f64::from(table.canary_weight_bp) / 10_000.0;
+        let shadow_ratio = f64::from(table.shadow_bp) / 10_000.0;
+        let shadow = stats.shadow_totals();
+        let mut shadow_requests = vec![counter(&[("result", "sent")], shadow.sent)];
+        for (why, n) in ShadowSkip::ALL.iter().zip(shadow.skipped) {
+            shadow_requests.push(counter(&[("result", why.as_str())], n));
+        }
+        let phase = self.controller.phase();
+        let phases = Phase::ALL
+            .iter()
+            .map(|p| gauge(&[("phase", p.as_str())], f64::from(u8::from(*p == phase))))
+            .collect();
         let w = &self.webhooks;
         let deliveries = vec![
             counter(
@@ -369,6 +401,27 @@ impl Collector for Exporter {
                     .into_iter()
                     .map(|a| counter(&[("actor", a.as_str())], self.controller.rollbacks_total(a)))
                     .collect(),
+            ),
+            family("serin_phase", MetricType::GAUGE, phases),
+            family(
+                "serin_shadow_ratio",
+                MetricType::GAUGE,
+                vec![gauge(&[], shadow_ratio)],
+            ),
+            family(
+                "serin_shadow_requests_total",
+                MetricType::COUNTER,
+                shadow_requests,
+            ),
+            family(
+                "serin_shadow_compared_total",
+                MetricType::COUNTER,
+                vec![counter(&[], shadow.compared)],
+            ),
+            family(
+                "serin_shadow_mismatches_total",
+                MetricType::COUNTER,
+                vec![counter(&[], shadow.mismatches)],
             ),
             family(
                 "serin_rate_limited_requests_total",

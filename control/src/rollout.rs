@@ -18,6 +18,11 @@
 //!   `min_requests_per_step` requests since the step began, and the judge
 //!   has enough data to call it healthy. Too little traffic holds the step;
 //!   it is never a failure.
+//! - Phase `shadowing` sends no user to the canary: a share of stable's
+//!   requests is copied to it and its answers are judged. A breach there
+//!   rolls back (latched) like any other, so a rollout whose first step is
+//!   a shadow stops before any user reaches the canary; a healthy shadow
+//!   step advances to the first weight step under the rules above.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -45,6 +50,9 @@ pub enum Phase {
     Steady,
     /// The weight was set by hand; the judge still guards it.
     Manual,
+    /// No user reaches the canary; copies of stable's requests do, and the
+    /// judge reads their outcomes (by hand, or a rollout's first step).
+    Shadowing,
     /// A progressive rollout is moving through its steps.
     Progressing,
     /// A rollout frozen at its current step; the judge still guards it.
@@ -56,11 +64,23 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, for per-phase gauges.
+    pub const ALL: [Phase; 7] = [
+        Phase::Steady,
+        Phase::Manual,
+        Phase::Shadowing,
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Promoted,
+        Phase::RolledBack,
+    ];
+
     /// The snake_case name used in JSON, metrics and text.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Steady => "steady",
             Phase::Manual => "manual",
+            Phase::Shadowing => "shadowing",
             Phase::Progressing => "progressing",
             Phase::Paused => "paused",
             Phase::Promoted => "promoted",
@@ -126,6 +146,8 @@ pub enum Event {
     /// A step's hold is over but it cannot advance for lack of traffic.
     /// Sent once per step.
     JudgeBlocked,
+    /// Shadowing began (by hand, or as a rollout's first step).
+    Shadowing,
 }
 
 impl Event {
@@ -137,6 +159,7 @@ impl Event {
             Event::Step => "step",
             Event::Paused => "paused",
             Event::JudgeBlocked => "judge_blocked",
+            Event::Shadowing => "shadowing",
         }
     }
 }
@@ -232,6 +255,12 @@ pub enum RolloutError {
         /// The current phase.
         phase: Phase,
     },
+    /// A shadow share outside (0, 100].
+    #[error("shadow percent must be above 0 and at most 100 (got {got}); write 100 to copy every eligible request, 12.5 for one in eight")]
+    InvalidShadowPercent {
+        /// The value given.
+        got: f64,
+    },
     /// A hold that is not a duration.
     #[error("hold must be a duration like 60s, 5m, 1m30s or 500ms (got {got:?})")]
     InvalidHold {
@@ -267,6 +296,15 @@ pub struct RolloutState {
     pub resume: Option<ResumePoint>,
     /// Recent transitions, oldest first, at most [`HISTORY_LIMIT`].
     pub history: VecDeque<Transition>,
+    /// Share of stable's requests copied to the canary in phase
+    /// `shadowing`, in basis points (0 in a state saved before shadowing existed).
+    #[serde(default)]
+    pub shadow_bp: u16,
+    /// The hold of a rollout's shadow step, in milliseconds, while that
+    /// step is current (or was, when it was rolled back); none for a shadow
+    /// set by hand.
+    #[serde(default)]
+    pub shadow_hold_ms: Option<u64>,
 }
 
 /// What `/status` shows of a rollout.
@@ -302,6 +340,10 @@ pub struct Rollout {
     reason: String,
     resume: Option<ResumePoint>,
     history: VecDeque<Transition>,
+    /// Share copied to the canary in phase `shadowing`, in basis points.
+    shadow_bp: u16,
+    /// The hold of a rollout's shadow step, while it is current.
+    shadow_hold: Option<Duration>,
     /// When the current step began (or the rollout resumed).
     step_started: Instant,
     /// Cumulative canary requests when the current step began.
@@ -323,6 +365,8 @@ impl Rollout {
             reason: String::new(),
             resume: None,
             history: VecDeque::new(),
+            shadow_bp: 0,
+            shadow_hold: None,
             step_started: now,
             step_base_requests: 0,
             blocked_sent: false,
@@ -353,6 +397,16 @@ impl Rollout {
                 steps.len()
             ));
         }
+        if state.phase == Phase::Shadowing
+            && (state.canary_weight_bp != 0
+                || state.shadow_bp == 0
+                || state.shadow_bp > MAX_BASIS_POINTS)
+        {
+            return invalid(format!(
+                "phase shadowing with canary weight {} bp and shadow {} bp",
+                state.canary_weight_bp, state.shadow_bp
+            ));
+        }
         if state.latched != (state.phase == Phase::RolledBack)
             || (state.phase == Phase::RolledBack && state.canary_weight_bp != 0)
         {
@@ -375,6 +429,8 @@ impl Rollout {
             reason: state.reason,
             resume: state.resume,
             history,
+            shadow_bp: state.shadow_bp.min(MAX_BASIS_POINTS),
+            shadow_hold: state.shadow_hold_ms.map(Duration::from_millis),
             step_started: now,
             step_base_requests: canary_requests,
             blocked_sent: false,
@@ -393,6 +449,10 @@ impl Rollout {
             reason: self.reason.clone(),
             resume: self.resume,
             history: self.history.clone(),
+            shadow_bp: self.shadow_bp,
+            shadow_hold_ms: self
+                .shadow_hold
+                .map(|h| h.as_millis().min(u128::from(u64::MAX)) as u64),
         }
     }
 
@@ -424,6 +484,21 @@ impl Rollout {
     /// True while the canary is reverted and latched at 0.
     pub fn latched(&self) -> bool {
         self.latched
+    }
+
+    /// The share of stable's requests copied to the canary, in basis
+    /// points: what the route table must hold (0 outside `shadowing`).
+    pub fn shadow_bp(&self) -> u16 {
+        if self.phase == Phase::Shadowing {
+            self.shadow_bp
+        } else {
+            0
+        }
+    }
+
+    /// The hold of the rollout's shadow step, while it is current.
+    pub fn shadow_hold(&self) -> Option<Duration> {
+        self.shadow_hold.filter(|_| self.phase == Phase::Shadowing)
     }
 
     /// The last reason; empty if none.
@@ -461,6 +536,7 @@ impl Rollout {
         self.weight_bp = bp;
         self.latched = false;
         self.resume = None;
+        self.shadow_hold = None;
         self.reason = format!("canary weight set to {}% by {actor}", percent(bp));
         self.record(from, actor, self.reason.clone());
         Ok(None)
@@ -479,22 +555,88 @@ impl Rollout {
         now: Instant,
         canary_requests: u64,
     ) -> Result<Option<Event>, RolloutError> {
+        self.start_rollout_with_shadow(steps, hold, None, now, canary_requests)
+    }
+
+    /// [`Rollout::start_rollout`], whose first step, with `shadow` as
+    /// `(hold, percent)`, is phase `shadowing`: no user reaches the canary,
+    /// `percent` of stable's eligible requests are copied to it, and after
+    /// `hold` (and the step's minimum requests, as any step) a healthy
+    /// canary moves to the first weight step.
+    pub fn start_rollout_with_shadow(
+        &mut self,
+        steps: &[f64],
+        hold: Duration,
+        shadow: Option<(Duration, f64)>,
+        now: Instant,
+        canary_requests: u64,
+    ) -> Result<Option<Event>, RolloutError> {
         let steps = validate_steps(steps)?;
+        let shadow = shadow
+            .map(|(hold, pct)| shadow_basis_points(pct).map(|bp| (hold, bp)))
+            .transpose()?;
         let from = self.weight_bp;
         self.steps = steps;
         self.hold = hold;
         self.latched = false;
         self.resume = None;
-        self.phase = Phase::Progressing;
-        self.enter_step(0, now, canary_requests);
-        self.reason = format!(
-            "rollout started: step 1 of {} ({}%), hold {}",
-            self.steps.len(),
-            percent(self.weight_bp),
-            Secs(hold)
-        );
+        let event = if let Some((shadow_hold, bp)) = shadow {
+            self.phase = Phase::Shadowing;
+            self.shadow_bp = bp;
+            self.shadow_hold = Some(shadow_hold);
+            self.enter_step(0, now, canary_requests);
+            self.weight_bp = 0;
+            self.reason = format!(
+                "rollout started: shadowing {}% for {} before step 1 of {} ({}%), hold {}",
+                percent(bp),
+                Secs(shadow_hold),
+                self.steps.len(),
+                self.steps[0],
+                Secs(hold)
+            );
+            Event::Shadowing
+        } else {
+            self.enter_first_step(now, canary_requests);
+            self.reason = format!(
+                "rollout started: step 1 of {} ({}%), hold {}",
+                self.steps.len(),
+                percent(self.weight_bp),
+                Secs(hold)
+            );
+            Event::Step
+        };
         self.record(from, Actor::Api, self.reason.clone());
-        Ok(Some(Event::Step))
+        Ok(Some(event))
+    }
+
+    /// Starts shadowing by hand: phase `shadowing`, weight 0 (no user
+    /// reaches the canary), `pct` percent of stable's eligible requests
+    /// copied to it, latch cleared, any rollout cancelled. It lasts until a
+    /// rollback (the judge's included), promote, weight or rollout.
+    pub fn start_shadow(
+        &mut self,
+        pct: f64,
+        actor: Actor,
+        now: Instant,
+        canary_requests: u64,
+    ) -> Result<Option<Event>, RolloutError> {
+        let bp = shadow_basis_points(pct)?;
+        let from = self.weight_bp;
+        self.phase = Phase::Shadowing;
+        self.weight_bp = 0;
+        self.shadow_bp = bp;
+        self.shadow_hold = None;
+        self.latched = false;
+        self.resume = None;
+        self.step = 0;
+        self.step_started = now;
+        self.step_base_requests = canary_requests;
+        self.reason = format!(
+            "shadowing {}% of eligible requests by {actor}; no user reaches the canary",
+            percent(bp)
+        );
+        self.record(from, actor, self.reason.clone());
+        Ok(Some(Event::Shadowing))
     }
 
     /// Freezes a running rollout at its step (the judge still guards it).
@@ -546,7 +688,13 @@ impl Rollout {
             }
             (phase, _) => return Err(RolloutError::NothingToResume { phase }),
         }
-        let event = if self.phase == Phase::Progressing {
+        let event = if self.phase == Phase::Shadowing {
+            self.step_started = now;
+            self.step_base_requests = canary_requests;
+            self.blocked_sent = false;
+            self.reason = format!("shadowing {}% resumed by {actor}", percent(self.shadow_bp));
+            Some(Event::Shadowing)
+        } else if self.phase == Phase::Progressing {
             self.enter_step(self.step, now, canary_requests);
             self.reason = format!(
                 "rollout resumed at step {} ({}%) by {actor}",
@@ -588,7 +736,7 @@ impl Rollout {
             return None;
         }
         let from = self.weight_bp;
-        self.resume = (from > 0).then_some(ResumePoint {
+        self.resume = (from > 0 || self.phase == Phase::Shadowing).then_some(ResumePoint {
             phase: match self.phase {
                 Phase::Paused => Phase::Progressing,
                 phase => phase,
@@ -622,21 +770,29 @@ impl Rollout {
         if verdict.is_breach() {
             return self.guard(verdict);
         }
-        if self.phase != Phase::Progressing
-            || now.saturating_duration_since(self.step_started) < self.hold
-        {
+        let hold = match (self.phase, self.shadow_hold) {
+            (Phase::Progressing, _) => self.hold,
+            (Phase::Shadowing, Some(hold)) => hold,
+            _ => return None,
+        };
+        if now.saturating_duration_since(self.step_started) < hold {
             return None;
         }
         let served = canary_requests_total.saturating_sub(self.step_base_requests);
         let step = self.step + 1;
         let pct = percent(self.weight_bp);
+        let what = if self.phase == Phase::Shadowing {
+            format!("the shadow ({}%)", percent(self.shadow_bp))
+        } else {
+            format!("step {step} ({pct}%)")
+        };
         let holding = if served < min_requests_per_step {
             Some(format!(
-                "holding step {step} ({pct}%): {served} of {min_requests_per_step} canary \
+                "holding {what}: {served} of {min_requests_per_step} canary \
                  requests since step start"
             ))
         } else if let Verdict::Insufficient { .. } = verdict {
-            Some(format!("holding step {step} ({pct}%): {verdict}"))
+            Some(format!("holding {what}: {verdict}"))
         } else {
             None
         };
@@ -644,6 +800,17 @@ impl Rollout {
             self.reason = reason;
             return (!std::mem::replace(&mut self.blocked_sent, true))
                 .then_some(Event::JudgeBlocked);
+        }
+        if self.phase == Phase::Shadowing {
+            self.enter_first_step(now, canary_requests_total);
+            self.reason = format!(
+                "step 1 of {} ({}%): the shadow healthy over {} and {served} shadow requests",
+                self.steps.len(),
+                percent(self.weight_bp),
+                Secs(hold),
+            );
+            self.record(0, Actor::Judge, self.reason.clone());
+            return Some(Event::Step);
         }
         if self.step + 1 == self.steps.len() {
             self.promote_now(
@@ -670,10 +837,14 @@ impl Rollout {
     }
 
     /// The part of [`Rollout::tick`] that only ever lowers the weight: a
-    /// breach while the canary has weight reverts it (actor `judge`). A fleet
-    /// member runs only this; its fleet's leader moves the steps.
+    /// breach while the canary has weight, or is shadowed, reverts it
+    /// (actor `judge`; a shadow's reason says `shadow:`). A fleet member
+    /// runs only this; its fleet's leader moves the steps.
     pub fn guard(&mut self, verdict: &Verdict) -> Option<Event> {
         match verdict {
+            Verdict::Breach { reason } if self.phase == Phase::Shadowing => {
+                self.rollback(Actor::Judge, format!("shadow: {reason}"))
+            }
             Verdict::Breach { reason } if self.weight_bp > 0 => {
                 self.rollback(Actor::Judge, reason.clone())
             }
@@ -701,6 +872,13 @@ impl Rollout {
         Ok(())
     }
 
+    /// Phase `progressing` at the rollout's first weight step.
+    fn enter_first_step(&mut self, now: Instant, canary_requests: u64) {
+        self.phase = Phase::Progressing;
+        self.shadow_hold = None;
+        self.enter_step(0, now, canary_requests);
+    }
+
     fn enter_step(&mut self, index: usize, now: Instant, canary_requests: u64) {
         self.step = index;
         self.weight_bp = basis_points(self.steps[index]).unwrap_or(0);
@@ -715,6 +893,7 @@ impl Rollout {
         self.weight_bp = MAX_BASIS_POINTS;
         self.latched = false;
         self.resume = None;
+        self.shadow_hold = None;
         self.reason = reason;
         self.record(from, actor, self.reason.clone());
     }
@@ -762,6 +941,13 @@ pub fn validate_steps(steps: &[f64]) -> Result<Vec<f64>, RolloutError> {
         return Err(RolloutError::LastStepNot100 { last });
     }
     Ok(out)
+}
+
+/// A shadow share (percent, in (0, 100]) in basis points.
+pub fn shadow_basis_points(pct: f64) -> Result<u16, RolloutError> {
+    basis_points(pct)
+        .filter(|&bp| bp > 0)
+        .ok_or(RolloutError::InvalidShadowPercent { got: pct })
 }
 
 /// Parses a hold as users write it: whole numbers with a unit, `ms`, `s`,

@@ -50,29 +50,20 @@ impl Serin {
     /// Starts serin with `extra` appended to a config that sets the
     /// listeners (port 0), a fresh state directory and both upstreams.
     async fn start(extra: &str) -> Self {
-        let stable = TestUpstream::start("stable").await;
-        let canary = TestUpstream::start("canary").await;
-        let state = temp_dir("control-plane");
-        let text = format!(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstate_dir = '{}'\n\
-             stable.url = \"{}\"\ncanary.url = \"{}\"\n{extra}\n",
-            state.display(),
-            stable.url(),
-            canary.url(),
-        );
-        let raw = Config::parse_toml(&text, Path::new("control_plane.toml")).expect("TOML");
+        let stage = Stage::new("control-plane", extra).await;
+        let raw = Config::parse_toml(&stage.toml, Path::new("control_plane.toml")).expect("TOML");
         let config = Config::from_raw(raw, &Overrides::default()).expect("valid config");
         let running = Running::start(config).await.expect("serin starts");
         let api = Api::new(format!("http://{}", running.admin_addr));
         let proxy = format!("http://{}/", running.proxy.local_addr());
         Self {
             running,
-            stable,
-            canary,
+            stable: stage.stable,
+            canary: stage.canary,
             api,
             client: http1_client(),
             proxy,
-            _state: state,
+            _state: stage.state,
         }
     }
 

@@ -139,6 +139,14 @@ impl Fleet {
         }
     }
 
+    /// Waits until the leader has written the steady state.
+    async fn until_steady(&self) {
+        eventually(DEADLINE, "the fleet's status is written", || async {
+            self.fleet_status()["phase"] == "steady"
+        })
+        .await;
+    }
+
     fn object(&self) -> Value {
         self.api
             .get("serinrollouts", NS, NAME)
@@ -191,10 +199,7 @@ impl Fleet {
 async fn a_rollout_started_once_advances_on_every_member_together() {
     let fleet = Fleet::start("fleet-rollout", 5, json!({})).await;
     // The leader writes the steady state; every member leaves "closed".
-    eventually(DEADLINE, "the fleet's status is written", || async {
-        fleet.fleet_status()["phase"] == "steady"
-    })
-    .await;
+    fleet.until_steady().await;
     fleet.all_at(0.0, "steady").await;
 
     let out = fleet.cli_ok(&["rollout", "--steps", "20,60,100", "--hold", "1s"]);
@@ -667,4 +672,81 @@ async fn fleet_errors_say_what_to_do_and_change_nothing() {
         "{}",
         stderr(&out)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_shadows_before_its_first_step_and_no_user_reaches_the_canary() {
+    let fleet = Fleet::start("fleet-shadow", 2, json!({})).await;
+    fleet.until_steady().await;
+    fleet.cli_ok(&[
+        "rollout", "--steps", "20,100", "--hold", "1h", "--shadow", "1s",
+    ]);
+    let fleet = &fleet;
+    for i in 0..2 {
+        eventually(DEADLINE, &format!("m{i} shadows"), || async move {
+            let s = fleet.status(i).await;
+            s["phase"] == "shadowing" && s["shadow"]["percent"] == 100.0
+        })
+        .await;
+    }
+    assert_eq!(fleet.fleet_status()["shadowHold"], "1s");
+
+    // Clients of every member get stable's answers while the fleet
+    // shadows; the copies reach the canary, and the leader moves the fleet
+    // to its first step once the hold is over and the copies are healthy.
+    let client = http1_client();
+    let started = Instant::now();
+    while fleet.fleet_status()["phase"] == "shadowing" {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "shadow step stuck: {:#}",
+            fleet.fleet_status()
+        );
+        for i in 0..2 {
+            let url = format!("{}/", fleet.proxies[i]);
+            let answers =
+                futures_util::future::join_all((0..8).map(|_| get(&client, &url, &[]))).await;
+            if fleet.weight(i).await == 0.0 {
+                for a in answers {
+                    assert_eq!((a.status.as_u16(), a.upstream()), (200, "stable"), "{a:?}");
+                }
+            }
+        }
+    }
+    assert!(fleet.canary.requests() > 0, "the copies reached the canary");
+    fleet.all_at(20.0, "step 1").await;
+    let status = fleet.fleet_status();
+    assert_eq!(
+        (status["phase"].as_str(), status["step"].as_u64()),
+        (Some("progressing"), Some(1))
+    );
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the shadow healthy over 1s"),
+        "{status:#}"
+    );
+
+    // A member's control API shadows the whole fleet by hand, and refuses
+    // a share out of range.
+    let post = |body: &'static str| {
+        let req = http::Request::post(format!("{}/shadow", fleet.admin[1]))
+            .body(http_body_util::Either::Left(http_body_util::Full::new(
+                bytes::Bytes::from_static(body.as_bytes()),
+            )))
+            .unwrap();
+        async move { send(&http1_client(), req).await }
+    };
+    let refused = post(r#"{"percent": 0}"#).await;
+    assert_eq!(refused.status.as_u16(), 400, "{refused:?}");
+    let answer = post(r#"{"percent": 30}"#).await;
+    assert_eq!(answer.status.as_u16(), 200, "{answer:?}");
+    fleet.all_at(0.0, "shadowing by hand").await;
+    let status = fleet.fleet_status();
+    assert_eq!(
+        (status["phase"].as_str(), status["shadowBp"].as_u64()),
+        (Some("shadowing"), Some(3000))
+    );
+    assert_eq!(fleet.object()["spec"]["shadow"], 30.0);
 }

@@ -10,11 +10,11 @@ use std::path::Path;
 
 use serin_control::config::{
     AdminSettings, Config, JudgeSettings, Overrides, RawClassify, RawConfig, RawHeaders, RawJudge,
-    RawLimits, RawOutlier, RawRollout, RawSplit, RawTimeouts, RawTrace, RawUpstream, RawUrls,
-    RolloutSettings,
+    RawLimits, RawOutlier, RawRollout, RawShadow, RawSplit, RawTimeouts, RawTrace, RawUpstream,
+    RawUrls, RolloutSettings,
 };
 use serin_control::JudgePolicy;
-use serin_proxy::{HeaderPolicy, PoolSettings, ProxyConfig, SplitRules};
+use serin_proxy::{HeaderPolicy, PoolSettings, ProxyConfig, ShadowSettings, SplitRules};
 
 const README: &str = include_str!("../../README.md");
 
@@ -82,7 +82,12 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         window,
         access_log,
         trace,
+        shadow,
     } = proxy;
+    let ShadowSettings {
+        max_concurrent: shadow_max_concurrent,
+        max_body_bytes,
+    } = shadow;
     let SplitRules {
         override_header,
         override_cookie,
@@ -114,11 +119,14 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         confidence,
         min_error_rate_difference,
         max_consecutive_errors,
+        max_shadow_mismatch_rate,
     } = policy;
     let RolloutSettings {
         steps,
         hold,
         min_requests_per_step,
+        shadow: shadow_hold,
+        shadow_percent,
     } = rollout;
     macro_rules! settings {
         ($($key:literal => $value:expr,)*) => {
@@ -178,9 +186,14 @@ fn settings(c: &Config) -> Vec<(&'static str, String)> {
         "judge.confidence" => confidence,
         "judge.min_error_rate_difference" => min_error_rate_difference,
         "judge.max_consecutive_errors" => max_consecutive_errors,
+        "judge.max_shadow_mismatch_rate" => max_shadow_mismatch_rate,
         "rollout.steps" => steps,
         "rollout.hold" => hold,
         "rollout.min_requests_per_step" => min_requests_per_step,
+        "rollout.shadow" => shadow_hold,
+        "shadow.percent" => shadow_percent,
+        "shadow.max_concurrent" => shadow_max_concurrent,
+        "shadow.max_body_bytes" => max_body_bytes,
         "webhook" => webhooks,
         "--fleet (flags and environment only)" => fleet,
     }
@@ -301,12 +314,20 @@ fn the_readme_config_shows_every_key() {
                 confidence,
                 min_error_rate_difference,
                 max_consecutive_errors,
+                max_shadow_mismatch_rate,
             },
         rollout:
             RawRollout {
                 steps,
                 hold,
                 min_requests_per_step,
+                shadow: _, // no default: no shadow step
+            },
+        shadow:
+            RawShadow {
+                percent: shadow_percent,
+                max_concurrent: shadow_max_concurrent,
+                max_body_bytes,
             },
         webhook: _, // no default: none
     } = parse(readme_config());
@@ -384,6 +405,13 @@ fn the_readme_config_shows_every_key() {
             "rollout.min_requests_per_step",
             min_requests_per_step.is_some(),
         ),
+        (
+            "judge.max_shadow_mismatch_rate",
+            max_shadow_mismatch_rate.is_some(),
+        ),
+        ("shadow.percent", shadow_percent.is_some()),
+        ("shadow.max_concurrent", shadow_max_concurrent.is_some()),
+        ("shadow.max_body_bytes", max_body_bytes.is_some()),
     ];
     let missing = shown
         .iter()

@@ -55,6 +55,12 @@ pub const CANARY_FALLBACK: bool = true;
 /// `split.sticky_identity`: the verified client certificate's identity is
 /// the sticky key (off; it needs `tls.client_ca`).
 pub const STICKY_IDENTITY: bool = false;
+/// `shadow.max_concurrent`: copies to the canary in flight, all workers
+/// together (phase `shadowing`); over it a copy is skipped and counted.
+pub const SHADOW_MAX_CONCURRENT: usize = 64;
+/// `shadow.max_body_bytes`: the largest request body copied to the canary;
+/// 0 copies only bodiless GET, HEAD, OPTIONS and TRACE requests.
+pub const SHADOW_MAX_BODY_BYTES: u64 = 0;
 /// `headers.rewrite_host`: replace the client's `Host` with the upstream's
 /// (off: the client's `Host` is kept, as NGINX ingress does).
 pub const REWRITE_HOST: bool = false;

@@ -21,6 +21,7 @@ mod outcome;
 mod policy;
 mod reload;
 mod server;
+pub mod shadow;
 mod spans;
 pub mod split;
 pub mod stats;
@@ -44,8 +45,9 @@ use tokio::sync::watch;
 pub use classify::Classifier;
 pub use limit::{Rate, RateLimit, RateLimitKey};
 pub use otlp::ExportCounters;
+pub use shadow::ShadowSettings;
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
-pub use stats::{Stats, WindowSnapshot};
+pub use stats::{ShadowSkip, ShadowTotals, Stats, WindowSnapshot};
 pub use upstream::{
     EndpointSet, EndpointSnapshot, OutlierSettings, PoolSettings, Upstream, UpstreamProtocol,
     UpstreamTls, UpstreamUrlError,
@@ -170,6 +172,8 @@ pub struct ProxyConfig {
     pub access_log: Option<access_log::AccessLogConfig>,
     /// Trace context: start traces, record spans (default: neither).
     pub trace: trace::TraceSettings,
+    /// What phase `shadowing` copies to the canary, and how many at once.
+    pub shadow: ShadowSettings,
 }
 
 impl ProxyConfig {
@@ -197,6 +201,7 @@ impl ProxyConfig {
             window: defaults::WINDOW,
             access_log: None,
             trace: trace::TraceSettings::default(),
+            shadow: ShadowSettings::default(),
         }
     }
 }

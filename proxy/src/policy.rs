@@ -302,6 +302,9 @@ enum Special {
     MaxForwards,
     RequestId,
     TraceParent,
+    /// `x-serin-shadow`: marks serin's copies to the canary
+    /// ([`crate::shadow`]); only serin may send it.
+    Shadow,
     /// `x-serin-*`: serin's own fields, never taken from an upstream.
     Serin,
     Other,
@@ -323,6 +326,7 @@ fn special(name: &[u8]) -> Special {
         12 if is("max-forwards") => Special::MaxForwards,
         12 if is("x-request-id") => Special::RequestId,
         14 if is("content-length") => Special::ContentLength,
+        14 if is("x-serin-shadow") => Special::Shadow,
         15 if is("x-forwarded-for") => Special::ForwardedFor,
         16 if is("proxy-connection") => Special::HopByHop,
         17 if is("transfer-encoding") => Special::HopByHop,
@@ -370,7 +374,9 @@ pub(crate) fn write_request_fields<F: Fields + ?Sized>(
                 has_forwarded_for = true;
                 continue;
             }
-            Special::HopByHop | Special::ForwardedProto => continue,
+            // A client's `x-serin-shadow` would pass a real request off as
+            // a copy the upstream may skip the side effects of.
+            Special::HopByHop | Special::ForwardedProto | Special::Shadow => continue,
             Special::Te => {
                 // gRPC needs `te: trailers` end to end; any other TE is
                 // hop-by-hop. Its sender also names it in `Connection`
@@ -882,6 +888,17 @@ mod tests {
         assert!(!kept.contains(spiffe), "{kept}");
         assert!(is_reserved(b"X-Forwarded-For") && is_reserved(b"x-serin-upstream"));
         assert!(!is_reserved(b"x-client-identity"));
+    }
+
+    #[test]
+    fn a_client_cannot_mark_its_request_a_shadow_copy() {
+        let head =
+            b"GET / HTTP/1.1\r\nHost: app\r\nX-Serin-Shadow: 1\r\nx-serin-canary: never\r\n\r\n";
+        assert_eq!(
+            forwarded(head),
+            "Host: app\r\nx-serin-canary: never\r\nx-forwarded-for: 192.0.2.1\r\n\
+             x-forwarded-proto: http\r\n"
+        );
     }
 
     #[test]

@@ -19,6 +19,11 @@
 //! A request goes to the canary exactly when its bucket is below the weight in
 //! basis points, so raising the weight keeps every sticky user already on the
 //! canary there, and lowering it moves only the excess back.
+//!
+//! The same table carries the shadow share (phase `shadowing`): the basis
+//! points of stable's requests that are also copied to the canary
+//! ([`crate::shadow`]), so the weight and the shadow change together in one
+//! swap.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -81,6 +86,9 @@ pub struct RouteTable {
     /// The canary was rolled back: nothing reaches it, not even requests
     /// that ask for it with an override header or cookie.
     pub closed: bool,
+    /// Share of stable's requests also copied to the canary, whose answers
+    /// are judged and discarded, in basis points (0: no shadow).
+    pub shadow_bp: u16,
 }
 
 impl RouteTable {
@@ -89,6 +97,17 @@ impl RouteTable {
         Self {
             canary_weight_bp: canary_weight_bp.min(MAX_BASIS_POINTS),
             closed: false,
+            shadow_bp: 0,
+        }
+    }
+
+    /// A table for phase `shadowing`: no user reaches the canary by weight,
+    /// and `shadow_bp` basis points (clamped to 10 000) of stable's requests
+    /// are copied to it.
+    pub fn shadowing(shadow_bp: u16) -> Self {
+        Self {
+            shadow_bp: shadow_bp.min(MAX_BASIS_POINTS),
+            ..Self::new(0)
         }
     }
 
@@ -97,6 +116,7 @@ impl RouteTable {
         Self {
             canary_weight_bp: 0,
             closed: true,
+            shadow_bp: 0,
         }
     }
 

@@ -7,6 +7,10 @@
 //! allocates and never waits on a reader. Only the worker thread may record. Readers (the judge, `/status`,
 //! `/metrics`) merge all workers' data into owned snapshots on their own thread.
 //!
+//! The shadow's figures ([`ShadowStats`]: copies sent and skipped, and how
+//! often the canary's status class differed from stable's) are kept the same
+//! way, per worker.
+//!
 //! Windows are rings of [`SLICES`] time slices. Time is always passed in as an
 //! argument (`now`), so the window logic is tested with a paused tokio clock.
 
@@ -427,11 +431,99 @@ pub struct Totals {
     pub duration_sum_seconds: f64,
 }
 
+// === impl ShadowStats ===
+
+/// Why a request picked for the shadow was not copied to the canary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShadowSkip {
+    /// The shadow's bound on copies in flight (`shadow.max_concurrent`), or
+    /// the canary's `max_concurrent`, was reached.
+    Busy,
+    /// A body that is not copied: any body when `shadow.max_body_bytes` is
+    /// 0, else one without a known length, larger than it, or bound for an
+    /// HTTP/2 upstream.
+    Body,
+    /// A method that is not copied without a body being allowed (anything
+    /// but GET, HEAD, OPTIONS and TRACE), or an upgrade.
+    Method,
+}
+
+impl ShadowSkip {
+    /// Every reason, in the order [`ShadowTotals::skipped`] counts them.
+    pub const ALL: [ShadowSkip; 3] = [ShadowSkip::Busy, ShadowSkip::Body, ShadowSkip::Method];
+
+    /// The `result` label of `serin_shadow_requests_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowSkip::Busy => "skipped_busy",
+            ShadowSkip::Body => "skipped_body",
+            ShadowSkip::Method => "skipped_method",
+        }
+    }
+}
+
+/// One worker's shadow figures. Only the worker writes them.
+pub struct ShadowStats {
+    sent: AtomicU64,
+    skipped: [AtomicU64; 3],
+    compared: AtomicU64,
+    mismatches: AtomicU64,
+    /// Compared pairs in a rolling window: each pair a request, each
+    /// mismatch an "error", so the judge reads a mismatch rate.
+    pairs: Window,
+}
+
+impl ShadowStats {
+    fn new(window: Duration, base: Instant) -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            skipped: Default::default(),
+            compared: AtomicU64::new(0),
+            mismatches: AtomicU64::new(0),
+            pairs: Window::new(window, base),
+        }
+    }
+
+    /// A copy went to the canary.
+    pub fn record_sent(&self) {
+        bump(&self.sent);
+    }
+
+    /// A request picked for the shadow was not copied.
+    pub fn record_skipped(&self, why: ShadowSkip) {
+        bump(&self.skipped[why as usize]);
+    }
+
+    /// Stable's and the canary's answers to one request were compared at
+    /// `now`: their status classes differed (`mismatch`) or not.
+    pub fn record_pair(&self, now: Instant, mismatch: bool) {
+        bump(&self.compared);
+        if mismatch {
+            bump(&self.mismatches);
+        }
+        self.pairs.record(now, Duration::ZERO, mismatch);
+    }
+}
+
+/// The shadow's figures since start, merged over workers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShadowTotals {
+    /// Copies sent to the canary.
+    pub sent: u64,
+    /// Requests picked but not copied, by [`ShadowSkip::ALL`].
+    pub skipped: [u64; 3],
+    /// Pairs whose two answers were compared.
+    pub compared: u64,
+    /// Of those, pairs whose status classes differed.
+    pub mismatches: u64,
+}
+
 // === impl WorkerStats ===
 
-/// One worker's stats: one [`UpstreamStats`] per [`Target`].
+/// One worker's stats: one [`UpstreamStats`] per [`Target`], and the shadow's.
 pub struct WorkerStats {
     upstreams: [UpstreamStats; 2],
+    shadow: ShadowStats,
 }
 
 impl WorkerStats {
@@ -441,6 +533,7 @@ impl WorkerStats {
                 UpstreamStats::new(window, base, alarm.clone()),
                 UpstreamStats::new(window, base, alarm.clone()),
             ],
+            shadow: ShadowStats::new(window, base),
         }
     }
 
@@ -448,6 +541,12 @@ impl WorkerStats {
     #[inline]
     pub fn upstream(&self, target: Target) -> &UpstreamStats {
         &self.upstreams[target.index()]
+    }
+
+    /// The shadow's figures.
+    #[inline]
+    pub fn shadow(&self) -> &ShadowStats {
+        &self.shadow
     }
 }
 
@@ -600,6 +699,38 @@ impl Stats {
         for worker in self.workers.iter() {
             worker.upstream(target).window.restart(now);
         }
+    }
+
+    /// The compared shadow pairs in the window as of `now`, merged over
+    /// workers: `requests` pairs, of which `errors` differed in status class.
+    pub fn shadow_window(&self, now: Instant) -> WindowSnapshot {
+        let mut snap = WindowSnapshot::default();
+        for worker in self.workers.iter() {
+            worker.shadow.pairs.add_to(now, &mut snap);
+        }
+        snap
+    }
+
+    /// Restarts the shadow pairs' window on every worker.
+    pub fn restart_shadow_window(&self, now: Instant) {
+        for worker in self.workers.iter() {
+            worker.shadow.pairs.restart(now);
+        }
+    }
+
+    /// The shadow's figures since start, merged over workers.
+    pub fn shadow_totals(&self) -> ShadowTotals {
+        let mut totals = ShadowTotals::default();
+        for worker in self.workers.iter() {
+            let s = &worker.shadow;
+            totals.sent += s.sent.load(Relaxed);
+            for (sum, n) in totals.skipped.iter_mut().zip(&s.skipped) {
+                *sum += n.load(Relaxed);
+            }
+            totals.compared += s.compared.load(Relaxed);
+            totals.mismatches += s.mismatches.load(Relaxed);
+        }
+        totals
     }
 
     /// Current runs of consecutive errors of one upstream, summed over

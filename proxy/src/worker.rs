@@ -22,7 +22,7 @@ use crate::otlp::Exporter;
 use crate::outcome::{Observation, RequestFacts, Settled};
 use crate::spans::WorkerSpans;
 use crate::split::{FastRng, LocalRoutes, Target};
-use crate::stats::{UpstreamStats, WorkerStats};
+use crate::stats::{ShadowStats, UpstreamStats, WorkerStats};
 use crate::tls::Acceptor;
 use crate::trace::TraceContext;
 use crate::upstream::tls::Origin;
@@ -102,6 +102,19 @@ pub(crate) struct Worker {
     request_prefix: u64,
     access_log: Option<WorkerLog>,
     spans: Option<WorkerSpans>,
+    /// Shadow copies in flight on this worker, and its share of
+    /// `shadow.max_concurrent`.
+    shadow_inflight: Cell<usize>,
+    shadow_limit: usize,
+}
+
+/// Where a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Decision {
+    /// The upstream that answers the client.
+    pub(crate) target: Target,
+    /// A copy goes to the canary too (phase `shadowing`; see [`crate::shadow`]).
+    pub(crate) shadow: bool,
 }
 
 impl Worker {
@@ -120,6 +133,7 @@ impl Worker {
             .exporter
             .clone()
             .map(|exporter| WorkerSpans::new(exporter, config.trace.query.clone()));
+        let shadow_limit = share(config.shadow.max_concurrent, config.workers);
         Self {
             pools: [
                 Rc::new(Pool::new(
@@ -148,6 +162,8 @@ impl Worker {
             request_prefix,
             access_log,
             spans,
+            shadow_inflight: Cell::new(0),
+            shadow_limit,
         }
     }
 
@@ -216,27 +232,57 @@ impl Worker {
     }
 
     /// The split decision for a request with these header fields, from a
-    /// client with this verified identity.
+    /// client with this verified identity, and whether a request for stable
+    /// is copied to the canary too: the route table's shadow share, one
+    /// branch when it is 0.
     #[inline]
     pub(crate) fn decide<H: Fields + ?Sized>(
         &self,
         headers: &H,
         identity: Option<&[u8]>,
-    ) -> Target {
+    ) -> Decision {
         let rules = &self.shared.config.split;
-        let target = self
-            .routes
-            .with(|table| rules.decide(table, headers, identity, &self.rng).0);
+        let (target, shadow_bp) = self.routes.with(|table| {
+            (
+                rules.decide(table, headers, identity, &self.rng).0,
+                table.shadow_bp,
+            )
+        });
+        let shadow = shadow_bp > 0 && target == Target::Stable && self.rng.bucket() < shadow_bp;
         // A canary at its `max_concurrent` sends the overflow to stable:
         // its clients are served, and the judge still sees the canary's
         // latency in the requests it does take.
         match self.concurrency_limit(target) {
             Some(limit) if target == Target::Canary && limit.is_full() => {
                 self.stats(Target::Canary).record_concurrency_limited();
-                Target::Stable
+                Decision {
+                    target: Target::Stable,
+                    shadow: false,
+                }
             }
-            _ => target,
+            _ => Decision { target, shadow },
         }
+    }
+
+    /// Takes a place for a shadow copy in this worker's share of
+    /// `shadow.max_concurrent`; false when none is left.
+    pub(crate) fn shadow_started(&self) -> bool {
+        let n = self.shadow_inflight.get();
+        if n >= self.shadow_limit {
+            return false;
+        }
+        self.shadow_inflight.set(n + 1);
+        true
+    }
+
+    /// Gives a shadow copy's place back.
+    pub(crate) fn shadow_ended(&self) {
+        self.shadow_inflight.set(self.shadow_inflight.get() - 1);
+    }
+
+    /// This worker's shadow figures.
+    pub(crate) fn shadow_stats(&self) -> &ShadowStats {
+        self.stats.shadow()
     }
 
     /// The local rate limit, if configured.
@@ -287,6 +333,12 @@ impl Worker {
     }
 }
 
+/// One worker's share of a bound on `total` for all `workers`: split
+/// evenly, rounded up, at least one.
+fn share(total: usize, workers: usize) -> usize {
+    total.div_ceil(workers.max(1)).max(1)
+}
+
 fn write_hex(out: &mut [u8], mut value: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for slot in out.iter_mut().rev() {
@@ -298,6 +350,13 @@ fn write_hex(out: &mut [u8], mut value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_is_shared_between_workers() {
+        assert_eq!(share(64, 1), 64);
+        assert_eq!(share(5, 2), 3, "rounded up");
+        assert_eq!(share(5, 64), 1, "at least one each");
+    }
 
     #[test]
     fn request_ids_are_hex() {

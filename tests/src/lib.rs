@@ -5,7 +5,7 @@
 //! [`Behavior`] says otherwise (a status, a delay, a [`Gate`] that holds
 //! answers until the test opens it, a failure ratio, a reset, a gRPC status
 //! in trailers). A few paths do special jobs: `/echo-headers`
-//! returns the request headers, `/upgrade` switches protocols and echoes bytes, `/upload` counts the request body's bytes, and
+//! returns the request headers, `/upgrade` switches protocols and echoes bytes, `/upload` counts the request body's bytes (and the upstream the bytes of every upload), and
 //! `/download/N` streams N bytes. An upstream can speak TLS
 //! ([`TestUpstream::start_tls`]) with a certificate from a [`TestCa`], which
 //! also issues client certificates for mTLS. Nothing here sleeps to wait for
@@ -87,6 +87,10 @@ struct UpstreamState {
     http2: AtomicU64,
     /// TLS handshakes that failed.
     failed_handshakes: AtomicU64,
+    /// The header fields of the last request received.
+    last_headers: Mutex<Option<HeaderMap>>,
+    /// `/upload` body bytes received, all requests together.
+    uploaded: AtomicU64,
 }
 
 /// A scriptable upstream HTTP server (HTTP/1.1 and h2c) on 127.0.0.1.
@@ -146,6 +150,8 @@ impl TestUpstream {
             resumed: AtomicU64::new(0),
             http2: AtomicU64::new(0),
             failed_handshakes: AtomicU64::new(0),
+            last_headers: Mutex::new(None),
+            uploaded: AtomicU64::new(0),
         });
         let accept_state = state.clone();
         let connections = Arc::new(Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
@@ -251,6 +257,16 @@ impl TestUpstream {
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::SeqCst)
     }
+
+    /// The header fields of the last request received, if any.
+    pub fn last_headers(&self) -> Option<HeaderMap> {
+        self.state.last_headers.lock().unwrap().clone()
+    }
+
+    /// `/upload` body bytes received so far, all requests together.
+    pub fn uploaded(&self) -> u64 {
+        self.state.uploaded.load(Ordering::SeqCst)
+    }
 }
 
 /// An address on 127.0.0.1 where nothing listens (bound, then released).
@@ -324,6 +340,7 @@ async fn answer(
     state: Arc<UpstreamState>,
     mut req: Request<Incoming>,
 ) -> Result<Response<TestBody>, std::io::Error> {
+    *state.last_headers.lock().unwrap() = Some(req.headers().clone());
     let n = state.requests.fetch_add(1, Ordering::SeqCst);
     let behavior = state.behavior.lock().unwrap().clone();
     if !behavior.delay.is_zero() {
@@ -383,6 +400,7 @@ async fn answer(
             })?;
             total += frame.data_ref().map_or(0, |d| d.len() as u64);
         }
+        state.uploaded.fetch_add(total, Ordering::SeqCst);
         return Ok(Response::new(TestBody::text(format!("received {total}"))));
     }
     if let Some(n) = path.strip_prefix("/download/") {
@@ -816,6 +834,45 @@ impl AsRef<std::path::Path> for TempDir {
 impl AsRef<std::ffi::OsStr> for TempDir {
     fn as_ref(&self) -> &std::ffi::OsStr {
         self.0.as_os_str()
+    }
+}
+
+// === serin in-process ===
+
+/// What a serin under test runs in front of: a stable and a canary
+/// upstream (answering `stable` and `canary`), a fresh state directory, and
+/// the config file of a serin on 127.0.0.1 port 0 (proxy and control API)
+/// in front of them, for `Config::parse_toml`.
+pub struct Stage {
+    /// The stable upstream.
+    pub stable: TestUpstream,
+    /// The canary upstream.
+    pub canary: TestUpstream,
+    /// The state directory, removed when dropped.
+    pub state: TempDir,
+    /// The config file's text, `extra` appended.
+    pub toml: String,
+}
+
+impl Stage {
+    /// Starts both upstreams; `tag` names the state directory.
+    pub async fn new(tag: &str, extra: &str) -> Self {
+        let stable = TestUpstream::start("stable").await;
+        let canary = TestUpstream::start("canary").await;
+        let state = temp_dir(tag);
+        let toml = format!(
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstate_dir = '{}'\n\
+             stable.url = \"{}\"\ncanary.url = \"{}\"\n{extra}\n",
+            state.display(),
+            stable.url(),
+            canary.url(),
+        );
+        Self {
+            stable,
+            canary,
+            state,
+            toml,
+        }
     }
 }
 

@@ -270,7 +270,7 @@ async fn api_calls_persist_before_returning_and_emit_events() {
     } = start_at(&tmp, 0.0, 0).await;
 
     let status = c
-        .rollout(None, Some(Duration::from_secs(30)))
+        .rollout(None, Some(Duration::from_secs(30)), None)
         .await
         .unwrap();
     assert_eq!(
@@ -349,7 +349,7 @@ async fn the_loop_walks_a_rollout_to_promotion() {
         Routes::new(RouteTable::new(0)),
     )
     .await;
-    c.rollout(Some(vec![50.0, 100.0]), Some(Duration::from_secs(1)))
+    c.rollout(Some(vec![50.0, 100.0]), Some(Duration::from_secs(1)), None)
         .await
         .unwrap();
     assert_eq!(next_event(&mut events).await.event, Event::Step);
@@ -376,7 +376,9 @@ async fn a_step_without_traffic_holds_and_says_so_once() {
         mut events,
         ..
     } = start_at(&tmp, 0.0, 0).await;
-    c.rollout(None, Some(Duration::from_secs(1))).await.unwrap();
+    c.rollout(None, Some(Duration::from_secs(1)), None)
+        .await
+        .unwrap();
     assert_eq!(events.try_recv().unwrap().event, Event::Step);
     for _ in 0..500 {
         tick().await;
@@ -467,7 +469,7 @@ async fn a_full_event_sink_never_blocks() {
     .await
     .unwrap();
     for _ in 0..3 {
-        c.rollout(None, None).await.unwrap();
+        c.rollout(None, None, None).await.unwrap();
         c.rollback().await.unwrap();
     }
     assert_eq!(c.rollbacks_total(Actor::Api), 3);

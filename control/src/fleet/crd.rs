@@ -5,9 +5,10 @@
 //! YAML generated from them, and a test checks that the copies shipped in
 //! `deploy/` and the Helm chart are that output, byte for byte.
 //!
-//! - `spec` is what an operator (or GitOps) wants: a weight or a progressive
-//!   rollout, `paused`, and the judge policy with the config file's
-//!   `[judge]` keys. A new `metadata.generation` is a new desired state.
+//! - `spec` is what an operator (or GitOps) wants: a weight, a shadow or a
+//!   progressive rollout (which may begin with a shadow step), `paused`,
+//!   and the judge policy with the config file's `[judge]` keys. A new
+//!   `metadata.generation` is a new desired state.
 //! - `status` is the fleet's rollout as it stands: the phase, weight, step,
 //!   latch and history that every member applies to its route table, the
 //!   `epoch` that orders explicit raises against rollbacks, and the leader's
@@ -51,6 +52,9 @@ pub const STATUS_HISTORY_LIMIT: usize = 30;
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!(has(self.canaryWeight) && has(self.rollout))",
     "message": "give spec.canaryWeight or spec.rollout, not both"
+}, {
+    "rule": "!has(self.shadow) || !(has(self.canaryWeight) || has(self.rollout))",
+    "message": "give spec.shadow alone, without spec.canaryWeight or spec.rollout"
 }]))]
 pub struct SerinRolloutSpec {
     /// Hold the canary at this weight, in percent (0-100): phase `manual`.
@@ -61,6 +65,12 @@ pub struct SerinRolloutSpec {
     /// Move the canary through these steps: phase `progressing`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+    /// Shadow the canary: no user is sent to it, and this percent (above 0,
+    /// at most 100) of stable's eligible requests are copied to it and
+    /// judged: phase `shadowing`. Give it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub shadow: Option<f64>,
     /// Freeze a progressing rollout at its step (the judges still guard it).
     #[serde(default, skip_serializing_if = "is_false")]
     pub paused: bool,
@@ -79,6 +89,10 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_zero(n: &u16) -> bool {
+    *n == 0
+}
+
 /// A progressive rollout.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -94,6 +108,11 @@ pub struct RolloutSpec {
     /// advances. Default: serin's, 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_requests_per_step: Option<u64>,
+    /// First shadow the canary this long (phase `shadowing`: every eligible
+    /// request of stable's copied to it, no user sent to it), e.g. `60s`,
+    /// then move to the first step. Default: no shadow step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
 }
 
 /// The judge policy: the config file's `[judge]` keys, each optional.
@@ -134,7 +153,8 @@ pub struct JudgeSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SerinRolloutStatus {
-    /// `steady`, `manual`, `progressing`, `paused`, `promoted` or `rolled_back`.
+    /// `steady`, `manual`, `shadowing`, `progressing`, `paused`, `promoted`
+    /// or `rolled_back`.
     #[serde(default)]
     pub phase: String,
     /// The canary weight in basis points (0-10000): what every member's
@@ -156,6 +176,14 @@ pub struct SerinRolloutStatus {
     /// Canary requests the fleet must serve on each step.
     #[serde(default)]
     pub min_requests_per_step: u64,
+    /// The share of stable's eligible requests copied to the canary in
+    /// phase `shadowing`, in basis points (0-10000).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shadow_bp: u16,
+    /// The hold of the rollout's shadow step, e.g. `60s`, while it is
+    /// current (or was, when it was rolled back).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub shadow_hold: String,
     /// When the current step began (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_start_time: Option<String>,
@@ -199,7 +227,7 @@ pub struct SerinRolloutStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResumeStatus {
-    /// `manual`, `progressing` or `promoted`.
+    /// `manual`, `shadowing`, `progressing` or `promoted`.
     pub phase: String,
     /// The weight to restore, in basis points.
     pub weight_bp: u16,
@@ -215,6 +243,9 @@ pub struct AppliedSpec {
     /// `spec.rollout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+    /// `spec.shadow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<f64>,
     /// `spec.restartedAt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_at: Option<String>,

@@ -882,7 +882,10 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
     };
     write_aggregate(shared, &status, aggregate).await;
 
-    if status.weight_bp == 0 || status.latched {
+    // A canary without weight is judged only while it is shadowed (the
+    // shadow step advances, or a breach of the aggregate reverts it).
+    let shadowing = status.phase == Phase::Shadowing.as_str();
+    if status.latched || (status.weight_bp == 0 && !shadowing) {
         return Ok(false);
     }
     let judge_settings = match &object.spec.judge {

@@ -108,6 +108,7 @@ pub fn fleet_defaults() -> RolloutDefaults {
         steps: defaults::ROLLOUT_STEPS.to_vec(),
         hold: defaults::ROLLOUT_HOLD,
         min_requests_per_step: defaults::MIN_REQUESTS_PER_STEP,
+        shadow_percent: defaults::SHADOW_PERCENT,
     }
 }
 
@@ -281,20 +282,32 @@ impl Fleet {
     pub async fn set_weight(&self, pct: f64, actor: &str) -> Result<SerinRollout, FleetError> {
         let pct = state::checked_weight(pct)?;
         self.change_spec(
-            json!({"canaryWeight": pct, "rollout": null, "paused": null,
+            json!({"canaryWeight": pct, "rollout": null, "shadow": null, "paused": null,
                    "restartedAt": rfc3339(SystemTime::now())}),
             actor,
         )
         .await
     }
 
-    /// `serin rollout --fleet`: a progressive rollout from step 1, a new
-    /// epoch. `None` keeps the spec's default (serin's built-in steps and
-    /// hold).
+    /// `serin shadow PCT --fleet`: phase `shadowing` at `pct`, a new epoch.
+    pub async fn shadow(&self, pct: f64, actor: &str) -> Result<SerinRollout, FleetError> {
+        let pct = state::checked_shadow(pct)?;
+        self.change_spec(
+            json!({"shadow": pct, "canaryWeight": null, "rollout": null, "paused": null,
+                   "restartedAt": rfc3339(SystemTime::now())}),
+            actor,
+        )
+        .await
+    }
+
+    /// `serin rollout --fleet`: a progressive rollout from step 1 (or from
+    /// a shadow step of `shadow`), a new epoch. `None` keeps the spec's
+    /// default (serin's built-in steps and hold, no shadow step).
     pub async fn rollout(
         &self,
         steps: Option<Vec<f64>>,
         hold: Option<Duration>,
+        shadow: Option<Duration>,
         actor: &str,
     ) -> Result<SerinRollout, FleetError> {
         if let Some(steps) = &steps {
@@ -307,8 +320,11 @@ impl Fleet {
         if let Some(hold) = hold {
             plan.insert("hold".into(), json!(defaults::duration_text(hold)));
         }
+        if let Some(shadow) = shadow {
+            plan.insert("shadow".into(), json!(defaults::duration_text(shadow)));
+        }
         self.change_spec(
-            json!({"rollout": plan, "canaryWeight": null, "paused": null,
+            json!({"rollout": plan, "canaryWeight": null, "shadow": null, "paused": null,
                    "restartedAt": rfc3339(SystemTime::now())}),
             actor,
         )
@@ -415,6 +431,14 @@ pub fn summary(object: &SerinRollout, members: &[MemberSummary]) -> Value {
         "step": status.step,
         "steps": status.steps,
         "hold": status.hold,
+        "shadow": {
+            "percent": if status.phase == Phase::Shadowing.as_str() {
+                crate::rollout::percent(status.shadow_bp)
+            } else {
+                0.0
+            },
+            "hold": status.shadow_hold,
+        },
         "latched": status.latched,
         "reason": status.reason,
         "actor": status.actor,
@@ -441,12 +465,20 @@ pub async fn run_cli(
         let object = match &call {
             C::Status { .. } => fleet.get().await?,
             C::Weight(pct) => fleet.set_weight(*pct, actor).await?,
-            C::Rollout { steps, hold } => {
-                let hold = hold
-                    .as_deref()
-                    .map(crate::rollout::parse_hold)
-                    .transpose()?;
-                fleet.rollout(steps.clone(), hold, actor).await?
+            C::Shadow(pct) => {
+                let pct = pct.unwrap_or(fleet.defaults().shadow_percent);
+                fleet.shadow(pct, actor).await?
+            }
+            C::Rollout {
+                steps,
+                hold,
+                shadow,
+            } => {
+                let parse = |text: &Option<String>| {
+                    text.as_deref().map(crate::rollout::parse_hold).transpose()
+                };
+                let (hold, shadow) = (parse(hold)?, parse(shadow)?);
+                fleet.rollout(steps.clone(), hold, shadow, actor).await?
             }
             C::Pause => fleet.pause(actor).await?,
             C::Resume => fleet.resume(actor).await?,

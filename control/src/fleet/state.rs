@@ -29,8 +29,8 @@ use super::crd::{
 use crate::defaults::duration_text;
 use crate::judge::Verdict;
 use crate::rollout::{
-    basis_points, parse_hold, percent, rfc3339, Actor, Phase, ResumePoint, Rollout, RolloutError,
-    RolloutState,
+    basis_points, parse_hold, percent, rfc3339, shadow_basis_points, Actor, Phase, ResumePoint,
+    Rollout, RolloutError, RolloutState,
 };
 
 /// What a member's config says when the spec leaves a rollout key out.
@@ -42,6 +42,8 @@ pub struct RolloutDefaults {
     pub hold: Duration,
     /// `rollout.min_requests_per_step`.
     pub min_requests_per_step: u64,
+    /// `shadow.percent`: the share a rollout's shadow step copies.
+    pub shadow_percent: f64,
 }
 
 /// An operator's call that acts on the status directly.
@@ -79,6 +81,8 @@ pub fn rollout_state(
             reason: String::new(),
             resume: None,
             history: Default::default(),
+            shadow_bp: 0,
+            shadow_hold_ms: None,
         });
     }
     let phase = parse_phase(&status.phase)
@@ -101,6 +105,10 @@ pub fn rollout_state(
     } else {
         status.steps.clone()
     };
+    let shadow_hold = match status.shadow_hold.as_str() {
+        "" => None,
+        text => Some(millis(parse_hold(text)?)),
+    };
     Ok(RolloutState {
         phase,
         canary_weight_bp: status.weight_bp,
@@ -111,6 +119,8 @@ pub fn rollout_state(
         reason: status.reason.clone(),
         resume,
         history: Default::default(),
+        shadow_bp: status.shadow_bp,
+        shadow_hold_ms: shadow_hold,
     })
 }
 
@@ -131,6 +141,11 @@ fn write_rollout(status: &mut SerinRolloutStatus, rollout: &Rollout, actor: &str
     status.hold = duration_text(Duration::from_millis(state.hold_ms));
     status.latched = state.latched;
     status.reason = state.reason;
+    status.shadow_bp = state.shadow_bp;
+    status.shadow_hold = state
+        .shadow_hold_ms
+        .map(|ms| duration_text(Duration::from_millis(ms)))
+        .unwrap_or_default();
     status.resume = state.resume.map(|r| ResumeStatus {
         phase: r.phase.as_str().to_string(),
         weight_bp: r.canary_weight_bp,
@@ -186,8 +201,14 @@ pub fn parse_time(text: &str) -> Option<SystemTime> {
         .map(SystemTime::from)
 }
 
+/// A phase whose hold runs on the step clock: a rollout's steps, and its
+/// shadow step (a shadow by hand has no hold, and its clock is not read).
+fn clocked(phase: &str) -> bool {
+    phase == Phase::Progressing.as_str() || phase == Phase::Shadowing.as_str()
+}
+
 fn starts_step(before: &SerinRolloutStatus, after: &SerinRolloutStatus) -> bool {
-    after.phase == Phase::Progressing.as_str()
+    clocked(&after.phase)
         && (before.phase != after.phase || before.step != after.step || before.epoch != after.epoch)
 }
 
@@ -195,7 +216,7 @@ fn starts_step(before: &SerinRolloutStatus, after: &SerinRolloutStatus) -> bool 
 fn stamp_step(before: &SerinRolloutStatus, after: &mut SerinRolloutStatus, now: SystemTime) {
     if starts_step(before, after) {
         after.step_start_time = Some(rfc3339(now));
-    } else if after.phase != Phase::Progressing.as_str() && after.phase != Phase::Paused.as_str() {
+    } else if !clocked(&after.phase) && after.phase != Phase::Paused.as_str() {
         after.step_start_time = None;
     }
 }
@@ -251,6 +272,7 @@ fn strategy(spec: &SerinRolloutSpec) -> AppliedSpec {
     AppliedSpec {
         canary_weight: spec.canary_weight,
         rollout: spec.rollout.clone(),
+        shadow: spec.shadow,
         restarted_at: spec.restarted_at.clone(),
     }
 }
@@ -318,6 +340,9 @@ fn reconciled(
     if spec.canary_weight.is_some() && spec.rollout.is_some() {
         return Err("give spec.canaryWeight or spec.rollout, not both".into());
     }
+    if spec.shadow.is_some() && (spec.canary_weight.is_some() || spec.rollout.is_some()) {
+        return Err("give spec.shadow alone, without spec.canaryWeight or spec.rollout".into());
+    }
     if let Some(judge) = &spec.judge {
         super::judge_settings(judge, &crate::config::JudgeSettings::default())
             .map_err(|e| format!("spec.judge: {e}"))?;
@@ -326,17 +351,28 @@ fn reconciled(
     let wanted = strategy(spec);
     let mut after = before.clone();
     let changed = before.applied.as_ref() != Some(&wanted)
-        && (wanted.canary_weight.is_some() || wanted.rollout.is_some());
+        && (wanted.canary_weight.is_some() || wanted.rollout.is_some() || wanted.shadow.is_some());
     if changed {
         if let Some(pct) = spec.canary_weight {
             rollout.set_weight(pct, Actor::Api)?;
+        } else if let Some(pct) = spec.shadow {
+            rollout.start_shadow(pct, Actor::Api, clock, 0)?;
         } else if let Some(plan) = &spec.rollout {
             let steps = plan.steps.clone().unwrap_or_else(|| defaults.steps.clone());
             let hold = match &plan.hold {
                 Some(text) => parse_hold(text)?,
                 None => defaults.hold,
             };
-            rollout.start_rollout(&steps, hold, clock, 0)?;
+            let shadow = match &plan.shadow {
+                Some(text) => match parse_hold(text)? {
+                    d if d.is_zero() => {
+                        return Err("spec.rollout.shadow must be longer than 0s, e.g. 60s".into())
+                    }
+                    d => Some((d, defaults.shadow_percent)),
+                },
+                None => None,
+            };
+            rollout.start_rollout_with_shadow(&steps, hold, shadow, clock, 0)?;
             after.min_requests_per_step = plan
                 .min_requests_per_step
                 .unwrap_or(defaults.min_requests_per_step);
@@ -357,7 +393,7 @@ fn reconciled(
         return Ok(None);
     }
     write_rollout(&mut after, &rollout, actor);
-    if after.phase == Phase::Progressing.as_str() && (changed || before.phase != after.phase) {
+    if clocked(&after.phase) && (changed || before.phase != after.phase) {
         after.step_start_time = Some(rfc3339(now));
     } else {
         stamp_step(before, &mut after, now);
@@ -394,7 +430,7 @@ pub fn call(
     }
     write_rollout(&mut after, &rollout, actor);
     stamp_step(status, &mut after, now);
-    if after.phase == Phase::Progressing.as_str() && status.phase != after.phase {
+    if clocked(&after.phase) && status.phase != after.phase {
         after.step_start_time = Some(rfc3339(now));
     }
     set_rolled_back_condition(&mut after, status.observed_generation, now);
@@ -479,6 +515,8 @@ pub fn rollout_patch(status: &SerinRolloutStatus, resource_version: &str) -> Val
     for key in [
         "steps",
         "hold",
+        "shadowBp",
+        "shadowHold",
         "stepStartTime",
         "resume",
         "applied",
@@ -491,6 +529,11 @@ pub fn rollout_patch(status: &SerinRolloutStatus, resource_version: &str) -> Val
         "metadata": {"resourceVersion": resource_version},
         "status": fields,
     })
+}
+
+/// A shadow share in percent as the spec holds it, checked.
+pub fn checked_shadow(pct: f64) -> Result<f64, RolloutError> {
+    shadow_basis_points(pct).map(percent)
 }
 
 /// A weight in percent as the spec holds it, checked.

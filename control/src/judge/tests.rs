@@ -450,3 +450,19 @@ fn identical_latencies_are_not_reverted() {
     }
     assert_eq!(reverts, 0);
 }
+
+#[test]
+fn shadow_mismatches_breach_with_evidence_only() {
+    let j = judge();
+    // 80 of 200 copies answered in another status class than stable.
+    let v = j.evaluate_shadow(&window(200, 80, ms(1))).expect("breach");
+    assert_eq!(
+        reason(v),
+        "canary status class differs from stable's in 40.0% > 5.0% of 200 compared requests \
+         (window 10s)"
+    );
+    // Too few pairs, or a rate whose lower bound is not above 5%: no breach.
+    assert_eq!(j.evaluate_shadow(&window(19, 19, ms(1))), None);
+    assert_eq!(j.evaluate_shadow(&window(20, 2, ms(1))), None);
+    assert_eq!(j.evaluate_shadow(&window(1000, 10, ms(1))), None);
+}

@@ -412,3 +412,186 @@ fn holds_parse_as_users_write_them() {
         "hold must be a duration like 60s, 5m, 1m30s or 500ms (got \"60\")"
     );
 }
+
+// === shadowing ===
+
+/// A rollout with a shadow step of `hold` at 100%, started at `canary`
+/// cumulative requests.
+fn started_shadowed(canary: u64, hold: Duration) -> Rollout {
+    let mut r = Rollout::new(Instant::now());
+    let event = r
+        .start_rollout_with_shadow(
+            &crate::defaults::ROLLOUT_STEPS,
+            HOLD,
+            Some((hold, 100.0)),
+            Instant::now(),
+            canary,
+        )
+        .unwrap();
+    assert_eq!(event, Some(Event::Shadowing));
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_step_sends_no_user_then_advances_to_the_first_weight_step() {
+    let shadow = Duration::from_secs(30);
+    let mut r = started_shadowed(0, shadow);
+    assert_eq!(
+        (r.phase(), r.canary_weight_bp(), r.shadow_bp()),
+        (Phase::Shadowing, 0, 10_000)
+    );
+    assert_eq!(r.shadow_hold(), Some(shadow));
+    advance(shadow - Duration::from_millis(1)).await;
+    assert_eq!(
+        r.tick(Instant::now(), 1000, &Verdict::Healthy, MIN_PER_STEP),
+        None,
+        "the shadow's own hold, not the steps'"
+    );
+    advance(Duration::from_millis(1)).await;
+    // Too few copies since the shadow began: it holds, as any step.
+    assert_eq!(
+        r.tick(
+            Instant::now(),
+            MIN_PER_STEP - 1,
+            &Verdict::Healthy,
+            MIN_PER_STEP
+        ),
+        Some(Event::JudgeBlocked)
+    );
+    assert!(
+        r.reason().starts_with("holding the shadow (100%)"),
+        "{}",
+        r.reason()
+    );
+    assert_eq!(r.phase(), Phase::Shadowing);
+    assert_eq!(
+        r.tick(Instant::now(), MIN_PER_STEP, &insufficient(), MIN_PER_STEP),
+        None,
+        "no verdict yet: holds (the blocked event was sent once)"
+    );
+    assert_eq!(
+        r.tick(
+            Instant::now(),
+            MIN_PER_STEP,
+            &Verdict::Healthy,
+            MIN_PER_STEP
+        ),
+        Some(Event::Step)
+    );
+    assert_eq!(
+        (r.phase(), r.canary_weight_bp(), r.shadow_bp()),
+        (Phase::Progressing, 500, 0)
+    );
+    assert_eq!(r.shadow_hold(), None);
+    assert_eq!(r.snapshot().step, 1);
+    assert!(
+        r.reason().contains("the shadow healthy over 30s"),
+        "{}",
+        r.reason()
+    );
+    // The first weight step holds for the rollout's own hold from now on.
+    advance(HOLD - Duration::from_millis(1)).await;
+    assert_eq!(
+        r.tick(
+            Instant::now(),
+            10 * MIN_PER_STEP,
+            &Verdict::Healthy,
+            MIN_PER_STEP
+        ),
+        None
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_breach_rolls_back_before_any_user_reaches_the_canary() {
+    let mut r = started_shadowed(0, Duration::from_secs(30));
+    assert_eq!(
+        r.tick(Instant::now(), 100, &breach(), MIN_PER_STEP),
+        Some(Event::Rollback)
+    );
+    assert_eq!((r.phase(), r.canary_weight_bp()), (Phase::RolledBack, 0));
+    assert!(r.latched());
+    assert_eq!(r.shadow_bp(), 0, "no copies while rolled back");
+    assert_eq!(
+        r.reason(),
+        "shadow: canary error rate 31.0% > 5.0% over 412 requests (window 10s)"
+    );
+    // Resume goes back to the shadow step, not to a weight.
+    assert_eq!(
+        r.resume(Instant::now(), 100, Actor::Api).unwrap(),
+        Some(Event::Shadowing)
+    );
+    assert_eq!(
+        (r.phase(), r.canary_weight_bp(), r.shadow_bp()),
+        (Phase::Shadowing, 0, 10_000)
+    );
+    assert_eq!(r.shadow_hold(), Some(Duration::from_secs(30)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_by_hand_lasts_until_changed_and_survives_a_restart() {
+    let mut r = Rollout::new(Instant::now());
+    assert_eq!(
+        r.start_shadow(25.0, Actor::Api, Instant::now(), 0).unwrap(),
+        Some(Event::Shadowing)
+    );
+    assert_eq!(
+        (r.phase(), r.shadow_bp(), r.shadow_hold()),
+        (Phase::Shadowing, 2500, None)
+    );
+    advance(Duration::from_secs(3600)).await;
+    assert_eq!(
+        r.tick(Instant::now(), 10_000, &Verdict::Healthy, MIN_PER_STEP),
+        None,
+        "a shadow by hand never advances by itself"
+    );
+    assert_eq!(
+        r.pause(Actor::Api),
+        Err(RolloutError::NotProgressing {
+            phase: Phase::Shadowing
+        })
+    );
+    let restored = Rollout::from_state(r.to_state(), Instant::now(), 0).unwrap();
+    assert_eq!(
+        (
+            restored.phase(),
+            restored.shadow_bp(),
+            restored.canary_weight_bp()
+        ),
+        (Phase::Shadowing, 2500, 0)
+    );
+    // Leaving it: a weight (or promote, rollback, rollout).
+    r.set_weight(5.0, Actor::Api).unwrap();
+    assert_eq!((r.phase(), r.shadow_bp()), (Phase::Manual, 0));
+}
+
+#[test]
+fn shadow_percent_and_saved_shadows_are_checked() {
+    let mut r = Rollout::new(Instant::now());
+    for bad in [0.0, -1.0, 100.5, f64::NAN] {
+        let e = r
+            .start_shadow(bad, Actor::Api, Instant::now(), 0)
+            .unwrap_err();
+        assert!(
+            matches!(e, RolloutError::InvalidShadowPercent { .. }),
+            "{bad}: {e}"
+        );
+        assert!(e.to_string().contains("write 100"), "{e}");
+    }
+    assert_eq!(r.phase(), Phase::Steady, "nothing changed");
+    r.start_shadow(100.0, Actor::Api, Instant::now(), 0)
+        .unwrap();
+    let mut state = r.to_state();
+    state.canary_weight_bp = 100;
+    assert!(Rollout::from_state(state, Instant::now(), 0).is_err());
+    let mut state = r.to_state();
+    state.shadow_bp = 0;
+    assert!(Rollout::from_state(state, Instant::now(), 0).is_err());
+    // A state saved before shadowing existed has neither field.
+    let mut old = serde_json::to_value(Rollout::new(Instant::now()).to_state()).unwrap();
+    let fields = old.as_object_mut().unwrap();
+    fields.remove("shadow_bp");
+    fields.remove("shadow_hold_ms");
+    let old: RolloutState = serde_json::from_value(old).unwrap();
+    assert_eq!((old.shadow_bp, old.shadow_hold_ms), (0, None));
+}

@@ -11,11 +11,13 @@
 use std::convert::Infallible;
 use std::rc::Rc;
 
+use bytes::Bytes;
 use http::header::{CONNECTION, COOKIE, HOST, UPGRADE};
 use http::request::Parts;
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -30,7 +32,9 @@ use crate::policy::{
     write_request_fields, write_response_fields, Admitted, Answering, BodyLength, ConnMeta,
     Forwarding, Refusal, RequestHead, X_REQUEST_ID,
 };
+use crate::shadow::{self, class_of, ShadowCopy, FAILED, SHADOW_HEADER};
 use crate::split::Target;
+use crate::stats::ShadowSkip;
 use crate::trace::TraceContext;
 use crate::upstream::{
     H1Request, RequestBody, RequestFraming, Tunnel, UploadEnd, UpstreamBody, UpstreamError,
@@ -112,7 +116,8 @@ async fn answer(
         Ok(admitted) => admitted,
         Err(refusal) => return refused(&refusal, observation),
     };
-    let target = worker.decide(&parts.headers, meta.identity());
+    let decision = worker.decide(&parts.headers, meta.identity());
+    let target = decision.target;
     // HTTP/1.1 upgrades (WebSocket and the like) pass through: the handshake
     // is forwarded with its `Upgrade` header and, after a 101, the two
     // connections are spliced together. Only the handshake is judged.
@@ -124,6 +129,10 @@ async fn answer(
         join_cookie_crumbs(&mut parts.headers);
     }
     let bodiless = body.is_end_stream();
+    let copy = decision
+        .shadow
+        .then(|| shadow_plan(&worker, &parts.method, admitted.body, upgrade.is_some()))
+        .flatten();
     let fallback = may_fall_back(
         worker.config(),
         target,
@@ -131,7 +140,26 @@ async fn answer(
         bodiless,
         upgrade.is_some(),
     );
-    let (body, upload) = if bodiless {
+    let mut buffered = None;
+    let (body, upload) = if let Some(Some(_)) = copy {
+        // The copy needs the body: it is read whole (its length is known
+        // and at most `shadow.max_body_bytes`), then sent to stable with the
+        // head in one piece, and to the canary.
+        match body.collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                let ended = UploadEnd::default();
+                ended.bytes.set(bytes.len() as u64);
+                ended.ended.set(Some(Instant::now()));
+                buffered = Some(bytes);
+                (RequestBody::Empty, Some(ended))
+            }
+            Err(source) => {
+                let refusal = Refusal::Upstream(target, UpstreamError::ClientAborted { source });
+                return refused(&refusal, observation);
+            }
+        }
+    } else if bodiless {
         (RequestBody::Client(body), None)
     } else {
         let ended = UploadEnd::default();
@@ -152,6 +180,7 @@ async fn answer(
         generated_id: generated_id.as_ref().map(|id| &id[..]),
         traceparent: trace.as_ref().and_then(TraceContext::forward),
         upgrade: upgrade.as_ref(),
+        buffered: buffered.as_ref(),
     };
     let record = OutcomeRecord::new(worker.clone(), target, start, bodiless, observation);
     let mut record = match record {
@@ -161,7 +190,15 @@ async fn answer(
     if let Some(upload) = &upload {
         record.uploading(upload);
     }
+    // The copy starts first, but as its own task: nothing here waits for it.
+    let pair = copy.and_then(|_| shadow::start(&worker, || request.shadow_copy()));
     let mut result = request.send(target, body, start, upload.as_ref()).await;
+    if let Some(pair) = pair {
+        pair.answer(
+            &worker,
+            result.as_ref().map_or(FAILED, |a| class_of(a.status())),
+        );
+    }
     let mut fell_back = false;
     if fallback
         && canary_failed(
@@ -292,6 +329,8 @@ struct Outgoing<'a> {
     generated_id: Option<&'a [u8]>,
     traceparent: Option<&'a [u8]>,
     upgrade: Option<&'a HeaderValue>,
+    /// The body, read whole for a shadow copy: sent after the head.
+    buffered: Option<&'a Bytes>,
 }
 
 impl Outgoing<'_> {
@@ -363,8 +402,6 @@ impl Outgoing<'_> {
         body: RequestBody,
         sent_at: Instant,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let pool = self.worker.pool(target);
-        let parts = self.parts;
         let framing = if body.is_end_stream() {
             RequestFraming::None
         } else if matches!(self.admitted.body, BodyLength::Known(_)) {
@@ -372,32 +409,64 @@ impl Outgoing<'_> {
         } else {
             RequestFraming::Chunked
         };
-        let forwarding = self.forwarding(pool.upstream().authority.as_bytes());
-        let target_form = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let encode = |out: &mut Vec<u8>| {
-            write_request_line(
-                out,
-                parts.method.as_str().as_bytes(),
-                target_form.as_bytes(),
-            );
-            write_request_fields(&parts.headers, &forwarding, out);
-            if framing == RequestFraming::Chunked {
-                out.field(b"transfer-encoding", b"chunked");
-            }
-            if let Some(protocol) = self.upgrade {
-                out.field(b"connection", b"upgrade");
-                out.field(b"upgrade", protocol.as_bytes());
-            }
-            out.extend_from_slice(b"\r\n");
-        };
         let request = H1Request {
-            method: &parts.method,
-            encode,
+            method: &self.parts.method,
+            encode: |out: &mut Vec<u8>| self.encode_h1(target, framing, false, out),
             body,
             framing,
             upgrade: self.upgrade.is_some(),
         };
-        pool.send_h1(request, sent_at).await
+        self.worker.pool(target).send_h1(request, sent_at).await
+    }
+
+    /// Writes the HTTP/1.1 request for `target`: the head as the policy
+    /// rewrites it (with a shadow copy's marker), then the body if it was
+    /// read whole.
+    fn encode_h1(&self, target: Target, framing: RequestFraming, shadow: bool, out: &mut Vec<u8>) {
+        let parts = self.parts;
+        let forwarding = self.forwarding(self.worker.pool(target).upstream().authority.as_bytes());
+        let target_form = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        write_request_line(
+            out,
+            parts.method.as_str().as_bytes(),
+            target_form.as_bytes(),
+        );
+        write_request_fields(&parts.headers, &forwarding, out);
+        if framing == RequestFraming::Chunked {
+            out.field(b"transfer-encoding", b"chunked");
+        }
+        if let Some(protocol) = self.upgrade {
+            out.field(b"connection", b"upgrade");
+            out.field(b"upgrade", protocol.as_bytes());
+        }
+        if shadow {
+            out.field(SHADOW_HEADER.as_bytes(), b"1");
+        }
+        out.extend_from_slice(b"\r\n");
+        if let Some(body) = self.buffered {
+            out.extend_from_slice(body);
+        }
+    }
+
+    /// The request's copy for the canary ([`crate::shadow`]).
+    fn shadow_copy(&self) -> ShadowCopy {
+        match self.worker.pool(Target::Canary).protocol() {
+            // `shadow::start` copies to an `auto` canary only once its
+            // protocol is known.
+            UpstreamProtocol::Http1 | UpstreamProtocol::Auto => {
+                let mut message = Vec::new();
+                self.encode_h1(Target::Canary, RequestFraming::None, true, &mut message);
+                ShadowCopy::Http1 {
+                    method: self.parts.method.clone(),
+                    message,
+                }
+            }
+            UpstreamProtocol::Http2 => ShadowCopy::Http2(Box::new(self.h2_request(
+                Target::Canary,
+                RequestBody::Empty,
+                true,
+            ))),
+        }
     }
 
     async fn send_h2(
@@ -406,10 +475,15 @@ impl Outgoing<'_> {
         body: RequestBody,
         sent_at: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let pool = self.worker.pool(target);
+        let request = self.h2_request(target, body, false);
+        self.worker.pool(target).send_h2(request, sent_at).await
+    }
+
+    /// The h2c request for `target` (with a shadow copy's marker).
+    fn h2_request(&self, target: Target, body: RequestBody, shadow: bool) -> Request<RequestBody> {
         let parts = self.parts;
         let mut headers = HeaderMap::with_capacity(parts.headers.len() + 4);
-        let forwarding = self.forwarding(pool.upstream().authority.as_bytes());
+        let forwarding = self.forwarding(self.worker.pool(target).upstream().authority.as_bytes());
         write_request_fields(
             &parts.headers,
             &forwarding,
@@ -427,7 +501,7 @@ impl Outgoing<'_> {
             .and_then(|h| h.to_str().ok())
             .unwrap_or("localhost");
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let scheme = if pool.upstream().tls.is_some() {
+        let scheme = if self.worker.pool(target).upstream().tls.is_some() {
             "https"
         } else {
             "http"
@@ -442,9 +516,35 @@ impl Outgoing<'_> {
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_2;
+        if shadow {
+            headers.insert(SHADOW_HEADER, HeaderValue::from_static("1"));
+        }
         *req.headers_mut() = headers;
-        pool.send_h2(req, sent_at).await
+        req
     }
+}
+
+/// Whether a request picked for the shadow is copied: `Some(None)` without
+/// its body, `Some(Some(length))` with it, or `None` (the reason counted).
+/// A body is copied only between HTTP/1.1 upstreams, where it can be sent
+/// whole after the head.
+fn shadow_plan(
+    worker: &Worker,
+    method: &Method,
+    body: BodyLength,
+    upgrade: bool,
+) -> Option<Option<u64>> {
+    let config = worker.config();
+    let plan = shadow::eligibility(&config.shadow, method, body, upgrade).and_then(|length| {
+        let both_h1 = config.stable.protocol == UpstreamProtocol::Http1
+            && config.canary.protocol == UpstreamProtocol::Http1;
+        match length {
+            Some(_) if !both_h1 => Err(ShadowSkip::Body),
+            length => Ok(length),
+        }
+    });
+    plan.map_err(|why| worker.shadow_stats().record_skipped(why))
+        .ok()
 }
 
 /// What serin's own answers depend on of the request they answer.

@@ -32,6 +32,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::fields::FieldSink;
 use crate::fields::{keeps_alive, Fields};
 use crate::http1::chunked::encode_last_chunk;
 use crate::http1::head::{
@@ -43,6 +44,7 @@ use crate::policy::{
     write_request_fields, write_response_fields, Admitted, Answering, BodyLength, ConnMeta,
     Forwarding, Refusal, RequestHead, X_REQUEST_ID,
 };
+use crate::shadow::{self, class_of, ShadowCopy, FAILED, SHADOW_HEADER};
 use crate::split::Target;
 use crate::trace::TraceContext;
 use crate::upstream::{
@@ -206,6 +208,8 @@ pub(crate) struct Scratch {
     trace: Option<TraceContext>,
     /// What the access log and span export keep of it, when either is on.
     observation: Option<Observation>,
+    /// Its copy for the canary, encoded, when it is shadowed.
+    shadow: Option<Vec<u8>>,
 }
 
 /// The request's id: the client's own, or one serin made.
@@ -253,6 +257,7 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
         |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
             let id = worker.next_request_id_bytes();
             scratch.trace = None;
+            scratch.shadow = None;
             scratch.observation = worker.observe(
                 || {
                     let head = head.unwrap_or_default();
@@ -355,9 +360,15 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
         }
         None => RequestId::Generated(worker.next_request_id_bytes()),
     };
-    let target = worker.decide(fields, meta.identity());
+    let decision = worker.decide(fields, meta.identity());
+    let target = decision.target;
     let trace = worker.trace_context(fields);
+    scratch.shadow = None;
     if refusal.is_none() {
+        let ids = Ids {
+            request: &request_id,
+            trace: trace.as_ref(),
+        };
         let upstream_head = &mut scratch.upstream_head;
         upstream_head.clear();
         encode_upstream_head(
@@ -366,12 +377,30 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
             target,
             &req,
             admitted,
-            Ids {
-                request: &request_id,
-                trace: trace.as_ref(),
-            },
+            &ids,
+            false,
             upstream_head,
         );
+        if decision.shadow {
+            // This loop serves only bodiless requests without an upgrade.
+            match shadow::eligibility(&config.shadow, &method, BodyLength::Empty, false) {
+                Ok(_) => {
+                    let mut copy = Vec::with_capacity(upstream_head.len() + 32);
+                    encode_upstream_head(
+                        worker,
+                        meta,
+                        Target::Canary,
+                        &req,
+                        admitted,
+                        &ids,
+                        true,
+                        &mut copy,
+                    );
+                    scratch.shadow = Some(copy);
+                }
+                Err(why) => worker.shadow_stats().record_skipped(why),
+            }
+        }
     }
     scratch.observation = worker.observe(
         || RequestFacts {
@@ -414,14 +443,16 @@ struct Ids<'a> {
 }
 
 /// Writes the upstream request for `target`: the request line, then the
-/// fields as the policy rewrites them.
+/// fields as the policy rewrites them, then, for a shadow copy, its marker.
+#[allow(clippy::too_many_arguments)]
 fn encode_upstream_head(
     worker: &Worker,
     meta: &ConnMeta,
     target: Target,
     req: &httparse::Request<'_, '_>,
     admitted: Admitted,
-    ids: Ids<'_>,
+    ids: &Ids<'_>,
+    shadow: bool,
     out: &mut Vec<u8>,
 ) {
     let method = req.method.unwrap_or("GET").as_bytes();
@@ -441,6 +472,9 @@ fn encode_upstream_head(
         traceparent: ids.trace.and_then(TraceContext::forward),
     };
     write_request_fields(&*req.headers, &forwarding, out);
+    if shadow {
+        out.field(SHADOW_HEADER.as_bytes(), b"1");
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -463,10 +497,11 @@ fn reencode_for(
             target,
             &req,
             request.admitted,
-            Ids {
+            &Ids {
                 request: &request.request_id,
                 trace,
             },
+            false,
             &mut out,
         );
     }
@@ -500,6 +535,13 @@ async fn exchange(
             return refuse(worker, stream, out, request, &refusal, id, observation).await;
         }
     };
+    // The copy starts first, but as its own task: nothing here waits for it.
+    let pair = scratch.shadow.take().and_then(|message| {
+        shadow::start(worker, || ShadowCopy::Http1 {
+            method: request.method.clone(),
+            message,
+        })
+    });
     let sent = send_watched(
         worker,
         stream,
@@ -511,6 +553,10 @@ async fn exchange(
     let Some(mut result) = sent.await else {
         return false;
     };
+    if let Some(pair) = pair {
+        let class = result.as_ref().map_or(FAILED, |r| class_of(r.status()));
+        pair.answer(worker, class);
+    }
     let mut fell_back = false;
     // A bodiless idempotent request the canary fails is replayed on stable:
     // the client never sees the canary's error, the judge does.

@@ -71,6 +71,8 @@ pub struct Pool {
     /// The protocol spoken: the configured one, or for `auto` what this
     /// worker's first connection chose (`Auto` until then).
     protocol: Cell<UpstreamProtocol>,
+    /// A background connection is learning an `auto` upstream's protocol.
+    learning: Cell<bool>,
 }
 
 impl fmt::Debug for Pool {
@@ -111,8 +113,31 @@ impl Pool {
             seen: Cell::new(0),
             rng: FastRng::new(seed),
             protocol: Cell::new(upstream.protocol),
+            learning: Cell::new(false),
             upstream,
         }
+    }
+
+    /// The protocol spoken now: `Auto` until an `auto` upstream's first
+    /// connection chose.
+    pub(crate) fn protocol(&self) -> UpstreamProtocol {
+        self.protocol.get()
+    }
+
+    /// Learns an `auto` upstream's protocol in the background (one
+    /// connection at a time), for a caller that cannot wait for it: a
+    /// shadow copy, which is skipped meanwhile.
+    pub(crate) fn learn_protocol(self: &Rc<Self>, now: Instant) {
+        if self.learning.replace(true) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = pool.speaks_h2(now).await {
+                tracing::debug!(error = %e, "could not learn the upstream's protocol");
+            }
+            pool.learning.set(false);
+        });
     }
 
     /// Whether requests go over HTTP/2. For a `protocol = "auto"`
