@@ -273,7 +273,10 @@ impl Pool {
             };
             let mut conn = match pooled {
                 Some(conn) => conn,
-                None => match self.connect(&local.endpoint).await {
+                // Boxed: a connect (with its TLS handshake) is large and
+                // rare; unboxed it would grow every request's future, which
+                // is moved whole into its timeout.
+                None => match Box::pin(self.connect(&local.endpoint)).await {
                     Ok(io) => Connection::new(io),
                     Err(e) => {
                         self.endpoints.record(&local.endpoint, true, now);
