@@ -179,7 +179,7 @@ impl TlsMode {
 /// log of the handshakes on its closing ports.
 #[derive(Clone, Debug)]
 pub struct TlsUpstream {
-    /// Stable and canary, keeping connections alive.
+    /// Stable, keeping connections alive.
     pub stable: u16,
     /// Canary, keeping connections alive.
     pub canary: u16,

@@ -81,36 +81,28 @@ struct Started {
     handshakes: Vec<Running>,
 }
 
-/// Starts what `plan` selects and `available` (is its program installed)
-/// allows; what cannot start is in `res.skipped` with why.
+/// Starts direct-tls and the `proxies` that `available` (is its program
+/// installed) allows, in both modes; what cannot start is in `res.skipped`
+/// with why.
 fn start_all(
     res: &mut Results,
     programs: &Programs,
     dir: &Path,
     up: &TlsUpstream,
-    plan: &Plan,
+    proxies: &[PeerKind],
     available: &dyn Fn(PeerKind) -> bool,
 ) -> Started {
     let mut started = Started {
         keepalive: Vec::new(),
         handshakes: Vec::new(),
     };
-    let chosen =
-        |kind: PeerKind| plan.only.is_empty() || plan.only.iter().any(|o| o == kind.name());
-    let proxies: Vec<PeerKind> = PeerKind::TLS_ORDER
-        .into_iter()
-        .filter(|k| *k != PeerKind::DirectTls && chosen(*k))
-        .collect();
-    if proxies.is_empty() {
-        return started;
-    }
     for mode in [TlsMode::KeepAlive, TlsMode::NewHandshakes] {
         let list = match mode {
             TlsMode::KeepAlive => &mut started.keepalive,
             TlsMode::NewHandshakes => &mut started.handshakes,
         };
         list.push(peers::direct_tls(up, mode));
-        for &kind in &proxies {
+        for &kind in proxies {
             let name = kind.name();
             if !available(kind) {
                 if mode == TlsMode::KeepAlive {
@@ -162,6 +154,16 @@ pub fn run(
     plan: &Plan,
     available: &dyn Fn(PeerKind) -> bool,
 ) {
+    let chosen =
+        |kind: PeerKind| plan.only.is_empty() || plan.only.iter().any(|o| o == kind.name());
+    let proxies: Vec<PeerKind> = PeerKind::TLS_ORDER
+        .into_iter()
+        .filter(|k| *k != PeerKind::DirectTls && chosen(*k))
+        .collect();
+    if proxies.is_empty() {
+        // `--only` named no `*-tls` target.
+        return;
+    }
     let up = match tls_upstream(dir) {
         Ok(up) => up,
         Err(e) => {
@@ -182,7 +184,7 @@ pub fn run(
     };
     res.commands
         .insert("upstream-tls".into(), upstream.command.clone());
-    let started = start_all(res, programs, dir, &up, plan, available);
+    let started = start_all(res, programs, dir, &up, &proxies, available);
     if started.keepalive.len() < 2 && started.handshakes.len() < 2 {
         res.notes
             .push("TLS origination not measured: no `*-tls` proxy started".into());
