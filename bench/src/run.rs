@@ -2,8 +2,9 @@
 //! every proxy, run the interleaved rounds, and write the report.
 //!
 //! Order of a round: direct → nginx → haproxy → Envoy → serin, repeated, so
-//! slow drift of the machine hits every target alike. Nothing is measured
-//! while another build is running on the machine.
+//! slow drift of the machine hits every target alike; then the same for the
+//! TLS-origination group (bench/src/tls.rs). Nothing is measured while
+//! another build is running on the machine.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
