@@ -1,5 +1,6 @@
 //! serin's benchmarks: peer comparisons against direct, nginx, haproxy and
-//! Envoy on one machine in one run (`serin-bench peers`), the open-loop load
+//! Envoy on one machine in one run (`serin-bench peers`; TLS origination
+//! among them, `tls`), the open-loop load
 //! generator they use for latency, and the report they write
 //! (`bench/REPORT.md`). The safety benchmarks run the real binary: revert
 //! latency and blast radius (`revert`), and fleet mode against a fake
@@ -19,4 +20,5 @@ pub mod report;
 pub mod results;
 pub mod revert;
 pub mod run;
+pub mod tls;
 pub mod tools;

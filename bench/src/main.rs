@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Measure serin against direct, nginx, haproxy and Envoy; write bench/REPORT.md.
+    /// Measure serin against direct, nginx, haproxy and Envoy, plain and with
+    /// TLS to the upstream; write bench/REPORT.md.
     Peers {
         /// One short round (about 2 minutes), for iteration.
         #[arg(long)]
@@ -32,7 +33,9 @@ enum Cmd {
         /// Skip the criterion micro-benchmarks.
         #[arg(long)]
         no_criterion: bool,
-        /// Only these peers (comma-separated: nginx,haproxy,envoy,serin); direct always runs.
+        /// Only these targets, comma-separated (nginx, haproxy, envoy, serin,
+        /// nginx-log, serin-log, nginx-tls, haproxy-tls, envoy-tls, serin-tls);
+        /// direct always runs, and direct-tls with any `*-tls` target.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// wrk connection counts for closed-loop HTTP/1.1 (comma-separated); the

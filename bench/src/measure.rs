@@ -75,7 +75,7 @@ pub fn throughput(
 ) -> std::io::Result<Throughput> {
     let warm = Duration::from_secs(1);
     match protocol {
-        Protocol::Http1 => tools::wrk(target.h1, connections, warm)?,
+        Protocol::Http1 => tools::wrk(&target.url(), connections, warm)?,
         Protocol::Http2 => tools::h2load(target.h2, 16, 16, H2Bound::Duration(warm), false)?,
     };
     let pids = target.pids();
@@ -83,7 +83,7 @@ pub fn throughput(
     let up0 = CpuTime::of(upstream_pids);
     let j0 = procs::cpu_jiffies();
     let run = match protocol {
-        Protocol::Http1 => tools::wrk(target.h1, connections, duration)?,
+        Protocol::Http1 => tools::wrk(&target.url(), connections, duration)?,
         Protocol::Http2 => tools::h2load(target.h2, 16, 16, H2Bound::Duration(duration), false)?,
     };
     let j1 = procs::cpu_jiffies();

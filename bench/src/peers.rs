@@ -5,6 +5,14 @@
 //! ports, keep-alive to the upstream, one worker on core 0. nginx and serin
 //! also run a second time with an access log (JSON, every request, to a
 //! file), to show what logging costs each.
+//!
+//! The TLS-origination targets (`*-tls`) do the same job in front of a second,
+//! TLS upstream (`upstream-tls.conf`, a certificate from a CA made for the
+//! run): plain HTTP/1.1 from the client, TLS to the upstream, the upstream's
+//! certificate verified against that CA. Each is started twice: once in
+//! front of the upstream ports that keep connections alive, and once in
+//! front of the ports that close every connection after its response, where
+//! every request costs a new upstream handshake.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +34,20 @@ pub const NGINX_TEMPLATE: &str = include_str!("../peers/nginx.conf");
 pub const HAPROXY_TEMPLATE: &str = include_str!("../peers/haproxy.cfg");
 /// Envoy as a proxy.
 pub const ENVOY_TEMPLATE: &str = include_str!("../peers/envoy.yaml");
+/// The TLS upstream.
+pub const UPSTREAM_TLS_TEMPLATE: &str = include_str!("../peers/upstream-tls.conf");
+/// nginx as a proxy to the TLS upstream.
+pub const NGINX_TLS_TEMPLATE: &str = include_str!("../peers/nginx-tls.conf");
+/// haproxy as a proxy to the TLS upstream.
+pub const HAPROXY_TLS_TEMPLATE: &str = include_str!("../peers/haproxy-tls.cfg");
+/// Envoy as a proxy to the TLS upstream.
+pub const ENVOY_TLS_TEMPLATE: &str = include_str!("../peers/envoy-tls.yaml");
+/// serin's config file for the TLS upstream (the rest are flags).
+pub const SERIN_TLS_TEMPLATE: &str = include_str!("../peers/serin-tls.toml");
+
+/// The name the TLS upstream's certificate is issued for; every proxy sends
+/// it as SNI and checks the certificate against it.
+pub const TLS_SERVER_NAME: &str = "upstream.bench";
 
 /// One thing the load generator can be pointed at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,6 +66,16 @@ pub enum PeerKind {
     NginxLog,
     /// serin with its JSON access log of every request (`--access-log FILE`).
     SerinLog,
+    /// The TLS upstream itself, no proxy (wrk speaks TLS; closed loop only).
+    DirectTls,
+    /// nginx originating TLS to the TLS upstream.
+    NginxTls,
+    /// haproxy originating TLS to the TLS upstream.
+    HaproxyTls,
+    /// Envoy originating TLS to the TLS upstream.
+    EnvoyTls,
+    /// serin originating TLS to the TLS upstream (`https://` upstreams).
+    SerinTls,
 }
 
 impl PeerKind {
@@ -57,12 +89,37 @@ impl PeerKind {
             PeerKind::Serin => "serin",
             PeerKind::NginxLog => "nginx-log",
             PeerKind::SerinLog => "serin-log",
+            PeerKind::DirectTls => "direct-tls",
+            PeerKind::NginxTls => "nginx-tls",
+            PeerKind::HaproxyTls => "haproxy-tls",
+            PeerKind::EnvoyTls => "envoy-tls",
+            PeerKind::SerinTls => "serin-tls",
+        }
+    }
+
+    /// The program behind the target, as `serin-bench peers` finds it
+    /// (`nginx` for both directs: the upstreams are nginx).
+    pub fn program(self) -> &'static str {
+        match self {
+            PeerKind::Direct
+            | PeerKind::Nginx
+            | PeerKind::NginxLog
+            | PeerKind::DirectTls
+            | PeerKind::NginxTls => "nginx",
+            PeerKind::Haproxy | PeerKind::HaproxyTls => "haproxy",
+            PeerKind::Envoy | PeerKind::EnvoyTls => "envoy",
+            PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinTls => "serin",
         }
     }
 
     /// The target is a peer run again with its access log on.
     pub fn logs(self) -> bool {
         matches!(self, PeerKind::NginxLog | PeerKind::SerinLog)
+    }
+
+    /// The target is one of the TLS-origination group.
+    pub fn tls(self) -> bool {
+        Self::TLS_ORDER.contains(&self)
     }
 
     /// The run order of one round: direct, then the peers, then serin,
@@ -75,6 +132,15 @@ impl PeerKind {
         PeerKind::Serin,
         PeerKind::NginxLog,
         PeerKind::SerinLog,
+    ];
+
+    /// The run order of the TLS-origination group, measured after the rest.
+    pub const TLS_ORDER: [PeerKind; 5] = [
+        PeerKind::DirectTls,
+        PeerKind::NginxTls,
+        PeerKind::HaproxyTls,
+        PeerKind::EnvoyTls,
+        PeerKind::SerinTls,
     ];
 }
 
@@ -89,6 +155,58 @@ pub struct UpstreamPorts {
     pub direct_h2: u16,
 }
 
+/// How the TLS upstream treats the connections of the proxy in front of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Connections stay open: TLS costs record encryption only.
+    KeepAlive,
+    /// The upstream closes every connection after its response: every
+    /// request costs the proxy a new TCP connection and TLS handshake.
+    NewHandshakes,
+}
+
+impl TlsMode {
+    /// Used in file names and notes.
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsMode::KeepAlive => "keepalive",
+            TlsMode::NewHandshakes => "handshakes",
+        }
+    }
+}
+
+/// The TLS upstream: its ports, the CA its certificate chains to, and the
+/// log of the handshakes on its closing ports.
+#[derive(Clone, Debug)]
+pub struct TlsUpstream {
+    /// Stable, keeping connections alive.
+    pub stable: u16,
+    /// Canary, keeping connections alive.
+    pub canary: u16,
+    /// Stable, closing every connection after its response.
+    pub stable_new: u16,
+    /// Canary, closing every connection after its response.
+    pub canary_new: u16,
+    /// The test CA's certificate (PEM), what every proxy trusts.
+    pub ca: PathBuf,
+    /// The upstream's certificate (PEM), for [`TLS_SERVER_NAME`].
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// One line per request on the closing ports (see `upstream-tls.conf`).
+    pub handshake_log: PathBuf,
+}
+
+impl TlsUpstream {
+    /// The stable and canary ports a proxy in `mode` speaks to.
+    pub fn ports(&self, mode: TlsMode) -> (u16, u16) {
+        match mode {
+            TlsMode::KeepAlive => (self.stable, self.canary),
+            TlsMode::NewHandshakes => (self.stable_new, self.canary_new),
+        }
+    }
+}
+
 /// A started target: where to send HTTP/1.1 and HTTP/2, and which processes
 /// to charge.
 pub struct Running {
@@ -96,6 +214,8 @@ pub struct Running {
     pub kind: PeerKind,
     /// HTTP/1.1 address.
     pub h1: SocketAddr,
+    /// The client speaks TLS to `h1` (direct-tls only: wrk, no verification).
+    pub tls_client: bool,
     /// h2c (prior knowledge) address.
     pub h2: SocketAddr,
     /// The process (None for direct: it is the upstream).
@@ -110,6 +230,12 @@ impl Running {
     /// PIDs to charge CPU and memory to (the proxy's process tree).
     pub fn pids(&self) -> Vec<u32> {
         self.process.as_ref().map(|p| p.tree()).unwrap_or_default()
+    }
+
+    /// The URL wrk loads.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls_client { "https" } else { "http" };
+        format!("{scheme}://{}/", self.h1)
     }
 }
 
@@ -161,8 +287,9 @@ pub enum StartError {
         what: &'static str,
         source: std::io::Error,
     },
-    /// It started but never answered 200 on its port.
-    #[error("{what} did not answer 200 on {addr} within 10 s; its log ends: {log}")]
+    /// It started but never answered 200 (the TLS upstream: never accepted
+    /// a connection) on its port.
+    #[error("{what} did not answer on {addr} within 10 s; its log ends: {log}")]
     NotReady {
         what: &'static str,
         addr: SocketAddr,
@@ -170,17 +297,21 @@ pub enum StartError {
     },
 }
 
+/// Starts `cmd` with its output in `DIR/NAME.log` and waits until `ready`
+/// says yes for every address.
 fn start(
     what: &'static str,
+    name: &str,
     cmd: Command,
     dir: &Path,
-    ready: &[SocketAddr],
+    addrs: &[SocketAddr],
+    ready: fn(SocketAddr, Duration) -> bool,
 ) -> Result<Guarded, StartError> {
-    let log = dir.join(format!("{what}.log"));
+    let log = dir.join(format!("{name}.log"));
     let mut g =
         Guarded::spawn(what, cmd, &log).map_err(|source| StartError::Spawn { what, source })?;
-    for addr in ready {
-        if !procs::wait_http_ok(*addr, Duration::from_secs(10)) || !g.alive() {
+    for addr in addrs {
+        if !ready(*addr, Duration::from_secs(10)) || !g.alive() {
             g.stop();
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(3).collect();
@@ -194,13 +325,30 @@ fn start(
     Ok(g)
 }
 
+/// Writes `config` to `DIR/WHAT.conf` and starts nginx with it on the proxy
+/// core; returns the process, the file and the command line.
+fn start_nginx(
+    what: &'static str,
+    nginx: &Path,
+    dir: &Path,
+    config: &str,
+    addrs: &[SocketAddr],
+    ready: fn(SocketAddr, Duration) -> bool,
+) -> Result<(Guarded, PathBuf, String), StartError> {
+    let conf = dir.join(format!("{what}.conf"));
+    std::fs::write(&conf, config).map_err(|source| StartError::Spawn { what, source })?;
+    let cmd = nginx_command(nginx, dir, &conf);
+    let command = describe(&cmd);
+    let g = start(what, what, cmd, dir, addrs, ready)?;
+    Ok((g, conf, command))
+}
+
 /// Starts the fixed upstream (nginx, one worker, on the proxy core).
 pub fn start_upstream(
     nginx: &Path,
     dir: &Path,
     ports: UpstreamPorts,
 ) -> Result<Running, StartError> {
-    let conf = dir.join("upstream.conf");
     let text = render(
         UPSTREAM_TEMPLATE,
         &[
@@ -210,26 +358,83 @@ pub fn start_upstream(
             ("DIRECT_H2", ports.direct_h2.to_string()),
         ],
     );
-    std::fs::write(&conf, text).map_err(|source| StartError::Spawn {
-        what: "upstream",
-        source,
-    })?;
-    let cmd = nginx_command(nginx, dir, &conf);
-    let command = describe(&cmd);
-    let g = start(
+    let (g, conf, command) = start_nginx(
         "upstream",
-        cmd,
+        nginx,
         dir,
+        &text,
         &[loopback(ports.stable), loopback(ports.canary)],
+        procs::wait_http_ok,
     )?;
     Ok(Running {
         kind: PeerKind::Direct,
         h1: loopback(ports.stable),
+        tls_client: false,
         h2: loopback(ports.direct_h2),
         process: Some(g),
         config_path: Some(conf),
         command,
     })
+}
+
+/// Starts the TLS upstream (nginx, one worker, on the proxy core) with the
+/// certificate and ports of `up`. It is ready when its four ports accept
+/// connections; each proxy's own start then proves the certificate verifies.
+/// As a target it is direct-tls: wrk speaking TLS to the stable port.
+pub fn start_upstream_tls(
+    nginx: &Path,
+    dir: &Path,
+    up: &TlsUpstream,
+) -> Result<Running, StartError> {
+    let text = render(UPSTREAM_TLS_TEMPLATE, &upstream_tls_vars(dir, up));
+    let ports = [up.stable, up.canary, up.stable_new, up.canary_new];
+    let (g, conf, command) = start_nginx(
+        "upstream-tls",
+        nginx,
+        dir,
+        &text,
+        &ports.map(loopback),
+        procs::wait_listening,
+    )?;
+    Ok(Running {
+        kind: PeerKind::DirectTls,
+        h1: loopback(up.stable),
+        tls_client: true,
+        h2: loopback(up.stable),
+        process: Some(g),
+        config_path: Some(conf),
+        command,
+    })
+}
+
+/// The `{{...}}` values of the TLS upstream's template.
+fn upstream_tls_vars(dir: &Path, up: &TlsUpstream) -> [(&'static str, String); 9] {
+    [
+        ("DIR", dir.display().to_string()),
+        ("SERVER_NAME", TLS_SERVER_NAME.to_owned()),
+        ("CERT", up.cert.display().to_string()),
+        ("KEY", up.key.display().to_string()),
+        ("HANDSHAKE_LOG", up.handshake_log.display().to_string()),
+        ("STABLE", up.stable.to_string()),
+        ("CANARY", up.canary.to_string()),
+        ("STABLE_NEW", up.stable_new.to_string()),
+        ("CANARY_NEW", up.canary_new.to_string()),
+    ]
+}
+
+/// direct-tls in `mode`: wrk speaking TLS to the TLS upstream's stable port
+/// for that mode (the process is the upstream's, charged as the upstream).
+pub fn direct_tls(up: &TlsUpstream, mode: TlsMode) -> Running {
+    let (stable, _) = up.ports(mode);
+    Running {
+        kind: PeerKind::DirectTls,
+        h1: loopback(stable),
+        tls_client: true,
+        h2: loopback(stable),
+        process: None,
+        config_path: None,
+        command: "(wrk to the TLS upstream itself)".into(),
+    }
 }
 
 /// Paths of the peer programs found on this machine.
@@ -245,18 +450,62 @@ pub struct Programs {
     pub serin: PathBuf,
 }
 
-/// Starts one proxy in front of the upstream.
+/// Starts one proxy in front of the plain upstream.
 pub fn start_proxy(
     kind: PeerKind,
     programs: &Programs,
     dir: &Path,
     up: UpstreamPorts,
 ) -> Result<Running, StartError> {
-    let ports = procs::free_ports(3).map_err(|source| StartError::Spawn {
-        what: "ports",
-        source,
-    })?;
-    let (listen, listen_h2, admin) = (ports[0], ports[1], ports[2]);
+    launch(
+        kind,
+        programs,
+        dir,
+        kind.name().to_owned(),
+        (up.stable, up.canary),
+        None,
+    )
+}
+
+/// Starts one TLS-origination proxy (a `*-tls` kind other than direct-tls)
+/// in front of the TLS upstream's ports for `mode`. Its files and log are
+/// named `KIND-MODE` (`nginx-tls-handshakes.conf`), as both modes run at once.
+pub fn start_tls_proxy(
+    kind: PeerKind,
+    programs: &Programs,
+    dir: &Path,
+    up: &TlsUpstream,
+    mode: TlsMode,
+) -> Result<Running, StartError> {
+    let name = format!("{}-{}", kind.name(), mode.name());
+    launch(kind, programs, dir, name, up.ports(mode), Some(&up.ca))
+}
+
+/// A proxy's config template and its file extension (plain serin has none:
+/// it takes flags only).
+fn template(kind: PeerKind) -> Option<(&'static str, &'static str)> {
+    match kind {
+        PeerKind::Nginx | PeerKind::NginxLog => Some((NGINX_TEMPLATE, "conf")),
+        PeerKind::Haproxy => Some((HAPROXY_TEMPLATE, "cfg")),
+        PeerKind::Envoy => Some((ENVOY_TEMPLATE, "yaml")),
+        PeerKind::NginxTls => Some((NGINX_TLS_TEMPLATE, "conf")),
+        PeerKind::HaproxyTls => Some((HAPROXY_TLS_TEMPLATE, "cfg")),
+        PeerKind::EnvoyTls => Some((ENVOY_TLS_TEMPLATE, "yaml")),
+        PeerKind::SerinTls => Some((SERIN_TLS_TEMPLATE, "toml")),
+        PeerKind::Direct | PeerKind::DirectTls | PeerKind::Serin | PeerKind::SerinLog => None,
+    }
+}
+
+/// The `{{...}}` values of a proxy's template: `ports` are its listener,
+/// h2c listener and admin port.
+fn proxy_vars(
+    kind: PeerKind,
+    dir: &Path,
+    name: &str,
+    ports: [u16; 3],
+    (stable, canary): (u16, u16),
+    ca: Option<&Path>,
+) -> [(&'static str, String); 10] {
     let access_log = if kind == PeerKind::NginxLog {
         format!(
             "{}/nginx-access.log json buffer=64k flush=1s",
@@ -265,84 +514,327 @@ pub fn start_proxy(
     } else {
         "off".to_owned()
     };
-    let vars = [
+    [
         ("ACCESS_LOG", access_log),
-        ("NAME", kind.name().to_owned()),
+        ("NAME", name.to_owned()),
         ("DIR", dir.display().to_string()),
-        ("LISTEN", listen.to_string()),
-        ("LISTEN_H2", listen_h2.to_string()),
-        ("ADMIN", admin.to_string()),
-        ("STABLE", up.stable.to_string()),
-        ("CANARY", up.canary.to_string()),
-    ];
-    let write = |name: &str, template: &str| -> Result<PathBuf, StartError> {
-        let path = dir.join(name);
-        std::fs::write(&path, render(template, &vars)).map_err(|source| StartError::Spawn {
-            what: "config",
-            source,
-        })?;
-        Ok(path)
+        ("LISTEN", ports[0].to_string()),
+        ("LISTEN_H2", ports[1].to_string()),
+        ("ADMIN", ports[2].to_string()),
+        ("STABLE", stable.to_string()),
+        ("CANARY", canary.to_string()),
+        (
+            "CA",
+            ca.map(|p| p.display().to_string()).unwrap_or_default(),
+        ),
+        ("SERVER_NAME", TLS_SERVER_NAME.to_owned()),
+    ]
+}
+
+/// Writes the proxy's config from its template and starts it; `name` names
+/// its files, `ca` is the CA a TLS kind verifies the upstream against.
+fn launch(
+    kind: PeerKind,
+    programs: &Programs,
+    dir: &Path,
+    name: String,
+    (stable, canary): (u16, u16),
+    ca: Option<&Path>,
+) -> Result<Running, StartError> {
+    let ports = procs::free_ports(3).map_err(|source| StartError::Spawn {
+        what: "ports",
+        source,
+    })?;
+    let (listen, listen_h2, admin) = (ports[0], ports[1], ports[2]);
+    let vars = proxy_vars(
+        kind,
+        dir,
+        &name,
+        [listen, listen_h2, admin],
+        (stable, canary),
+        ca,
+    );
+    let config_path = match template(kind) {
+        Some((template, ext)) => {
+            let path = dir.join(format!("{name}.{ext}"));
+            std::fs::write(&path, render(template, &vars)).map_err(|source| StartError::Spawn {
+                what: "config",
+                source,
+            })?;
+            Some(path)
+        }
+        None => None,
     };
-    let (what, cmd, config_path, h2_port): (&'static str, Command, Option<PathBuf>, u16) =
-        match kind {
-            PeerKind::Direct => unreachable!("direct is the upstream"),
-            PeerKind::Nginx | PeerKind::NginxLog => {
-                let conf = write(&format!("{}.conf", kind.name()), NGINX_TEMPLATE)?;
-                let cmd = nginx_command(&programs.nginx, dir, &conf);
-                ("nginx", cmd, Some(conf), listen_h2)
-            }
-            PeerKind::Haproxy => {
-                let conf = write("haproxy.cfg", HAPROXY_TEMPLATE)?;
-                let program = programs.haproxy.as_deref().unwrap_or(Path::new("haproxy"));
-                let mut cmd = pinned(PROXY_CORE, program);
-                cmd.arg("-db").arg("-f").arg(&conf);
-                ("haproxy", cmd, Some(conf), listen_h2)
-            }
-            PeerKind::Envoy => {
-                let conf = write("envoy.yaml", ENVOY_TEMPLATE)?;
-                let program = programs.envoy.as_deref().unwrap_or(Path::new("envoy"));
-                let mut cmd = pinned(PROXY_CORE, program);
-                cmd.arg("-c")
-                    .arg(&conf)
-                    .arg("--concurrency")
-                    .arg("1")
-                    .arg("--disable-hot-restart")
-                    .arg("--log-level")
-                    .arg("warn");
-                ("envoy", cmd, Some(conf), listen)
-            }
-            PeerKind::Serin | PeerKind::SerinLog => {
-                let state = dir.join(format!("{}-state", kind.name()));
-                let mut cmd = pinned(PROXY_CORE, &programs.serin);
-                cmd.arg("run")
-                    .arg("--listen")
-                    .arg(loopback(listen).to_string())
-                    .arg("--stable")
-                    .arg(format!("http://127.0.0.1:{}", up.stable))
+    let conf = config_path.as_deref().unwrap_or(Path::new(""));
+    // nginx and haproxy serve h2c on a port of their own; the TLS targets
+    // serve HTTP/1.1 only, so their h2 address is the h1 one.
+    let h2_port = match kind {
+        PeerKind::Nginx | PeerKind::NginxLog | PeerKind::Haproxy => listen_h2,
+        _ => listen,
+    };
+    let (what, cmd) = match kind {
+        PeerKind::Direct | PeerKind::DirectTls => unreachable!("direct is the upstream"),
+        PeerKind::Nginx | PeerKind::NginxLog | PeerKind::NginxTls => {
+            ("nginx", nginx_command(&programs.nginx, dir, conf))
+        }
+        PeerKind::Haproxy | PeerKind::HaproxyTls => {
+            let program = programs.haproxy.as_deref().unwrap_or(Path::new("haproxy"));
+            let mut cmd = pinned(PROXY_CORE, program);
+            cmd.arg("-db").arg("-f").arg(conf);
+            ("haproxy", cmd)
+        }
+        PeerKind::Envoy | PeerKind::EnvoyTls => {
+            let program = programs.envoy.as_deref().unwrap_or(Path::new("envoy"));
+            let mut cmd = pinned(PROXY_CORE, program);
+            cmd.arg("-c")
+                .arg(conf)
+                .arg("--concurrency")
+                .arg("1")
+                .arg("--disable-hot-restart")
+                .arg("--log-level")
+                .arg("warn");
+            ("envoy", cmd)
+        }
+        PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinTls => {
+            let state = dir.join(format!("{name}-state"));
+            let mut cmd = pinned(PROXY_CORE, &programs.serin);
+            cmd.arg("run")
+                .arg("--listen")
+                .arg(loopback(listen).to_string());
+            // The plain upstreams are flags; the TLS ones need the config
+            // file for their `[stable.tls]` and `[canary.tls]`.
+            if config_path.is_some() {
+                cmd.arg("--config").arg(conf);
+            } else {
+                cmd.arg("--stable")
+                    .arg(format!("http://127.0.0.1:{stable}"))
                     .arg("--canary")
-                    .arg(format!("http://127.0.0.1:{}", up.canary))
-                    .arg("--canary-weight")
-                    .arg("10")
-                    .arg("--workers")
-                    .arg("1")
-                    .arg("--admin")
-                    .arg(loopback(admin).to_string())
-                    .arg("--state-dir")
-                    .arg(&state);
-                if kind == PeerKind::SerinLog {
-                    cmd.arg("--access-log").arg(dir.join("serin-access.log"));
-                }
-                ("serin", cmd, None, listen)
+                    .arg(format!("http://127.0.0.1:{canary}"));
             }
-        };
+            cmd.arg("--canary-weight")
+                .arg("10")
+                .arg("--workers")
+                .arg("1")
+                .arg("--admin")
+                .arg(loopback(admin).to_string())
+                .arg("--state-dir")
+                .arg(&state);
+            if kind == PeerKind::SerinLog {
+                cmd.arg("--access-log").arg(dir.join("serin-access.log"));
+            }
+            ("serin", cmd)
+        }
+    };
     let command = describe(&cmd);
-    let g = start(what, cmd, dir, &[loopback(listen)])?;
+    let g = start(
+        what,
+        &name,
+        cmd,
+        dir,
+        &[loopback(listen)],
+        procs::wait_http_ok,
+    )?;
     Ok(Running {
         kind,
         h1: loopback(listen),
+        tls_client: false,
         h2: loopback(h2_port),
         process: Some(g),
         config_path,
         command,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_upstream() -> TlsUpstream {
+        TlsUpstream {
+            stable: 9001,
+            canary: 9002,
+            stable_new: 9003,
+            canary_new: 9004,
+            ca: PathBuf::from("/run/tls-ca.pem"),
+            cert: PathBuf::from("/run/upstream-tls.pem"),
+            key: PathBuf::from("/run/upstream-tls-key.pem"),
+            handshake_log: PathBuf::from("/run/handshakes.log"),
+        }
+    }
+
+    /// A kind's config as `start_tls_proxy` (or `start_proxy`) writes it.
+    fn rendered(kind: PeerKind, mode: TlsMode) -> String {
+        let up = tls_upstream();
+        let (template, _) = template(kind).expect("a kind with a template");
+        let ca = kind.tls().then_some(up.ca.as_path());
+        let name = format!("{}-{}", kind.name(), mode.name());
+        let vars = proxy_vars(
+            kind,
+            Path::new("/run"),
+            &name,
+            [8001, 8002, 8003],
+            up.ports(mode),
+            ca,
+        );
+        render(template, &vars)
+    }
+
+    /// A placeholder left outside the comments.
+    fn unfilled(text: &str) -> Option<&str> {
+        text.lines()
+            .find(|l| !l.trim_start().starts_with('#') && l.contains("{{"))
+    }
+
+    #[test]
+    fn every_template_is_filled_in() {
+        for kind in PeerKind::ORDER.into_iter().chain(PeerKind::TLS_ORDER) {
+            if template(kind).is_some() {
+                let text = rendered(kind, TlsMode::KeepAlive);
+                assert_eq!(unfilled(&text), None, "{}", kind.name());
+            }
+        }
+        let upstream = render(
+            UPSTREAM_TLS_TEMPLATE,
+            &upstream_tls_vars(Path::new("/run"), &tls_upstream()),
+        );
+        assert_eq!(unfilled(&upstream), None);
+    }
+
+    #[test]
+    fn the_tls_upstream_keeps_two_ports_alive_and_closes_two() {
+        let text = render(
+            UPSTREAM_TLS_TEMPLATE,
+            &upstream_tls_vars(Path::new("/run"), &tls_upstream()),
+        );
+        assert!(text.contains("ssl_certificate /run/upstream-tls.pem;"));
+        assert!(text.contains("ssl_certificate_key /run/upstream-tls-key.pem;"));
+        assert!(text.contains("ssl_protocols TLSv1.2 TLSv1.3;"));
+        for port in [9001, 9002, 9003, 9004] {
+            assert!(text.contains(&format!("listen 127.0.0.1:{port} ssl ")));
+        }
+        // Only the closing servers turn keep-alive off and log handshakes.
+        assert_eq!(text.matches("keepalive_timeout 0;").count(), 2);
+        assert_eq!(
+            text.matches("access_log /run/handshakes.log handshake")
+                .count(),
+            2
+        );
+        let closing = &text[text.find("listen 127.0.0.1:9003").unwrap()..];
+        assert!(closing.contains("keepalive_timeout 0;"));
+        let kept = &text[..text.find("listen 127.0.0.1:9003").unwrap()];
+        assert!(!kept.contains("keepalive_timeout 0;"));
+    }
+
+    #[test]
+    fn each_mode_points_the_proxy_at_its_ports() {
+        let up = tls_upstream();
+        assert_eq!(up.ports(TlsMode::KeepAlive), (9001, 9002));
+        assert_eq!(up.ports(TlsMode::NewHandshakes), (9003, 9004));
+        let nginx = rendered(PeerKind::NginxTls, TlsMode::NewHandshakes);
+        assert!(nginx.contains("server 127.0.0.1:9003 weight=9;"));
+        assert!(nginx.contains("server 127.0.0.1:9004 weight=1;"));
+        assert!(nginx.contains("pid /run/nginx-tls-handshakes.pid;"));
+        let direct = direct_tls(&up, TlsMode::NewHandshakes);
+        assert_eq!(direct.url(), "https://127.0.0.1:9003/");
+        assert_eq!(direct.kind, PeerKind::DirectTls);
+    }
+
+    #[test]
+    fn nginx_verifies_and_keeps_tls_connections_like_the_plain_one() {
+        let text = rendered(PeerKind::NginxTls, TlsMode::KeepAlive);
+        for line in [
+            "proxy_pass https://backend;",
+            "proxy_ssl_trusted_certificate /run/tls-ca.pem;",
+            "proxy_ssl_verify on;",
+            "proxy_ssl_name upstream.bench;",
+            "proxy_ssl_server_name on;",
+            "proxy_ssl_session_reuse on;",
+            "proxy_ssl_protocols TLSv1.2 TLSv1.3;",
+            "proxy_http_version 1.1;",
+            "proxy_set_header Connection \"\";",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // The upstream block's keep-alive is the plain template's.
+        let block = |t: &str| {
+            let start = t.find("upstream backend {").unwrap();
+            t[start..start + t[start..].find('}').unwrap()]
+                .lines()
+                .filter(|l| l.contains("keepalive"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let plain = rendered(PeerKind::Nginx, TlsMode::KeepAlive);
+        assert_eq!(block(&text), block(&plain));
+        assert_eq!(block(&text).len(), 3);
+    }
+
+    #[test]
+    fn haproxy_verifies_every_server_and_reuses_connections() {
+        let text = rendered(PeerKind::HaproxyTls, TlsMode::KeepAlive);
+        for (server, port, weight) in [("stable", 9001, 90), ("canary", 9002, 10)] {
+            let line = format!(
+                "server {server} 127.0.0.1:{port} weight {weight} ssl verify required \
+                 ca-file /run/tls-ca.pem sni str(upstream.bench) verifyhost upstream.bench"
+            );
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        assert!(text.contains("http-reuse always"));
+        assert!(text.contains("pidfile /run/haproxy-tls-keepalive.pid"));
+    }
+
+    #[test]
+    fn envoy_verifies_each_cluster_over_tls_1_3() {
+        let text = rendered(PeerKind::EnvoyTls, TlsMode::KeepAlive);
+        assert_eq!(
+            text.matches("\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
+                .count(),
+            2
+        );
+        assert_eq!(text.matches("sni: upstream.bench").count(), 2);
+        assert_eq!(
+            text.matches("trusted_ca: { filename: /run/tls-ca.pem }")
+                .count(),
+            2
+        );
+        assert_eq!(
+            text.matches("matcher: { exact: upstream.bench }").count(),
+            2
+        );
+        assert_eq!(text.matches("TLSv1_3").count(), 2);
+    }
+
+    #[test]
+    fn serin_tls_config_is_one_serin_accepts() {
+        use serin_control::config::{Config, Overrides};
+        let text = rendered(PeerKind::SerinTls, TlsMode::NewHandshakes);
+        let raw = Config::parse_toml(&text, Path::new("serin-tls.toml")).unwrap();
+        let config = Config::from_raw(raw, &Overrides::default()).unwrap();
+        for (upstream, port) in [(&config.proxy.stable, 9003), (&config.proxy.canary, 9004)] {
+            assert_eq!(upstream.url, format!("https://127.0.0.1:{port}"));
+            assert_eq!(upstream.protocol, serin_proxy::UpstreamProtocol::Http1);
+            let tls = upstream.tls.as_ref().expect("TLS settings");
+            assert_eq!(tls.server_name.as_deref(), Some(TLS_SERVER_NAME));
+            assert_eq!(tls.ca.as_deref(), Some(Path::new("/run/tls-ca.pem")));
+            assert_eq!((tls.cert.as_ref(), tls.key.as_ref()), (None, None));
+        }
+    }
+
+    #[test]
+    fn kinds_are_named_once_and_grouped() {
+        let mut names: Vec<&str> = PeerKind::ORDER
+            .iter()
+            .chain(&PeerKind::TLS_ORDER)
+            .map(|k| k.name())
+            .collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all);
+        assert!(PeerKind::TLS_ORDER.iter().all(|k| k.tls() && !k.logs()));
+        assert!(PeerKind::ORDER.iter().all(|k| !k.tls()));
+        assert_eq!(PeerKind::HaproxyTls.program(), "haproxy");
+        assert_eq!(PeerKind::EnvoyTls.program(), "envoy");
+        assert_eq!(PeerKind::SerinTls.program(), "serin");
+    }
 }

@@ -280,6 +280,19 @@ pub fn wait_http_ok(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// Waits until `addr` accepts a TCP connection, up to `timeout` (for a
+/// server that speaks TLS, which [`wait_http_ok`] cannot ask).
+pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 // === a quiet machine ===
 
 /// Waits until no `rustc`/`cargo` (other than this process's own ancestors,

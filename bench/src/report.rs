@@ -10,9 +10,10 @@ use std::path::Path;
 
 use crate::loadgen::OpenLoopResult;
 use crate::measure::Throughput;
-use crate::results::{spread, Results};
+use crate::results::{spread, RateRuns, Results};
 
 mod fleet;
+mod tls;
 
 const COLORS: [(&str, &str); 7] = [
     ("direct", "#7f7f7f"),
@@ -28,6 +29,15 @@ const COLORS: [(&str, &str); 7] = [
 /// compared with that one (the access-log section), not with the peers.
 fn logs(name: &str) -> bool {
     name.ends_with("-log")
+}
+
+/// How the targets table marks a target.
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**not met**"
+    }
 }
 
 fn color(name: &str) -> &'static str {
@@ -65,13 +75,32 @@ fn tp<'a>(
     map.get(name).map(Vec::as_slice).unwrap_or(&[])
 }
 
+/// A Markdown table's header row and its rule.
+fn table_head(s: &mut String, columns: &[&str]) {
+    let _ = writeln!(
+        s,
+        "| {} |\n|{}",
+        columns.join(" | "),
+        "---|".repeat(columns.len())
+    );
+}
+
+/// One closed-loop figure over a target's rounds, as [`fmt_spread`] writes it.
+fn tp_spread(runs: &[Throughput], f: impl Fn(&Throughput) -> f64, digits: usize) -> String {
+    fmt_spread(&runs.iter().map(f).collect::<Vec<_>>(), digits)
+}
+
 fn med_tp(runs: &[Throughput], f: impl Fn(&Throughput) -> f64) -> f64 {
     spread(&runs.iter().map(f).collect::<Vec<_>>()).0
 }
 
 fn open_runs<'a>(res: &'a Results, i: usize, name: &str) -> &'a [OpenLoopResult] {
-    res.open
-        .get(i)
+    rate_runs(&res.open, i, name)
+}
+
+/// The slices of target `name` at the `i`-th rate of `open`.
+fn rate_runs<'a>(open: &'a [RateRuns], i: usize, name: &str) -> &'a [OpenLoopResult] {
+    open.get(i)
         .and_then(|r| r.runs.get(name))
         .map(Vec::as_slice)
         .unwrap_or(&[])
@@ -262,6 +291,7 @@ fn markdown(res: &Results) -> String {
 
     targets_section(&mut s, res);
     access_log_section(&mut s, res);
+    tls::section(&mut s, res);
     throughput_section(&mut s, res);
     latency_section(&mut s, res);
     memory_section(&mut s, res);
@@ -323,7 +353,6 @@ fn targets_section(s: &mut String, res: &Results) {
         .find(|m| m.name == "decide_and_record")
         .map(|m| m.mean_ns)
         .unwrap_or(0.0);
-    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     let _ = writeln!(s, "| figure | target | measured | |\n|---|---|---|---|");
     let c = cpu("serin") / best(&cpu, true);
     let _ = writeln!(
@@ -435,6 +464,7 @@ fn targets_section(s: &mut String, res: &Results) {
             verdict(logged <= 1.15)
         );
     }
+    tls::target_rows(s, res);
     fleet::target_rows(s, res);
 }
 
@@ -503,9 +533,7 @@ fn throughput_section(s: &mut String, res: &Results) {
             if runs.is_empty() {
                 continue;
             }
-            let col = |f: &dyn Fn(&Throughput) -> f64, d: usize| {
-                fmt_spread(&runs.iter().map(f).collect::<Vec<_>>(), d)
-            };
+            let col = |f: &dyn Fn(&Throughput) -> f64, d: usize| tp_spread(runs, f, d);
             let direct = n == "direct";
             let mut bottlenecks: Vec<&str> = runs.iter().map(Throughput::bottleneck).collect();
             bottlenecks.dedup();
@@ -583,19 +611,28 @@ fn latency_section(s: &mut String, res: &Results) {
             "![latency at {0:.0} req/s](results/latency-{0:.0}.svg)\n",
             rate.rate
         );
-        let _ = writeln!(
+        table_head(
             s,
-            "| target | p50 | p90 | p99 | p99.9 | max | added p50 | added p99 | achieved req/s | errors | send lag p99 |"
+            &[
+                "target",
+                "p50",
+                "p90",
+                "p99",
+                "p99.9",
+                "max",
+                "added p50",
+                "added p99",
+                "achieved req/s",
+                "errors",
+                "send lag p99",
+            ],
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
         for n in &res.targets {
             let runs = open_runs(res, i, n);
             if runs.is_empty() {
                 continue;
             }
-            let col = |f: fn(&OpenLoopResult) -> f64| {
-                fmt_quartiles(&runs.iter().map(f).collect::<Vec<_>>())
-            };
+            let col = |f: fn(&OpenLoopResult) -> f64| open_quartiles(runs, f);
             let added = |f: fn(&OpenLoopResult) -> f64| {
                 if n == "direct" {
                     "–".to_string()
@@ -620,6 +657,11 @@ fn latency_section(s: &mut String, res: &Results) {
         }
         let _ = writeln!(s);
     }
+}
+
+/// One open-loop figure over a target's slices, as [`fmt_quartiles`] writes it.
+fn open_quartiles(runs: &[OpenLoopResult], f: fn(&OpenLoopResult) -> f64) -> String {
+    fmt_quartiles(&runs.iter().map(f).collect::<Vec<_>>())
 }
 
 /// Median with the 25th and 75th percentiles: the spread of many slices,
@@ -950,8 +992,9 @@ fn method_section(s: &mut String, res: &Results) {
     );
     let _ = writeln!(
         s,
-        "### Configurations\n\nTemplates are in `bench/peers/` (`upstream.conf`, `nginx.conf`, `haproxy.cfg`, `envoy.yaml`); \
-         `{{{{...}}}}` placeholders are filled with free loopback ports picked at run time. Command lines of this run \
+        "### Configurations\n\nTemplates are in `bench/peers/` (`upstream.conf`, `nginx.conf`, `haproxy.cfg`, `envoy.yaml`; \
+         for TLS origination `upstream-tls.conf`, `nginx-tls.conf`, `haproxy-tls.cfg`, `envoy-tls.yaml`, `serin-tls.toml`); \
+         `{{{{...}}}}` placeholders are filled with free loopback ports and the run's file paths at run time. Command lines of this run \
          (temporary paths shortened):\n"
     );
     for (name, cmd) in &res.commands {

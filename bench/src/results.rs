@@ -117,8 +117,86 @@ pub struct Results {
     /// Fleet mode: revert propagation and API requests (`serin-bench fleet`).
     #[serde(default)]
     pub fleet: Option<crate::fleet::FleetBench>,
+    /// TLS origination: the `*-tls` targets (bench/src/tls.rs).
+    #[serde(default)]
+    pub tls: Option<TlsResults>,
     /// Problems met during the run (a failed run of one target, for example).
     pub notes: Vec<String>,
+}
+
+/// The TLS-origination group: plain HTTP/1.1 from the client to each proxy,
+/// TLS from the proxy to the TLS upstream.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TlsResults {
+    /// Targets measured (`direct-tls`, `nginx-tls`, …), in run order.
+    pub targets: Vec<String>,
+    /// Closed loop (wrk, the first connection count), upstream connections
+    /// kept alive: per target, one per round.
+    pub keepalive: BTreeMap<String, Vec<Throughput>>,
+    /// Closed loop against the upstream ports that close every connection
+    /// after its response, so every request is a new upstream handshake:
+    /// per target, one per round.
+    pub handshakes: BTreeMap<String, Vec<Throughput>>,
+    /// What the upstream logged of those handshakes, per target, all rounds.
+    pub sessions: BTreeMap<String, Sessions>,
+    /// Open-loop latency at fixed rates, keep-alive (proxies only: the
+    /// open-loop generator speaks plain HTTP).
+    pub open: Vec<RateRuns>,
+}
+
+/// The TLS upstream's log of one target's new-handshake runs: one line per
+/// request, each on a new connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sessions {
+    /// Handshakes logged.
+    pub handshakes: u64,
+    /// Of them, resumed sessions (`$ssl_session_reused` = `r`).
+    pub resumed: u64,
+    /// The most frequent protocol, cipher and key-exchange group, e.g.
+    /// `TLSv1.3 TLS_AES_256_GCM_SHA384 X25519`.
+    pub negotiated: String,
+}
+
+impl Sessions {
+    /// Reads the upstream's `handshake` log lines
+    /// (`$ssl_session_reused $ssl_protocol $ssl_cipher $ssl_curve`).
+    pub fn parse(log: &str) -> Self {
+        let mut out = Sessions::default();
+        let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+        for line in log.lines() {
+            let Some((reused, negotiated)) = line.trim().split_once(' ') else {
+                continue;
+            };
+            out.handshakes += 1;
+            if reused == "r" {
+                out.resumed += 1;
+            }
+            *seen.entry(negotiated).or_default() += 1;
+        }
+        // The most frequent; the first in order on a tie.
+        let mut best: Option<(&str, u64)> = None;
+        for (line, n) in seen {
+            if best.is_none_or(|(_, m)| n > m) {
+                best = Some((line, n));
+            }
+        }
+        out.negotiated = best.map(|(l, _)| l.to_owned()).unwrap_or_default();
+        out
+    }
+
+    /// Adds another run's counts (the negotiated line of the larger one wins).
+    pub fn add(&mut self, other: Sessions) {
+        if other.handshakes > self.handshakes {
+            self.negotiated = other.negotiated;
+        }
+        self.handshakes += other.handshakes;
+        self.resumed += other.resumed;
+    }
+
+    /// Share of handshakes that resumed a session, percent.
+    pub fn resumed_percent(&self) -> f64 {
+        self.resumed as f64 * 100.0 / self.handshakes.max(1) as f64
+    }
 }
 
 /// Median, min and max of a list (NaN-free); zeros when empty.
@@ -140,4 +218,33 @@ pub fn spread(values: &[f64]) -> (f64, f64, f64) {
 /// The median of a list.
 pub fn median(values: &[f64]) -> f64 {
     spread(values).0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_count_resumptions_and_the_usual_negotiation() {
+        let log = "r TLSv1.3 TLS_AES_256_GCM_SHA384 X25519\n\
+                   . TLSv1.3 TLS_AES_256_GCM_SHA384 X25519\n\
+                   r TLSv1.3 TLS_AES_256_GCM_SHA384 X25519\n\
+                   r TLSv1.2 ECDHE-ECDSA-AES256-GCM-SHA384 prime256v1\n\
+                   \n";
+        let s = Sessions::parse(log);
+        assert_eq!(s.handshakes, 4);
+        assert_eq!(s.resumed, 3);
+        assert_eq!(s.negotiated, "TLSv1.3 TLS_AES_256_GCM_SHA384 X25519");
+        assert_eq!(s.resumed_percent(), 75.0);
+        assert_eq!(Sessions::parse(""), Sessions::default());
+        assert_eq!(Sessions::default().resumed_percent(), 0.0);
+    }
+
+    #[test]
+    fn sessions_add_up_over_rounds() {
+        let mut all = Sessions::parse("r TLSv1.3 A X25519\n");
+        all.add(Sessions::parse(". TLSv1.3 B X25519\n. TLSv1.3 B X25519\n"));
+        assert_eq!((all.handshakes, all.resumed), (3, 1));
+        assert_eq!(all.negotiated, "TLSv1.3 B X25519");
+    }
 }

@@ -2,8 +2,9 @@
 //! every proxy, run the interleaved rounds, and write the report.
 //!
 //! Order of a round: direct → nginx → haproxy → Envoy → serin, repeated, so
-//! slow drift of the machine hits every target alike. Nothing is measured
-//! while another build is running on the machine.
+//! slow drift of the machine hits every target alike; then the same for the
+//! TLS-origination group (bench/src/tls.rs). Nothing is measured while
+//! another build is running on the machine.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::loadgen::OpenLoopResult;
-use crate::measure::{self, Protocol};
+use crate::measure::{self, Protocol, Throughput};
 use crate::peers::{self, PeerKind, Programs, Running, UpstreamPorts};
 use crate::procs::{self, Memory};
 use crate::report;
@@ -209,7 +210,7 @@ fn profile_serin(target: &Running, seconds: u64, connections: u32) -> Vec<String
     let Ok(mut recorder) = procs::Guarded::spawn("perf record", rec, &log) else {
         return Vec::new();
     };
-    let _ = tools::wrk(target.h1, connections, Duration::from_secs(seconds + 1));
+    let _ = tools::wrk(&target.url(), connections, Duration::from_secs(seconds + 1));
     let deadline = Instant::now() + Duration::from_secs(20);
     while recorder.alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -243,7 +244,7 @@ fn profile_serin(target: &Running, seconds: u64, connections: u32) -> Vec<String
 /// Runs one measurement on a quiet machine: waits for other builds to end,
 /// watches for builds starting during the run, and repeats a disturbed run
 /// (up to 3 tries; a run still disturbed after that is kept and noted).
-fn quiet<T>(
+pub(crate) fn quiet<T>(
     res: &mut Results,
     what: &str,
     mut f: impl FnMut() -> std::io::Result<T>,
@@ -270,6 +271,110 @@ fn quiet<T>(
         res.disturbed_runs += 1;
     }
     unreachable!("the third try always returns")
+}
+
+/// One closed-loop result as the progress lines print it.
+pub(crate) fn closed_loop_line(t: &Throughput) -> String {
+    format!(
+        "{:>8.0} req/s, {:.1} µs CPU/req ({:.1} user + {:.1} sys), {} errors, cores busy {:.0}%/{:.0}% → {}",
+        t.rps,
+        t.cpu_us(),
+        t.user_us,
+        t.sys_us,
+        t.errors,
+        t.proxy_core_busy * 100.0,
+        t.loadgen_core_busy * 100.0,
+        t.bottleneck()
+    )
+}
+
+/// The open-loop rates: 2,000 req/s and about half the slowest proxy's
+/// median max (`slowest`, req/s; infinite when none was measured), rounded
+/// to 500; only the latter with `quick`.
+pub(crate) fn open_rates(slowest: f64, quick: bool) -> Vec<f64> {
+    let half = if slowest.is_finite() {
+        ((slowest * 0.5) / 500.0).round().max(1.0) * 500.0
+    } else {
+        2_000.0
+    };
+    if quick {
+        return vec![half];
+    }
+    let mut rates = vec![2_000.0];
+    if (half - 2_000.0).abs() > 1.0 {
+        rates.push(half);
+    }
+    rates
+}
+
+/// Open-loop latency of `targets` at one fixed rate: `slices` passes, each
+/// running every target for `seconds` in an order rotated by one from the
+/// last pass, so that slice `k` of every target comes from pass `k`.
+pub(crate) fn open_loop_rate(
+    res: &mut Results,
+    targets: &[&Running],
+    rate: f64,
+    slices: usize,
+    seconds: u64,
+) -> RateRuns {
+    let steal_before = procs::steal_jiffies();
+    let mut runs: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for pass in 0..slices {
+        let mut order = targets.to_vec();
+        order.rotate_left(pass % targets.len().max(1));
+        // The quiet check and build watch cover the whole pass: a pass
+        // disturbed by a build is run again, and a pass where any target
+        // failed is dropped for every target, so passes stay aligned.
+        let what = format!("open loop {rate}/s, pass {}", pass + 1);
+        let measured = quiet(res, &what, || {
+            order
+                .iter()
+                .map(|r| {
+                    measure::open_loop(r.h1, rate, Duration::from_secs(seconds), 32)
+                        .map(|o| (r.kind.name(), o))
+                        .map_err(|e| std::io::Error::other(format!("{}: {e}", r.kind.name())))
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        });
+        match measured {
+            Ok(measured) => {
+                for (name, o) in measured {
+                    runs.entry(name.into()).or_default().push(o);
+                }
+            }
+            Err(e) => {
+                eprintln!("{what} failed and is left out: {e}");
+                res.notes
+                    .push(format!("{what} failed and is left out: {e}"));
+            }
+        }
+        if (pass + 1) % 4 == 0 || pass + 1 == slices {
+            eprintln!("open loop {rate:>6.0}/s: {}/{slices} passes", pass + 1);
+        }
+    }
+    let (stolen, total) = procs::steal_jiffies();
+    let steal_percent = stolen.saturating_sub(steal_before.0) as f64 * 100.0
+        / total.saturating_sub(steal_before.1).max(1) as f64;
+    for (name, slices) in &runs {
+        let med = |f: fn(&OpenLoopResult) -> f64| {
+            results::median(&slices.iter().map(f).collect::<Vec<_>>())
+        };
+        eprintln!(
+            "{name:8} open loop {rate:>6.0}/s, median of {} slices: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {} errors, send lag p99 {:.0} µs",
+            slices.len(),
+            med(|o| o.p50_us),
+            med(|o| o.p99_us),
+            med(|o| o.p999_us),
+            slices.iter().map(|o| o.errors).sum::<u64>(),
+            med(|o| o.send_lag_p99_us),
+        );
+    }
+    eprintln!("open loop {rate:>6.0}/s: the hypervisor stole {steal_percent:.1}% of the machine's CPU time");
+    RateRuns {
+        rate,
+        runs,
+        steal_percent,
+    }
 }
 
 /// The whole `peers` run.
@@ -325,6 +430,11 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
             .and_then(|t| t.path.clone())
     };
     let has = |n: &str| path_of(n).is_some();
+    // nginx is required and serin is built: only haproxy and Envoy can be missing.
+    let installed = |kind: PeerKind| match kind.program() {
+        p @ ("haproxy" | "envoy") => has(p),
+        _ => true,
+    };
 
     // serin itself: built from this tree, so the report measures this commit.
     eprintln!("building serin: cargo build --release -p serin-control");
@@ -386,12 +496,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         {
             continue;
         }
-        let available = match kind {
-            PeerKind::Haproxy => has("haproxy"),
-            PeerKind::Envoy => has("envoy"),
-            _ => true,
-        };
-        if !available {
+        if !installed(kind) {
             res.skipped
                 .push((name.into(), format!("`{name}` is not installed")));
             continue;
@@ -400,6 +505,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
             Ok(Running {
                 kind,
                 h1: upstream.h1,
+                tls_client: false,
                 h2: upstream.h2,
                 process: None,
                 config_path: None,
@@ -455,11 +561,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
                 });
                 match measured {
                     Ok(t) => {
-                        eprintln!(
-                            "round {round} {name:8} {protocol:?} c{conns}: {:>8.0} req/s, {:.1} µs CPU/req ({:.1} user + {:.1} sys), {} errors, cores busy {:.0}%/{:.0}% → {}",
-                            t.rps, t.cpu_us(), t.user_us, t.sys_us, t.errors,
-                            t.proxy_core_busy * 100.0, t.loadgen_core_busy * 100.0, t.bottleneck()
-                        );
+                        eprintln!("{what}: {}", closed_loop_line(&t));
                         let map = if protocol == Protocol::Http2 {
                             &mut res.h2
                         } else if level == 0 {
@@ -496,77 +598,9 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         .filter_map(|r| res.h1.get(r.kind.name()))
         .map(|runs| results::median(&runs.iter().map(|t| t.rps).collect::<Vec<_>>()))
         .fold(f64::INFINITY, f64::min);
-    let half = if slowest.is_finite() {
-        ((slowest * 0.5) / 500.0).round().max(1.0) * 500.0
-    } else {
-        2_000.0
-    };
-    let mut rates = vec![2_000.0];
-    if (half - 2_000.0).abs() > 1.0 {
-        rates.push(half);
-    }
-    if quick {
-        rates = vec![half];
-    }
-    for rate in rates {
-        let steal_before = procs::steal_jiffies();
-        let mut runs: BTreeMap<String, Vec<_>> = BTreeMap::new();
-        for pass in 0..open_slices {
-            let mut order = compared.clone();
-            order.rotate_left(pass % compared.len().max(1));
-            // The quiet check and build watch cover the whole pass: a pass
-            // disturbed by a build is run again, and a pass where any target
-            // failed is dropped for every target, so passes stay aligned.
-            let what = format!("open loop {rate}/s, pass {}", pass + 1);
-            let measured = quiet(&mut res, &what, || {
-                order
-                    .iter()
-                    .map(|r| {
-                        measure::open_loop(r.h1, rate, Duration::from_secs(open_s), 32)
-                            .map(|o| (r.kind.name(), o))
-                            .map_err(|e| std::io::Error::other(format!("{}: {e}", r.kind.name())))
-                    })
-                    .collect::<std::io::Result<Vec<_>>>()
-            });
-            match measured {
-                Ok(slices) => {
-                    for (name, o) in slices {
-                        runs.entry(name.into()).or_default().push(o);
-                    }
-                }
-                Err(e) => {
-                    eprintln!("{what} failed and is left out: {e}");
-                    res.notes
-                        .push(format!("{what} failed and is left out: {e}"));
-                }
-            }
-            if (pass + 1) % 4 == 0 || pass + 1 == open_slices {
-                eprintln!("open loop {rate:>6.0}/s: {}/{open_slices} passes", pass + 1);
-            }
-        }
-        let (stolen, total) = procs::steal_jiffies();
-        let steal_percent = stolen.saturating_sub(steal_before.0) as f64 * 100.0
-            / total.saturating_sub(steal_before.1).max(1) as f64;
-        for (name, slices) in &runs {
-            let med = |f: fn(&OpenLoopResult) -> f64| {
-                results::median(&slices.iter().map(f).collect::<Vec<_>>())
-            };
-            eprintln!(
-                "{name:8} open loop {rate:>6.0}/s, median of {} slices: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {} errors, send lag p99 {:.0} µs",
-                slices.len(),
-                med(|o| o.p50_us),
-                med(|o| o.p99_us),
-                med(|o| o.p999_us),
-                slices.iter().map(|o| o.errors).sum::<u64>(),
-                med(|o| o.send_lag_p99_us),
-            );
-        }
-        eprintln!("open loop {rate:>6.0}/s: the hypervisor stole {steal_percent:.1}% of the machine's CPU time");
-        res.open.push(RateRuns {
-            rate,
-            runs,
-            steal_percent,
-        });
+    for rate in open_rates(slowest, quick) {
+        let runs = open_loop_rate(&mut res, &compared, rate, open_slices, open_s);
+        res.open.push(runs);
     }
 
     // Phase 3: memory with 1,000 connections, syscalls, and serin's profile.
@@ -612,9 +646,6 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         }
     }
 
-    // The judge-quality simulator: pure computation, after the timed runs.
-    simulate_judge(&mut res, quick);
-
     // Stop everything by PID (the guards do it on any early return too).
     for mut r in running {
         if let Some(p) = r.process.as_mut() {
@@ -622,6 +653,22 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         }
     }
     drop(upstream);
+
+    // Phase 4: TLS origination, with its own upstream and proxies
+    // (bench/src/tls.rs).
+    let plan = crate::tls::Plan {
+        rounds,
+        seconds: h1_s,
+        connections: res.wrk_connections,
+        open_slices,
+        open_seconds: open_s,
+        quick,
+        only: opts.only.clone(),
+    };
+    crate::tls::run(&mut res, &programs, &dir, &plan, &installed);
+
+    // The judge-quality simulator: pure computation, after the timed runs.
+    simulate_judge(&mut res, quick);
     let _ = std::fs::remove_dir_all(&dir);
     // Revert latency and blast radius: serin alone, with its control plane.
     res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
@@ -657,4 +704,20 @@ pub fn simulate_judge(res: &mut Results, quick: bool) {
         settings.interval.as_millis() as u64,
     );
     res.judge_sim = crate::judge_sim::run(&settings);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_rates_are_2000_and_half_the_slowest_rounded_to_500() {
+        assert_eq!(open_rates(36_600.0, false), vec![2_000.0, 18_500.0]);
+        assert_eq!(open_rates(36_600.0, true), vec![18_500.0]);
+        // Half the slowest is 2,000 already: one rate.
+        assert_eq!(open_rates(4_100.0, false), vec![2_000.0]);
+        // At least 500; nothing measured: 2,000.
+        assert_eq!(open_rates(300.0, true), vec![500.0]);
+        assert_eq!(open_rates(f64::INFINITY, true), vec![2_000.0]);
+    }
 }

@@ -164,13 +164,14 @@ pub struct ClosedLoop {
     pub errors: u64,
 }
 
-/// `wrk -t1 -cC -dD` pinned to the load generator core.
-pub fn wrk(addr: SocketAddr, connections: u32, duration: Duration) -> std::io::Result<ClosedLoop> {
+/// `wrk -t1 -cC -dD URL` pinned to the load generator core (`https://`
+/// URLs speak TLS without verifying the certificate).
+pub fn wrk(url: &str, connections: u32, duration: Duration) -> std::io::Result<ClosedLoop> {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", LOADGEN_CORE, "wrk", "-t1"])
         .arg(format!("-c{connections}"))
         .arg(format!("-d{}s", duration.as_secs().max(1)))
-        .arg(format!("http://{addr}/"));
+        .arg(url);
     let out = run_bounded(cmd, duration + Duration::from_secs(15))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut r = ClosedLoop::default();

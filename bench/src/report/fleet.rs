@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 
+use super::verdict;
 use crate::fleet::{median_max, ApiWindow, FleetBench, FleetSize, Propagation, VERBS};
 use crate::results::Results;
 
@@ -13,14 +14,6 @@ const PROPAGATION_TARGET_MS: f64 = 1_000.0;
 /// "At most about 1" write per member per 10 s, judged with 10% for "about".
 const WRITES_TARGET: f64 = 1.0;
 const WRITES_JUDGED: f64 = 1.1;
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "**not met**"
-    }
-}
 
 fn med_max(p: &Propagation, f: impl Fn(&crate::fleet::Trial) -> Option<f64>) -> String {
     match median_max(p.trials.iter().map(f)) {
