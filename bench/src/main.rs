@@ -34,7 +34,8 @@ enum Cmd {
         #[arg(long)]
         no_criterion: bool,
         /// Only these targets, comma-separated (nginx, haproxy, envoy, serin,
-        /// nginx-log, serin-log, nginx-tls, haproxy-tls, envoy-tls, serin-tls);
+        /// nginx-log, serin-log, serin-shadow, nginx-tls, haproxy-tls, envoy-tls,
+        /// serin-tls);
         /// direct always runs, and direct-tls with any `*-tls` target.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

@@ -4,7 +4,9 @@
 //! Every peer gets the same job: a 90/10 weighted split over the two upstream
 //! ports, keep-alive to the upstream, one worker on core 0. nginx and serin
 //! also run a second time with an access log (JSON, every request, to a
-//! file), to show what logging costs each.
+//! file), to show what logging costs each, and serin a third time in phase
+//! `shadowing` (`POST /shadow {"percent": 100}`: every request goes to stable
+//! and a copy of each to the canary), to show what shadowing costs a client.
 //!
 //! The TLS-origination targets (`*-tls`) do the same job in front of a second,
 //! TLS upstream (`upstream-tls.conf`, a certificate from a CA made for the
@@ -66,6 +68,9 @@ pub enum PeerKind {
     NginxLog,
     /// serin with its JSON access log of every request (`--access-log FILE`).
     SerinLog,
+    /// serin shadowing every request to the canary (phase `shadowing` at
+    /// 100%, set through the control API once it is up).
+    SerinShadow,
     /// The TLS upstream itself, no proxy (wrk speaks TLS; closed loop only).
     DirectTls,
     /// nginx originating TLS to the TLS upstream.
@@ -89,6 +94,7 @@ impl PeerKind {
             PeerKind::Serin => "serin",
             PeerKind::NginxLog => "nginx-log",
             PeerKind::SerinLog => "serin-log",
+            PeerKind::SerinShadow => "serin-shadow",
             PeerKind::DirectTls => "direct-tls",
             PeerKind::NginxTls => "nginx-tls",
             PeerKind::HaproxyTls => "haproxy-tls",
@@ -108,7 +114,9 @@ impl PeerKind {
             | PeerKind::NginxTls => "nginx",
             PeerKind::Haproxy | PeerKind::HaproxyTls => "haproxy",
             PeerKind::Envoy | PeerKind::EnvoyTls => "envoy",
-            PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinTls => "serin",
+            PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinShadow | PeerKind::SerinTls => {
+                "serin"
+            }
         }
     }
 
@@ -123,8 +131,8 @@ impl PeerKind {
     }
 
     /// The run order of one round: direct, then the peers, then serin,
-    /// then the two with access logs.
-    pub const ORDER: [PeerKind; 7] = [
+    /// then the two with access logs, then serin shadowing.
+    pub const ORDER: [PeerKind; 8] = [
         PeerKind::Direct,
         PeerKind::Nginx,
         PeerKind::Haproxy,
@@ -132,6 +140,7 @@ impl PeerKind {
         PeerKind::Serin,
         PeerKind::NginxLog,
         PeerKind::SerinLog,
+        PeerKind::SerinShadow,
     ];
 
     /// The run order of the TLS-origination group, measured after the rest.
@@ -294,6 +303,13 @@ pub enum StartError {
         what: &'static str,
         addr: SocketAddr,
         log: String,
+    },
+    /// It started, but its control API refused the call that sets it up.
+    #[error("{what} refused {call}: {answer}")]
+    Refused {
+        what: &'static str,
+        call: &'static str,
+        answer: String,
     },
 }
 
@@ -492,7 +508,11 @@ fn template(kind: PeerKind) -> Option<(&'static str, &'static str)> {
         PeerKind::HaproxyTls => Some((HAPROXY_TLS_TEMPLATE, "cfg")),
         PeerKind::EnvoyTls => Some((ENVOY_TLS_TEMPLATE, "yaml")),
         PeerKind::SerinTls => Some((SERIN_TLS_TEMPLATE, "toml")),
-        PeerKind::Direct | PeerKind::DirectTls | PeerKind::Serin | PeerKind::SerinLog => None,
+        PeerKind::Direct
+        | PeerKind::DirectTls
+        | PeerKind::Serin
+        | PeerKind::SerinLog
+        | PeerKind::SerinShadow => None,
     }
 }
 
@@ -595,7 +615,7 @@ fn launch(
                 .arg("warn");
             ("envoy", cmd)
         }
-        PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinTls => {
+        PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinShadow | PeerKind::SerinTls => {
             let state = dir.join(format!("{name}-state"));
             let mut cmd = pinned(PROXY_CORE, &programs.serin);
             cmd.arg("run")
@@ -634,6 +654,16 @@ fn launch(
         &[loopback(listen)],
         procs::wait_http_ok,
     )?;
+    if kind == PeerKind::SerinShadow {
+        let answer = procs::post_json(loopback(admin), "/shadow", r#"{"percent": 100}"#);
+        if !answer.starts_with("HTTP/1.1 200") {
+            return Err(StartError::Refused {
+                what,
+                call: "POST /shadow",
+                answer,
+            });
+        }
+    }
     Ok(Running {
         kind,
         h1: loopback(listen),

@@ -280,6 +280,26 @@ pub fn wait_http_ok(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// POSTs the JSON `body` to `path` at `addr` (a control API); the answer's
+/// status line and body, or what went wrong.
+pub fn post_json(addr: SocketAddr, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let exchange = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    exchange().unwrap_or_else(|e| format!("no answer: {e}"))
+}
+
 /// Waits until `addr` accepts a TCP connection, up to `timeout` (for a
 /// server that speaks TLS, which [`wait_http_ok`] cannot ask).
 pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {

@@ -15,7 +15,7 @@ use crate::results::{spread, RateRuns, Results};
 mod fleet;
 mod tls;
 
-const COLORS: [(&str, &str); 7] = [
+const COLORS: [(&str, &str); 8] = [
     ("direct", "#7f7f7f"),
     ("nginx", "#2ca02c"),
     ("haproxy", "#1f77b4"),
@@ -23,12 +23,14 @@ const COLORS: [(&str, &str); 7] = [
     ("serin", "#d62728"),
     ("nginx-log", "#98df8a"),
     ("serin-log", "#ff9896"),
+    ("serin-shadow", "#c5b0d5"),
 ];
 
-/// A target that is another one run again with its access log on; it is
-/// compared with that one (the access-log section), not with the peers.
-fn logs(name: &str) -> bool {
-    name.ends_with("-log")
+/// A target that is another one run again with a setting on (its access
+/// log, or serin shadowing); it is compared with that one (the access-log
+/// and shadow sections), not with the peers.
+fn variant(name: &str) -> bool {
+    name.ends_with("-log") || name.ends_with("-shadow")
 }
 
 /// How the targets table marks a target.
@@ -143,7 +145,7 @@ fn markdown(res: &Results) -> String {
         .targets
         .iter()
         .map(String::as_str)
-        .filter(|n| *n != "serin" && !logs(n))
+        .filter(|n| *n != "serin" && !variant(n))
         .collect();
     let _ = writeln!(s, "# serin peer benchmark report\n");
     let _ = writeln!(
@@ -291,6 +293,7 @@ fn markdown(res: &Results) -> String {
 
     targets_section(&mut s, res);
     access_log_section(&mut s, res);
+    shadow_section(&mut s, res);
     tls::section(&mut s, res);
     throughput_section(&mut s, res);
     latency_section(&mut s, res);
@@ -390,7 +393,7 @@ fn targets_section(s: &mut String, res: &Results) {
             let best_peer = res
                 .targets
                 .iter()
-                .filter(|n| *n != "serin" && *n != "direct" && !logs(n))
+                .filter(|n| *n != "serin" && *n != "direct" && !variant(n))
                 .map(|n| added(n))
                 .fold(f64::INFINITY, f64::min);
             let judged = if rate.steal_percent > MAX_STEAL_PERCENT {
@@ -464,6 +467,7 @@ fn targets_section(s: &mut String, res: &Results) {
             verdict(logged <= 1.15)
         );
     }
+    shadow_target_rows(s, res);
     tls::target_rows(s, res);
     fleet::target_rows(s, res);
 }
@@ -472,7 +476,7 @@ fn targets_section(s: &mut String, res: &Results) {
 fn access_log_section(s: &mut String, res: &Results) {
     let cpu = |n: &str| med_tp(tp(&res.h1, n), Throughput::cpu_us);
     let rps = |n: &str| med_tp(tp(&res.h1, n), |t| t.rps);
-    if !res.targets.iter().any(|n| logs(n)) {
+    if !res.targets.iter().any(|n| n.ends_with("-log")) {
         return;
     }
     let _ = writeln!(s, "\n## Access log cost\n");
@@ -499,6 +503,97 @@ fn access_log_section(s: &mut String, res: &Results) {
             "| {base} | {c0:.2} | {c1:.2} | {} | {r0:.0} | {r1:.0} | {} |",
             ratio(c1, c0),
             ratio(r1, r0)
+        );
+    }
+}
+
+/// What shadowing every request costs serin's clients: serin-shadow is serin
+/// in phase `shadowing` at 100% (each request to stable, and a copy of it to
+/// the canary), against serin as every other table runs it.
+fn shadow_section(s: &mut String, res: &Results) {
+    if !res.targets.iter().any(|n| n == "serin-shadow") {
+        return;
+    }
+    let cpu = |n: &str| med_tp(tp(&res.h1, n), Throughput::cpu_us);
+    let rps = |n: &str| med_tp(tp(&res.h1, n), |t| t.rps);
+    let _ = writeln!(s, "\n## Shadow cost\n");
+    let _ = writeln!(
+        s,
+        "serin in phase `shadowing` at 100% (`POST /shadow {{\"percent\": 100}}`): every request goes \
+         to stable and a copy of it to the canary, whose answer is discarded; against serin as the other \
+         tables run it (a 90/10 split). The copies run on the proxy's core and load the same upstream \
+         core, so the CPU per client request includes them. HTTP/1.1, wrk -c{}, medians; latency \
+         open loop, median of slices.\n",
+        res.wrk_connections
+    );
+    let _ = writeln!(
+        s,
+        "| | CPU µs per client request | max req/s |\n|---|---|---|"
+    );
+    let (c0, c1, r0, r1) = (
+        cpu("serin"),
+        cpu("serin-shadow"),
+        rps("serin"),
+        rps("serin-shadow"),
+    );
+    let _ = writeln!(s, "| serin | {c0:.2} | {r0:.0} |");
+    let _ = writeln!(s, "| serin-shadow | {c1:.2} | {r1:.0} |");
+    let _ = writeln!(
+        s,
+        "| shadow ÷ off | {} | {} |",
+        ratio(c1, c0),
+        ratio(r1, r0)
+    );
+    let _ = writeln!(
+        s,
+        "\n| rate | p50 off | p50 shadow | ÷ | p99 off | p99 shadow | ÷ |\n|---|---|---|---|---|---|---|"
+    );
+    for (i, rate) in res.open.iter().enumerate() {
+        let (off, on) = (
+            open_runs(res, i, "serin"),
+            open_runs(res, i, "serin-shadow"),
+        );
+        if off.is_empty() || on.is_empty() {
+            continue;
+        }
+        let (p50, p50s) = (med_open(off, |o| o.p50_us), med_open(on, |o| o.p50_us));
+        let (p99, p99s) = (med_open(off, |o| o.p99_us), med_open(on, |o| o.p99_us));
+        let _ = writeln!(
+            s,
+            "| {:.0}/s | {p50:.0} µs | {p50s:.0} µs | {} | {p99:.0} µs | {p99s:.0} µs | {} |",
+            rate.rate,
+            ratio(p50s, p50),
+            ratio(p99s, p99)
+        );
+    }
+}
+
+/// The shadow target's rows: p50 and p99 at the highest rate, shadowing
+/// every request ÷ off.
+fn shadow_target_rows(s: &mut String, res: &Results) {
+    let Some(i) = (0..res.open.len()).rev().find(|&i| {
+        !open_runs(res, i, "serin").is_empty() && !open_runs(res, i, "serin-shadow").is_empty()
+    }) else {
+        return;
+    };
+    let (off, on) = (
+        open_runs(res, i, "serin"),
+        open_runs(res, i, "serin-shadow"),
+    );
+    let rate = res.open[i].rate;
+    for (q, f) in [
+        (
+            "p50",
+            (|o: &OpenLoopResult| o.p50_us) as fn(&OpenLoopResult) -> f64,
+        ),
+        ("p99", |o| o.p99_us),
+    ] {
+        let (a, b) = (med_open(off, f), med_open(on, f));
+        let _ = writeln!(
+            s,
+            "| shadowing 100% of GETs: {q} at {rate:.0} req/s ÷ off (within noise) | ≤ 1.10× | {} | {} |",
+            ratio(b, a),
+            verdict(b <= a * 1.10)
         );
     }
 }
@@ -688,7 +783,7 @@ fn paired_p99(res: &Results, i: usize) -> Option<(usize, usize, String)> {
         .targets
         .iter()
         .map(String::as_str)
-        .filter(|n| *n != "serin" && *n != "direct" && !logs(n))
+        .filter(|n| *n != "serin" && *n != "direct" && !variant(n))
         .filter(|n| !open_runs(res, i, n).is_empty())
         .collect();
     let named = match peers.split_last() {
@@ -1351,4 +1446,49 @@ fn latency_svg(res: &Results, i: usize) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// serin and serin-shadow at one rate, with these p50 and p99 (µs).
+    fn shadowed(off: (f64, f64), on: (f64, f64)) -> Results {
+        let slice = |(p50_us, p99_us): (f64, f64)| OpenLoopResult {
+            p50_us,
+            p99_us,
+            ..OpenLoopResult::default()
+        };
+        let runs = BTreeMap::from([
+            ("serin".to_string(), vec![slice(off)]),
+            ("serin-shadow".to_string(), vec![slice(on)]),
+        ]);
+        Results {
+            targets: vec!["serin".into(), "serin-shadow".into()],
+            open: vec![RateRuns {
+                rate: 8_500.0,
+                runs,
+                steal_percent: 0.0,
+            }],
+            ..Results::default()
+        }
+    }
+
+    #[test]
+    fn shadowing_is_judged_against_serin_without_it() {
+        let mut rows = String::new();
+        shadow_target_rows(&mut rows, &shadowed((60.0, 1_000.0), (62.0, 1_050.0)));
+        assert!(rows.contains("p50 at 8500 req/s ÷ off (within noise) | ≤ 1.10× | 1.03× | met |"));
+        assert!(rows.contains("p99 at 8500 req/s ÷ off (within noise) | ≤ 1.10× | 1.05× | met |"));
+        let mut rows = String::new();
+        shadow_target_rows(&mut rows, &shadowed((60.0, 1_000.0), (61.0, 1_500.0)));
+        assert!(rows.contains("| 1.50× | **not met** |"), "{rows}");
+        // Not a peer: the peers' tables and the best-peer rules leave it out.
+        assert!(variant("serin-shadow") && variant("serin-log") && !variant("serin"));
+        let mut section = String::new();
+        shadow_section(&mut section, &shadowed((60.0, 1_000.0), (62.0, 1_050.0)));
+        assert!(section.contains("| 8500/s | 60 µs | 62 µs | 1.03× | 1000 µs | 1050 µs | 1.05× |"));
+    }
 }
