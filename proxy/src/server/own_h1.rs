@@ -250,6 +250,8 @@ pub(crate) enum Parsed {
 /// `scratch.upstream_head`.
 pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut Scratch) -> Parsed {
     let config = worker.config();
+    // No copy for the canary unless this request turns out to want one.
+    scratch.shadow = None;
     let mut slots = field_slots();
     let mut req = httparse::Request::new(&mut []);
     // A request answered at once, whose bytes are all dropped.
@@ -257,7 +259,6 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
         |refusal, minor, method: Method, keep_alive, head: Option<LogHead<'_>>| {
             let id = worker.next_request_id_bytes();
             scratch.trace = None;
-            scratch.shadow = None;
             scratch.observation = worker.observe(
                 || {
                     let head = head.unwrap_or_default();
@@ -363,7 +364,6 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
     let decision = worker.decide(fields, meta.identity());
     let target = decision.target;
     let trace = worker.trace_context(fields);
-    scratch.shadow = None;
     if refusal.is_none() {
         let ids = Ids {
             request: &request_id,

@@ -241,6 +241,16 @@ impl Pool {
         Some(chosen.clone())
     }
 
+    /// After a failed connect to `local` (counted against it): the other
+    /// endpoint to send the request to, unless it has `moved` once already.
+    fn instead_of(&self, local: &Rc<Local>, moved: bool, now: Instant) -> Option<Rc<Local>> {
+        self.endpoints.record(&local.endpoint, true, now);
+        if moved {
+            return None;
+        }
+        self.pick(now, Some(local))
+    }
+
     fn no_endpoint(&self) -> UpstreamError {
         UpstreamError::NoEndpoint {
             url: self.upstream.url.clone(),
@@ -278,17 +288,14 @@ impl Pool {
                 // is moved whole into its timeout.
                 None => match Box::pin(self.connect(&local.endpoint)).await {
                     Ok(io) => Connection::new(io),
-                    Err(e) => {
-                        self.endpoints.record(&local.endpoint, true, now);
-                        match self.pick(now, Some(&local)).filter(|_| !moved) {
-                            Some(other) => {
-                                (local, moved, replayed) = (other, true, false);
-                                busy = Busy::new(&local.idle);
-                                continue;
-                            }
-                            None => return Err(e),
+                    Err(e) => match self.instead_of(&local, moved, now) {
+                        Some(other) => {
+                            (local, moved, replayed) = (other, true, false);
+                            busy = Busy::new(&local.idle);
+                            continue;
                         }
-                    }
+                        None => return Err(e),
+                    },
                 },
             };
             conn.write.clear();
@@ -343,17 +350,14 @@ impl Pool {
         loop {
             let mut sender = match self.checkout_h2(&local, fresh).await {
                 Ok(sender) => sender,
-                Err(e) => {
-                    self.endpoints.record(&local.endpoint, true, now);
-                    match self.pick(now, Some(&local)).filter(|_| !moved) {
-                        Some(other) => {
-                            (local, moved, fresh) = (other, true, false);
-                            busy = Busy::new(&local.idle);
-                            continue;
-                        }
-                        None => return Err(e),
+                Err(e) => match self.instead_of(&local, moved, now) {
+                    Some(other) => {
+                        (local, moved, fresh) = (other, true, false);
+                        busy = Busy::new(&local.idle);
+                        continue;
                     }
-                }
+                    None => return Err(e),
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
