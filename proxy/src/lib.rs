@@ -47,7 +47,7 @@ pub use limit::{Rate, RateLimit, RateLimitKey};
 pub use otlp::ExportCounters;
 pub use shadow::ShadowSettings;
 pub use split::{LocalRoutes, RouteTable, Routes, SplitRules, StickyKey, Target};
-pub use stats::{ShadowSkip, ShadowTotals, Stats, WindowSnapshot};
+pub use stats::{OutcomeCursor, ShadowSkip, ShadowTotals, Stats, WindowSnapshot};
 pub use upstream::{
     EndpointSet, EndpointSnapshot, OutlierSettings, PoolSettings, Upstream, UpstreamProtocol,
     UpstreamTls, UpstreamUrlError,

@@ -13,6 +13,11 @@
 //!
 //! Windows are rings of [`SLICES`] time slices. Time is always passed in as an
 //! argument (`now`), so the window logic is tested with a paused tokio clock.
+//!
+//! The judge also reads the outcomes that completed since its previous look
+//! ([`Stats::new_outcomes`] with an [`OutcomeCursor`]): the newest two slices,
+//! less what the cursor saw of them last time. The data plane records
+//! nothing extra for it.
 
 use crate::access_log::AccessLogCounters;
 use crate::otlp::ExportCounters;
@@ -225,6 +230,21 @@ impl Window {
         }
     }
 
+    /// Adds what the slice of period `epoch` (as [`Window::period`] + 1)
+    /// holds into `into`, if the slice still holds that period.
+    fn add_slice(&self, epoch: u64, into: &mut WindowSnapshot) {
+        let slice = &self.slices[((epoch - 1) % SLICES as u64) as usize];
+        if slice.epoch.load(Relaxed) != epoch {
+            return;
+        }
+        into.requests += slice.requests.load(Relaxed);
+        into.errors += slice.errors.load(Relaxed);
+        let (first, buckets) = slice.touched();
+        for (sum, b) in into.latency[first..].iter_mut().zip(buckets) {
+            *sum += b.load(Relaxed);
+        }
+    }
+
     /// A snapshot of this window alone.
     pub fn snapshot(&self, now: Instant) -> WindowSnapshot {
         let mut snap = WindowSnapshot::default();
@@ -314,6 +334,21 @@ impl WindowSnapshot {
         snap
     }
 
+    /// Adds what `now` holds beyond `before` (an earlier copy of the same
+    /// counts) into this snapshot.
+    fn add_growth(&mut self, now: &WindowSnapshot, before: &WindowSnapshot) {
+        self.requests += now.requests.saturating_sub(before.requests);
+        self.errors += now.errors.saturating_sub(before.errors);
+        for ((sum, a), b) in self
+            .latency
+            .iter_mut()
+            .zip(&now.latency)
+            .zip(&before.latency)
+        {
+            *sum += a.saturating_sub(*b);
+        }
+    }
+
     /// Adds another snapshot's counts into this one.
     pub fn merge(&mut self, other: &WindowSnapshot) {
         self.requests += other.requests;
@@ -322,6 +357,17 @@ impl WindowSnapshot {
             *a += b;
         }
     }
+}
+
+// === impl OutcomeCursor ===
+
+/// What one reader of [`Stats::new_outcomes`] has already seen: its copies
+/// of the two newest slices of one upstream. One per reader and upstream.
+#[derive(Clone, Debug, Default)]
+pub struct OutcomeCursor {
+    /// `(epoch, counts)` of the previous slice and the current one, as of
+    /// the last call.
+    seen: [(u64, WindowSnapshot); 2],
 }
 
 // === impl UpstreamStats ===
@@ -694,6 +740,43 @@ impl Stats {
         snap
     }
 
+    /// The outcomes of one upstream that completed since `cursor`'s previous
+    /// call, merged over workers, as of `now`.
+    ///
+    /// Reads the current slice and the one before (a worker may still be
+    /// finishing a request it timed in the previous slice) and subtracts what
+    /// the cursor saw of them: one look costs two slices' merge, whatever
+    /// the window's length. Outcomes recorded in a slice older than that
+    /// after the cursor moved past it are never returned, which needs a
+    /// worker a whole slice (a tenth of the window) behind the reader's clock.
+    pub fn new_outcomes(
+        &self,
+        target: Target,
+        cursor: &mut OutcomeCursor,
+        now: Instant,
+    ) -> WindowSnapshot {
+        let current = match self.workers.first() {
+            Some(worker) => worker.upstream(target).window.period(now) + 1,
+            None => return WindowSnapshot::default(),
+        };
+        let mut new = WindowSnapshot::default();
+        let seen = std::mem::take(&mut cursor.seen);
+        for (slot, epoch) in [current.saturating_sub(1), current].into_iter().enumerate() {
+            let mut slice = WindowSnapshot::default();
+            if epoch > 0 {
+                for worker in self.workers.iter() {
+                    worker.upstream(target).window.add_slice(epoch, &mut slice);
+                }
+            }
+            match seen.iter().find(|(e, _)| *e == epoch) {
+                Some((_, before)) => new.add_growth(&slice, before),
+                None => new.merge(&slice),
+            }
+            cursor.seen[slot] = (epoch, slice);
+        }
+        new
+    }
+
     /// Restarts one upstream's window on every worker (see [`Window::restart`]).
     pub fn restart_window(&self, target: Target, now: Instant) {
         for worker in self.workers.iter() {
@@ -913,6 +996,49 @@ mod tests {
         w.record(Instant::now(), Duration::from_millis(1), false);
         let s = w.snapshot(Instant::now());
         assert_eq!((s.requests, s.errors), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cursor_yields_each_outcome_once_across_slices_and_workers() {
+        let stats = Stats::new(2, Duration::from_secs(10), Instant::now());
+        let mut cursor = OutcomeCursor::default();
+        let record = |worker: usize, ms: u64, error: bool| {
+            stats.worker(worker).upstream(Target::Canary).record(
+                Instant::now(),
+                Duration::from_millis(ms),
+                error,
+            )
+        };
+        let take = |cursor: &mut OutcomeCursor| {
+            let new = stats.new_outcomes(Target::Canary, cursor, Instant::now());
+            (new.requests, new.errors, new.quantile(1.0))
+        };
+        record(0, 5, true);
+        record(1, 5, false);
+        let (requests, errors, _) = take(&mut cursor);
+        assert_eq!((requests, errors), (2, 1));
+        assert_eq!(take(&mut cursor).0, 0, "nothing new, nothing returned");
+        // One more in the same slice, then two in the next: each once.
+        record(0, 50, false);
+        let (requests, _, slowest) = take(&mut cursor);
+        assert_eq!(requests, 1);
+        assert!(slowest >= Duration::from_millis(48), "{slowest:?}");
+        tokio::time::advance(Duration::from_millis(1_200)).await;
+        record(1, 7, true);
+        record(0, 7, false);
+        assert_eq!(take(&mut cursor).0, 2);
+        // Stable's outcomes are never the canary's.
+        stats.worker(0).upstream(Target::Stable).record(
+            Instant::now(),
+            Duration::from_millis(1),
+            false,
+        );
+        assert_eq!(take(&mut cursor).0, 0);
+        // A cursor that looked long ago sees only the two newest slices.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        record(0, 1, false);
+        assert_eq!(take(&mut cursor).0, 1);
+        assert_eq!(take(&mut OutcomeCursor::default()).0, 1);
     }
 
     #[tokio::test(start_paused = true)]
