@@ -13,6 +13,7 @@ use crate::measure::Throughput;
 use crate::results::{spread, RateRuns, Results};
 
 mod fleet;
+mod judges;
 mod tls;
 
 const COLORS: [(&str, &str); 8] = [
@@ -123,6 +124,7 @@ pub fn write(res: &Results, bench: &Path) -> std::io::Result<()> {
             std::fs::remove_file(entry.path())?;
         }
     }
+    judges::write_plots(res, &results)?;
     std::fs::write(results.join("throughput.svg"), throughput_svg(res))?;
     std::fs::write(results.join("cpu.svg"), cpu_svg(res))?;
     for (i, rate) in res.open.iter().enumerate() {
@@ -440,18 +442,7 @@ fn targets_section(s: &mut String, res: &Results) {
             verdict(r.failed <= limit)
         );
     }
-    let healthy: Vec<_> = res.judge_sim.iter().filter(|r| r.healthy).collect();
-    if !healthy.is_empty() {
-        let worst = healthy
-            .iter()
-            .map(|r| r.reverted as f64 / r.rollouts.max(1) as f64 * 100.0)
-            .fold(0.0, f64::max);
-        let _ = writeln!(
-            s,
-            "| judge: false reverts of a healthy canary (worst of 10 and 100 canary req/s) | ≤ 1% | {worst:.1}% | {} |",
-            verdict(worst <= 1.0)
-        );
-    }
+    judges::target_rows(s, res);
     if hot > 0.0 {
         let _ = writeln!(
             s,
@@ -928,76 +919,7 @@ fn profile(s: &mut String, res: &Results) {
 
 fn safety_section(s: &mut String, res: &Results) {
     let _ = writeln!(s, "\n## Safety benchmarks\n");
-    let _ = writeln!(
-        s,
-        "### Judge quality (simulated rollouts through the real judge)\n"
-    );
-    if res.judge_sim.is_empty() {
-        let _ = writeln!(s, "Not run in this report.");
-    } else {
-        let (healthy, bad, secs, interval) = res.judge_sim_settings;
-        let _ = writeln!(
-            s,
-            "bench/src/judge_sim.rs drives `serin_control::Judge` (default policy) with windows recorded in the real \
-             `serin_proxy::Stats`. Each rollout lasts {secs} s (4 steps × 60 s); the canary gets 10% of the traffic \
-             (stable 9× the canary's rate), Poisson arrivals, stable errors 1%, log-normal latency (median 50 ms, \
-             σ 0.5, p95 ≈ 114 ms). The judge looks every {interval} ms when a request completed since its last look \
-             (the controller looks every 10 ms: more looks at the same window, so the real false-revert rate can \
-             only be a little higher than this). {healthy} rollouts of the healthy canary and {bad} of each bad one per rate; seeded, so \
-             reproducible. +20% and +50% p95 are at or below the default `max_p95_ratio` of 1.5×: not reverting them \
-             is the policy, not a miss.\n"
-        );
-        let _ = writeln!(
-            s,
-            "| canary req/s | canary | reverted | rate | median time to revert | median canary requests before revert | p90 | typical reason |"
-        );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
-        for r in &res.judge_sim {
-            let rate = r.reverted as f64 / r.rollouts.max(1) as f64 * 100.0;
-            let label = if r.healthy {
-                format!("{:.1}% false reverts", rate)
-            } else {
-                format!("{:.0}% detected", rate)
-            };
-            let _ = writeln!(
-                s,
-                "| {:.0} | {} | {}/{} | {} | {} | {} | {} | {} |",
-                r.canary_rps,
-                r.name,
-                r.reverted,
-                r.rollouts,
-                label,
-                if r.reverted > 0 {
-                    format!("{:.1} s", r.median_seconds)
-                } else {
-                    "–".into()
-                },
-                if r.reverted > 0 {
-                    format!("{:.0}", r.median_canary_requests)
-                } else {
-                    "–".into()
-                },
-                if r.reverted > 0 {
-                    format!("{:.0}", r.p90_canary_requests)
-                } else {
-                    "–".into()
-                },
-                if r.example_reason.is_empty() {
-                    String::new()
-                } else {
-                    format!("`{}`", r.example_reason.replace('|', "/"))
-                },
-            );
-        }
-        let _ = writeln!(
-            s,
-            "\nFor comparison, Flagger's analysis with its documented defaults (`interval: 1m`, `threshold: 5`, \
-             request-success-rate ≥ 99% and request-duration p99 ≤ 500 ms checked once per interval) reverts no sooner \
-             than 5 failed checks, about 300 s after the canary goes bad, however bad: about 3,000 canary requests at \
-             10 req/s and 30,000 at 100 req/s. Its 99% success check cannot flag +1 pp over a 1% baseline until the \
-             canary's rate passes 1%, and it has no comparison with stable."
-        );
-    }
+    judges::section(s, res);
     let _ = writeln!(s, "\n### Revert latency and blast radius\n");
     if res.revert.is_empty() {
         let _ = writeln!(s, "Not measured in this report.");

@@ -105,12 +105,11 @@ pub struct Results {
     pub micro_previous: Vec<MicroBench>,
     /// serin's flat CPU profile under closed-loop HTTP/1.1 load (perf report lines).
     pub profile: Vec<String>,
-    /// The judge-quality simulator.
+    /// The judge-quality simulator (`serin-bench judge-sim`). An older
+    /// file's `judge_sim` and `judge_sim_settings` (one judge only) are
+    /// ignored.
     #[serde(default)]
-    pub judge_sim: Vec<crate::judge_sim::SimResult>,
-    /// Judge simulator settings: (healthy rollouts, bad rollouts, rollout s, look interval ms).
-    #[serde(default)]
-    pub judge_sim_settings: (u64, u64, u64, u64),
+    pub judges: Option<crate::judge_sim::SimRun>,
     /// Revert latency and blast radius.
     #[serde(default)]
     pub revert: Vec<crate::revert::RevertResult>,

@@ -696,14 +696,11 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
 
 /// Runs the judge-quality simulator into `res` (pure computation, no sockets).
 pub fn simulate_judge(res: &mut Results, quick: bool) {
-    let settings = crate::judge_sim::SimSettings::new(quick);
-    res.judge_sim_settings = (
-        settings.healthy_rollouts,
-        settings.bad_rollouts,
-        settings.rollout.as_secs(),
-        settings.interval.as_millis() as u64,
-    );
-    res.judge_sim = crate::judge_sim::run(&settings);
+    let started = utc_now();
+    let mut run = crate::judge_sim::run(&crate::judge_sim::SimSettings::new(quick));
+    run.started = started;
+    run.commit = machine().commit;
+    res.judges = Some(run);
 }
 
 #[cfg(test)]
