@@ -240,6 +240,17 @@ mod tests {
     }
 
     #[test]
+    fn the_committed_results_parse() {
+        // Older files too: fields that are gone (the one-judge simulator's
+        // `judge_sim`) are ignored, new ones default.
+        let committed: Results =
+            serde_json::from_str(include_str!("../results/latest.json")).unwrap();
+        assert!(!committed.started.is_empty());
+        let again = serde_json::to_string(&committed).unwrap();
+        assert!(serde_json::from_str::<Results>(&again).is_ok());
+    }
+
+    #[test]
     fn sessions_add_up_over_rounds() {
         let mut all = Sessions::parse("r TLSv1.3 A X25519\n");
         all.add(Sessions::parse(". TLSv1.3 B X25519\n. TLSv1.3 B X25519\n"));
