@@ -668,8 +668,17 @@ fn progress(r: &SimResult, elapsed: Duration) {
         .judges
         .iter()
         .map(|j| {
-            let median = j.median_requests.map_or("–".into(), |m| format!("{m:.0}"));
-            format!("{} {}/{} med {median}", j.judge, j.any_revert(), r.rollouts)
+            let median = j
+                .median_requests
+                .map_or("never".into(), |m| format!("{m:.0}"));
+            let before = match j.before_onset {
+                0 => String::new(),
+                n => format!(" (+{n} before)"),
+            };
+            format!(
+                "{} {}/{}{before} med {median}",
+                j.judge, j.reverted, r.rollouts
+            )
         })
         .collect();
     eprintln!(

@@ -312,7 +312,10 @@ pub(super) fn section(s: &mut String, res: &Results) {
     let _ = writeln!(
         s,
         "\n#### Shared dependency: both upstreams change at once (healthy canary, stable 1% errors, log-normal)\n\n\
-         Any revert is false. A cell counts the reverts after the change, then those before it (the healthy twin's).\n"
+         Any revert is false. A cell counts the reverts after the change, then those before it (the healthy twin's). \
+         Both changes cross an absolute limit of the default policy: ×10 takes both p95s from 114 ms to 1.14 s (limit \
+         1 s), +5 pp takes both error rates from 1% to 6% (limit 5%). A judge whose limits look at the canary alone \
+         reverts here; issue #13 asks for limits that do not revert a canary no worse than stable.\n"
     );
     table(
         s,
