@@ -76,9 +76,11 @@ pub(super) fn target_rows(s: &mut String, res: &Results) {
         let share = false_share(worst, 0);
         let _ = writeln!(
             s,
-            "| judge: false reverts, healthy 30-minute rollouts looked at every 10 ms (worst of {} traffics: {}) | ≤ 1% | {share:.1}% | {} |",
+            "| judge: false reverts, healthy 30-minute rollouts looked at every 10 ms (worst of {} traffics: {}) | ≤ 1% | {share:.1}% ({} of {}) | {} |",
             healthy.len(),
             worst.condition.traffic_label(),
+            new(worst).any_revert(),
+            worst.rollouts,
             verdict(share <= MAX_FALSE_REVERTS_PERCENT)
         );
     }
@@ -703,7 +705,7 @@ mod tests {
         };
         let mut rows = String::new();
         target_rows(&mut rows, &res);
-        assert!(rows.contains("| ≤ 1% | 0.0% | met |"), "{rows}");
+        assert!(rows.contains("| ≤ 1% | 0.0% (0 of 20) | met |"), "{rows}");
         assert!(
             rows.contains(
                 "(random onset), median canary requests from onset to revert | ≤ 150 | 120 | met |"
