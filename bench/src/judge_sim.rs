@@ -14,9 +14,9 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serin_control::{Judge, JudgePolicy};
+use serin_control::{Judge, JudgePolicy, Look};
 use serin_proxy::split::FastRng;
-use serin_proxy::{Stats, Target};
+use serin_proxy::{OutcomeCursor, Stats, Target};
 use tokio::time::Instant;
 
 /// One kind of canary to simulate.
@@ -150,6 +150,8 @@ fn rollout(
     let mut next = [exponential(&rng, rates[0]), exponential(&rng, rates[1])];
     let mut counts = [0u64; 2];
     let mut last_look: Option<([u64; 2], f64)> = None;
+    let mut evidence = judge.arm();
+    let mut cursors: [OutcomeCursor; 2] = Default::default();
     let end = settings.rollout.as_secs_f64();
     let step = settings.interval.as_secs_f64();
     let mut t = step;
@@ -179,13 +181,21 @@ fn rollout(
             None => true,
         };
         if look {
+            let elapsed = t - last_look.map_or(0.0, |(_, at)| at);
             last_look = Some((counts, t));
             let now = base + Duration::from_secs_f64(t);
+            let [stable_cursor, canary_cursor] = &mut cursors;
             let verdict = judge.evaluate(
-                &stats.window_snapshot(Target::Stable, now),
-                &stats.window_snapshot(Target::Canary, now),
-                stats.consecutive_errors(Target::Stable),
-                stats.consecutive_errors(Target::Canary),
+                &mut evidence,
+                &Look {
+                    stable: &stats.new_outcomes(Target::Stable, stable_cursor, now),
+                    canary: &stats.new_outcomes(Target::Canary, canary_cursor, now),
+                    stable_window: &stats.window_snapshot(Target::Stable, now),
+                    canary_window: &stats.window_snapshot(Target::Canary, now),
+                    elapsed: Duration::from_secs_f64(elapsed),
+                    stable_consecutive: stats.consecutive_errors(Target::Stable),
+                    canary_consecutive: stats.consecutive_errors(Target::Canary),
+                },
             );
             if verdict.is_breach() {
                 return Some((t, counts[1], verdict.to_string()));
