@@ -255,7 +255,14 @@ pub struct RawJudge {
     pub min_requests: Option<u64>,
     pub max_error_rate: Option<f64>,
     pub max_p95: Option<String>,
+    pub alpha: Option<f64>,
+    pub alpha_per_hour: Option<f64>,
+    pub min_latency_shift: Option<f64>,
+    /// The window judge's key before the sequential one: read as
+    /// `min_latency_shift`.
     pub max_p95_ratio: Option<f64>,
+    /// The window judge's key before the sequential one: refused, with what
+    /// to write instead.
     pub confidence: Option<f64>,
     pub min_error_rate_difference: Option<f64>,
     pub max_consecutive_errors: Option<u32>,
@@ -1343,6 +1350,15 @@ pub(crate) fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSetti
             format!("must be between 1s and 1h (got {window:?})"),
         ));
     }
+    if raw.confidence.is_some() {
+        return Err(ConfigError::invalid(
+            "judge.confidence",
+            "is no longer used: the judge's tests are sequential, and the chance that they \
+             revert a healthy canary is `judge.alpha` per step (default 0.002) plus \
+             `judge.alpha_per_hour` (default 0.004); remove `confidence`, or write `alpha` \
+             instead",
+        ));
+    }
     let interval = duration_or(
         "judge.interval",
         raw.interval.as_deref(),
@@ -1366,8 +1382,12 @@ pub(crate) fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSetti
             o.max_p95.as_deref().or(raw.max_p95.as_deref()),
             d.max_p95,
         )?,
-        max_p95_ratio: raw.max_p95_ratio.unwrap_or(d.max_p95_ratio),
-        confidence: raw.confidence.unwrap_or(d.confidence),
+        alpha: raw.alpha.unwrap_or(d.alpha),
+        alpha_per_hour: raw.alpha_per_hour.unwrap_or(d.alpha_per_hour),
+        min_latency_shift: raw
+            .min_latency_shift
+            .or(raw.max_p95_ratio)
+            .unwrap_or(d.min_latency_shift),
         min_error_rate_difference: raw
             .min_error_rate_difference
             .unwrap_or(d.min_error_rate_difference),

@@ -10,10 +10,14 @@
 //!
 //! After an explicit change (weight, rollout, resume, ...) a run of canary
 //! errors counts only requests since the change, so the run that caused a
-//! revert cannot revert the canary again at once. Likewise, when a change
-//! lifts the rollback latch, the canary's window restarts, so the canary is
-//! judged on what it does from then on. While latched, the route table is
-//! closed: override headers and cookies cannot reach the canary either.
+//! revert cannot revert the canary again at once. Whenever the canary's
+//! course changes (its weight, the latch, the phase; by the API, the fleet
+//! or the judge's own step), the judge re-arms with fresh evidence, so the
+//! canary is judged on what it does from then on. When a change lifts the
+//! rollback latch, both upstreams' windows restart too, so `/status` shows
+//! the canary's new life and the windows still cover the same time. While
+//! latched, the route table is closed: override headers and cookies cannot
+//! reach the canary either.
 //!
 //! It never blocks the data plane: the request path only sees a new route
 //! table; persistence runs on the blocking pool; events are `try_send`,
@@ -24,12 +28,12 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use serin_proxy::{RouteTable, Routes, Stats, Target, WindowSnapshot};
+use serin_proxy::{OutcomeCursor, RouteTable, Routes, Stats, Target, WindowSnapshot};
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::defaults;
-use crate::judge::{Judge, JudgePolicy, PolicyError, Secs, Verdict};
+use crate::judge::{Evidence, Judge, JudgePolicy, Look, PolicyError, Secs, Verdict};
 use crate::rollout::{
     percent, rfc3339, Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, Transition,
 };
@@ -325,6 +329,26 @@ struct Inner {
     /// it back: after a revert the canary gets no traffic, so its run would
     /// otherwise never end.
     runs_counted_from: AtomicU64,
+    /// The judge's evidence since the last arm, and how far it has read.
+    /// Locked by the judge loop and by re-arms, never across an await.
+    judging: std::sync::Mutex<Judging>,
+}
+
+/// What the judge loop carries from one look to the next.
+struct Judging {
+    evidence: Evidence,
+    /// Where [`Stats::new_outcomes`] is up to, per [`Target::index`].
+    cursors: [OutcomeCursor; 2],
+    last_look: Instant,
+}
+
+/// What a re-arm is about: the canary's weight, the latch and the phase.
+fn course(rollout: &Rollout) -> (u16, bool, Phase) {
+    (
+        rollout.canary_weight_bp(),
+        rollout.latched(),
+        rollout.phase(),
+    )
 }
 
 impl Controller {
@@ -367,11 +391,17 @@ impl Controller {
         } else {
             load_rollout(&store, &config, now, canary_total).await?
         };
+        let judging = Judging {
+            evidence: judge.arm(),
+            cursors: Default::default(),
+            last_look: now,
+        };
         let inner = Arc::new(Inner {
             rollout: Mutex::new(rollout),
             routes,
             stats,
             judge: std::sync::Mutex::new(Arc::new(judge)),
+            judging: std::sync::Mutex::new(judging),
             store,
             events,
             config,
@@ -530,6 +560,9 @@ impl Controller {
         if current.policy() != judge.policy() {
             tracing::info!(policy = ?judge.policy(), "judge policy changed");
             *current = Arc::new(judge);
+            drop(current);
+            let evidence = self.inner.judge.lock().expect("judge").arm();
+            self.inner.judging.lock().expect("judging").evidence = evidence;
         }
         Ok(())
     }
@@ -602,17 +635,17 @@ impl Controller {
             rollout.set_reason(state.reason);
             return Ok(Adopted::Unchanged);
         }
-        let was_latched = rollout.latched();
-        let before = rollout.canary_weight_bp();
+        let before = course(&rollout);
         let event = notify.then(|| fleet_event(&current, &state)).flatten();
         rollout.adopt(state, now, canary_total)?;
         inner.fleet.epoch.store(epoch, Relaxed);
         inner.fleet.adopted.store(true, Relaxed);
-        if rollout.canary_weight_bp() != before || was_latched != rollout.latched() {
+        if course(&rollout) != before {
             inner.runs_counted_from.store(canary_total, Relaxed);
+            inner.rearm(&rollout);
         }
-        if was_latched && !rollout.latched() {
-            inner.stats.restart_window(Target::Canary, now);
+        if before.1 && !rollout.latched() {
+            inner.restart_windows(now);
         }
         let upstreams = inner.upstreams(now);
         let saved = inner.commit(&rollout, event, &upstreams).await;
@@ -744,13 +777,14 @@ impl Inner {
         let canary_total = self.stats.request_count(Target::Canary);
         let mut rollout = self.rollout.lock().await;
         let was_latched = rollout.latched();
+        let before = course(&rollout);
         let event = op(&mut rollout, now, canary_total)?;
         self.runs_counted_from.store(canary_total, Relaxed);
+        if course(&rollout) != before {
+            self.rearm(&rollout);
+        }
         if was_latched && !rollout.latched() {
-            // The canary is back by hand: judge it on what it does from now
-            // on, not on the failures (or mismatches) that got it reverted.
-            self.stats.restart_window(Target::Canary, now);
-            self.stats.restart_shadow_window(now);
+            self.restart_windows(now);
         }
         let upstreams = self.upstreams(now);
         let saved = self.commit(&rollout, event, &upstreams).await;
@@ -762,7 +796,29 @@ impl Inner {
         })
     }
 
-    /// Evaluates the windows once and applies the verdict.
+    /// Fresh evidence for the judge: the canary's course changed, so it is
+    /// judged on what it does from now on. A latched canary is not judged;
+    /// it re-arms when it is brought back.
+    fn rearm(&self, rollout: &Rollout) {
+        if rollout.latched() {
+            return;
+        }
+        let evidence = self.judge.lock().expect("judge").arm();
+        self.judging.lock().expect("judging").evidence = evidence;
+    }
+
+    /// The canary is back from a revert: `/status` and the shadow's check
+    /// show what it does from now on, not the failures (or mismatches) that
+    /// got it reverted. Both upstreams' windows restart, so they still
+    /// cover the same time.
+    fn restart_windows(&self, now: Instant) {
+        self.stats.restart_window(Target::Stable, now);
+        self.stats.restart_window(Target::Canary, now);
+        self.stats.restart_shadow_window(now);
+    }
+
+    /// Feeds the outcomes since the last look to the judge, and applies its
+    /// verdict.
     async fn judge_once(&self, now: Instant, canary_total: u64) {
         self.evaluations.fetch_add(1, Relaxed);
         let stable = self.stats.window_snapshot(Target::Stable, now);
@@ -770,13 +826,28 @@ impl Inner {
         let since_change = canary_total.saturating_sub(self.runs_counted_from.load(Relaxed));
         let canary_run = u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_change);
         let judge = self.judge.lock().expect("judge").clone();
-        let verdict = judge.evaluate(
-            &stable,
-            &canary,
-            self.stats.consecutive_errors(Target::Stable),
-            canary_run as u32,
-        );
+        let verdict = {
+            let mut judging = self.judging.lock().expect("judging");
+            let Judging {
+                evidence,
+                cursors: [stable_cursor, canary_cursor],
+                last_look,
+            } = &mut *judging;
+            let stable_new = self.stats.new_outcomes(Target::Stable, stable_cursor, now);
+            let canary_new = self.stats.new_outcomes(Target::Canary, canary_cursor, now);
+            let look = Look {
+                stable: &stable_new,
+                canary: &canary_new,
+                stable_window: &stable,
+                canary_window: &canary,
+                elapsed: now.saturating_duration_since(std::mem::replace(last_look, now)),
+                stable_consecutive: self.stats.consecutive_errors(Target::Stable),
+                canary_consecutive: canary_run as u32,
+            };
+            judge.evaluate(evidence, &look)
+        };
         let mut rollout = self.rollout.lock().await;
+        let before = course(&rollout);
         // A shadowed canary is judged on its copies' outcomes (in its
         // window like any canary request's), and on how often their status
         // class differs from stable's.
@@ -796,6 +867,9 @@ impl Inner {
         let Some(event) = event else {
             return;
         };
+        if course(&rollout) != before {
+            self.rearm(&rollout);
+        }
         let upstreams = Upstreams {
             stable: UpstreamStatus::new(&self.config.stable_url, &stable),
             canary: UpstreamStatus::new(&self.config.canary_url, &canary),

@@ -38,37 +38,30 @@ pub const CANARY_WEIGHT: f64 = 0.0;
 // judge and the stats agree.
 /// `judge.interval`: how often the judge looks at the windows.
 pub const JUDGE_INTERVAL: Duration = Duration::from_millis(10);
-/// `judge.min_requests`: canary requests needed in the window before any
-/// verdict, and stable requests needed before the relative checks run.
+/// `judge.min_requests`: canary requests needed since the step began before
+/// the canary can be called healthy (a breach needs none).
 pub const MIN_REQUESTS: u64 = 20;
 /// `judge.max_error_rate`: the highest acceptable canary error rate (5%).
 pub const MAX_ERROR_RATE: f64 = 0.05;
 /// `judge.max_p95`: the highest acceptable canary p95 latency.
 pub const MAX_P95: Duration = Duration::from_millis(1000);
-/// `judge.max_p95_ratio`: the highest acceptable ratio of canary p95 to
-/// stable p95.
-pub const MAX_P95_RATIO: f64 = 1.5;
-/// `judge.confidence`: the one-sided confidence every statistical check
-/// needs (z ≈ 4.75).
-///
-/// Why so high: the judge looks every ~10 ms, so over one rollout it makes
-/// thousands of strongly correlated tests. A sliding 10 s window over a
-/// 4-step rollout with a 60 s hold is worth a few dozen independent tests,
-/// and watching continuously multiplies the chance of catching a random
-/// excursion further. The seeded simulation in the judge's tests (identical
-/// canary and stable at 1% errors, judged every 100 ms) measured false
-/// reverts per whole rollout of about 5% at 0.999, 0.7% at 0.9999 and 0.1%
-/// at 0.99999. The bench's judge simulator (bench/REPORT.md, 1,000 healthy
-/// rollouts at 100 canary req/s) still measured 1.7% at 0.99999, every one
-/// from the relative test near z ≈ 4.3, so the default is one nine higher,
-/// for a margin under the 1% budget when judging every 10 ms and for other
-/// traffic shapes. Power stays: a canary at 4% errors against stable at 1%
-/// is still reverted in nearly every rollout at 200 req/s.
-pub const CONFIDENCE: f64 = 0.999_999;
+/// `judge.alpha`: the chance, per step, that a canary as good as stable is
+/// reverted (0.2%). With `ALPHA_PER_HOUR`, a 30-minute rollout of 4 steps
+/// spends at most 1%: the false-revert budget. The bound is Doob's, which
+/// the judge's discrete evidence rarely reaches: the simulator
+/// (bench/REPORT.md) measures the real rate.
+pub const ALPHA: f64 = 0.002;
+/// `judge.alpha_per_hour`: the same chance per hour a step lasts (0.4%),
+/// spent continuously so that a canary turning bad late is caught too.
+pub const ALPHA_PER_HOUR: f64 = 0.004;
+/// `judge.min_latency_shift`: the latency test reverts a canary whose
+/// latencies are more than this many times stable's (over the same time):
+/// 10% slower. Below it, a real but small slowdown is not worth a revert.
+pub const MIN_LATENCY_SHIFT: f64 = 1.1;
 /// `judge.min_error_rate_difference`: how far (absolute) the canary's error
 /// rate must exceed stable's before the relative check can breach: one
-/// percentage point, since at high traffic a z-test finds even a 0.1-point
-/// difference "significant", which is not worth a revert.
+/// percentage point, since at high traffic the test finds even a 0.1-point
+/// difference, which is not worth a revert.
 pub const MIN_ERROR_RATE_DIFFERENCE: f64 = 0.01;
 /// `judge.max_consecutive_errors`: canary errors in a row that revert at
 /// once. Even at a 15% base error rate ten in a row happens by chance with

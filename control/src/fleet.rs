@@ -103,8 +103,15 @@ pub fn judge_settings(
                 .clone()
                 .unwrap_or_else(|| duration_text(p.max_p95)),
         ),
-        max_p95_ratio: Some(spec.max_p95_ratio.unwrap_or(p.max_p95_ratio)),
-        confidence: Some(spec.confidence.unwrap_or(p.confidence)),
+        alpha: Some(spec.alpha.unwrap_or(p.alpha)),
+        alpha_per_hour: Some(spec.alpha_per_hour.unwrap_or(p.alpha_per_hour)),
+        min_latency_shift: Some(
+            spec.min_latency_shift
+                .or(spec.max_p95_ratio)
+                .unwrap_or(p.min_latency_shift),
+        ),
+        max_p95_ratio: None,
+        confidence: spec.confidence,
         min_error_rate_difference: Some(
             spec.min_error_rate_difference
                 .unwrap_or(p.min_error_rate_difference),

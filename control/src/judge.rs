@@ -1,35 +1,57 @@
-//! The judge: the policy that decides, from the stable and canary windows,
+//! The judge: the policy that decides, from what the data plane recorded,
 //! whether the canary is healthy, still unproven, or in breach.
 //!
-//! It exists so that the one decision that moves production traffic is a pure
-//! function of two window snapshots, testable without a clock or a socket.
-//! It never reads the clock, never blocks and allocates nothing except the
-//! reason text of a breach.
+//! It exists so that the one decision that moves production traffic is a
+//! deterministic function of the outcomes both upstreams served, testable
+//! without a clock or a socket. The controller keeps one [`Evidence`] per
+//! arm (a step, a weight set by hand, a resume) and hands the judge each
+//! look's new outcomes ([`Look`]); the judge folds them into the evidence
+//! and never reads the clock, never blocks, and allocates only batch copies
+//! and the reason text of a breach.
 //!
-//! The controller runs it every ~10 ms. Evaluated that often, a naive
-//! threshold on a small sample would revert a healthy canary sooner or later,
-//! so every check asks for *evidence* of a breach, not just a bad point
-//! estimate:
-//! - the absolute error check uses the Wilson lower confidence bound of the
-//!   canary's error rate, not the raw rate;
-//! - the latency checks compare a lower confidence bound of the canary's p95
-//!   with an upper confidence bound of stable's (distribution-free, from the
-//!   binomial law of order statistics);
-//! - the relative error check is a one-sided two-proportion z-test, backed by
-//!   an exact binomial tail when too few errors are expected for the normal
-//!   approximation, and it needs a minimum absolute difference too.
+//! # Sequential, anytime-valid tests
+//!
+//! The judge looks every ~10 ms, for as long as the canary runs. Its tests
+//! are e-detectors ([`evidence`] has the construction and the proof
+//! sketch): each accumulates likelihood ratios of the new outcomes and
+//! breaches when its statistic crosses 1, and the chance that a canary as
+//! good as stable ever breaches is at most the α spent, whatever the
+//! number of looks: `alpha` per step plus `alpha_per_hour` while a step
+//! lasts. Evidence is never thrown away by a window, so small regressions
+//! are caught at low traffic too, and a canary that turns bad mid-step is
+//! detected as if a test had started at the change.
+//!
+//! Four tests share the α ([`ALPHA_SHARES`]):
+//! - canary errors against stable's over the same time (the canary's share
+//!   of the errors, given each side's share of the requests);
+//! - canary latency against stable's over the same time (a rank test of the
+//!   whole distribution being shifted up, not one quantile);
+//! - the absolute limits: canary error rate ≤ `max_error_rate`, canary p95
+//!   ≤ `max_p95`.
+//!
+//! Minimum effects: the latency test's null is "at most `min_latency_shift`
+//! times slower than stable"; the error tests breach only if, over the same
+//! span on both sides, the canary's error rate exceeds stable's by more
+//! than `min_error_rate_difference` (at high traffic a test finds
+//! differences too small to matter). The limits revert only a canary worse
+//! than stable: a dependency failing both is not the canary's fault.
+//!
+//! # Fast paths
+//!
+//! - `max_consecutive_errors` canary errors in a row revert whatever the
+//!   evidence says, unless stable has as many (then the fault is shared).
+//! - A shorter run of `k ≥ 3` errors reverts when it is improbable given
+//!   stable's error rate: `p^k`, with `p` a high upper bound of stable's
+//!   rate, times the canary's requests per hour, within the run's share of
+//!   `alpha_per_hour`. Against a healthy stable that is 4 or 5 errors, at
+//!   any moment of a step.
 //!
 //! In phase `shadowing` one more check reads the compared shadow pairs
 //! ([`Judge::evaluate_shadow`]): how often the canary's status class
 //! differed from stable's for the same request, which catches a canary
 //! whose failures are not errors (a 404 where stable answers 200).
-//!
-//! The fast path is a run of canary errors in a row, which needs no canary
-//! sample at all. A run is a breach when it is improbable given stable's
-//! error rate: its length k must make `p^k ≤ 1e-8`, where `p` is the upper
-//! confidence bound of stable's rate (so at least 3; with a spotless stable
-//! at 900 req/s, 4 failures). A run of `max_consecutive_errors` is a breach
-//! whatever stable's rate, unless stable is failing as much.
+
+mod evidence;
 
 use std::fmt;
 use std::time::Duration;
@@ -37,23 +59,41 @@ use std::time::Duration;
 use serin_proxy::WindowSnapshot;
 
 use crate::defaults;
+use evidence::{Batch, Detector};
 
-/// The quantile that the latency checks are about.
+/// How the α of each step (and of each hour) is shared between the tests:
+/// relative errors, relative latency, the error limit, the p95 limit, and
+/// the improbable-run fast path (per hour only). Relative errors get the
+/// most: their evidence comes slowest.
+const ALPHA_SHARES: AlphaShares = AlphaShares {
+    errors: 0.6,
+    latency: 0.2,
+    error_limit: 0.1,
+    latency_limit: 0.05,
+    run: 0.05,
+};
+
+/// Canary outcomes a latency breach's reason quotes, at least.
+const RECENT_CANARY: u64 = 100;
+
+/// The quantile the absolute latency limit is about.
 const P95: f64 = 0.95;
 
 /// The shortest run of canary errors that can be a breach on its own.
 const MIN_IMPROBABLE_RUN: u32 = 3;
 
-/// A run of canary errors is a breach when a canary as good as stable would
-/// produce it with at most this probability. Checked once per canary
-/// request at worst, so over a rollout of 100,000 canary requests a healthy
-/// canary trips it with probability ≤ 0.1%.
-const RUN_ALPHA: f64 = 1e-8;
+/// The one-sided normal quantile behind the upper bound of stable's error
+/// rate in the run fast path, and behind the shadow mismatch check's lower
+/// bound (99.9999%).
+const BOUND_Z: f64 = 4.753_424;
 
-/// Below this many expected canary errors (under "no difference"), the normal
-/// approximation of the z-test is unreliable and the exact binomial tail
-/// must agree with it.
-const MIN_EXPECTED_ERRORS_FOR_Z: f64 = 5.0;
+struct AlphaShares {
+    errors: f64,
+    latency: f64,
+    error_limit: f64,
+    latency_limit: f64,
+    run: f64,
+}
 
 // === impl JudgePolicy ===
 
@@ -62,40 +102,44 @@ const MIN_EXPECTED_ERRORS_FOR_Z: f64 = 5.0;
 /// false-revert budget (≤ 1% of healthy rollouts).
 #[derive(Clone, Debug, PartialEq)]
 pub struct JudgePolicy {
-    /// The rolling window both upstreams are judged over. Default
-    /// [`defaults::WINDOW`].
+    /// The rolling window of `/status` and the metrics, also used to
+    /// measure the minimum effects. Default [`defaults::WINDOW`].
     ///
-    /// The judge only quotes it in reasons; the [`serin_proxy::Stats`] the
-    /// controller reads must be built with the same window.
+    /// The [`serin_proxy::Stats`] the controller reads must be built with
+    /// the same window.
     pub window: Duration,
-    /// Canary requests needed in the window before any verdict other than
-    /// [`Verdict::Insufficient`]; also the stable requests needed before the
-    /// relative checks run. Default [`defaults::MIN_REQUESTS`].
+    /// Canary requests since the arm before the verdict can be
+    /// [`Verdict::Healthy`] (a rollout step holds until then). A breach
+    /// needs no minimum. Default [`defaults::MIN_REQUESTS`].
     pub min_requests: u64,
+    /// Probability that a canary as good as stable is reverted, per step
+    /// (each arm: a step, a weight set by hand, a resume). Default
+    /// [`defaults::ALPHA`].
+    pub alpha: f64,
+    /// Probability that a canary as good as stable is reverted, per hour a
+    /// step lasts: what lets the judge catch a canary that turns bad late.
+    /// Default [`defaults::ALPHA_PER_HOUR`].
+    pub alpha_per_hour: f64,
     /// Highest acceptable canary error rate, as a ratio in (0, 1]. Default
-    /// [`defaults::MAX_ERROR_RATE`]. A breach needs the rate's lower
-    /// confidence bound above it.
+    /// [`defaults::MAX_ERROR_RATE`].
     pub max_error_rate: f64,
     /// Highest acceptable canary p95 latency (time to response headers).
     /// Default [`defaults::MAX_P95`].
     pub max_p95: Duration,
-    /// Highest acceptable ratio of canary p95 to stable p95. Default
-    /// [`defaults::MAX_P95_RATIO`].
-    pub max_p95_ratio: f64,
-    /// One-sided confidence required of every statistical check, in
-    /// (0.5, 1). Default [`defaults::CONFIDENCE`], which says why it is so
-    /// high.
-    pub confidence: f64,
-    /// The canary's error rate must exceed stable's by at least this much
+    /// The canary's error rate must exceed stable's by more than this
     /// (absolute, ratio in [0, 1)) before the relative check can breach.
     /// Default [`defaults::MIN_ERROR_RATE_DIFFERENCE`].
     pub min_error_rate_difference: f64,
-    /// Canary errors in a row that revert at once, whatever the window says,
+    /// The canary's p50 or p95 must be at least this many times stable's
+    /// before the relative latency check can breach (≥ 1). Default
+    /// [`defaults::MIN_LATENCY_SHIFT`].
+    pub min_latency_shift: f64,
+    /// Canary errors in a row that revert at once, whatever the evidence,
     /// unless stable also has this many errors in a row (then the fault is
     /// shared, not the canary's). Shorter runs (3 or more) revert too when
     /// they are improbable given stable's error rate (see the module
-    /// documentation): against a healthy stable, 4 failures. 0 disables both
-    /// fast paths. Default [`defaults::MAX_CONSECUTIVE_ERRORS`].
+    /// documentation). 0 disables both fast paths. Default
+    /// [`defaults::MAX_CONSECUTIVE_ERRORS`].
     pub max_consecutive_errors: u32,
     /// Highest acceptable share of shadowed requests whose status class
     /// (2xx, 3xx, 4xx, 5xx) differs from stable's answer to the same
@@ -110,11 +154,12 @@ impl Default for JudgePolicy {
         Self {
             window: defaults::WINDOW,
             min_requests: defaults::MIN_REQUESTS,
+            alpha: defaults::ALPHA,
+            alpha_per_hour: defaults::ALPHA_PER_HOUR,
             max_error_rate: defaults::MAX_ERROR_RATE,
             max_p95: defaults::MAX_P95,
-            max_p95_ratio: defaults::MAX_P95_RATIO,
-            confidence: defaults::CONFIDENCE,
             min_error_rate_difference: defaults::MIN_ERROR_RATE_DIFFERENCE,
+            min_latency_shift: defaults::MIN_LATENCY_SHIFT,
             max_consecutive_errors: defaults::MAX_CONSECUTIVE_ERRORS,
             max_shadow_mismatch_rate: defaults::MAX_SHADOW_MISMATCH_RATE,
         }
@@ -189,21 +234,34 @@ impl JudgePolicy {
                 "write 0.05 for 5%",
             )?;
         }
-        let r = self.max_p95_ratio;
+        // A limit of 100% errors can never be exceeded: nothing to test.
+        for (key, a, hint) in [
+            (
+                "alpha",
+                self.alpha,
+                "write 0.002 for a 0.2% chance per step",
+            ),
+            (
+                "alpha_per_hour",
+                self.alpha_per_hour,
+                "write 0.004 for a 0.4% chance per hour",
+            ),
+        ] {
+            range(
+                key,
+                a,
+                a > 0.0 && a < 0.5,
+                "strictly between 0 and 0.5",
+                hint,
+            )?;
+        }
+        let s = self.min_latency_shift;
         range(
-            "max_p95_ratio",
-            r,
-            r >= 1.0,
+            "min_latency_shift",
+            s,
+            s >= 1.0,
             "at least 1",
-            "write 1.5 to allow a canary p95 50% above stable's",
-        )?;
-        let c = self.confidence;
-        range(
-            "confidence",
-            c,
-            c > 0.5 && c < 1.0,
-            "strictly between 0.5 and 1",
-            "write 0.999 for 99.9%",
+            "write 1.2 to revert a canary over 20% slower than stable",
         )?;
         let d = self.min_error_rate_difference;
         range(
@@ -218,22 +276,24 @@ impl JudgePolicy {
 
 // === impl Verdict ===
 
-/// What the judge concluded about the canary over the current window.
+/// What the judge concluded about the canary.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
     /// Enough canary traffic, and no check breached.
     Healthy,
-    /// Too few canary requests in the window to judge (never a failure).
+    /// Too few canary requests since the arm to call the canary healthy
+    /// (never a failure).
     Insufficient {
-        /// Canary requests in the window.
+        /// Canary requests since the arm.
         canary_requests: u64,
         /// Requests needed ([`JudgePolicy::min_requests`]).
         min_requests: u64,
     },
     /// The canary breached the policy and must be reverted.
     Breach {
-        /// Human text with the numbers, e.g. `canary error rate 31.0% > 5.0%
-        /// over 412 requests (window 10s)`.
+        /// Human text with the test and its evidence, e.g. `canary errors
+        /// 6.1% vs stable 1.0% after 142 canary requests: e-value 1.2e3 ≥
+        /// 1/α = 9.1e2`.
         reason: String,
     },
 }
@@ -254,32 +314,81 @@ impl fmt::Display for Verdict {
                 min_requests,
             } => write!(
                 f,
-                "{canary_requests} of {min_requests} canary requests needed in the window"
+                "{canary_requests} of {min_requests} canary requests needed since the step began"
             ),
             Verdict::Breach { reason } => f.write_str(reason),
         }
     }
 }
 
+// === impl Look ===
+
+/// What the data plane recorded since the judge's previous look, and the
+/// rolling windows (both cover the same time).
+#[derive(Clone, Copy, Debug)]
+pub struct Look<'a> {
+    /// Stable's outcomes completed since the previous look
+    /// ([`serin_proxy::Stats::new_outcomes`]).
+    pub stable: &'a WindowSnapshot,
+    /// The canary's outcomes completed since the previous look.
+    pub canary: &'a WindowSnapshot,
+    /// Stable's rolling window.
+    pub stable_window: &'a WindowSnapshot,
+    /// The canary's rolling window.
+    pub canary_window: &'a WindowSnapshot,
+    /// Time since the previous look (spends `alpha_per_hour`).
+    pub elapsed: Duration,
+    /// Stable's current run of errors in a row.
+    pub stable_consecutive: u32,
+    /// The canary's current run of errors in a row, since the arm.
+    pub canary_consecutive: u32,
+}
+
+// === impl Evidence ===
+
+/// Everything the judge has gathered since the arm: the tests' statistics,
+/// the batch being filled, and both upstreams' outcomes since the arm over
+/// the same span (for the minimum effects and the reasons).
+#[derive(Clone, Debug)]
+pub struct Evidence {
+    errors: Detector,
+    latency: Detector,
+    error_limit: Detector,
+    latency_limit: Detector,
+    batch: Batch,
+    /// Both sides' outcomes of every closed batch since the arm.
+    stable_since: WindowSnapshot,
+    canary_since: WindowSnapshot,
+    /// Both sides' outcomes of the latest closed batches, in two halves
+    /// that each take [`RECENT_CANARY`] canary outcomes before the newer
+    /// replaces the older: what a latency breach quotes (between that many
+    /// and twice as many of the latest), since a change is diluted in the
+    /// window for a while.
+    recent: [(WindowSnapshot, WindowSnapshot); 2],
+    /// Every canary outcome since the arm.
+    canary_requests: u64,
+}
+
+impl Evidence {
+    /// Canary requests judged since the arm.
+    pub fn canary_requests(&self) -> u64 {
+        self.canary_requests
+    }
+}
+
 // === impl Judge ===
 
-/// The policy, validated, with its critical values computed once.
+/// The policy, validated.
 #[derive(Clone, Debug)]
 pub struct Judge {
     policy: JudgePolicy,
-    /// One-sided critical z for `policy.confidence`.
-    z: f64,
-    /// `1 - confidence`: the tail probability an exact test must beat.
-    alpha: f64,
 }
 
 impl Judge {
     /// A judge applying `policy`, or the first thing wrong with it.
     pub fn new(policy: JudgePolicy) -> Result<Self, PolicyError> {
         policy.validate()?;
-        let z = inverse_normal_cdf(policy.confidence);
-        let alpha = 1.0 - policy.confidence;
-        Ok(Self { policy, z, alpha })
+        Ok(Self { policy })
     }
 
     /// The policy this judge applies.
@@ -287,121 +396,234 @@ impl Judge {
         &self.policy
     }
 
-    /// Judges the canary against the policy and against stable over the same
-    /// window. `*_consecutive` are the current runs of errors in a row.
+    /// Fresh evidence for a new step: every test spends its share of
+    /// `alpha`, and nothing gathered before counts.
+    pub fn arm(&self) -> Evidence {
+        self.arm_with(self.policy.alpha)
+    }
+
+    fn arm_with(&self, alpha: f64) -> Evidence {
+        let mut evidence = Evidence {
+            errors: Detector::default(),
+            latency: Detector::default(),
+            error_limit: Detector::default(),
+            latency_limit: Detector::default(),
+            batch: Batch::default(),
+            stable_since: WindowSnapshot::default(),
+            canary_since: WindowSnapshot::default(),
+            recent: Default::default(),
+            canary_requests: 0,
+        };
+        self.spend(&mut evidence, alpha);
+        evidence
+    }
+
+    fn spend(&self, e: &mut Evidence, alpha: f64) {
+        let s = &ALPHA_SHARES;
+        e.errors.spend(s.errors * alpha);
+        e.latency.spend(s.latency * alpha);
+        e.error_limit.spend(s.error_limit * alpha);
+        e.latency_limit.spend(s.latency_limit * alpha);
+    }
+
+    /// Folds one look into `evidence` and judges the canary.
     ///
-    /// Checks, in order: consecutive canary errors (no minimum sample);
-    /// then, with at least `min_requests` canary requests, absolute error
-    /// rate and absolute p95; then, with at least `min_requests` stable
-    /// requests too, error rate and p95 relative to stable.
-    pub fn evaluate(
-        &self,
-        stable: &WindowSnapshot,
-        canary: &WindowSnapshot,
-        stable_consecutive: u32,
-        canary_consecutive: u32,
-    ) -> Verdict {
+    /// Checks, in order: the consecutive-error fast paths; the error limit;
+    /// errors relative to stable; the p95 limit; latency relative to stable.
+    /// Without a breach, the canary is healthy once it served
+    /// `min_requests` since the arm.
+    pub fn evaluate(&self, evidence: &mut Evidence, look: &Look<'_>) -> Verdict {
         let p = &self.policy;
-        let max_run = p.max_consecutive_errors;
-        if max_run > 0 && canary_consecutive >= max_run && stable_consecutive < max_run {
-            return breach(format_args!(
-                "{canary_consecutive} consecutive canary errors"
-            ));
+        // Time spends α only while the canary serves: a canary left at 0
+        // for a day has no candidate change points to pay for.
+        if look.canary_window.requests > 0 {
+            let hours = look.elapsed.as_secs_f64() / 3600.0;
+            self.spend(evidence, p.alpha_per_hour * hours);
         }
-        if max_run > 0
-            && canary_consecutive >= MIN_IMPROBABLE_RUN
-            && stable_consecutive < canary_consecutive
-            && stable.requests >= p.min_requests
-        {
-            let stable_high = wilson_upper(stable.errors, stable.requests, self.z);
-            if stable_high.powi(canary_consecutive as i32) <= RUN_ALPHA {
+        self.observe(evidence, look, false);
+        if let Some(verdict) = self.fast_path(look) {
+            return verdict;
+        }
+        self.conclude(evidence, look)
+    }
+
+    /// Judges the windows alone, as one batch: the fleet leader's check of
+    /// its members' aggregated windows, made about once per window. Each
+    /// call spends `alpha_per_hour` for one window's length, so checks
+    /// repeated once per window keep to the hourly rate.
+    pub fn evaluate_windows(&self, stable: &WindowSnapshot, canary: &WindowSnapshot) -> Verdict {
+        let p = &self.policy;
+        let mut evidence = self.arm_with(p.alpha_per_hour * p.window.as_secs_f64() / 3600.0);
+        let look = Look {
+            stable,
+            canary,
+            stable_window: stable,
+            canary_window: canary,
+            elapsed: Duration::ZERO,
+            stable_consecutive: 0,
+            canary_consecutive: 0,
+        };
+        self.observe(&mut evidence, &look, true);
+        self.conclude(&evidence, &look)
+    }
+
+    /// Adds one look's outcomes to the tests.
+    fn observe(&self, e: &mut Evidence, look: &Look<'_>, close: bool) {
+        let p = &self.policy;
+        let canary = look.canary;
+        e.canary_requests += canary.requests;
+        e.error_limit.observe_rate(
+            canary.errors,
+            canary.requests,
+            p.max_error_rate,
+            evidence::rate_alternatives(p.max_error_rate),
+        );
+        let tail = evidence::p95_tail();
+        e.latency_limit.observe_rate(
+            canary.count_above(p.max_p95),
+            canary.requests,
+            tail,
+            evidence::rate_alternatives(tail),
+        );
+        let full = e.batch.add(look.stable, canary, look.elapsed.as_secs_f64());
+        if full || close {
+            e.stable_since.merge(&e.batch.stable);
+            e.canary_since.merge(&e.batch.canary);
+            let [older, newer] = &mut e.recent;
+            if newer.1.requests >= RECENT_CANARY {
+                *older = std::mem::take(newer);
+            }
+            newer.0.merge(&e.batch.stable);
+            newer.1.merge(&e.batch.canary);
+            e.batch
+                .close(&mut e.errors, &mut e.latency, p.min_latency_shift);
+        }
+    }
+
+    /// The consecutive-error rules, which need no evidence.
+    fn fast_path(&self, look: &Look<'_>) -> Option<Verdict> {
+        let p = &self.policy;
+        let (run, stable_run) = (look.canary_consecutive, look.stable_consecutive);
+        let max_run = p.max_consecutive_errors;
+        if max_run == 0 {
+            return None;
+        }
+        if run >= max_run && stable_run < max_run {
+            return Some(breach(format_args!("{run} consecutive canary errors")));
+        }
+        let stable = look.stable_window;
+        if run < MIN_IMPROBABLE_RUN || stable_run >= run || stable.requests < p.min_requests {
+            return None;
+        }
+        // A run can start at any canary request: p^run per request, times
+        // the canary's requests per hour, must fit the run's hourly share.
+        let stable_high = wilson(stable.errors, stable.requests, BOUND_Z).1;
+        let per_hour = look.canary_window.requests.max(1) as f64 * 3600.0 / p.window.as_secs_f64();
+        let chance = stable_high.powi(run as i32) * per_hour;
+        (chance <= ALPHA_SHARES.run * p.alpha_per_hour).then(|| {
+            breach(format_args!(
+                "{run} consecutive canary errors while stable fails at most {:.2}% of \
+                 requests: {:.1e} such runs expected per hour ≤ {:.1e}",
+                stable_high * 100.0,
+                chance,
+                ALPHA_SHARES.run * p.alpha_per_hour,
+            ))
+        })
+    }
+
+    /// The tests' verdict on the evidence so far.
+    fn conclude(&self, e: &Evidence, look: &Look<'_>) -> Verdict {
+        let p = &self.policy;
+        let n = e.canary_requests;
+        let spans = [
+            (look.stable_window, look.canary_window),
+            (&e.stable_since, &e.canary_since),
+        ];
+        let more_errors = |stable: &WindowSnapshot, canary: &WindowSnapshot| {
+            canary.error_rate() - stable.error_rate() > p.min_error_rate_difference
+        };
+        // A limit reverts only a canary worse than stable, as its relative
+        // test found, unless stable has (almost) no traffic to compare with.
+        let alone = look.stable_window.requests < p.min_requests;
+
+        if e.error_limit.crossed() && (alone || e.errors.crossed()) {
+            let gate = spans
+                .iter()
+                .find(|(_, canary)| canary.error_rate() > p.max_error_rate);
+            if let Some((_, canary)) = gate {
                 return breach(format_args!(
-                    "{canary_consecutive} consecutive canary errors while stable fails at most \
-                     {:.2}% of requests ({}% confidence): chance below 1e-8",
-                    stable_high * 100.0,
-                    Percent(p.confidence),
+                    "canary error rate {:.1}% > {:.1}% after {n} canary requests: {}",
+                    canary.error_rate() * 100.0,
+                    p.max_error_rate * 100.0,
+                    EValue(&e.error_limit),
                 ));
             }
         }
-        if canary.requests < p.min_requests {
+
+        if e.errors.crossed() {
+            let gate = spans.iter().find(|(stable, canary)| {
+                stable.requests > 0 && canary.requests > 0 && more_errors(stable, canary)
+            });
+            if let Some((stable, canary)) = gate {
+                return breach(format_args!(
+                    "canary errors {:.1}% vs stable {:.1}% after {n} canary requests: {}",
+                    canary.error_rate() * 100.0,
+                    stable.error_rate() * 100.0,
+                    EValue(&e.errors),
+                ));
+            }
+        }
+
+        if e.latency_limit.crossed() && (alone || e.latency.crossed()) {
+            let gate = spans
+                .iter()
+                .find(|(_, canary)| canary.quantile(P95) > p.max_p95);
+            if let Some((_, canary)) = gate {
+                return breach(format_args!(
+                    "canary p95 {:.1}ms > {:.1}ms after {n} canary requests: {}",
+                    millis(canary.quantile(P95)),
+                    millis(p.max_p95),
+                    EValue(&e.latency_limit),
+                ));
+            }
+        }
+
+        if e.latency.crossed() {
+            let (mut stable, mut canary) = e.recent[0].clone();
+            stable.merge(&e.recent[1].0);
+            canary.merge(&e.recent[1].1);
+            return breach(format_args!(
+                "canary latency over {}× stable's: p50 {:.1}ms vs {:.1}ms, p95 {:.1}ms vs \
+                 {:.1}ms after {n} canary requests: {}",
+                p.min_latency_shift,
+                millis(canary.quantile(0.5)),
+                millis(stable.quantile(0.5)),
+                millis(canary.quantile(P95)),
+                millis(stable.quantile(P95)),
+                EValue(&e.latency),
+            ));
+        }
+
+        if n < p.min_requests {
             return Verdict::Insufficient {
-                canary_requests: canary.requests,
+                canary_requests: n,
                 min_requests: p.min_requests,
             };
         }
-        let window = Secs(p.window);
-
-        // Absolute error rate: the rate's lower confidence bound must exceed
-        // the limit, so 2 errors in 20 requests is not yet proof of > 5%.
-        let rate = canary.error_rate();
-        if rate > p.max_error_rate
-            && wilson_lower(canary.errors, canary.requests, self.z) > p.max_error_rate
-        {
-            return breach(format_args!(
-                "canary error rate {:.1}% > {:.1}% over {} requests (window {window})",
-                rate * 100.0,
-                p.max_error_rate * 100.0,
-                canary.requests,
-            ));
-        }
-
-        // Absolute p95: a low quantile bound of the canary must exceed it.
-        let canary_p95 = canary.quantile(P95);
-        let canary_p95_low = canary.quantile(quantile_bound(canary.requests, -self.z));
-        if canary_p95_low > p.max_p95 {
-            return breach(format_args!(
-                "canary p95 {:.1}ms > {:.1}ms over {} requests (window {window})",
-                millis(canary_p95),
-                millis(p.max_p95),
-                canary.requests,
-            ));
-        }
-
-        if stable.requests < p.min_requests {
-            return Verdict::Healthy;
-        }
-
-        // Relative error rate: one-sided two-proportion z-test.
-        let stable_rate = stable.error_rate();
-        if rate - stable_rate > p.min_error_rate_difference {
-            let z = two_proportion_z(stable, canary);
-            if z > self.z && self.exact_test_agrees(stable, canary) {
-                return breach(format_args!(
-                    "canary error rate {:.1}% significantly above stable {:.1}% \
-                     (z={z:.1}, {}% confidence)",
-                    rate * 100.0,
-                    stable_rate * 100.0,
-                    Percent(p.confidence),
-                ));
-            }
-        }
-
-        // Relative p95: canary's low bound against stable's high bound.
-        let stable_p95 = stable.quantile(P95);
-        let stable_p95_high = stable.quantile(quantile_bound(stable.requests, self.z));
-        if canary_p95_low.as_secs_f64() > p.max_p95_ratio * stable_p95_high.as_secs_f64() {
-            return breach(format_args!(
-                "canary p95 {:.1}ms > {}× stable p95 {:.1}ms",
-                millis(canary_p95),
-                p.max_p95_ratio,
-                millis(stable_p95),
-            ));
-        }
-
         Verdict::Healthy
     }
 
     /// The shadow's mismatch rule (phase `shadowing`): `pairs` are the
     /// compared shadow pairs in the window, `pairs.errors` those whose
     /// status classes differed. A breach needs `min_requests` pairs and the
-    /// Wilson lower bound of the mismatch rate above
+    /// Wilson lower bound of the mismatch rate (99.9999%) above
     /// `max_shadow_mismatch_rate`; otherwise `None`.
     pub fn evaluate_shadow(&self, pairs: &WindowSnapshot) -> Option<Verdict> {
         let p = &self.policy;
         let rate = pairs.error_rate();
         (pairs.requests >= p.min_requests
             && rate > p.max_shadow_mismatch_rate
-            && wilson_lower(pairs.errors, pairs.requests, self.z) > p.max_shadow_mismatch_rate)
+            && wilson(pairs.errors, pairs.requests, BOUND_Z).0 > p.max_shadow_mismatch_rate)
             .then(|| {
                 breach(format_args!(
                     "canary status class differs from stable's in {:.1}% > {:.1}% of {} compared \
@@ -413,18 +635,6 @@ impl Judge {
                 ))
             })
     }
-
-    /// When fewer than [`MIN_EXPECTED_ERRORS_FOR_Z`] canary errors are
-    /// expected under "no difference", the z-test overstates significance
-    /// (one error in 20 canary requests against a spotless stable gives
-    /// z ≈ 7). There the exact binomial tail must be below `alpha` too.
-    fn exact_test_agrees(&self, stable: &WindowSnapshot, canary: &WindowSnapshot) -> bool {
-        let pooled =
-            (stable.errors + canary.errors) as f64 / (stable.requests + canary.requests) as f64;
-        let expected = pooled * canary.requests as f64;
-        expected >= MIN_EXPECTED_ERRORS_FOR_Z
-            || binomial_upper_tail(canary.requests, canary.errors, pooled) < self.alpha
-    }
 }
 
 fn breach(reason: fmt::Arguments<'_>) -> Verdict {
@@ -435,6 +645,16 @@ fn breach(reason: fmt::Arguments<'_>) -> Verdict {
 
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// A test's evidence as reasons quote it: `e-value 1.2e3 ≥ 1/α = 9.1e2`.
+struct EValue<'a>(&'a Detector);
+
+impl fmt::Display for EValue<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (e, threshold) = self.0.e_value();
+        write!(f, "e-value {e:.1e} ≥ 1/α = {threshold:.1e}")
+    }
 }
 
 /// Formats a duration the way users write it: `10s`, `1.5s`, `250ms`.
@@ -450,18 +670,6 @@ impl fmt::Display for Secs {
         } else {
             write!(f, "{}s", round3(d.as_secs_f64()))
         }
-    }
-}
-
-/// Formats a ratio as a percentage without float noise: 0.999 → `99.9`.
-struct Percent(f64);
-
-impl fmt::Display for Percent {
-    /// Up to 6 decimals, trailing zeros dropped: 0.999999 shows as 99.9999,
-    /// never rounded up to a misleading 100.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = format!("{:.6}", self.0 * 100.0);
-        f.write_str(text.trim_end_matches('0').trim_end_matches('.'))
     }
 }
 
@@ -487,59 +695,6 @@ fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
         ((centre - spread) / scale).max(0.0),
         ((centre + spread) / scale).min(1.0),
     )
-}
-
-fn wilson_upper(k: u64, n: u64, z: f64) -> f64 {
-    wilson(k, n, z).1
-}
-
-fn wilson_lower(k: u64, n: u64, z: f64) -> f64 {
-    wilson(k, n, z).0
-}
-
-/// The quantile rank that bounds the p95 from below (`z < 0`) or above
-/// (`z > 0`) with `n` samples: the number of samples below the true p95 is
-/// Binomial(n, 0.95), so its normal bound gives a rank.
-fn quantile_bound(n: u64, z: f64) -> f64 {
-    let n = n.max(1) as f64;
-    (P95 + z * (P95 * (1.0 - P95) / n).sqrt()).clamp(0.0, 1.0)
-}
-
-/// Pooled two-proportion z statistic with Yates' continuity correction,
-/// positive when the canary is worse. The correction keeps the normal
-/// approximation from overstating significance on small counts.
-fn two_proportion_z(stable: &WindowSnapshot, canary: &WindowSnapshot) -> f64 {
-    let (ns, nc) = (stable.requests as f64, canary.requests as f64);
-    let pooled = (stable.errors + canary.errors) as f64 / (ns + nc);
-    let se = (pooled * (1.0 - pooled) * (1.0 / ns + 1.0 / nc)).sqrt();
-    if se == 0.0 {
-        return 0.0;
-    }
-    let correction = 0.5 * (1.0 / ns + 1.0 / nc);
-    (canary.error_rate() - stable.error_rate() - correction).max(0.0) / se
-}
-
-/// P(X ≥ k) for X ~ Binomial(n, p). Only called when `n * p` is small
-/// (< 5), so `(1 - p)^n` does not underflow and the sum has at most `k`
-/// terms.
-fn binomial_upper_tail(n: u64, k: u64, p: f64) -> f64 {
-    if k == 0 {
-        return 1.0;
-    }
-    if p <= 0.0 {
-        return 0.0;
-    }
-    if p >= 1.0 {
-        return 1.0;
-    }
-    let odds = p / (1.0 - p);
-    let mut pmf = (1.0 - p).powf(n as f64);
-    let mut below = pmf;
-    for i in 0..(k - 1).min(n) {
-        pmf *= (n - i) as f64 / (i + 1) as f64 * odds;
-        below += pmf;
-    }
-    (1.0 - below).max(0.0)
 }
 
 /// The standard normal quantile (Acklam's rational approximation, relative

@@ -31,7 +31,7 @@ use std::sync::Arc;
 pub use controller::{
     Controller, ControllerConfig, ControllerError, Notification, Status, UpstreamStatus, Upstreams,
 };
-pub use judge::{Judge, JudgePolicy, PolicyError, Verdict};
+pub use judge::{Evidence, Judge, JudgePolicy, Look, PolicyError, Verdict};
 pub use rollout::{
     parse_hold, Actor, Event, Phase, Rollout, RolloutError, RolloutSnapshot, RolloutState,
     Transition,

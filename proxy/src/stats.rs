@@ -304,6 +304,34 @@ impl WindowSnapshot {
         Duration::from_micros(MAX_MICROS)
     }
 
+    /// How many latencies were certainly above `limit`: those in buckets
+    /// whose every value exceeds it (a bucket straddling it does not count).
+    pub fn count_above(&self, limit: Duration) -> u64 {
+        let micros = limit.as_micros().min(u128::from(MAX_MICROS)) as u64;
+        let first = bucket_of(micros) + 1;
+        self.latency
+            .get(first..)
+            .map_or(0, |rest| rest.iter().sum())
+    }
+
+    /// A copy with `minus` taken off every latency (down to 0) and the rest
+    /// divided by `factor` (≥ 1), rounded down to a bucket: each bucket's
+    /// lowest value picks its new bucket, so no latency ends up above
+    /// `(latency − minus) / factor`.
+    pub fn shrunk(&self, minus: Duration, factor: f64) -> WindowSnapshot {
+        let minus = minus.as_micros().min(u128::from(MAX_MICROS)) as u64;
+        let mut scaled = WindowSnapshot {
+            requests: self.requests,
+            errors: self.errors,
+            ..WindowSnapshot::default()
+        };
+        for (bucket, count) in self.latency_buckets() {
+            let low = bucket_range(bucket).0.saturating_sub(minus) as f64 / factor;
+            scaled.latency[bucket_of(low as u64)] += count;
+        }
+        scaled
+    }
+
     /// The non-empty latency buckets as `(bucket, count)`, for sending a
     /// window elsewhere to be merged exactly ([`WindowSnapshot::from_buckets`]).
     pub fn latency_buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {

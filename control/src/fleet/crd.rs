@@ -135,10 +135,20 @@ pub struct JudgeSpec {
     /// Highest acceptable canary p95, e.g. `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_p95: Option<String>,
-    /// Highest acceptable canary p95 over stable's.
+    /// Chance per step that a healthy canary is reverted, e.g. 0.002.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Chance per hour a step lasts that a healthy canary is reverted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_per_hour: Option<f64>,
+    /// How many times stable's p50 or p95 the canary's must be for a
+    /// latency breach, e.g. 1.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_latency_shift: Option<f64>,
+    /// The window judge's key: read as `min_latency_shift`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_p95_ratio: Option<f64>,
-    /// One-sided confidence of every statistical check.
+    /// No longer used: refused with what to write instead (`alpha`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence: Option<f64>,
     /// How much higher than stable's the canary's error rate must be.

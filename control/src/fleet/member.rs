@@ -896,7 +896,7 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
     let Ok(judge) = Judge::new(judge_settings.policy) else {
         return Ok(false);
     };
-    let verdict = judge.evaluate(&stable, &canary, 0, 0);
+    let verdict = judge.evaluate_windows(&stable, &canary);
     let Some(_) = state::leader_tick(
         &status,
         &verdict,
