@@ -360,6 +360,8 @@ struct Rollout {
     canary_before_onset: u64,
     /// Per judge, in the order of [`JUDGES`].
     reverts: Vec<Option<Revert>>,
+    /// Per judge: looks made, and the time they took.
+    looks: Vec<(u64, Duration)>,
 }
 
 /// Runs rollout `seed` of `cond` through every judge.
@@ -369,6 +371,7 @@ fn rollout(cond: &Condition, seed: u64) -> Rollout {
     let mut traffic = Traffic::new(&cond.spec(seed), seed, base);
     let mut judges = judges(Moment::at(base, 0.0));
     let mut reverts: Vec<Option<Revert>> = vec![None; judges.len()];
+    let mut looks = vec![(0u64, Duration::ZERO); judges.len()];
     let mut canary = 0u64;
     let mut canary_before_onset = 0u64;
     let mut seen = 0u64;
@@ -393,11 +396,14 @@ fn rollout(cond: &Condition, seed: u64) -> Rollout {
         };
         if look {
             last_look = Some((seen, tick));
-            for (j, revert) in judges.iter_mut().zip(reverts.iter_mut()) {
+            for ((j, revert), cost) in judges.iter_mut().zip(&mut reverts).zip(&mut looks) {
                 if revert.is_some() || !j.memory().must_look(now.secs, onset) {
                     continue;
                 }
-                if let Some(reason) = j.look(now) {
+                let started = std::time::Instant::now();
+                let verdict = j.look(now);
+                *cost = (cost.0 + 1, cost.1 + started.elapsed());
+                if let Some(reason) = verdict {
                     *revert = Some(Revert {
                         secs: now.secs,
                         canary,
@@ -419,6 +425,7 @@ fn rollout(cond: &Condition, seed: u64) -> Rollout {
         onset,
         canary_before_onset,
         reverts,
+        looks,
     }
 }
 
@@ -447,6 +454,13 @@ pub struct JudgeResult {
     pub reasons: Vec<(String, u64)>,
     /// One full reason.
     pub example_reason: String,
+    /// Looks it made, over all the rollouts.
+    #[serde(default)]
+    pub looks: u64,
+    /// The time they took, seconds (wall clock, on a machine that may be
+    /// busy with other work).
+    #[serde(default)]
+    pub look_seconds: f64,
 }
 
 impl JudgeResult {
@@ -551,6 +565,8 @@ fn judge_result(j: usize, runs: &[Rollout], twins: Option<&[Rollout]>) -> JudgeR
     let mut seconds = Vec::new();
     let mut reasons = Vec::new();
     for (i, run) in runs.iter().enumerate() {
+        out.looks += run.looks[j].0;
+        out.look_seconds += run.looks[j].1.as_secs_f64();
         let twin = twins.and_then(|t| t[i].reverts[j].as_ref());
         let own = run.reverts[j].as_ref();
         match (twin, own) {
@@ -738,6 +754,7 @@ mod tests {
             onset,
             canary_before_onset: 100,
             reverts,
+            looks: vec![(2, Duration::from_micros(3))],
         };
         let twins = [
             run(0.0, vec![revert(50.0, 50)]),
@@ -752,6 +769,7 @@ mod tests {
         ];
         let r = judge_result(0, &runs, Some(&twins));
         assert_eq!((r.before_onset, r.reverted), (1, 1));
+        assert_eq!(r.looks, 6);
         // Of two rollouts, one reverted after 30 canary requests, one never.
         assert_eq!(r.median_requests, None);
         assert_eq!(r.reasons, vec![("canary error rate".to_string(), 1)]);

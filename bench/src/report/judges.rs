@@ -158,35 +158,47 @@ fn false_share(r: &SimResult, j: usize) -> f64 {
     percent(r.judges[j].any_revert(), r.rollouts)
 }
 
-/// The conditions where the new judge does worse than today's, with why.
+/// The conditions where the new judge does worse than today's, with why
+/// (and today's false reverts in the same traffic, which buy some of its
+/// speed).
 fn worse_rows(run: &SimRun) -> Vec<(&SimResult, String)> {
     let mut out = Vec::new();
     for r in &run.results {
-        let (new, today) = (&r.judges[0], &r.judges[1]);
-        if r.condition.healthy_canary() {
-            let (n, t) = (false_share(r, 0), false_share(r, 1));
-            if n > t + WORSE_FALSE_REVERTS_POINTS {
-                out.push((r, format!("false reverts {n:.1}% against {t:.1}%")));
-            }
+        let Some(mut why) = worse(r) else {
             continue;
+        };
+        let twin = find(run, |c| *c == r.condition.twin()).map_or(0.0, |t| false_share(t, 1));
+        if !r.condition.healthy_canary() && twin > 0.0 {
+            let _ = write!(
+                why,
+                " (today reverts {twin:.1}% of healthy canaries of this traffic)"
+            );
         }
-        let (n, t) = (
-            percent(new.reverted, r.rollouts),
-            percent(today.reverted, r.rollouts),
-        );
-        if n + WORSE_DETECTED_POINTS < t {
-            out.push((r, format!("detected {n:.0}% against {t:.0}%")));
-            continue;
-        }
-        let n = new.median_requests.unwrap_or(f64::INFINITY);
-        if let Some(t) = today.median_requests {
-            if n > WORSE_MEDIAN_FACTOR * t {
-                let n = requests(new.median_requests);
-                out.push((r, format!("median {n} canary requests against {t:.0}")));
-            }
-        }
+        out.push((r, why));
     }
     out
+}
+
+/// Why the new judge does worse than today's in `r`, if it does.
+fn worse(r: &SimResult) -> Option<String> {
+    let (new, today) = (&r.judges[0], &r.judges[1]);
+    if r.condition.healthy_canary() {
+        let (n, t) = (false_share(r, 0), false_share(r, 1));
+        return (n > t + WORSE_FALSE_REVERTS_POINTS)
+            .then(|| format!("false reverts {n:.1}% against {t:.1}%"));
+    }
+    let (n, t) = (
+        percent(new.reverted, r.rollouts),
+        percent(today.reverted, r.rollouts),
+    );
+    if n + WORSE_DETECTED_POINTS < t {
+        return Some(format!("detected {n:.0}% against {t:.0}%"));
+    }
+    let t = today.median_requests?;
+    (new.median_requests.unwrap_or(f64::INFINITY) > WORSE_MEDIAN_FACTOR * t).then(|| {
+        let n = requests(new.median_requests);
+        format!("median {n} canary requests against {t:.0}")
+    })
 }
 
 // === section ===
@@ -311,6 +323,8 @@ pub(super) fn section(s: &mut String, res: &Results) {
         );
     }
 
+    cost(s, run);
+
     let _ = writeln!(
         s,
         "\n#### Shared dependency: both upstreams change at once (healthy canary, stable 1% errors, log-normal)\n\n\
@@ -415,6 +429,50 @@ pub(super) fn section(s: &mut String, res: &Results) {
             c.traffic_label(),
             c.effect_label(),
             c.onset_label()
+        );
+    }
+}
+
+/// What a look costs each judge, over the healthy rollouts (every look of
+/// the rollout is made there).
+fn cost(s: &mut String, run: &SimRun) {
+    let _ = writeln!(
+        s,
+        "\nCost of a look in the simulator (wall clock per `SimJudge::look`, healthy rollouts; the machine may \
+         have been busy with other work). For the two judges over `serin_proxy::Stats` a look includes reading \
+         the windows (and, for the new one, the new outcomes), as the controller's look does; the interval \
+         checks do their work once a minute, in the look that closes the minute.\n"
+    );
+    table_head(
+        s,
+        &[
+            "judge",
+            "µs per look, 10 canary req/s",
+            "100 canary req/s",
+            "looks per rollout (10 / 100)",
+        ],
+    );
+    for (j, title) in TITLES.iter().enumerate() {
+        let at = |rps: f64| {
+            let (mut looks, mut seconds, mut rollouts) = (0, 0.0, 0);
+            for r in run
+                .results
+                .iter()
+                .filter(|r| r.condition.kind == Kind::Healthy && r.condition.canary_rps == rps)
+            {
+                looks += r.judges[j].looks;
+                seconds += r.judges[j].look_seconds;
+                rollouts += r.rollouts;
+            }
+            (
+                seconds * 1e6 / looks.max(1) as f64,
+                looks as f64 / rollouts.max(1) as f64,
+            )
+        };
+        let ((low, low_looks), (high, high_looks)) = (at(10.0), at(100.0));
+        let _ = writeln!(
+            s,
+            "| {title} | {low:.2} | {high:.2} | {low_looks:.0} / {high_looks:.0} |"
         );
     }
 }
