@@ -82,7 +82,7 @@ CHART_VALUES = {
             "rollout": {
                 "rollout": {"steps": [5, 25, 50, 100], "hold": "60s", "minRequestsPerStep": 200},
                 "paused": False,
-                "judge": {"max_error_rate": 0.02, "max_p95": "800ms", "max_p95_ratio": 1.5,
+                "judge": {"max_error_rate": 0.02, "max_p95": "800ms", "min_latency_shift": 1.5,
                           "min_requests": 50, "max_consecutive_errors": 10},
             },
         },

@@ -523,7 +523,8 @@ impl Judge {
         (chance <= ALPHA_SHARES.run * p.alpha_per_hour).then(|| {
             breach(format_args!(
                 "{run} consecutive canary errors while stable fails at most {:.2}% of \
-                 requests: {:.1e} such runs expected per hour ≤ {:.1e}",
+                 requests: a canary as good as stable does that {:.1e} times an hour \
+                 (allowed {:.1e})",
                 stable_high * 100.0,
                 chance,
                 ALPHA_SHARES.run * p.alpha_per_hour,

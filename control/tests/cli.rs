@@ -46,6 +46,22 @@ fn invalid_config_exits_non_zero_naming_the_key_before_binding() {
         "max_eror_rate",
     );
 
+    // The window judge's keys: `confidence` is refused with what to write
+    // instead; `max_p95_ratio` still works, as `min_latency_shift`.
+    let upstreams =
+        "[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n";
+    std::fs::write(
+        &file,
+        format!("{upstreams}[judge]\nconfidence = 0.999999\n"),
+    )
+    .unwrap();
+    fails_with(
+        serin().args(["check", "--config"]).arg(&file),
+        "`judge.alpha` per step (default 0.002)",
+    );
+    std::fs::write(&file, format!("{upstreams}[judge]\nmax_p95_ratio = 1.5\n")).unwrap();
+    check_passes(&file);
+
     // The overload limits' errors name their key too.
     for (section, key) in [
         (
@@ -93,6 +109,21 @@ fn succeeds(command: &mut Command) {
     );
 }
 
+/// Runs `serin check` on `file`, which must pass; its standard output.
+fn check_passes(file: &std::path::Path) -> String {
+    let out = serin()
+        .args(["check", "--config"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn fails_with(command: &mut Command, text: &str) {
     let out = command.output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{command:?}");
@@ -108,17 +139,7 @@ fn check_accepts_a_good_config_and_env_overrides_the_file() {
     let dir = temp_dir("goodconfig");
     let file = dir.join("serin.toml");
     std::fs::write(&file, "canary_weight = 10\n[stable]\nurl = \"http://127.0.0.1:1\"\n[canary]\nurl = \"http://127.0.0.1:2\"\n").unwrap();
-    let out = serin()
-        .args(["check", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("at 10%"));
+    assert!(check_passes(&file).contains("at 10%"));
     // An environment variable beats the file; a flag beats both.
     let out = serin()
         .args(["run", "--config"])

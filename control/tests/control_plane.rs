@@ -520,6 +520,80 @@ async fn a_canary_slower_than_its_clients_patience_is_reverted_on_latency() {
     serin.stop().await;
 }
 
+/// Sends GETs in rounds of 100 until `/status` shows a revert, at most
+/// `max` requests; the status and the canary requests served meanwhile.
+async fn traffic_until_reverted(serin: &Serin, max: usize) -> (Value, u64) {
+    let canary_before = serin.canary.requests();
+    for _ in 0..max / 100 {
+        serin.traffic(100, &Method::GET).await;
+        let status = serin.api.status().await;
+        if status["phase"] == "rolled_back" {
+            return (status, serin.canary.requests() - canary_before);
+        }
+    }
+    panic!(
+        "no revert after {max} requests: {}",
+        serin.api.status().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modest_error_regression_is_reverted_on_its_evidence() {
+    let serin = Serin::start("").await;
+    let errors = |ratio| Behavior {
+        error_ratio: ratio,
+        ..Behavior::default()
+    };
+    serin.stable.set(errors(0.01));
+    serin.canary.set(errors(0.01));
+    serin.api.set_weight(25.0).await;
+    // As good as stable: left alone.
+    serin.traffic(2_000, &Method::GET).await;
+    assert_eq!(phase_weight(&serin.api.status().await), ("manual", 25.0));
+
+    // 1% -> 4%: under the 5% limit, so only the comparison with stable
+    // over the same time can catch it.
+    serin.canary.set(errors(0.04));
+    let (status, served) = traffic_until_reverted(&serin, 20_000).await;
+    let reason = status["reason"].as_str().unwrap();
+    println!("1% -> 4% reverted after {served} canary requests: {reason}");
+    assert!(reason.starts_with("canary errors "), "{reason}");
+    assert!(reason.contains(" vs stable "), "{reason}");
+    assert!(reason.contains("canary requests: e-value "), "{reason}");
+    assert!(reason.contains(" ≥ 1/α = "), "{reason}");
+    serin.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowdown_both_share_is_not_reverted_but_a_slower_canary_is() {
+    let serin = Serin::start("").await;
+    let delay = |ms| Behavior {
+        delay: Duration::from_millis(ms),
+        ..Behavior::default()
+    };
+    serin.api.set_weight(30.0).await;
+    serin.traffic(400, &Method::GET).await;
+    // A dependency both use slows down at the moment the weight changes
+    // (the window judge reverted this healthy canary within seconds).
+    serin.stable.set(delay(15));
+    serin.canary.set(delay(15));
+    serin.api.set_weight(40.0).await;
+    serin.traffic(800, &Method::GET).await;
+    assert_eq!(phase_weight(&serin.api.status().await), ("manual", 40.0));
+
+    // The canary alone at twice stable's latency.
+    serin.canary.set(delay(30));
+    let (status, served) = traffic_until_reverted(&serin, 4_000).await;
+    let reason = status["reason"].as_str().unwrap();
+    println!("2x latency reverted after {served} canary requests: {reason}");
+    assert!(
+        reason.starts_with("canary latency over 1.1× stable's: p50 "),
+        "{reason}"
+    );
+    assert!(served < 1_000, "{served} canary requests: {reason}");
+    serin.stop().await;
+}
+
 // === 2. the latch ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
