@@ -129,6 +129,52 @@ pub trait SimJudge {
     fn look(&mut self, at: Moment) -> Option<String>;
 }
 
+/// The data plane's stats as a judge over [`serin_proxy::Stats`] is fed:
+/// every request recorded, and the canary's run of errors in a row counted
+/// only since the last arm, as the controller counts it (its
+/// `runs_counted_from`).
+pub struct Recorded {
+    /// The real stats, one worker.
+    pub stats: serin_proxy::Stats,
+    /// Canary requests recorded so far.
+    canary_total: u64,
+    /// The canary total at the last arm.
+    armed_at: u64,
+}
+
+impl Recorded {
+    /// Empty stats with a rolling `window`, whose clock starts at `start`.
+    pub fn new(window: Duration, start: Moment) -> Self {
+        Self {
+            stats: serin_proxy::Stats::new(1, window, start.instant),
+            canary_total: 0,
+            armed_at: 0,
+        }
+    }
+
+    /// One request that completed.
+    pub fn record(&mut self, r: &Request) {
+        self.stats
+            .worker(0)
+            .upstream(r.target)
+            .record(r.at.instant, r.latency, r.error);
+        if r.target == Target::Canary {
+            self.canary_total += 1;
+        }
+    }
+
+    /// A re-arm: runs of canary errors count from here.
+    pub fn rearm(&mut self) {
+        self.armed_at = self.canary_total;
+    }
+
+    /// The canary's run of errors in a row since the last arm.
+    pub fn canary_run(&self) -> u32 {
+        let since_arm = self.canary_total - self.armed_at;
+        u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_arm) as u32
+    }
+}
+
 /// A fresh set of the judges, in the order of [`JUDGES`].
 fn judges(start: Moment) -> Vec<Box<dyn SimJudge>> {
     vec![

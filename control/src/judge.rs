@@ -659,7 +659,7 @@ impl fmt::Display for EValue<'_> {
 }
 
 /// Formats a duration the way users write it: `10s`, `1.5s`, `250ms`.
-pub(crate) struct Secs(pub(crate) Duration);
+pub struct Secs(pub Duration);
 
 impl fmt::Display for Secs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -681,8 +681,9 @@ fn round3(x: f64) -> f64 {
 // === statistics ===
 
 /// The Wilson score confidence interval of a proportion `k / n` at critical
-/// value `z`: `(low, high)`.
-fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
+/// value `z`: `(low, high)`. Public for the bench's copy of the window
+/// judge this one replaced.
+pub fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
     if n == 0 {
         return (0.0, 1.0);
     }
@@ -699,8 +700,9 @@ fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
 }
 
 /// The standard normal quantile (Acklam's rational approximation, relative
-/// error below 1.2e-9), for `p` in (0, 1).
-fn inverse_normal_cdf(p: f64) -> f64 {
+/// error below 1.2e-9), for `p` in (0, 1). Public for the bench's
+/// simulator, which draws and tests with it.
+pub fn inverse_normal_cdf(p: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969_683_028_665_376e1,
         2.209_460_984_245_205e2,

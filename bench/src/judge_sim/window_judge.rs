@@ -19,11 +19,12 @@
 use std::fmt;
 use std::time::Duration;
 
-use serin_proxy::{Stats, Target, WindowSnapshot};
+use serin_control::judge::{wilson, Secs};
+use serin_proxy::{Target, WindowSnapshot};
 
 use super::normal;
 use super::traffic::Request;
-use super::{Memory, Moment, SimJudge};
+use super::{Memory, Moment, Recorded, SimJudge};
 
 /// The quantile that the latency checks are about.
 const P95: f64 = 0.95;
@@ -210,22 +211,6 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Formats a duration the way users write it: `10s`, `1.5s`, `250ms`.
-struct Secs(Duration);
-
-impl fmt::Display for Secs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let d = self.0;
-        if d.subsec_nanos() == 0 {
-            write!(f, "{}s", d.as_secs())
-        } else if d < Duration::from_secs(1) {
-            write!(f, "{}ms", round3(millis(d)))
-        } else {
-            write!(f, "{}s", round3(d.as_secs_f64()))
-        }
-    }
-}
-
 /// Formats a ratio as a percentage without float noise: 0.999999 → `99.9999`.
 struct Percent(f64);
 
@@ -236,29 +221,7 @@ impl fmt::Display for Percent {
     }
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 // === statistics ===
-
-/// The Wilson score confidence interval of a proportion `k / n` at critical
-/// value `z`: `(low, high)`.
-fn wilson(k: u64, n: u64, z: f64) -> (f64, f64) {
-    if n == 0 {
-        return (0.0, 1.0);
-    }
-    let n = n as f64;
-    let p = k as f64 / n;
-    let z2 = z * z;
-    let centre = p + z2 / (2.0 * n);
-    let spread = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    let scale = 1.0 + z2 / n;
-    (
-        ((centre - spread) / scale).max(0.0),
-        ((centre + spread) / scale).min(1.0),
-    )
-}
 
 fn wilson_upper(k: u64, n: u64, z: f64) -> f64 {
     wilson(k, n, z).1
@@ -315,25 +278,15 @@ fn binomial_upper_tail(n: u64, k: u64, p: f64) -> f64 {
 /// [`serin_proxy::Stats`].
 pub struct Today {
     judge: WindowJudge,
-    stats: Stats,
-    /// Canary requests recorded so far.
-    canary_total: u64,
-    /// The canary total at the last step change: a run of canary errors
-    /// counts only the requests since (the controller's `runs_counted_from`).
-    runs_counted_from: u64,
+    served: Recorded,
 }
 
 impl Today {
     /// Today's judge with the default policy, its windows starting at `start`.
     pub fn new(start: Moment) -> Self {
         let judge = WindowJudge::new(Policy::default());
-        let stats = Stats::new(1, judge.policy.window, start.instant);
-        Self {
-            judge,
-            stats,
-            canary_total: 0,
-            runs_counted_from: 0,
-        }
+        let served = Recorded::new(judge.policy.window, start);
+        Self { judge, served }
     }
 }
 
@@ -347,27 +300,20 @@ impl SimJudge for Today {
     }
 
     fn record(&mut self, r: &Request) {
-        self.stats
-            .worker(0)
-            .upstream(r.target)
-            .record(r.at.instant, r.latency, r.error);
-        if r.target == Target::Canary {
-            self.canary_total += 1;
-        }
+        self.served.record(r);
     }
 
     fn rearm(&mut self, _at: Moment) {
-        self.runs_counted_from = self.canary_total;
+        self.served.rearm();
     }
 
     fn look(&mut self, at: Moment) -> Option<String> {
-        let since_change = self.canary_total - self.runs_counted_from;
-        let canary_run = u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_change);
+        let stats = &self.served.stats;
         self.judge.evaluate(
-            &self.stats.window_snapshot(Target::Stable, at.instant),
-            &self.stats.window_snapshot(Target::Canary, at.instant),
-            self.stats.consecutive_errors(Target::Stable),
-            canary_run as u32,
+            &stats.window_snapshot(Target::Stable, at.instant),
+            &stats.window_snapshot(Target::Canary, at.instant),
+            stats.consecutive_errors(Target::Stable),
+            self.served.canary_run(),
         )
     }
 }
@@ -382,7 +328,7 @@ mod tests {
     /// all `ms` long.
     fn window(requests: u64, errors: u64, ms: u64) -> WindowSnapshot {
         let now = Instant::now();
-        let stats = Stats::new(1, Duration::from_secs(10), now);
+        let stats = serin_proxy::Stats::new(1, Duration::from_secs(10), now);
         for i in 0..requests {
             stats.worker(0).upstream(Target::Canary).record(
                 now,

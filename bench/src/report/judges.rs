@@ -485,7 +485,7 @@ fn method(s: &mut String, run: &SimRun) {
         "`serin-bench judge-sim{}` on {} (serin commit `{}`): {:.0} s on {} threads. bench/src/judge_sim.rs shows \
          every simulated rollout to four judges at once, on the same requests in the same order:\n\n\
          - **new**: `serin_control::Judge` of that commit, default policy, as issue #13's controller drives it: \
-           re-armed at each step start, both rolling windows restarted there.\n\
+           re-armed at each step start (fresh evidence; the rolling windows go on).\n\
          - **today**: the window judge serin shipped until #13 (a copy of its `Judge::evaluate` in \
            bench/src/judge_sim/window_judge.rs), default policy (window 10 s, 20 requests, 5% errors, p95 1 s and \
            1.5× stable's, confidence 0.999999, 1 pp over stable, 10 errors in a row and the improbable-run fast \

@@ -82,20 +82,20 @@ use std::time::Duration;
 use serin_proxy::WindowSnapshot;
 
 /// Alternatives per test: the mixture's grid.
-const GRID: usize = 4;
+const GRID: usize = 5;
 
 /// The mixture's weights over each grid, most on the middle alternatives
 /// (the effects worth catching quickly), summing to 1.
-const GRID_WEIGHTS: [f64; GRID] = [0.15, 0.35, 0.35, 0.15];
+const GRID_WEIGHTS: [f64; GRID] = [0.1, 0.2, 0.35, 0.2, 0.15];
 
 /// Error rate ratios θ (canary over stable) of the relative error test:
-/// 1% against 6% is θ = 6.
-const ERROR_RATIOS: [f64; GRID] = [2.0, 4.0, 8.0, 30.0];
+/// 1% against 6% is θ = 6; 5% against 7.5%, θ = 1.5.
+const ERROR_RATIOS: [f64; GRID] = [1.5, 3.0, 6.0, 12.0, 40.0];
 
 /// Shifts λ of the normal scores in the relative latency test: a
 /// log-normal latency with σ = 0.5 moved up by 1.2× is λ ≈ 0.36, by 1.5×
-/// λ ≈ 0.81, by 2× λ ≈ 1.4.
-const LATENCY_SHIFTS: [f64; GRID] = [0.2, 0.4, 0.8, 1.6];
+/// λ ≈ 0.81, by 2× λ ≈ 1.4 (before the minimum shift is taken off).
+const LATENCY_SHIFTS: [f64; GRID] = [0.1, 0.2, 0.4, 0.8, 1.6];
 
 /// Latency differences this small are never a regression: a canary 0.4 ms
 /// slower (a copy of a shadowed request, a colder connection pool at a
@@ -334,13 +334,14 @@ pub(super) const fn p95_tail() -> f64 {
     P95_TAIL
 }
 
-/// The Bernoulli alternatives above a null rate `p0`: half again, triple,
-/// and most of the way to 1.
+/// The Bernoulli alternatives above a null rate `p0`: a third more, double,
+/// four times, and half and most of the way to 1.
 pub(super) fn rate_alternatives(p0: f64) -> impl Fn(usize) -> f64 {
     move |k| match k {
-        0 => (1.5 * p0).min(p0 + (1.0 - p0) * 0.1),
-        1 => (3.0 * p0).min(p0 + (1.0 - p0) * 0.3),
-        2 => p0 + (1.0 - p0) * 0.5,
+        0 => (1.3 * p0).min(p0 + (1.0 - p0) * 0.05),
+        1 => (2.0 * p0).min(p0 + (1.0 - p0) * 0.15),
+        2 => (4.0 * p0).min(p0 + (1.0 - p0) * 0.3),
+        3 => p0 + (1.0 - p0) * 0.5,
         _ => p0 + (1.0 - p0) * 0.9,
     }
 }
