@@ -1350,6 +1350,13 @@ pub(crate) fn judge_settings(raw: &RawJudge, o: &Overrides) -> Result<JudgeSetti
             format!("must be between 1s and 1h (got {window:?})"),
         ));
     }
+    if raw.max_p95_ratio.is_some() && raw.min_latency_shift.is_some() {
+        return Err(ConfigError::invalid(
+            "judge.max_p95_ratio",
+            "is the old name of `judge.min_latency_shift`, which is set too; remove \
+             `max_p95_ratio`",
+        ));
+    }
     if raw.confidence.is_some() {
         return Err(ConfigError::invalid(
             "judge.confidence",

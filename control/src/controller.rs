@@ -337,17 +337,22 @@ struct Inner {
 /// What the judge loop carries from one look to the next.
 struct Judging {
     evidence: Evidence,
+    /// Re-arms so far: a verdict reached before a re-arm is not applied
+    /// after it.
+    arms: u64,
     /// Where [`Stats::new_outcomes`] is up to, per [`Target::index`].
     cursors: [OutcomeCursor; 2],
     last_look: Instant,
 }
 
-/// What a re-arm is about: the canary's weight, the latch and the phase.
-fn course(rollout: &Rollout) -> (u16, bool, Phase) {
+/// What a re-arm is about: the canary's weight, the latch, and whether it
+/// is shadowed (its traffic is copies). A pause or a resume at the same
+/// weight keeps the evidence.
+fn course(rollout: &Rollout) -> (u16, bool, bool) {
     (
         rollout.canary_weight_bp(),
         rollout.latched(),
-        rollout.phase(),
+        rollout.phase() == Phase::Shadowing,
     )
 }
 
@@ -393,6 +398,7 @@ impl Controller {
         };
         let judging = Judging {
             evidence: judge.arm(),
+            arms: 0,
             cursors: Default::default(),
             last_look: now,
         };
@@ -561,8 +567,7 @@ impl Controller {
             tracing::info!(policy = ?judge.policy(), "judge policy changed");
             *current = Arc::new(judge);
             drop(current);
-            let evidence = self.inner.judge.lock().expect("judge").arm();
-            self.inner.judging.lock().expect("judging").evidence = evidence;
+            self.inner.rearm();
         }
         Ok(())
     }
@@ -642,7 +647,7 @@ impl Controller {
         inner.fleet.adopted.store(true, Relaxed);
         if course(&rollout) != before {
             inner.runs_counted_from.store(canary_total, Relaxed);
-            inner.rearm(&rollout);
+            inner.rearm();
         }
         if before.1 && !rollout.latched() {
             inner.restart_windows(now);
@@ -781,7 +786,7 @@ impl Inner {
         let event = op(&mut rollout, now, canary_total)?;
         self.runs_counted_from.store(canary_total, Relaxed);
         if course(&rollout) != before {
-            self.rearm(&rollout);
+            self.rearm();
         }
         if was_latched && !rollout.latched() {
             self.restart_windows(now);
@@ -796,15 +801,13 @@ impl Inner {
         })
     }
 
-    /// Fresh evidence for the judge: the canary's course changed, so it is
-    /// judged on what it does from now on. A latched canary is not judged;
-    /// it re-arms when it is brought back.
-    fn rearm(&self, rollout: &Rollout) {
-        if rollout.latched() {
-            return;
-        }
+    /// Fresh evidence for the judge: the canary's course changed (or the
+    /// policy did), so it is judged on what it does from now on.
+    fn rearm(&self) {
         let evidence = self.judge.lock().expect("judge").arm();
-        self.judging.lock().expect("judging").evidence = evidence;
+        let mut judging = self.judging.lock().expect("judging");
+        judging.evidence = evidence;
+        judging.arms += 1;
     }
 
     /// The canary is back from a revert: `/status` and the shadow's check
@@ -826,27 +829,44 @@ impl Inner {
         let since_change = canary_total.saturating_sub(self.runs_counted_from.load(Relaxed));
         let canary_run = u64::from(self.stats.consecutive_errors(Target::Canary)).min(since_change);
         let judge = self.judge.lock().expect("judge").clone();
-        let verdict = {
+        // A shadowed canary's traffic is copies of some of stable's requests
+        // (bodiless, idempotent ones): not stable's mix, so it is not
+        // compared with stable's outcomes, only held to the limits and to
+        // its pairs (below).
+        let shadowed = Phase::ALL[self.phase.load(Relaxed)] == Phase::Shadowing;
+        let nothing = WindowSnapshot::default();
+        let (verdict, arm) = {
             let mut judging = self.judging.lock().expect("judging");
             let Judging {
                 evidence,
+                arms,
                 cursors: [stable_cursor, canary_cursor],
                 last_look,
             } = &mut *judging;
             let stable_new = self.stats.new_outcomes(Target::Stable, stable_cursor, now);
             let canary_new = self.stats.new_outcomes(Target::Canary, canary_cursor, now);
+            let (stable_new, stable) = if shadowed {
+                (&nothing, &nothing)
+            } else {
+                (&stable_new, &stable)
+            };
             let look = Look {
-                stable: &stable_new,
+                stable: stable_new,
                 canary: &canary_new,
-                stable_window: &stable,
+                stable_window: stable,
                 canary_window: &canary,
                 elapsed: now.saturating_duration_since(std::mem::replace(last_look, now)),
                 stable_consecutive: self.stats.consecutive_errors(Target::Stable),
                 canary_consecutive: canary_run as u32,
             };
-            judge.evaluate(evidence, &look)
+            (judge.evaluate(evidence, &look), *arms)
         };
         let mut rollout = self.rollout.lock().await;
+        if self.judging.lock().expect("judging").arms != arm {
+            // Re-armed while this look waited for the rollout: its verdict
+            // is about a course that no longer runs.
+            return;
+        }
         let before = course(&rollout);
         // A shadowed canary is judged on its copies' outcomes (in its
         // window like any canary request's), and on how often their status
@@ -868,7 +888,7 @@ impl Inner {
             return;
         };
         if course(&rollout) != before {
-            self.rearm(&rollout);
+            self.rearm();
         }
         let upstreams = Upstreams {
             stable: UpstreamStatus::new(&self.config.stable_url, &stable),

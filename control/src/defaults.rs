@@ -55,8 +55,9 @@ pub const ALPHA: f64 = 0.002;
 /// spent continuously so that a canary turning bad late is caught too.
 pub const ALPHA_PER_HOUR: f64 = 0.004;
 /// `judge.min_latency_shift`: the latency test reverts a canary whose
-/// latencies are more than this many times stable's (over the same time):
-/// 10% slower. Below it, a real but small slowdown is not worth a revert.
+/// latencies, less 1 ms, are more than this many times stable's (over the
+/// same time): 10% slower. Below it, a real but small slowdown is not worth
+/// a revert.
 pub const MIN_LATENCY_SHIFT: f64 = 1.1;
 /// `judge.min_error_rate_difference`: how far (absolute) the canary's error
 /// rate must exceed stable's before the relative check can breach: one

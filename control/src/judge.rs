@@ -4,10 +4,11 @@
 //! It exists so that the one decision that moves production traffic is a
 //! deterministic function of the outcomes both upstreams served, testable
 //! without a clock or a socket. The controller keeps one [`Evidence`] per
-//! arm (a step, a weight set by hand, a resume) and hands the judge each
-//! look's new outcomes ([`Look`]); the judge folds them into the evidence
-//! and never reads the clock, never blocks, and allocates only batch copies
-//! and the reason text of a breach.
+//! arm (a step, a weight set by hand, the latch lifted) and hands the judge
+//! each look's new outcomes ([`Look`]); the judge folds them into the
+//! evidence and never reads the clock and never blocks. Per look it copies
+//! the batch's histograms when a batch closes, and allocates a reason's
+//! text on a breach.
 //!
 //! # Sequential, anytime-valid tests
 //!
@@ -21,7 +22,8 @@
 //! are caught at low traffic too, and a canary that turns bad mid-step is
 //! detected as if a test had started at the change.
 //!
-//! Four tests share the α ([`ALPHA_SHARES`]):
+//! Four tests share the α ([`ALPHA_SHARES`]; the run fast path below takes
+//! a share of the hourly α):
 //! - canary errors against stable's over the same time (the canary's share
 //!   of the errors, given each side's share of the requests);
 //! - canary latency against stable's over the same time (a rank test of the
@@ -30,11 +32,16 @@
 //!   ≤ `max_p95`.
 //!
 //! Minimum effects: the latency test's null is "at most `min_latency_shift`
-//! times slower than stable"; the error tests breach only if, over the same
-//! span on both sides, the canary's error rate exceeds stable's by more
-//! than `min_error_rate_difference` (at high traffic a test finds
-//! differences too small to matter). The limits revert only a canary worse
-//! than stable: a dependency failing both is not the canary's fault.
+//! times slower than stable, plus 1 ms"; the relative error test breaches
+//! only if, over the same span on both sides, the canary's error rate
+//! exceeds stable's by more than `min_error_rate_difference` (at high
+//! traffic a test finds differences too small to matter). A limit reverts
+//! a canary over it only if stable has too little traffic to compare with,
+//! or the relative test found the canary worse too: a dependency failing
+//! both is not the canary's fault.
+//!
+//! Outside the α: the fast path's `max_consecutive_errors` (a policy, not a
+//! test) and the shadow's mismatch check (a Wilson bound, below).
 //!
 //! # Fast paths
 //!
@@ -108,7 +115,7 @@ pub struct JudgePolicy {
     /// The [`serin_proxy::Stats`] the controller reads must be built with
     /// the same window.
     pub window: Duration,
-    /// Canary requests since the arm before the verdict can be
+    /// Canary requests since the judge re-armed before the verdict can be
     /// [`Verdict::Healthy`] (a rollout step holds until then). A breach
     /// needs no minimum. Default [`defaults::MIN_REQUESTS`].
     pub min_requests: u64,
@@ -130,9 +137,9 @@ pub struct JudgePolicy {
     /// (absolute, ratio in [0, 1)) before the relative check can breach.
     /// Default [`defaults::MIN_ERROR_RATE_DIFFERENCE`].
     pub min_error_rate_difference: f64,
-    /// The canary's p50 or p95 must be at least this many times stable's
-    /// before the relative latency check can breach (≥ 1). Default
-    /// [`defaults::MIN_LATENCY_SHIFT`].
+    /// The relative latency test reverts a canary whose latencies, less
+    /// 1 ms, are more than this many times stable's over the same time
+    /// (≥ 1): its null. Default [`defaults::MIN_LATENCY_SHIFT`].
     pub min_latency_shift: f64,
     /// Canary errors in a row that revert at once, whatever the evidence,
     /// unless stable also has this many errors in a row (then the fault is
@@ -293,7 +300,7 @@ pub enum Verdict {
     Breach {
         /// Human text with the test and its evidence, e.g. `canary errors
         /// 6.1% vs stable 1.0% after 142 canary requests: e-value 1.2e3 ≥
-        /// 1/α = 9.1e2`.
+        /// 1/α = 8.3e2`.
         reason: String,
     },
 }
@@ -314,7 +321,7 @@ impl fmt::Display for Verdict {
                 min_requests,
             } => write!(
                 f,
-                "{canary_requests} of {min_requests} canary requests needed since the step began"
+                "{canary_requests} of {min_requests} canary requests needed since the judge re-armed"
             ),
             Verdict::Breach { reason } => f.write_str(reason),
         }
@@ -448,12 +455,17 @@ impl Judge {
     }
 
     /// Judges the windows alone, as one batch: the fleet leader's check of
-    /// its members' aggregated windows, made about once per window. Each
-    /// call spends `alpha_per_hour` for one window's length, so checks
-    /// repeated once per window keep to the hourly rate.
-    pub fn evaluate_windows(&self, stable: &WindowSnapshot, canary: &WindowSnapshot) -> Verdict {
+    /// its members' aggregated windows, made every `period`. Each call
+    /// spends `alpha_per_hour` for one `period`, so checks repeated that
+    /// often keep to the hourly rate, however often the aggregate changes.
+    pub fn evaluate_windows(
+        &self,
+        stable: &WindowSnapshot,
+        canary: &WindowSnapshot,
+        period: Duration,
+    ) -> Verdict {
         let p = &self.policy;
-        let mut evidence = self.arm_with(p.alpha_per_hour * p.window.as_secs_f64() / 3600.0);
+        let mut evidence = self.arm_with(p.alpha_per_hour * period.as_secs_f64() / 3600.0);
         let look = Look {
             stable,
             canary,
@@ -648,7 +660,7 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// A test's evidence as reasons quote it: `e-value 1.2e3 ≥ 1/α = 9.1e2`.
+/// A test's evidence as reasons quote it: `e-value 1.2e3 ≥ 1/α = 8.3e2`.
 struct EValue<'a>(&'a Detector);
 
 impl fmt::Display for EValue<'_> {

@@ -141,8 +141,8 @@ pub struct JudgeSpec {
     /// Chance per hour a step lasts that a healthy canary is reverted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha_per_hour: Option<f64>,
-    /// How many times stable's p50 or p95 the canary's must be for a
-    /// latency breach, e.g. 1.2.
+    /// How many times stable's the canary's latencies (less 1 ms) must be
+    /// for a latency breach, e.g. 1.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_latency_shift: Option<f64>,
     /// The window judge's key: read as `min_latency_shift`.

@@ -896,7 +896,7 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
     let Ok(judge) = Judge::new(judge_settings.policy) else {
         return Ok(false);
     };
-    let verdict = judge.evaluate_windows(&stable, &canary);
+    let verdict = judge.evaluate_windows(&stable, &canary, shared.settings.leader_interval);
     let Some(_) = state::leader_tick(
         &status,
         &verdict,

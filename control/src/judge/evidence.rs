@@ -15,13 +15,15 @@
 //! where `L_k,t` is the likelihood ratio of look `t`'s new outcomes under
 //! alternative `k` against the null, and `a_t ≥ 0` is the α spent at look
 //! `t`: a lump at the arm (`alpha` per step) plus `alpha_per_hour` spread
-//! over time. Under the null every `L_k,t` has conditional mean ≤ 1 (below),
-//! so `M_t − Σ_{s≤t} a_s` is a supermartingale and `M` a non-negative
-//! submartingale bounded in mean by the α spent; by Doob's maximal
-//! inequality
+//! over time, fixed before the look's outcomes are seen (it depends on the
+//! time and the request counts, and every `L_k,t` has conditional mean ≤ 1
+//! given those, below). Let `A_t = Σ_{s≤t} a_s` and `Ā ≥ A_T` a bound on
+//! what a step of length `T` spends. Then `Y_t = M_t + Ā − A_t` is a
+//! non-negative supermartingale (`E[M_t | past] ≤ M_{t−1} + a_t`) starting at
+//! `Ā`, and by Ville's inequality
 //!
 //! ```text
-//! P(M_t ≥ 1 for some t ≤ T) ≤ Σ_{t≤T} a_t.
+//! P(M_t ≥ 1 for some t ≤ T) ≤ P(Y_t ≥ 1 for some t ≤ T) ≤ Ā.
 //! ```
 //!
 //! That is the false-alarm bound: per step, `alpha` plus `alpha_per_hour` for
@@ -67,15 +69,24 @@
 //!
 //! # Gates: minimum effects, and shared faults
 //!
-//! The latency test has its minimum effect in its null. The others breach
-//! only if, over the same span on both sides (the rolling windows, or
-//! every closed batch since the arm), the
-//! canary's error rate exceeds stable's by more than
-//! `min_error_rate_difference`; for the limits, also the limit itself, and
-//! the canary must be worse than stable (errors as above; p95 at least
-//! `min_latency_shift` × stable's), so that a dependency failing both is
-//! never the canary's fault. A gate only ever withholds a breach, so the
-//! bound above still holds.
+//! The latency test has its minimum effect in its null. The relative error
+//! test breaches only if, over the same span on both sides (the rolling
+//! windows, or every closed batch since the arm), the canary's error rate
+//! exceeds stable's by more than `min_error_rate_difference`. A limit test
+//! breaches only if the canary's rate or p95 over one of those spans is
+//! over the limit, and stable has too little traffic to compare with or the
+//! matching relative test crossed too: a dependency failing both is never
+//! the canary's fault. A gate only ever withholds a breach, so the bound
+//! above still holds.
+//!
+//! # What the relative tests assume
+//!
+//! Both upstreams serve the same mix of requests at the same time, as a
+//! random split gives. Overrides, cookies and sticky keys that send a
+//! different mix to the canary can show as a difference; a shadowed
+//! canary's copies (bodiless, idempotent requests only) are therefore held
+//! to the limits and to their pairs' mismatch check, never compared with
+//! all of stable's traffic.
 
 use std::time::Duration;
 
@@ -137,10 +148,12 @@ impl Detector {
     /// Multiplies each alternative's statistic by `exp(log_ratio(k))`.
     fn update(&mut self, log_ratio: impl Fn(usize) -> f64) {
         for (k, m) in self.m.iter_mut().enumerate() {
-            *m *= log_ratio(k).exp();
-            if !m.is_finite() {
-                *m = f64::MAX;
+            let ratio = log_ratio(k);
+            // Callers never produce NaN; if one did, it is no evidence.
+            if ratio.is_nan() {
+                continue;
             }
+            *m = (*m * ratio.exp()).min(f64::MAX);
         }
     }
 
@@ -170,9 +183,12 @@ impl Detector {
         p0: f64,
         alternative: impl Fn(usize) -> f64,
     ) {
-        if n == 0 {
+        // A limit of 100% cannot be exceeded: nothing to test.
+        if n == 0 || p0 >= 1.0 {
             return;
         }
+        // A reader racing the writer can see a count ahead of the requests.
+        let hits = hits.min(n);
         let (hits, misses) = (hits as f64, (n - hits) as f64);
         self.update(|k| {
             let q = alternative(k);
@@ -188,7 +204,8 @@ impl Detector {
             return;
         }
         let rho = batch.canary.requests as f64 / requests as f64;
-        let (canary_errors, errors) = (batch.canary.errors as f64, errors as f64);
+        let canary_errors = batch.canary.errors.min(errors);
+        let (canary_errors, errors) = (canary_errors as f64, errors as f64);
         self.update(|k| {
             let theta = ERROR_RATIOS[k];
             canary_errors * theta.ln() - errors * (theta * rho + 1.0 - rho).ln()
@@ -199,11 +216,11 @@ impl Detector {
     /// canary's pooled mid-ranks, tilted by each shift. The canary's
     /// latencies are first divided by `min_shift`, so the null is "no more
     /// than `min_shift` times slower than stable".
-    fn observe_latency_ranks(&mut self, batch: &Batch, min_shift: f64) {
+    fn observe_latency_ranks(&mut self, batch: &Batch, floor: Duration, min_shift: f64) {
         if batch.canary.requests == 0 || batch.stable.requests == 0 {
             return;
         }
-        let canary = &batch.canary.shrunk(LATENCY_FLOOR, min_shift);
+        let canary = &batch.canary.shrunk(floor, min_shift);
         let mut log_ratio = [0.0; GRID];
         let mut pooled_mean = [0.0; GRID];
         let mut canary_score = 0.0;
@@ -324,7 +341,7 @@ impl Batch {
     /// Feeds a full batch to the two relative tests and empties it.
     pub(super) fn close(&mut self, errors: &mut Detector, latency: &mut Detector, min_shift: f64) {
         errors.observe_error_share(self);
-        latency.observe_latency_ranks(self, min_shift);
+        latency.observe_latency_ranks(self, LATENCY_FLOOR, min_shift);
         *self = Batch::default();
     }
 }
@@ -387,7 +404,7 @@ mod tests {
             e.spend(1.0);
             l.spend(1.0);
             e.observe_error_share(&batch);
-            l.observe_latency_ranks(&batch, 1.0);
+            l.observe_latency_ranks(&batch, Duration::ZERO, 1.0);
             for k in 0..GRID {
                 errors[k] += e.m[k] / draws as f64;
                 latency[k] += l.m[k] / draws as f64;
@@ -431,11 +448,24 @@ mod tests {
         };
         let mut slow = Detector::default();
         slow.spend(1.0);
-        slow.observe_latency_ranks(&batch(40), 1.2);
+        slow.observe_latency_ranks(&batch(40), LATENCY_FLOOR, 1.2);
         let mut fast = Detector::default();
         fast.spend(1.0);
-        fast.observe_latency_ranks(&batch(1), 1.2);
+        fast.observe_latency_ranks(&batch(1), LATENCY_FLOOR, 1.2);
         assert!(slow.statistic() > 1.0 && fast.statistic() < 1.0);
+    }
+
+    #[test]
+    fn counts_ahead_of_the_requests_and_a_limit_of_one_are_no_evidence() {
+        // A reader racing the writer can see an error before its request.
+        let mut d = Detector::default();
+        d.spend(1.0);
+        d.observe_rate(3, 2, 0.05, rate_alternatives(0.05));
+        assert!(d.statistic().is_finite() && d.statistic() > 1.0);
+        let mut limit = Detector::default();
+        limit.spend(1.0);
+        limit.observe_rate(10, 10, 1.0, rate_alternatives(1.0));
+        assert_eq!(limit.statistic(), 1.0, "a 100% limit cannot be exceeded");
     }
 
     #[test]

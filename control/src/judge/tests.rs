@@ -316,7 +316,10 @@ fn the_fleet_leader_judges_aggregated_windows() {
     let now = t.base + t.at;
     let s = t.stats.window_snapshot(Target::Stable, now);
     let c = t.stats.window_snapshot(Target::Canary, now);
-    assert_eq!(judge.evaluate_windows(&s, &c), Verdict::Healthy);
+    assert_eq!(
+        judge.evaluate_windows(&s, &c, Duration::from_secs(1)),
+        Verdict::Healthy
+    );
     let mut bad = Traffic::new(JudgePolicy::default());
     for _ in 0..1_000 {
         bad.step(stable, side(1, 0.25, 50));
@@ -325,6 +328,7 @@ fn the_fleet_leader_judges_aggregated_windows() {
     let verdict = judge.evaluate_windows(
         &bad.stats.window_snapshot(Target::Stable, now),
         &bad.stats.window_snapshot(Target::Canary, now),
+        Duration::from_secs(1),
     );
     assert!(verdict.is_breach(), "{verdict}");
 }
