@@ -365,6 +365,22 @@ impl WindowSnapshot {
         snap
     }
 
+    /// A placeholder that holds no buffer (to swap a real one out).
+    fn unallocated() -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            latency: Vec::new(),
+        }
+    }
+
+    /// Empties this snapshot, keeping its buffer.
+    fn clear(&mut self) {
+        self.requests = 0;
+        self.errors = 0;
+        self.latency.fill(0);
+    }
+
     /// Adds what `now` holds beyond `before` (an earlier copy of the same
     /// counts) into this snapshot.
     fn add_growth(&mut self, now: &WindowSnapshot, before: &WindowSnapshot) {
@@ -399,6 +415,9 @@ pub struct OutcomeCursor {
     /// `(epoch, counts)` of the previous slice and the current one, as of
     /// the last call.
     seen: [(u64, WindowSnapshot); 2],
+    /// A buffer to read the next slice into, so a look allocates only what
+    /// it returns.
+    spare: WindowSnapshot,
 }
 
 // === impl UpstreamStats ===
@@ -791,19 +810,22 @@ impl Stats {
             None => return WindowSnapshot::default(),
         };
         let mut new = WindowSnapshot::default();
-        let seen = std::mem::take(&mut cursor.seen);
         for (slot, epoch) in [current.saturating_sub(1), current].into_iter().enumerate() {
-            let mut slice = WindowSnapshot::default();
+            let mut slice = std::mem::replace(&mut cursor.spare, WindowSnapshot::unallocated());
+            slice.clear();
             if epoch > 0 {
                 for worker in self.workers.iter() {
                     worker.upstream(target).window.add_slice(epoch, &mut slice);
                 }
             }
-            match seen.iter().find(|(e, _)| *e == epoch) {
+            // The previous slice may be what was the current one (the
+            // clock moved on a slice): search both before replacing any.
+            match cursor.seen.iter().find(|(e, _)| *e == epoch) {
                 Some((_, before)) => new.add_growth(&slice, before),
                 None => new.merge(&slice),
             }
-            cursor.seen[slot] = (epoch, slice);
+            let (_, old) = std::mem::replace(&mut cursor.seen[slot], (epoch, slice));
+            cursor.spare = old;
         }
         new
     }
