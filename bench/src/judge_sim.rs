@@ -61,6 +61,13 @@ const STEP_TICKS: u64 = (STEP_SECS as u64) * 1_000 / LOOK_MS;
 /// Ticks in a rollout.
 const ROLLOUT_TICKS: u64 = STEP_TICKS * STEPS as u64;
 
+/// Every regression gets at least this long, seconds: a rollout whose
+/// onset comes later than this before its end runs its last step on until
+/// then. Without it, a random onset in the last minute or two could be
+/// caught by no judge, and the share detected would measure when onsets
+/// fall as much as the judges.
+pub const MIN_SECS_AFTER_ONSET: f64 = 600.0;
+
 /// The judges compared, in the order of [`judges`] and of the report.
 pub const JUDGES: [&str; 4] = ["new", "today", "flagger", "kayenta"];
 
@@ -282,6 +289,16 @@ impl Condition {
         }
     }
 
+    /// Traffic, change and onset, as the progress lines print them.
+    pub fn description(&self) -> String {
+        format!(
+            "{}, {} {}",
+            self.traffic_label(),
+            self.effect_label(),
+            self.onset_label()
+        )
+    }
+
     /// The traffic, e.g. `100 req/s, stable 1% errors, log-normal`.
     pub fn traffic_label(&self) -> String {
         format!(
@@ -422,7 +439,11 @@ fn rollout(cond: &Condition, seed: u64) -> Rollout {
     let mut canary_before_onset = 0u64;
     let mut seen = 0u64;
     let mut last_look: Option<(u64, u64)> = None;
-    for tick in 1..=ROLLOUT_TICKS {
+    let last_tick = match cond.kind {
+        Kind::Healthy => ROLLOUT_TICKS,
+        _ => ROLLOUT_TICKS.max(((onset + MIN_SECS_AFTER_ONSET) * 1_000.0) as u64 / LOOK_MS),
+    };
+    for tick in 1..=last_tick {
         let now = Moment::at(base, (tick * LOOK_MS) as f64 / 1_000.0);
         while let Some(r) = traffic.next_until(now.secs) {
             seen += 1;
@@ -549,7 +570,7 @@ pub struct SimRun {
 }
 
 /// Simulation settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SimSettings {
     /// `--quick`.
     pub quick: bool,
@@ -558,6 +579,9 @@ pub struct SimSettings {
     /// Rollouts per other condition (at most `healthy_rollouts`: a bad
     /// rollout's healthy twin must exist).
     pub bad_rollouts: u64,
+    /// Simulate only the conditions whose description contains one of
+    /// these (and their healthy twins); all when empty.
+    pub only: Vec<String>,
 }
 
 impl SimSettings {
@@ -567,6 +591,7 @@ impl SimSettings {
             quick,
             healthy_rollouts: if quick { 20 } else { 200 },
             bad_rollouts: if quick { 8 } else { 50 },
+            only: Vec::new(),
         }
     }
 }
@@ -645,7 +670,7 @@ fn judge_result(j: usize, runs: &[Rollout], twins: Option<&[Rollout]>) -> JudgeR
 pub fn run(settings: &SimSettings) -> SimRun {
     assert!(settings.bad_rollouts <= settings.healthy_rollouts);
     let t0 = std::time::Instant::now();
-    let conds = conditions();
+    let conds = selected(conditions(), &settings.only);
     let rollouts = |cond: &Condition| {
         if cond.kind == Kind::Healthy {
             settings.healthy_rollouts
@@ -704,6 +729,22 @@ pub fn run(settings: &SimSettings) -> SimRun {
     }
 }
 
+/// The conditions described (see [`progress`]) by a text containing one of
+/// `only`, with their healthy twins; all of them when `only` is empty.
+fn selected(all: Vec<Condition>, only: &[String]) -> Vec<Condition> {
+    if only.is_empty() {
+        return all;
+    }
+    let chosen: Vec<Condition> = all
+        .iter()
+        .filter(|c| only.iter().any(|o| c.description().contains(o.as_str())))
+        .copied()
+        .collect();
+    all.into_iter()
+        .filter(|c| chosen.iter().any(|k| k == c || k.twin() == *c))
+        .collect()
+}
+
 /// The figures of condition `k`, from its runs and its twin's.
 fn condition_result(conds: &[Condition], runs: &[Vec<Option<Rollout>>], k: usize) -> SimResult {
     let cond = conds[k];
@@ -744,11 +785,9 @@ fn progress(r: &SimResult, elapsed: Duration) {
         })
         .collect();
     eprintln!(
-        "judge sim [{:>4.0} s] {}, {} {}: {}",
+        "judge sim [{:>4.0} s] {}: {}",
         elapsed.as_secs_f64(),
-        c.traffic_label(),
-        c.effect_label(),
-        c.onset_label(),
+        c.description(),
         judges.join(" · ")
     );
 }

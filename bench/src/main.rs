@@ -50,6 +50,12 @@ enum Cmd {
         /// Fewer rollouts.
         #[arg(long)]
         quick: bool,
+        /// Simulate only the conditions whose progress line contains one of
+        /// these texts (separated by |), with their healthy twins, and
+        /// print them without recording anything: e.g.
+        /// `--only "×10|10 req/s, stable 5%"`.
+        #[arg(long, value_delimiter = '|')]
+        only: Vec<String>,
     },
     /// Run only the revert-latency and blast-radius benchmark, add it to
     /// bench/results/latest.json and rebuild the report. Build serin first
@@ -116,7 +122,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::JudgeSim { quick } => update_latest("judge-sim", |res| {
+        Cmd::JudgeSim { quick, only } if !only.is_empty() => {
+            let mut settings = serin_bench::judge_sim::SimSettings::new(quick);
+            settings.only = only;
+            serin_bench::judge_sim::run(&settings);
+            ExitCode::SUCCESS
+        }
+        Cmd::JudgeSim { quick, .. } => update_latest("judge-sim", |res| {
             run::simulate_judge(res, quick);
             Ok::<(), std::convert::Infallible>(())
         }),

@@ -33,7 +33,8 @@
 //!
 //! Minimum effects: the latency test's null is "at most `min_latency_shift`
 //! times slower than stable, plus 1 ms"; the relative error test breaches
-//! only if, over the same span on both sides, the canary's error rate
+//! only if, over the same span on both sides (the windows, the step, or
+//! the span the test's evidence comes from), the canary's error rate
 //! exceeds stable's by more than `min_error_rate_difference` (at high
 //! traffic a test finds differences too small to matter). A limit reverts
 //! a canary over it only if stable has too little traffic to compare with,
@@ -82,6 +83,11 @@ const ALPHA_SHARES: AlphaShares = AlphaShares {
 
 /// Canary outcomes a latency breach's reason quotes, at least.
 const RECENT_CANARY: u64 = 100;
+
+/// A test's statistic below this (1% of the way to a breach, on the
+/// scale of 1/α) starts its excursion afresh: what it gathered before then
+/// is no part of a breach it may reach.
+const EXCURSION_FLOOR: f64 = 0.01;
 
 /// The quantile the absolute latency limit is about.
 const P95: f64 = 0.95;
@@ -372,8 +378,47 @@ pub struct Evidence {
     /// and twice as many of the latest), since a change is diluted in the
     /// window for a while.
     recent: [(WindowSnapshot, WindowSnapshot); 2],
+    /// Both sides' requests and errors since the relative error test's
+    /// statistic was last below [`EXCURSION_FLOOR`] (at a batch close): the
+    /// span its evidence comes from, as the minimum difference's third span.
+    /// A canary that turns bad mid-step shows its whole difference there,
+    /// diluted neither by the healthy part of the step nor by the window's
+    /// older requests.
+    errors_excursion: [Tally; 2],
+    /// The canary's requests and errors since the error limit test's
+    /// statistic was last below [`EXCURSION_FLOOR`].
+    error_limit_excursion: Tally,
     /// Every canary outcome since the arm.
     canary_requests: u64,
+}
+
+/// Requests and errors over a span.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    requests: u64,
+    errors: u64,
+}
+
+impl Tally {
+    fn of(s: &WindowSnapshot) -> Self {
+        Self {
+            requests: s.requests,
+            errors: s.errors,
+        }
+    }
+
+    fn add(&mut self, s: &WindowSnapshot) {
+        self.requests += s.requests;
+        self.errors += s.errors;
+    }
+
+    fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
 }
 
 impl Evidence {
@@ -419,6 +464,8 @@ impl Judge {
             stable_since: WindowSnapshot::default(),
             canary_since: WindowSnapshot::default(),
             recent: Default::default(),
+            errors_excursion: Default::default(),
+            error_limit_excursion: Tally::default(),
             canary_requests: 0,
         };
         self.spend(&mut evidence, alpha);
@@ -490,6 +537,11 @@ impl Judge {
             p.max_error_rate,
             evidence::rate_alternatives(p.max_error_rate),
         );
+        if e.error_limit.statistic() < EXCURSION_FLOOR {
+            e.error_limit_excursion = Tally::default();
+        } else {
+            e.error_limit_excursion.add(canary);
+        }
         let tail = evidence::p95_tail();
         e.latency_limit.observe_rate(
             canary.count_above(p.max_p95),
@@ -507,8 +559,17 @@ impl Judge {
             }
             newer.0.merge(&e.batch.stable);
             newer.1.merge(&e.batch.canary);
+            let batch = [Tally::of(&e.batch.stable), Tally::of(&e.batch.canary)];
             e.batch
                 .close(&mut e.errors, &mut e.latency, p.min_latency_shift);
+            if e.errors.statistic() < EXCURSION_FLOOR {
+                e.errors_excursion = Default::default();
+            } else {
+                for (span, batch) in e.errors_excursion.iter_mut().zip(batch) {
+                    span.requests += batch.requests;
+                    span.errors += batch.errors;
+                }
+            }
         }
     }
 
@@ -552,18 +613,27 @@ impl Judge {
             (look.stable_window, look.canary_window),
             (&e.stable_since, &e.canary_since),
         ];
-        let more_errors = |stable: &WindowSnapshot, canary: &WindowSnapshot| {
-            canary.error_rate() - stable.error_rate() > p.min_error_rate_difference
-        };
+        // The minimum difference and the limit hold over one of: the
+        // rolling windows, the span since the arm, or the test's own
+        // excursion (see `Evidence::errors_excursion`).
+        let error_spans = [
+            (Tally::of(look.stable_window), Tally::of(look.canary_window)),
+            (Tally::of(&e.stable_since), Tally::of(&e.canary_since)),
+            (e.errors_excursion[0], e.errors_excursion[1]),
+        ];
         // A limit reverts only a canary worse than stable, as its relative
         // test found, unless stable has (almost) no traffic to compare with.
         let alone = look.stable_window.requests < p.min_requests;
 
         if e.error_limit.crossed() && (alone || e.errors.crossed()) {
-            let gate = spans
-                .iter()
-                .find(|(_, canary)| canary.error_rate() > p.max_error_rate);
-            if let Some((_, canary)) = gate {
+            let over = [
+                Tally::of(look.canary_window),
+                Tally::of(&e.canary_since),
+                e.error_limit_excursion,
+            ]
+            .into_iter()
+            .find(|canary| canary.error_rate() > p.max_error_rate);
+            if let Some(canary) = over {
                 return breach(format_args!(
                     "canary error rate {:.1}% > {:.1}% after {n} canary requests: {}",
                     canary.error_rate() * 100.0,
@@ -574,8 +644,10 @@ impl Judge {
         }
 
         if e.errors.crossed() {
-            let gate = spans.iter().find(|(stable, canary)| {
-                stable.requests > 0 && canary.requests > 0 && more_errors(stable, canary)
+            let gate = error_spans.iter().find(|(stable, canary)| {
+                stable.requests > 0
+                    && canary.requests > 0
+                    && canary.error_rate() - stable.error_rate() > p.min_error_rate_difference
             });
             if let Some((stable, canary)) = gate {
                 return breach(format_args!(

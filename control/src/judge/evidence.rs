@@ -38,7 +38,8 @@
 //!
 //! - **Errors, relative to stable** (null: the canary fails no more often
 //!   than stable at the same time). Looks are grouped into batches that
-//!   close on request counts alone (see [`Batch`]). Given a batch's
+//!   close on the pooled request count and age alone, blind to which side
+//!   each outcome came from (see [`Batch`]). Given a batch's
 //!   requests on each side and its total errors `e`, under the null which
 //!   errors are the canary's is a uniformly random draw: the canary's count
 //!   `X` is hypergeometric, dominated in convex order by Binomial(e, ρ) with
@@ -70,14 +71,19 @@
 //! # Gates: minimum effects, and shared faults
 //!
 //! The latency test has its minimum effect in its null. The relative error
-//! test breaches only if, over the same span on both sides (the rolling
-//! windows, or every closed batch since the arm), the canary's error rate
-//! exceeds stable's by more than `min_error_rate_difference`. A limit test
-//! breaches only if the canary's rate or p95 over one of those spans is
-//! over the limit, and stable has too little traffic to compare with or the
-//! matching relative test crossed too: a dependency failing both is never
-//! the canary's fault. A gate only ever withholds a breach, so the bound
-//! above still holds.
+//! test breaches only if, over the same span on both sides, the canary's
+//! error rate exceeds stable's by more than `min_error_rate_difference`;
+//! the spans are the rolling windows, every closed batch since the arm, and
+//! the test's excursion: the batches since its statistic was last below
+//! 1% of the way to a breach, where its evidence comes from. A canary that
+//! turns bad mid-step shows its whole difference over the excursion, where
+//! the step (mostly healthy requests) and, at high traffic, the window
+//! would dilute it under the minimum for hundreds of requests. A limit
+//! test breaches only if the canary's rate or p95 over one of those spans
+//! (for the error limit, its own excursion) is over the limit, and stable
+//! has too little traffic to compare with or the matching relative test
+//! crossed too: a dependency failing both is never the canary's fault. A
+//! gate only ever withholds a breach, so the bound above still holds.
 //!
 //! # What the relative tests assume
 //!
@@ -113,9 +119,9 @@ const LATENCY_SHIFTS: [f64; GRID] = [0.1, 0.2, 0.4, 0.8, 1.6];
 /// small weight) is not worth a revert, whatever the ratio.
 pub(super) const LATENCY_FLOOR: Duration = Duration::from_millis(1);
 
-/// A batch closes once it holds at least one canary outcome and this many
-/// stable ones, so that a canary value's rank means something.
-const BATCH_STABLE: u64 = 16;
+/// A batch closes once it holds this many outcomes, both sides together:
+/// enough for a canary value's rank among them to mean something.
+const BATCH_OUTCOMES: u64 = 32;
 
 /// A batch that could not fill in this long (stable has almost no traffic)
 /// is judged as it is, or dropped when one side has nothing.
@@ -314,8 +320,14 @@ where
 /// unit of the relative tests, so that canary and stable are always
 /// compared over the same stretch of time.
 ///
-/// A batch closes on request counts and age alone (never on what the
-/// outcomes were), which keeps the conditional nulls above exact.
+/// A batch closes on its pooled outcome count and its age alone, never on
+/// which side an outcome came from or what it was. Under a random split the
+/// canary's outcomes are then a uniformly random subset of the batch's,
+/// even when both sides drift together within it (a shared dependency
+/// slowing down), which keeps the conditional nulls above exact. A rule
+/// that waited for a canary outcome would close every batch on one, so the
+/// canary's would be the batch's latest: under a shared slowdown, its
+/// slowest.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Batch {
     pub(super) stable: WindowSnapshot,
@@ -334,7 +346,7 @@ impl Batch {
         self.stable.merge(stable);
         self.canary.merge(canary);
         self.seconds += seconds;
-        (self.canary.requests > 0 && self.stable.requests >= BATCH_STABLE)
+        self.canary.requests + self.stable.requests >= BATCH_OUTCOMES
             || self.seconds >= BATCH_MAX_SECONDS
     }
 
@@ -469,13 +481,20 @@ mod tests {
     }
 
     #[test]
-    fn batches_close_on_counts_or_age_alone() {
+    fn batches_close_on_pooled_counts_or_age_alone() {
         let empty = WindowSnapshot::default();
         let one = WindowSnapshot::from_buckets(1, 1, [(3, 1)]);
-        let many = WindowSnapshot::from_buckets(BATCH_STABLE, 0, [(3, BATCH_STABLE)]);
+        let almost = BATCH_OUTCOMES - 1;
+        let many = WindowSnapshot::from_buckets(almost, 0, [(3, almost)]);
         let mut batch = Batch::default();
-        assert!(!batch.add(&many, &empty, 0.01), "no canary outcome yet");
-        assert!(batch.add(&empty, &one, 0.01));
+        assert!(!batch.add(&many, &empty, 0.01));
+        assert!(
+            batch.add(&one, &empty, 0.01),
+            "full without a canary outcome"
+        );
+        let mut mixed = Batch::default();
+        assert!(!mixed.add(&many, &empty, 0.01));
+        assert!(mixed.add(&empty, &one, 0.01), "either side fills it");
         let mut idle = Batch::default();
         assert!(!idle.add(&empty, &one, 1.0));
         assert!(idle.add(&empty, &empty, 1.0), "two seconds old");

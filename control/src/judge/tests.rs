@@ -150,6 +150,23 @@ fn relative_errors_are_caught_and_the_reason_quotes_the_test() {
 }
 
 #[test]
+fn a_canary_turning_bad_mid_step_is_judged_on_what_it_does_since() {
+    // A minute healthy at 1,000 canary requests a second, then 20% of
+    // them fail. The difference over the step, or over the window's 10,000
+    // canary requests, stays under the minimum until hundreds have failed;
+    // over the test's own excursion it is the whole 19 points at once.
+    let mut t = Traffic::new(JudgePolicy::default());
+    let stable = side(90, 0.01, 50);
+    assert_eq!(t.run(60, stable, side(10, 0.01, 50)), None);
+    let before = t.evidence.canary_requests();
+    let (n, reason) = t
+        .run(10, stable, side(10, 0.2, 50))
+        .expect("1% -> 20% mid-step is reverted");
+    let after = n - before;
+    assert!(after <= 150, "after {after} canary requests: {reason}");
+}
+
+#[test]
 fn low_traffic_still_catches_two_points_of_errors() {
     // 10 canary requests per second: 1 every 10 looks.
     let mut t = Traffic::new(JudgePolicy::default());
@@ -185,6 +202,31 @@ fn a_shared_slowdown_at_a_rearm_is_not_the_canarys_fault() {
     assert_eq!(t.run(120, side(9, 0.0, 10), side(1, 0.0, 10)), None);
     // And mid-step, without a re-arm.
     assert_eq!(t.run(60, side(9, 0.0, 100), side(1, 0.0, 100)), None);
+}
+
+#[test]
+fn a_shared_ramp_with_sparse_arrivals_is_not_the_canarys_fault() {
+    // Low traffic, so a look holds a request or none: stable's with
+    // probability 0.9, the canary's 0.1. Both slow down together, by 30%
+    // a second, with errors rising alike. A batch that closed on a canary
+    // outcome made the canary's the batch's newest, so its slowest and the
+    // likeliest to fail: evidence against a canary no worse than stable.
+    let mut t = Traffic::new(JudgePolicy::default());
+    for look in 0..100 * 12u32 {
+        let seconds = f64::from(look) / 100.0;
+        let latency_ms = (2.0 * 2f64.powf(seconds)) as u64;
+        let error_rate = 0.0002 * 2f64.powf(seconds);
+        let stable = u64::from(t.uniform() < 0.9);
+        let canary = u64::from(t.uniform() < 0.1);
+        let verdict = t.step(
+            side(stable, error_rate, latency_ms),
+            side(canary, error_rate, latency_ms),
+        );
+        assert!(
+            !matches!(verdict, Verdict::Breach { .. }),
+            "{verdict:?} at {seconds} s"
+        );
+    }
 }
 
 #[test]
