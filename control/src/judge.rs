@@ -537,10 +537,9 @@ impl Judge {
             p.max_error_rate,
             evidence::rate_alternatives(p.max_error_rate),
         );
+        e.error_limit_excursion.add(canary);
         if e.error_limit.statistic() < EXCURSION_FLOOR {
             e.error_limit_excursion = Tally::default();
-        } else {
-            e.error_limit_excursion.add(canary);
         }
         let tail = evidence::p95_tail();
         e.latency_limit.observe_rate(
@@ -559,16 +558,12 @@ impl Judge {
             }
             newer.0.merge(&e.batch.stable);
             newer.1.merge(&e.batch.canary);
-            let batch = [Tally::of(&e.batch.stable), Tally::of(&e.batch.canary)];
+            e.errors_excursion[0].add(&e.batch.stable);
+            e.errors_excursion[1].add(&e.batch.canary);
             e.batch
                 .close(&mut e.errors, &mut e.latency, p.min_latency_shift);
             if e.errors.statistic() < EXCURSION_FLOOR {
                 e.errors_excursion = Default::default();
-            } else {
-                for (span, batch) in e.errors_excursion.iter_mut().zip(batch) {
-                    span.requests += batch.requests;
-                    span.errors += batch.errors;
-                }
             }
         }
     }

@@ -121,7 +121,7 @@ pub(super) const LATENCY_FLOOR: Duration = Duration::from_millis(1);
 
 /// A batch closes once it holds this many outcomes, both sides together:
 /// enough for a canary value's rank among them to mean something.
-const BATCH_OUTCOMES: u64 = 32;
+const BATCH_OUTCOMES: u64 = 16;
 
 /// A batch that could not fill in this long (stable has almost no traffic)
 /// is judged as it is, or dropped when one side has nothing.
