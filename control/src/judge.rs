@@ -604,18 +604,9 @@ impl Judge {
     fn conclude(&self, e: &Evidence, look: &Look<'_>) -> Verdict {
         let p = &self.policy;
         let n = e.canary_requests;
-        let spans = [
-            (look.stable_window, look.canary_window),
-            (&e.stable_since, &e.canary_since),
-        ];
-        // The minimum difference and the limit hold over one of: the
-        // rolling windows, the span since the arm, or the test's own
-        // excursion (see `Evidence::errors_excursion`).
-        let error_spans = [
-            (Tally::of(look.stable_window), Tally::of(look.canary_window)),
-            (Tally::of(&e.stable_since), Tally::of(&e.canary_since)),
-            (e.errors_excursion[0], e.errors_excursion[1]),
-        ];
+        // The minimum difference and the limits hold over one of: the
+        // rolling windows, the span since the arm, or (for the error tests)
+        // the test's own excursion (see `Evidence::errors_excursion`).
         // A limit reverts only a canary worse than stable, as its relative
         // test found, unless stable has (almost) no traffic to compare with.
         let alone = look.stable_window.requests < p.min_requests;
@@ -639,7 +630,12 @@ impl Judge {
         }
 
         if e.errors.crossed() {
-            let gate = error_spans.iter().find(|(stable, canary)| {
+            let spans = [
+                (Tally::of(look.stable_window), Tally::of(look.canary_window)),
+                (Tally::of(&e.stable_since), Tally::of(&e.canary_since)),
+                (e.errors_excursion[0], e.errors_excursion[1]),
+            ];
+            let gate = spans.iter().find(|(stable, canary)| {
                 stable.requests > 0
                     && canary.requests > 0
                     && canary.error_rate() - stable.error_rate() > p.min_error_rate_difference
@@ -655,10 +651,10 @@ impl Judge {
         }
 
         if e.latency_limit.crossed() && (alone || e.latency.crossed()) {
-            let gate = spans
-                .iter()
-                .find(|(_, canary)| canary.quantile(P95) > p.max_p95);
-            if let Some((_, canary)) = gate {
+            let gate = [look.canary_window, &e.canary_since]
+                .into_iter()
+                .find(|canary| canary.quantile(P95) > p.max_p95);
+            if let Some(canary) = gate {
                 return breach(format_args!(
                     "canary p95 {:.1}ms > {:.1}ms after {n} canary requests: {}",
                     millis(canary.quantile(P95)),
