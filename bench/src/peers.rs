@@ -36,6 +36,8 @@ pub const NGINX_TEMPLATE: &str = include_str!("../peers/nginx.conf");
 pub const HAPROXY_TEMPLATE: &str = include_str!("../peers/haproxy.cfg");
 /// Envoy as a proxy.
 pub const ENVOY_TEMPLATE: &str = include_str!("../peers/envoy.yaml");
+/// serin-shadow's canary, off the proxy's core.
+pub const SHADOW_CANARY_TEMPLATE: &str = include_str!("../peers/shadow-canary.conf");
 /// The TLS upstream.
 pub const UPSTREAM_TLS_TEMPLATE: &str = include_str!("../peers/upstream-tls.conf");
 /// nginx as a proxy to the TLS upstream.
@@ -233,6 +235,8 @@ pub struct Running {
     pub config_path: Option<PathBuf>,
     /// The command line used.
     pub command: String,
+    /// serin's control API (serin kinds only), for its metrics.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Running {
@@ -390,7 +394,36 @@ pub fn start_upstream(
         process: Some(g),
         config_path: Some(conf),
         command,
+        admin: None,
     })
+}
+
+/// Starts serin-shadow's canary (`bench/peers/shadow-canary.conf`) on
+/// `port`: nginx on the proxy's core, as the fixed upstream, but a process
+/// of its own, so that its priority can be lowered for the latency runs
+/// ([`procs::idle_priority`]) and raised again after them.
+/// Returns the process and its command line.
+pub fn start_shadow_canary(
+    nginx: &Path,
+    dir: &Path,
+    port: u16,
+) -> Result<(Guarded, String), StartError> {
+    let text = render(
+        SHADOW_CANARY_TEMPLATE,
+        &[
+            ("DIR", dir.display().to_string()),
+            ("CANARY", port.to_string()),
+        ],
+    );
+    let (g, _, command) = start_nginx(
+        "shadow-canary",
+        nginx,
+        dir,
+        &text,
+        &[loopback(port)],
+        procs::wait_http_ok,
+    )?;
+    Ok((g, command))
 }
 
 /// Starts the TLS upstream (nginx, one worker, on the proxy core) with the
@@ -420,6 +453,7 @@ pub fn start_upstream_tls(
         process: Some(g),
         config_path: Some(conf),
         command,
+        admin: None,
     })
 }
 
@@ -450,6 +484,7 @@ pub fn direct_tls(up: &TlsUpstream, mode: TlsMode) -> Running {
         process: None,
         config_path: None,
         command: "(wrk to the TLS upstream itself)".into(),
+        admin: None,
     }
 }
 
@@ -672,6 +707,7 @@ fn launch(
         process: Some(g),
         config_path,
         command,
+        admin: (what == "serin").then(|| loopback(admin)),
     })
 }
 

@@ -300,6 +300,45 @@ pub fn post_json(addr: SocketAddr, path: &str, body: &str) -> String {
     exchange().unwrap_or_else(|e| format!("no answer: {e}"))
 }
 
+/// Moves every thread of `pids` to the idle scheduling class (`chrt
+/// --all-tasks --idle`), where they run only when their core has nothing
+/// else to run and a waking process preempts them at once; or, with `idle`
+/// false, back to the normal one.
+pub fn idle_priority(pids: &[u32], idle: bool) -> io::Result<()> {
+    let class = if idle { "--idle" } else { "--other" };
+    for pid in pids {
+        let status = Command::new("chrt")
+            .args(["--all-tasks", class, "--pid", "0", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "chrt {class} for PID {pid}: {status}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// GETs `path` at `addr` (a control API); the answer's body, or an empty
+/// string when there was none.
+pub fn get_text(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let exchange = || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, body)| body.to_owned()))
+    };
+    exchange().unwrap_or_default()
+}
+
 /// Waits until `addr` accepts a TCP connection, up to `timeout` (for a
 /// server that speaks TLS, which [`wait_http_ok`] cannot ask).
 pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {

@@ -119,8 +119,67 @@ pub struct Results {
     /// TLS origination: the `*-tls` targets (bench/src/tls.rs).
     #[serde(default)]
     pub tls: Option<TlsResults>,
+    /// serin-shadow's copies in the closed-loop runs and in the open-loop
+    /// slices, from its metrics.
+    #[serde(default)]
+    pub shadow_copies: Option<[ShadowCopies; 2]>,
     /// Problems met during the run (a failed run of one target, for example).
     pub notes: Vec<String>,
+}
+
+/// serin-shadow's `serin_shadow_requests_total`, read once its runs are
+/// over: a copy skipped because its bound was full did not cost what a sent
+/// one does, so the CPU figure means something only with most copies sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowCopies {
+    /// Copies sent to the canary.
+    pub sent: u64,
+    /// Copies skipped, for any reason.
+    pub skipped: u64,
+}
+
+impl ShadowCopies {
+    /// Reads the counters from a Prometheus text exposition; `None` when
+    /// they are not in it.
+    pub fn from_metrics(text: &str) -> Option<Self> {
+        let mut copies = None::<Self>;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("serin_shadow_requests_total{result=\"") else {
+                continue;
+            };
+            let Some((result, value)) = rest.split_once("\"}") else {
+                continue;
+            };
+            let Ok(n) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let c = copies.get_or_insert_with(Self::default);
+            if result == "sent" {
+                c.sent += n as u64;
+            } else {
+                c.skipped += n as u64;
+            }
+        }
+        copies
+    }
+
+    /// The copies counted since `earlier`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            sent: self.sent.saturating_sub(earlier.sent),
+            skipped: self.skipped.saturating_sub(earlier.skipped),
+        }
+    }
+
+    /// The share of copies skipped, in percent.
+    pub fn skipped_percent(self) -> f64 {
+        let all = self.sent + self.skipped;
+        if all == 0 {
+            0.0
+        } else {
+            100.0 * self.skipped as f64 / all as f64
+        }
+    }
 }
 
 /// The TLS-origination group: plain HTTP/1.1 from the client to each proxy,
@@ -256,5 +315,22 @@ mod tests {
         all.add(Sessions::parse(". TLSv1.3 B X25519\n. TLSv1.3 B X25519\n"));
         assert_eq!((all.handshakes, all.resumed), (3, 1));
         assert_eq!(all.negotiated, "TLSv1.3 B X25519");
+    }
+
+    #[test]
+    fn shadow_copies_are_read_from_serins_metrics() {
+        let text = "# TYPE serin_shadow_requests_total counter\n\
+                    serin_shadow_requests_total{result=\"sent\"} 1200\n\
+                    serin_shadow_requests_total{result=\"skipped_busy\"} 30\n\
+                    serin_shadow_requests_total{result=\"skipped_body\"} 2\n\
+                    serin_shadow_ratio 1\n";
+        assert_eq!(
+            ShadowCopies::from_metrics(text),
+            Some(ShadowCopies {
+                sent: 1200,
+                skipped: 32
+            })
+        );
+        assert_eq!(ShadowCopies::from_metrics("serin_shadow_ratio 0\n"), None);
     }
 }

@@ -463,10 +463,15 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         .ok()
         .and_then(|b| serde_json::from_slice::<Results>(&b).ok());
     // What this run does not measure is carried over: the fleet benchmark
-    // has its own command (`serin-bench fleet`).
+    // has its own command (`serin-bench fleet`), and a run with `--only`
+    // leaves the judge simulator and the revert benchmark out.
     if let Some(previous) = previous {
         res.micro_previous = previous.micro;
         res.fleet = previous.fleet;
+        if !opts.only.is_empty() {
+            res.judges = previous.judges;
+            res.revert = previous.revert;
+        }
     }
     if !opts.no_criterion {
         res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
@@ -490,6 +495,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     res.commands
         .insert("upstream".into(), upstream.command.clone());
     let mut running: Vec<Running> = Vec::new();
+    let mut shadow_canary = None;
     for kind in PeerKind::ORDER {
         let name = kind.name();
         if kind != PeerKind::Direct && !opts.only.is_empty() && !opts.only.iter().any(|o| o == name)
@@ -510,7 +516,26 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
                 process: None,
                 config_path: None,
                 command: "(the upstream itself)".into(),
+                admin: None,
             })
+        } else if kind == PeerKind::SerinShadow {
+            // Its canary is a process of its own, off the proxy's core.
+            procs::free_ports(1)
+                .map_err(|source| peers::StartError::Spawn {
+                    what: "ports",
+                    source,
+                })
+                .and_then(|ports| {
+                    let (canary, command) =
+                        peers::start_shadow_canary(&programs.nginx, &dir, ports[0])?;
+                    res.commands.insert("shadow-canary".into(), command);
+                    let up = UpstreamPorts {
+                        canary: ports[0],
+                        ..up
+                    };
+                    shadow_canary = Some(canary);
+                    peers::start_proxy(kind, &programs, &dir, up)
+                })
         } else {
             peers::start_proxy(kind, &programs, &dir, up)
         };
@@ -536,6 +561,19 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         };
         res.idle.insert(r.kind.name().into(), Memory::of(&pids));
     }
+
+    // serin-shadow's copies, sent or skipped over its bound, counted at the
+    // start and after phases 1 and 2.
+    let shadow_admin = running
+        .iter()
+        .find(|r| r.kind == PeerKind::SerinShadow)
+        .and_then(|r| r.admin);
+    let shadow_counts = || {
+        shadow_admin.and_then(|admin| {
+            results::ShadowCopies::from_metrics(&procs::get_text(admin, "/metrics"))
+        })
+    };
+    let shadow_at_start = shadow_counts();
 
     // Phase 1: closed-loop throughput and CPU, interleaved rounds.
     for round in 1..=rounds {
@@ -598,10 +636,33 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         .filter_map(|r| res.h1.get(r.kind.name()))
         .map(|runs| results::median(&runs.iter().map(|t| t.rps).collect::<Vec<_>>()))
         .fold(f64::INFINITY, f64::min);
+    let shadow_after_closed = shadow_counts();
+    // serin-shadow's canary stands in for pods of its own: for the latency
+    // runs it takes only what its core leaves idle, so that its own work
+    // does not count as serin's cost to the client. The other phases run it
+    // at normal priority, so that the copies are answered.
+    let canary_priority = |res: &mut Results, idle: bool| {
+        if let Some(canary) = &shadow_canary {
+            if let Err(e) = procs::idle_priority(&canary.tree(), idle) {
+                res.notes
+                    .push(format!("serin-shadow: its canary's priority: {e}"));
+            }
+        }
+    };
+    canary_priority(&mut res, true);
     for rate in open_rates(slowest, quick) {
         let runs = open_loop_rate(&mut res, &compared, rate, open_slices, open_s);
         res.open.push(runs);
     }
+    if let (Some(start), Some(closed), Some(open)) =
+        (shadow_at_start, shadow_after_closed, shadow_counts())
+    {
+        res.shadow_copies = Some([closed.since(start), open.since(closed)]);
+    } else if shadow_admin.is_some() {
+        res.notes
+            .push("serin-shadow: its metrics had no serin_shadow_requests_total".into());
+    }
+    canary_priority(&mut res, false);
 
     // Phase 3: memory with 1,000 connections, syscalls, and serin's profile.
     let perf = has("perf");
@@ -653,6 +714,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         }
     }
     drop(upstream);
+    drop(shadow_canary);
 
     // Phase 4: TLS origination, with its own upstream and proxies
     // (bench/src/tls.rs).
@@ -667,14 +729,18 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     };
     crate::tls::run(&mut res, &programs, &dir, &plan, &installed);
 
-    // The judge-quality simulator: pure computation, after the timed runs.
-    simulate_judge(&mut res, quick);
     let _ = std::fs::remove_dir_all(&dir);
-    // Revert latency and blast radius: serin alone, with its control plane.
-    res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
-    match crate::revert::run(&programs.serin, 1_000.0) {
-        Ok(r) => res.revert = r,
-        Err(e) => res.notes.push(format!("revert benchmark failed: {e}")),
+    // The judge simulator and the revert benchmark are not targets: a run
+    // with `--only` carries them over, as it does the fleet's.
+    if opts.only.is_empty() {
+        // The judge-quality simulator: pure computation, after the timed runs.
+        simulate_judge(&mut res, quick);
+        // Revert latency and blast radius: serin alone, with its control plane.
+        res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();
+        match crate::revert::run(&programs.serin, 1_000.0) {
+            Ok(r) => res.revert = r,
+            Err(e) => res.notes.push(format!("revert benchmark failed: {e}")),
+        }
     }
     res.wall_seconds = t0.elapsed().as_secs_f64();
 
