@@ -353,6 +353,45 @@ async fn a_hung_canary_never_delays_a_client_and_its_copies_are_bounded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_is_made_only_once_stable_has_answered() {
+    // So that the copy's work never comes between stable's answer and the
+    // client: while stable holds the request, nothing has been sent to the
+    // canary; once stable answers, the copy follows.
+    let serin = Serin::shadowing("").await;
+    for (n, h2) in [(1u32, false), (2, true)] {
+        let gate = Gate::closed();
+        serin.stable.set(Behavior {
+            hold: Some(gate.clone()),
+            ..Behavior::default()
+        });
+        let client = async {
+            let answer = serin.get("/", h2).await;
+            assert_stable(&answer);
+        };
+        let while_held = async {
+            eventually(DEADLINE, "stable holds the request", || async {
+                serin.stable.requests() == u64::from(n)
+            })
+            .await;
+            assert_eq!(serin.shadow_requests("sent").await, f64::from(n - 1));
+            assert_eq!(serin.canary.requests(), u64::from(n - 1));
+            gate.open();
+        };
+        tokio::join!(client, while_held);
+        eventually(DEADLINE, "the copy follows stable's answer", || async {
+            serin.canary.requests() == u64::from(n)
+        })
+        .await;
+    }
+    eventually(DEADLINE, "both copies are compared", || async {
+        serin.status().await["shadow"]["compared"] == 2
+    })
+    .await;
+    assert_eq!(serin.status().await["shadow"]["mismatches"], 0);
+    serin.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_are_not_copied_by_default() {
     let serin = Serin::shadowing("").await;
     serin.upload(b"hello").await;

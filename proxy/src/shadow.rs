@@ -17,11 +17,10 @@
 //! through an [`OutcomeRecord`], exactly as a real canary request's would
 //! (connect error, timeout, status, gRPC status, latency to headers); its
 //! response body is read and discarded up to [`DRAIN_LIMIT`], then the
-//! connection is dropped. Stable's answer and the copy's meet in a [`Pair`]:
-//! whichever comes second compares their status classes (a transport
-//! failure counts as 5xx), for the judge's mismatch rule.
+//! connection is dropped. A copy starts once stable has answered, and
+//! compares its status class with stable's (a transport failure counts as
+//! 5xx), for the judge's mismatch rule.
 
-use std::cell::Cell;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -112,28 +111,6 @@ impl Drop for Slot {
     }
 }
 
-// === impl Pair ===
-
-/// Where stable's answer and the copy's meet: the first to come leaves its
-/// status class, the second compares.
-#[derive(Default)]
-pub(crate) struct Pair {
-    first: Cell<Option<u8>>,
-}
-
-impl Pair {
-    /// One side answered with status class `class` (1..=5; [`FAILED`] for a
-    /// transport failure).
-    pub(crate) fn answer(&self, worker: &Worker, class: u8) {
-        match self.first.take() {
-            None => self.first.set(Some(class)),
-            Some(other) => worker
-                .shadow_stats()
-                .record_pair(Instant::now(), other != class),
-        }
-    }
-}
-
 /// The status class of `status`: 2 for 2xx, and so on.
 pub(crate) fn class_of(status: StatusCode) -> u8 {
     (status.as_u16() / 100) as u8
@@ -149,11 +126,18 @@ pub(crate) enum ShadowCopy {
     Http2(Box<Request<RequestBody>>),
 }
 
-/// Starts a copy as its own task, unless the worker's bound or the canary's
-/// `max_concurrent` leaves no place for it (counted as skipped). Returns the
-/// [`Pair`] that stable's answer must be given to. `copy` is only called
-/// when the copy is sent.
-pub(crate) fn start(worker: &Rc<Worker>, copy: impl FnOnce() -> ShadowCopy) -> Option<Rc<Pair>> {
+/// Starts a copy as its own task, once stable has answered the request
+/// with status class `stable` ([`FAILED`] for a transport failure), unless
+/// the worker's bound or the canary's `max_concurrent` leaves no place for
+/// it (counted as skipped). `copy` is only called when the copy is made.
+///
+/// The copy is sent after the client's answer has gone: it yields once
+/// before it starts, and a yielded task runs only after the worker has
+/// looked for I/O again, so the client's response is written (the own loop
+/// and hyper's HTTP/1.1 write it before they yield; hyper's HTTP/2
+/// connection task is woken by it) before the copy costs the worker
+/// anything.
+pub(crate) fn start(worker: &Rc<Worker>, stable: u8, copy: impl FnOnce() -> ShadowCopy) {
     let stats = worker.shadow_stats();
     let canary = worker.pool(Target::Canary);
     if canary.protocol() == UpstreamProtocol::Auto {
@@ -161,33 +145,29 @@ pub(crate) fn start(worker: &Rc<Worker>, copy: impl FnOnce() -> ShadowCopy) -> O
         // now, in the background; copies start once it is known.
         canary.learn_protocol(Instant::now());
         stats.record_skipped(ShadowSkip::Busy);
-        return None;
+        return;
     }
     if !worker.shadow_started() {
         stats.record_skipped(ShadowSkip::Busy);
-        return None;
+        return;
     }
     let slot = Slot(worker.clone());
-    let start = Instant::now();
-    let Ok(record) = OutcomeRecord::new(worker.clone(), Target::Canary, start, true, None) else {
-        stats.record_skipped(ShadowSkip::Busy);
-        return None;
-    };
-    stats.record_sent();
-    let pair = Rc::new(Pair::default());
-    tokio::task::spawn_local(run(copy(), record, pair.clone(), start, slot));
-    Some(pair)
+    tokio::task::spawn_local(run(copy(), stable, slot));
 }
 
-/// Sends the copy, records its outcome, and reads its body away.
-async fn run(
-    copy: ShadowCopy,
-    mut record: OutcomeRecord,
-    pair: Rc<Pair>,
-    start: Instant,
-    slot: Slot,
-) {
+/// Sends the copy, records its outcome and compares its status class with
+/// stable's, and reads its body away.
+async fn run(copy: ShadowCopy, stable: u8, slot: Slot) {
+    tokio::task::yield_now().await;
     let worker = &slot.0;
+    let stats = worker.shadow_stats();
+    let start = Instant::now();
+    let Ok(mut record) = OutcomeRecord::new(worker.clone(), Target::Canary, start, true, None)
+    else {
+        stats.record_skipped(ShadowSkip::Busy);
+        return;
+    };
+    stats.record_sent();
     let pool = worker.pool(Target::Canary);
     let timeout = worker.config().response_timeout;
     let deadline = start + timeout;
@@ -204,7 +184,7 @@ async fn run(
                 .await
                 .map(|sent| {
                     sent.map(|resp| {
-                        heard(worker, &pair, &mut record, resp.status(), &resp.fields());
+                        heard(worker, stable, &mut record, resp.status(), &resp.fields());
                         UpstreamBody::Http1(resp.into_body())
                     })
                 })
@@ -214,7 +194,7 @@ async fn run(
                 .await
                 .map(|sent| {
                     sent.map(|resp| {
-                        heard(worker, &pair, &mut record, resp.status(), resp.headers());
+                        heard(worker, stable, &mut record, resp.status(), resp.headers());
                         UpstreamBody::Http2(resp.into_body())
                     })
                 })
@@ -230,19 +210,22 @@ async fn run(
     };
     tracing::debug!(error = %failure, "shadow copy failed");
     record.failed(&failure);
-    pair.answer(worker, FAILED);
+    stats.record_pair(Instant::now(), stable != FAILED);
 }
 
-/// The copy's response head arrived.
+/// The copy's response head arrived: its outcome is recorded, and its
+/// status class compared with stable's.
 fn heard<F: Fields + ?Sized>(
     worker: &Worker,
-    pair: &Pair,
+    stable: u8,
     record: &mut OutcomeRecord,
     status: StatusCode,
     fields: &F,
 ) {
     record.headers(status, fields);
-    pair.answer(worker, class_of(status));
+    worker
+        .shadow_stats()
+        .record_pair(Instant::now(), class_of(status) != stable);
 }
 
 /// Reads the copy's body to its end (settling a gRPC status in trailers),

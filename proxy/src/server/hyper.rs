@@ -190,14 +190,12 @@ async fn answer(
     if let Some(upload) = &upload {
         record.uploading(upload);
     }
-    // The copy starts first, but as its own task: nothing here waits for it.
-    let pair = copy.and_then(|_| shadow::start(&worker, || request.shadow_copy()));
     let mut result = request.send(target, body, start, upload.as_ref()).await;
-    if let Some(pair) = pair {
-        pair.answer(
-            &worker,
-            result.as_ref().map_or(FAILED, |a| class_of(a.status())),
-        );
+    // The copy, once stable has answered: its own task, which nothing here
+    // waits for, and which starts after this answer is written.
+    if copy.is_some() {
+        let stable = result.as_ref().map_or(FAILED, |a| class_of(a.status()));
+        shadow::start(&worker, stable, || request.shadow_copy());
     }
     let mut fell_back = false;
     if fallback

@@ -535,13 +535,6 @@ async fn exchange(
             return refuse(worker, stream, out, request, &refusal, id, observation).await;
         }
     };
-    // The copy starts first, but as its own task: nothing here waits for it.
-    let pair = scratch.shadow.take().and_then(|message| {
-        shadow::start(worker, || ShadowCopy::Http1 {
-            method: request.method.clone(),
-            message,
-        })
-    });
     let sent = send_watched(
         worker,
         stream,
@@ -553,9 +546,14 @@ async fn exchange(
     let Some(mut result) = sent.await else {
         return false;
     };
-    if let Some(pair) = pair {
-        let class = result.as_ref().map_or(FAILED, |r| class_of(r.status()));
-        pair.answer(worker, class);
+    // The copy, once stable has answered: its own task, which nothing here
+    // waits for, and which starts after this answer is written.
+    if let Some(message) = scratch.shadow.take() {
+        let stable = result.as_ref().map_or(FAILED, |r| class_of(r.status()));
+        shadow::start(worker, stable, || ShadowCopy::Http1 {
+            method: request.method.clone(),
+            message,
+        });
     }
     let mut fell_back = false;
     // A bodiless idempotent request the canary fails is replayed on stable:
