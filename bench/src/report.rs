@@ -552,7 +552,7 @@ fn shadow_section(s: &mut String, res: &Results) {
     );
     let _ = writeln!(
         s,
-        "\n| rate | p50 off | p50 shadow | ÷ | p99 off | p99 shadow | ÷ |\n|---|---|---|---|---|---|---|"
+        "\n| rate | p50 off | p50 shadow | ÷ | p99 off | p99 shadow | ÷ | passes where shadow's p99 was higher |\n|---|---|---|---|---|---|---|---|"
     );
     for (i, rate) in res.open.iter().enumerate() {
         let (off, on) = (
@@ -564,9 +564,16 @@ fn shadow_section(s: &mut String, res: &Results) {
         }
         let (p50, p50s) = (med_open(off, |o| o.p50_us), med_open(on, |o| o.p50_us));
         let (p99, p99s) = (med_open(off, |o| o.p99_us), med_open(on, |o| o.p99_us));
+        // Slice k of both comes from pass k: the same minute of the machine.
+        let higher = if off.len() == on.len() {
+            let n = off.iter().zip(on).filter(|(a, b)| b.p99_us > a.p99_us).count();
+            format!("{n} of {}", off.len())
+        } else {
+            "–".to_owned()
+        };
         let _ = writeln!(
             s,
-            "| {:.0}/s | {p50:.0} µs | {p50s:.0} µs | {} | {p99:.0} µs | {p99s:.0} µs | {} |",
+            "| {:.0}/s | {p50:.0} µs | {p50s:.0} µs | {} | {p99:.0} µs | {p99s:.0} µs | {} | {higher} |",
             rate.rate,
             ratio(p50s, p50),
             ratio(p99s, p99)
@@ -1451,6 +1458,6 @@ mod tests {
             &mut section,
             &shadowed((60.0, 1_000.0), (62.0, 1_050.0), 10),
         );
-        assert!(section.contains("| 8500/s | 60 µs | 62 µs | 1.03× | 1000 µs | 1050 µs | 1.05× |"));
+        assert!(section.contains("| 8500/s | 60 µs | 62 µs | 1.03× | 1000 µs | 1050 µs | 1.05× | 1 of 1 |"));
     }
 }
