@@ -566,7 +566,11 @@ fn shadow_section(s: &mut String, res: &Results) {
         let (p99, p99s) = (med_open(off, |o| o.p99_us), med_open(on, |o| o.p99_us));
         // Slice k of both comes from pass k: the same minute of the machine.
         let higher = if off.len() == on.len() {
-            let n = off.iter().zip(on).filter(|(a, b)| b.p99_us > a.p99_us).count();
+            let n = off
+                .iter()
+                .zip(on)
+                .filter(|(a, b)| b.p99_us > a.p99_us)
+                .count();
             format!("{n} of {}", off.len())
         } else {
             "–".to_owned()
@@ -1458,6 +1462,7 @@ mod tests {
             &mut section,
             &shadowed((60.0, 1_000.0), (62.0, 1_050.0), 10),
         );
-        assert!(section.contains("| 8500/s | 60 µs | 62 µs | 1.03× | 1000 µs | 1050 µs | 1.05× | 1 of 1 |"));
+        assert!(section
+            .contains("| 8500/s | 60 µs | 62 µs | 1.03× | 1000 µs | 1050 µs | 1.05× | 1 of 1 |"));
     }
 }
