@@ -36,7 +36,7 @@ pub const NGINX_TEMPLATE: &str = include_str!("../peers/nginx.conf");
 pub const HAPROXY_TEMPLATE: &str = include_str!("../peers/haproxy.cfg");
 /// Envoy as a proxy.
 pub const ENVOY_TEMPLATE: &str = include_str!("../peers/envoy.yaml");
-/// serin-shadow's canary, off the proxy's core.
+/// serin-shadow's canary, a process of its own.
 pub const SHADOW_CANARY_TEMPLATE: &str = include_str!("../peers/shadow-canary.conf");
 /// The TLS upstream.
 pub const UPSTREAM_TLS_TEMPLATE: &str = include_str!("../peers/upstream-tls.conf");

@@ -283,21 +283,33 @@ pub fn wait_http_ok(addr: SocketAddr, timeout: Duration) -> bool {
 /// POSTs the JSON `body` to `path` at `addr` (a control API); the answer's
 /// status line and body, or what went wrong.
 pub fn post_json(addr: SocketAddr, path: &str, body: &str) -> String {
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    exchange(addr, &request).unwrap_or_else(|e| format!("no answer: {e}"))
+}
+
+/// GETs `path` at `addr` (a control API); the answer's body, or an empty
+/// string when there was none.
+pub fn get_text(addr: SocketAddr, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    exchange(addr, &request)
+        .ok()
+        .and_then(|answer| Some(answer.split_once("\r\n\r\n")?.1.to_owned()))
+        .unwrap_or_default()
+}
+
+/// Sends `request` on a new connection to `addr` and reads the whole answer.
+fn exchange(addr: SocketAddr, request: &str) -> io::Result<String> {
     use std::io::{Read, Write};
-    let exchange = || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)?;
-        Ok(answer)
-    };
-    exchange().unwrap_or_else(|e| format!("no answer: {e}"))
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(request.as_bytes())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// Moves every thread of `pids` to the idle scheduling class (`chrt
@@ -317,26 +329,6 @@ pub fn idle_priority(pids: &[u32], idle: bool) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// GETs `path` at `addr` (a control API); the answer's body, or an empty
-/// string when there was none.
-pub fn get_text(addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let exchange = || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)?;
-        Ok(answer
-            .split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, body)| body.to_owned()))
-    };
-    exchange().unwrap_or_default()
 }
 
 /// Waits until `addr` accepts a TCP connection, up to `timeout` (for a

@@ -127,9 +127,9 @@ pub struct Results {
     pub notes: Vec<String>,
 }
 
-/// serin-shadow's `serin_shadow_requests_total`, read once its runs are
-/// over: a copy skipped because its bound was full did not cost what a sent
-/// one does, so the CPU figure means something only with most copies sent.
+/// serin-shadow's `serin_shadow_requests_total` over one phase of the run: a
+/// copy skipped because its bound was full did not cost what a sent one
+/// does, and a latency measured without the copies says nothing of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ShadowCopies {
     /// Copies sent to the canary.

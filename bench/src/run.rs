@@ -519,7 +519,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
                 admin: None,
             })
         } else if kind == PeerKind::SerinShadow {
-            // Its canary is a process of its own, off the proxy's core.
+            // Its canary is a process of its own (`start_shadow_canary`).
             procs::free_ports(1)
                 .map_err(|source| peers::StartError::Spawn {
                     what: "ports",
