@@ -219,8 +219,12 @@ async fn serve_connection(
             // never leave serin's own loop.
             Box::pin(async move {
                 let io = TokioIo::new(Rewind::new(read_so_far, stream));
+                // Boxed: hyper moves each HTTP/2 stream's future into a task
+                // of its own, and moving a pointer costs less than moving
+                // the request's whole state (about 6% of an HTTP/2
+                // request's instructions, measured with callgrind).
                 let service = ::hyper::service::service_fn(move |req| {
-                    hyper::proxy(worker.clone(), meta.clone(), req)
+                    Box::pin(hyper::proxy(worker.clone(), meta.clone(), req))
                 });
                 let conn = builder.serve_connection_with_upgrades(io, service);
                 until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
@@ -248,7 +252,7 @@ async fn serve_connection(
                 let identity = tls::client_identity(stream.get_ref().1);
                 let meta = conn_meta(peer, "https", identity);
                 let service = ::hyper::service::service_fn(move |req| {
-                    hyper::proxy(worker.clone(), meta.clone(), req)
+                    Box::pin(hyper::proxy(worker.clone(), meta.clone(), req))
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 until_drained(conn, shutdown, |c| c.graceful_shutdown()).await

@@ -16,7 +16,7 @@ use crate::access_log::QueryPolicy;
 use crate::fields::Fields;
 use crate::split::FastRng;
 
-static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+pub(crate) static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// The trace settings (`[trace]`).
 #[derive(Clone, Debug)]

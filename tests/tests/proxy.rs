@@ -343,6 +343,130 @@ async fn http2_prior_knowledge_end_to_end() {
     );
 }
 
+/// A response's `x-request-id` is new every time, so over HTTP/2 it is sent
+/// as a literal never indexed: it must not enter the connection's HPACK
+/// table, where each one would evict an entry later responses could reuse.
+/// Read off the wire: after the first response, the others insert nothing
+/// (the upstream's `date` may tick over once), and each carries exactly one
+/// never-indexed field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_request_ids_stay_out_of_the_hpack_table() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let h = Harness::start(0, |_| {}).await;
+    let mut tcp = tokio::net::TcpStream::connect(h.proxy.local_addr())
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    const STREAMS: u32 = 6;
+    for i in 0..STREAMS {
+        // GET http://localhost/ : indexed :method, :scheme and :path, and
+        // :authority as a literal that is not indexed (name index 1).
+        let block = [&[0x82u8, 0x86, 0x84, 0x01, 9][..], b"localhost"].concat();
+        out.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&[1, 0x5]); // HEADERS, END_STREAM | END_HEADERS
+        out.extend_from_slice(&(2 * i + 1).to_be_bytes());
+        out.extend_from_slice(&block);
+    }
+    tcp.write_all(&out).await.unwrap();
+
+    let mut blocks: Vec<(u32, Vec<u8>)> = Vec::new();
+    let read_all = async {
+        while blocks.len() < STREAMS as usize {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if head[3] == 1 {
+                assert_eq!(head[4] & 0x28, 0, "no padding or priority expected");
+                assert_ne!(head[4] & 0x4, 0, "one HEADERS frame per response");
+                blocks.push((stream, payload));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_all)
+        .await
+        .expect("six responses within 10 s");
+    blocks.sort_by_key(|(stream, _)| *stream);
+
+    let reps: Vec<Representations> = blocks.iter().map(|(_, b)| Representations::of(b)).collect();
+    for (i, r) in reps.iter().enumerate() {
+        assert_eq!(r.never_indexed, 1, "response {i}: {r:?}");
+    }
+    let later_inserts: usize = reps[1..].iter().map(|r| r.inserted).sum();
+    assert!(
+        later_inserts <= 1,
+        "later responses inserted {later_inserts} fields: {reps:?}"
+    );
+}
+
+/// How the fields of one HPACK block (RFC 7541 §6) were represented.
+#[derive(Debug, Default)]
+struct Representations {
+    /// Literals with incremental indexing: added to the decoder's table.
+    inserted: usize,
+    /// Literals never indexed.
+    never_indexed: usize,
+}
+
+impl Representations {
+    fn of(mut block: &[u8]) -> Self {
+        fn int(block: &mut &[u8], prefix_bits: u32) -> usize {
+            let max = (1usize << prefix_bits) - 1;
+            let mut value = (block[0] as usize) & max;
+            *block = &block[1..];
+            if value == max {
+                let mut shift = 0;
+                loop {
+                    let b = block[0];
+                    *block = &block[1..];
+                    value += ((b & 0x7f) as usize) << shift;
+                    shift += 7;
+                    if b & 0x80 == 0 {
+                        break;
+                    }
+                }
+            }
+            value
+        }
+        fn skip_string(block: &mut &[u8]) {
+            let len = int(block, 7);
+            *block = &block[len..];
+        }
+        let mut r = Representations::default();
+        while !block.is_empty() {
+            let first = block[0];
+            let prefix = match first {
+                b if b & 0x80 != 0 => {
+                    int(&mut block, 7);
+                    continue;
+                }
+                b if b & 0xe0 == 0x20 => {
+                    int(&mut block, 5); // table size update
+                    continue;
+                }
+                b if b & 0xc0 == 0x40 => {
+                    r.inserted += 1;
+                    6
+                }
+                b if b & 0xf0 == 0x10 => {
+                    r.never_indexed += 1;
+                    4
+                }
+                _ => 4, // literal without indexing
+            };
+            if int(&mut block, prefix) == 0 {
+                skip_string(&mut block);
+            }
+            skip_string(&mut block);
+        }
+        r
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_headers_are_rewritten() {
     let h = Harness::start(0, |_| {}).await;
