@@ -10,6 +10,10 @@
 //! so the schedule is accurate to microseconds; how late requests actually
 //! left is reported as `send_lag` so an overloaded generator shows itself.
 //!
+//! With `tls` each connection speaks TLS (the client of
+//! [`handshakes::client_config`], which does not verify the certificate), so
+//! a TLS-terminating proxy can be loaded the same way.
+//!
 //! It runs in its own process, pinned to the load generator's core, and
 //! prints one JSON [`OpenLoopResult`].
 
@@ -24,10 +28,15 @@ use hdrhistogram::Histogram;
 use http::header::HOST;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
+
+use crate::handshakes;
 
 /// What one open-loop run asks for.
 #[derive(Clone, Debug)]
@@ -40,6 +49,9 @@ pub struct OpenLoop {
     pub duration: Duration,
     /// Keep-alive connections sharing the schedule.
     pub connections: usize,
+    /// Speak TLS on each connection (SNI [`handshakes::SERVER_NAME`], ALPN
+    /// `http/1.1`) before HTTP/1.1.
+    pub tls: bool,
 }
 
 /// The outcome of one run. Latencies are in microseconds.
@@ -123,14 +135,19 @@ async fn run_async(spec: OpenLoop) -> std::io::Result<OpenLoopResult> {
         ok: Cell::new(0),
         errors: Cell::new(0),
     });
+    let tls = spec
+        .tls
+        .then(|| TlsConnector::from(handshakes::client_config(true)));
     let mut conns = Vec::new();
     for _ in 0..spec.connections.max(1) {
         let stream = TcpStream::connect(spec.addr).await?;
         stream.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::task::spawn_local(conn);
+        let sender = match &tls {
+            Some(connector) => {
+                http1(connector.connect(handshakes::server_name(), stream).await?).await?
+            }
+            None => http1(stream).await?,
+        };
         conns.push(tokio::task::spawn_local(connection(
             sender,
             spec.addr,
@@ -180,8 +197,21 @@ async fn run_async(spec: OpenLoop) -> std::io::Result<OpenLoopResult> {
     })
 }
 
+/// The HTTP/1.1 client side of one connection, plain or TLS; its driver runs
+/// as a local task.
+async fn http1<S>(stream: S) -> std::io::Result<SendRequest<Empty<Bytes>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::task::spawn_local(conn);
+    Ok(sender)
+}
+
 async fn connection(
-    mut sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    mut sender: SendRequest<Empty<Bytes>>,
     addr: SocketAddr,
     queue: Rc<Queue>,
     rec: Rc<Recorder>,

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use serin_bench::{loadgen, report, results::Results, run};
+use serin_bench::{handshakes, loadgen, report, results::Results, run};
 
 /// serin's benchmark harness.
 #[derive(Debug, Parser)]
@@ -95,6 +95,27 @@ enum Cmd {
         /// Keep-alive connections.
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Speak TLS (SNI bench.serin.test, ALPN http/1.1, the certificate
+        /// not verified).
+        #[arg(long)]
+        tls: bool,
+    },
+    /// New TLS connections, one request each, for as long as asked (the cost
+    /// of TLS termination per connection); prints JSON.
+    Handshakes {
+        /// TLS server address.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// How long to open connections, in milliseconds.
+        #[arg(long, default_value_t = 5_000)]
+        duration_ms: u64,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Resume sessions (TLS 1.3 tickets) instead of a full handshake each
+        /// time.
+        #[arg(long)]
+        resume: bool,
     },
 }
 
@@ -180,6 +201,7 @@ fn main() -> ExitCode {
             rate,
             duration_ms,
             connections,
+            tls,
         } => {
             if !rate.is_finite() || rate <= 0.0 {
                 eprintln!("serin-bench openloop: --rate must be above 0 (got {rate})");
@@ -190,6 +212,7 @@ fn main() -> ExitCode {
                 rate,
                 duration: Duration::from_millis(duration_ms),
                 connections,
+                tls,
             };
             match loadgen::run(&spec) {
                 Ok(r) => {
@@ -198,6 +221,29 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("serin-bench openloop: cannot load {addr}: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Handshakes {
+            addr,
+            duration_ms,
+            connections,
+            resume,
+        } => {
+            let spec = handshakes::Handshakes {
+                addr,
+                resume,
+                duration: Duration::from_millis(duration_ms),
+                connections,
+            };
+            match handshakes::run(&spec) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("serin-bench handshakes: cannot start the generator: {e}");
                     ExitCode::from(2)
                 }
             }

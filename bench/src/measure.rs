@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::handshakes::HandshakeResult;
 use crate::loadgen::OpenLoopResult;
 use crate::peers::{Running, LOADGEN_CORE, PROXY_CORE};
 use crate::procs::{self, CpuTime, Memory};
@@ -76,7 +77,7 @@ pub fn throughput(
     let warm = Duration::from_secs(1);
     match protocol {
         Protocol::Http1 => tools::wrk(&target.url(), connections, warm)?,
-        Protocol::Http2 => tools::h2load(target.h2, 16, 16, H2Bound::Duration(warm), false)?,
+        Protocol::Http2 => tools::h2load(&target.h2_url(), 16, 16, H2Bound::Duration(warm), false)?,
     };
     let pids = target.pids();
     let cpu0 = CpuTime::of(&pids);
@@ -84,19 +85,15 @@ pub fn throughput(
     let j0 = procs::cpu_jiffies();
     let run = match protocol {
         Protocol::Http1 => tools::wrk(&target.url(), connections, duration)?,
-        Protocol::Http2 => tools::h2load(target.h2, 16, 16, H2Bound::Duration(duration), false)?,
+        Protocol::Http2 => {
+            tools::h2load(&target.h2_url(), 16, 16, H2Bound::Duration(duration), false)?
+        }
     };
     let j1 = procs::cpu_jiffies();
     let cpu = CpuTime::of(&pids).since(cpu0);
     let up = CpuTime::of(upstream_pids).since(up0);
     let busy = procs::cpu_busy(&j0, &j1);
     let n = run.requests.max(1) as f64;
-    let core = |c: &str| {
-        c.parse::<usize>()
-            .ok()
-            .and_then(|i| busy.get(i).copied())
-            .unwrap_or(0.0)
-    };
     Ok(Throughput {
         requests: run.requests,
         rps: run.rps,
@@ -104,19 +101,53 @@ pub fn throughput(
         user_us: cpu.user * 1e6 / n,
         sys_us: cpu.sys * 1e6 / n,
         upstream_us: (up.user + up.sys) * 1e6 / n,
-        proxy_core_busy: core(PROXY_CORE),
-        loadgen_core_busy: core(LOADGEN_CORE),
+        proxy_core_busy: procs::core_busy(&busy, PROXY_CORE),
+        loadgen_core_busy: procs::core_busy(&busy, LOADGEN_CORE),
     })
 }
 
 /// Runs the open-loop generator (`serin-bench openloop`) in its own process
-/// on the load generator core.
+/// on the load generator core; with `tls` it speaks TLS to `addr`.
 pub fn open_loop(
     addr: SocketAddr,
     rate: f64,
     duration: Duration,
     connections: usize,
+    tls: bool,
 ) -> std::io::Result<OpenLoopResult> {
+    let mut args = vec!["--rate".to_string(), format!("{rate}")];
+    if tls {
+        args.push("--tls".into());
+    }
+    generator("openloop", addr, duration, connections, &args)
+}
+
+/// Runs the TLS handshake generator (`serin-bench handshakes`) in its own
+/// process on the load generator core: new connections to `addr` for
+/// `duration`, full handshakes or, with `resume`, resumed ones.
+pub fn handshakes(
+    addr: SocketAddr,
+    resume: bool,
+    duration: Duration,
+    connections: usize,
+) -> std::io::Result<HandshakeResult> {
+    let args = if resume {
+        vec!["--resume".to_string()]
+    } else {
+        Vec::new()
+    };
+    generator("handshakes", addr, duration, connections, &args)
+}
+
+/// Runs `serin-bench SUBCOMMAND --addr --duration-ms --connections ARGS`
+/// pinned to the load generator core and reads the one JSON result it prints.
+fn generator<T: serde::de::DeserializeOwned>(
+    subcommand: &str,
+    addr: SocketAddr,
+    duration: Duration,
+    connections: usize,
+    args: &[String],
+) -> std::io::Result<T> {
     // This very binary, even if a build has replaced the file meanwhile
     // (`cargo bench` rebuilds it): the kernel keeps the running image.
     let exe = format!("/proc/{}/exe", std::process::id());
@@ -125,20 +156,19 @@ pub fn open_loop(
         .arg(format!("{}", duration.as_secs() + 30))
         .args(["taskset", "-c", LOADGEN_CORE])
         .arg(exe)
-        .arg("openloop")
+        .arg(subcommand)
         .arg("--addr")
         .arg(addr.to_string())
-        .arg("--rate")
-        .arg(format!("{rate}"))
         .arg("--duration-ms")
         .arg(duration.as_millis().to_string())
         .arg("--connections")
         .arg(connections.to_string())
+        .args(args)
         .stdin(Stdio::null())
         .output()?;
     serde_json::from_slice(&out.stdout).map_err(|e| {
         std::io::Error::other(format!(
-            "open-loop generator failed ({e}): {}",
+            "`serin-bench {subcommand}` failed ({e}): {}",
             String::from_utf8_lossy(&out.stderr)
         ))
     })
@@ -209,7 +239,13 @@ pub fn syscalls(target: &Running, perf: bool, strace: bool) -> std::io::Result<S
             &dir,
         )?;
         std::thread::sleep(Duration::from_millis(500));
-        let run = tools::h2load(target.h1, 32, 1, H2Bound::Requests(n), true)?;
+        let run = tools::h2load(
+            &format!("http://{}/", target.h1),
+            32,
+            1,
+            H2Bound::Requests(n),
+            true,
+        )?;
         std::thread::sleep(Duration::from_millis(100));
         procs::signal(counter.pid(), "INT");
         std::thread::sleep(Duration::from_millis(300));
@@ -238,7 +274,13 @@ pub fn syscalls(target: &Running, perf: bool, strace: bool) -> std::io::Result<S
         }
         let mut tracer = procs::Guarded::spawn("strace", c, &log)?;
         std::thread::sleep(Duration::from_millis(800));
-        let run = tools::h2load(target.h1, 32, 1, H2Bound::Requests(n), true)?;
+        let run = tools::h2load(
+            &format!("http://{}/", target.h1),
+            32,
+            1,
+            H2Bound::Requests(n),
+            true,
+        )?;
         procs::signal(tracer.pid(), "INT");
         std::thread::sleep(Duration::from_millis(500));
         tracer.stop();

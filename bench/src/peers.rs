@@ -15,6 +15,10 @@
 //! front of the upstream ports that keep connections alive, and once in
 //! front of the ports that close every connection after its response, where
 //! every request costs a new upstream handshake.
+//!
+//! The TLS-termination targets (`*-https`) do the plain targets' job with
+//! HTTPS from the client (HTTP/1.1 and HTTP/2 by ALPN), once with an ECDSA
+//! P-256 certificate and once with an RSA 2048 one, made for the run.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,6 +52,12 @@ pub const HAPROXY_TLS_TEMPLATE: &str = include_str!("../peers/haproxy-tls.cfg");
 pub const ENVOY_TLS_TEMPLATE: &str = include_str!("../peers/envoy-tls.yaml");
 /// serin's config file for the TLS upstream (the rest are flags).
 pub const SERIN_TLS_TEMPLATE: &str = include_str!("../peers/serin-tls.toml");
+/// nginx terminating TLS.
+pub const NGINX_HTTPS_TEMPLATE: &str = include_str!("../peers/nginx-https.conf");
+/// haproxy terminating TLS.
+pub const HAPROXY_HTTPS_TEMPLATE: &str = include_str!("../peers/haproxy-https.cfg");
+/// serin's config file when terminating TLS (the rest are flags).
+pub const SERIN_HTTPS_TEMPLATE: &str = include_str!("../peers/serin-https.toml");
 
 /// The name the TLS upstream's certificate is issued for; every proxy sends
 /// it as SNI and checks the certificate against it.
@@ -83,6 +93,12 @@ pub enum PeerKind {
     EnvoyTls,
     /// serin originating TLS to the TLS upstream (`https://` upstreams).
     SerinTls,
+    /// nginx terminating TLS from the client.
+    NginxHttps,
+    /// haproxy terminating TLS from the client.
+    HaproxyHttps,
+    /// serin terminating TLS from the client (`[tls]`).
+    SerinHttps,
 }
 
 impl PeerKind {
@@ -102,6 +118,9 @@ impl PeerKind {
             PeerKind::HaproxyTls => "haproxy-tls",
             PeerKind::EnvoyTls => "envoy-tls",
             PeerKind::SerinTls => "serin-tls",
+            PeerKind::NginxHttps => "nginx-https",
+            PeerKind::HaproxyHttps => "haproxy-https",
+            PeerKind::SerinHttps => "serin-https",
         }
     }
 
@@ -113,12 +132,15 @@ impl PeerKind {
             | PeerKind::Nginx
             | PeerKind::NginxLog
             | PeerKind::DirectTls
-            | PeerKind::NginxTls => "nginx",
-            PeerKind::Haproxy | PeerKind::HaproxyTls => "haproxy",
+            | PeerKind::NginxTls
+            | PeerKind::NginxHttps => "nginx",
+            PeerKind::Haproxy | PeerKind::HaproxyTls | PeerKind::HaproxyHttps => "haproxy",
             PeerKind::Envoy | PeerKind::EnvoyTls => "envoy",
-            PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinShadow | PeerKind::SerinTls => {
-                "serin"
-            }
+            PeerKind::Serin
+            | PeerKind::SerinLog
+            | PeerKind::SerinShadow
+            | PeerKind::SerinTls
+            | PeerKind::SerinHttps => "serin",
         }
     }
 
@@ -130,6 +152,11 @@ impl PeerKind {
     /// The target is one of the TLS-origination group.
     pub fn tls(self) -> bool {
         Self::TLS_ORDER.contains(&self)
+    }
+
+    /// The target is one of the TLS-termination group: clients speak HTTPS to it.
+    pub fn https(self) -> bool {
+        Self::HTTPS_ORDER.contains(&self)
     }
 
     /// The run order of one round: direct, then the peers, then serin,
@@ -153,6 +180,28 @@ impl PeerKind {
         PeerKind::EnvoyTls,
         PeerKind::SerinTls,
     ];
+
+    /// The run order of the TLS-termination group, measured last.
+    pub const HTTPS_ORDER: [PeerKind; 3] = [
+        PeerKind::NginxHttps,
+        PeerKind::HaproxyHttps,
+        PeerKind::SerinHttps,
+    ];
+}
+
+/// The certificate a TLS-terminating target serves, made for the run.
+#[derive(Clone, Debug)]
+pub struct ServedCert {
+    /// What it is, for tables: `ECDSA P-256` or `RSA 2048`.
+    pub label: &'static str,
+    /// The short name files and targets are named with: `ecdsa` or `rsa`.
+    pub short: &'static str,
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8).
+    pub key: PathBuf,
+    /// Both in one file, as haproxy takes them.
+    pub cert_and_key: PathBuf,
 }
 
 /// Ports of the fixed upstream.
@@ -225,7 +274,8 @@ pub struct Running {
     pub kind: PeerKind,
     /// HTTP/1.1 address.
     pub h1: SocketAddr,
-    /// The client speaks TLS to `h1` (direct-tls only: wrk, no verification).
+    /// The client speaks TLS to `h1` (and `h2`): direct-tls and the
+    /// TLS-termination targets. No client verifies the certificate.
     pub tls_client: bool,
     /// h2c (prior knowledge) address.
     pub h2: SocketAddr,
@@ -247,8 +297,20 @@ impl Running {
 
     /// The URL wrk loads.
     pub fn url(&self) -> String {
-        let scheme = if self.tls_client { "https" } else { "http" };
-        format!("{scheme}://{}/", self.h1)
+        format!("{}://{}/", self.scheme(), self.h1)
+    }
+
+    /// The URL h2load loads over HTTP/2.
+    pub fn h2_url(&self) -> String {
+        format!("{}://{}/", self.scheme(), self.h2)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls_client {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -514,8 +576,26 @@ pub fn start_proxy(
         dir,
         kind.name().to_owned(),
         (up.stable, up.canary),
-        None,
+        TlsFiles::default(),
     )
+}
+
+/// Starts one TLS-termination proxy (a `*-https` kind) serving `cert`, in
+/// front of the plain upstream. Its files and log are named `KIND-SHORT`
+/// (`nginx-https-rsa.conf`).
+pub fn start_https_proxy(
+    kind: PeerKind,
+    programs: &Programs,
+    dir: &Path,
+    up: UpstreamPorts,
+    cert: &ServedCert,
+) -> Result<Running, StartError> {
+    let name = format!("{}-{}", kind.name(), cert.short);
+    let files = TlsFiles {
+        served: Some(cert),
+        ..TlsFiles::default()
+    };
+    launch(kind, programs, dir, name, (up.stable, up.canary), files)
 }
 
 /// Starts one TLS-origination proxy (a `*-tls` kind other than direct-tls)
@@ -529,7 +609,11 @@ pub fn start_tls_proxy(
     mode: TlsMode,
 ) -> Result<Running, StartError> {
     let name = format!("{}-{}", kind.name(), mode.name());
-    launch(kind, programs, dir, name, up.ports(mode), Some(&up.ca))
+    let files = TlsFiles {
+        upstream_ca: Some(&up.ca),
+        ..TlsFiles::default()
+    };
+    launch(kind, programs, dir, name, up.ports(mode), files)
 }
 
 /// A proxy's config template and its file extension (plain serin has none:
@@ -543,6 +627,9 @@ fn template(kind: PeerKind) -> Option<(&'static str, &'static str)> {
         PeerKind::HaproxyTls => Some((HAPROXY_TLS_TEMPLATE, "cfg")),
         PeerKind::EnvoyTls => Some((ENVOY_TLS_TEMPLATE, "yaml")),
         PeerKind::SerinTls => Some((SERIN_TLS_TEMPLATE, "toml")),
+        PeerKind::NginxHttps => Some((NGINX_HTTPS_TEMPLATE, "conf")),
+        PeerKind::HaproxyHttps => Some((HAPROXY_HTTPS_TEMPLATE, "cfg")),
+        PeerKind::SerinHttps => Some((SERIN_HTTPS_TEMPLATE, "toml")),
         PeerKind::Direct
         | PeerKind::DirectTls
         | PeerKind::Serin
@@ -552,15 +639,16 @@ fn template(kind: PeerKind) -> Option<(&'static str, &'static str)> {
 }
 
 /// The `{{...}}` values of a proxy's template: `ports` are its listener,
-/// h2c listener and admin port.
+/// h2c listener and admin port; `tls` is what the TLS kinds need.
 fn proxy_vars(
     kind: PeerKind,
     dir: &Path,
     name: &str,
     ports: [u16; 3],
     (stable, canary): (u16, u16),
-    ca: Option<&Path>,
-) -> [(&'static str, String); 10] {
+    tls: TlsFiles,
+) -> [(&'static str, String); 13] {
+    let path = |p: Option<&Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
     let access_log = if kind == PeerKind::NginxLog {
         format!(
             "{}/nginx-access.log json buffer=64k flush=1s",
@@ -578,23 +666,35 @@ fn proxy_vars(
         ("ADMIN", ports[2].to_string()),
         ("STABLE", stable.to_string()),
         ("CANARY", canary.to_string()),
-        (
-            "CA",
-            ca.map(|p| p.display().to_string()).unwrap_or_default(),
-        ),
+        ("CA", path(tls.upstream_ca)),
         ("SERVER_NAME", TLS_SERVER_NAME.to_owned()),
+        ("CERT", path(tls.served.map(|c| c.cert.as_path()))),
+        ("KEY", path(tls.served.map(|c| c.key.as_path()))),
+        (
+            "CERT_KEY",
+            path(tls.served.map(|c| c.cert_and_key.as_path())),
+        ),
     ]
 }
 
+/// The TLS files a proxy's config names.
+#[derive(Clone, Copy, Default)]
+struct TlsFiles<'a> {
+    /// The CA a TLS-origination kind verifies the upstream against.
+    upstream_ca: Option<&'a Path>,
+    /// The certificate a TLS-termination kind serves.
+    served: Option<&'a ServedCert>,
+}
+
 /// Writes the proxy's config from its template and starts it; `name` names
-/// its files, `ca` is the CA a TLS kind verifies the upstream against.
+/// its files, `tls` the TLS files its config names.
 fn launch(
     kind: PeerKind,
     programs: &Programs,
     dir: &Path,
     name: String,
     (stable, canary): (u16, u16),
-    ca: Option<&Path>,
+    tls: TlsFiles,
 ) -> Result<Running, StartError> {
     let ports = procs::free_ports(3).map_err(|source| StartError::Spawn {
         what: "ports",
@@ -607,7 +707,7 @@ fn launch(
         &name,
         [listen, listen_h2, admin],
         (stable, canary),
-        ca,
+        tls,
     );
     let config_path = match template(kind) {
         Some((template, ext)) => {
@@ -621,18 +721,19 @@ fn launch(
         None => None,
     };
     let conf = config_path.as_deref().unwrap_or(Path::new(""));
-    // nginx and haproxy serve h2c on a port of their own; the TLS targets
-    // serve HTTP/1.1 only, so their h2 address is the h1 one.
+    // nginx and haproxy serve h2c on a port of their own; the TLS-origination
+    // targets serve HTTP/1.1 only, and the TLS-termination ones both
+    // protocols on one port (by ALPN), so their h2 address is the h1 one.
     let h2_port = match kind {
         PeerKind::Nginx | PeerKind::NginxLog | PeerKind::Haproxy => listen_h2,
         _ => listen,
     };
     let (what, cmd) = match kind {
         PeerKind::Direct | PeerKind::DirectTls => unreachable!("direct is the upstream"),
-        PeerKind::Nginx | PeerKind::NginxLog | PeerKind::NginxTls => {
+        PeerKind::Nginx | PeerKind::NginxLog | PeerKind::NginxTls | PeerKind::NginxHttps => {
             ("nginx", nginx_command(&programs.nginx, dir, conf))
         }
-        PeerKind::Haproxy | PeerKind::HaproxyTls => {
+        PeerKind::Haproxy | PeerKind::HaproxyTls | PeerKind::HaproxyHttps => {
             let program = programs.haproxy.as_deref().unwrap_or(Path::new("haproxy"));
             let mut cmd = pinned(PROXY_CORE, program);
             cmd.arg("-db").arg("-f").arg(conf);
@@ -650,14 +751,18 @@ fn launch(
                 .arg("warn");
             ("envoy", cmd)
         }
-        PeerKind::Serin | PeerKind::SerinLog | PeerKind::SerinShadow | PeerKind::SerinTls => {
+        PeerKind::Serin
+        | PeerKind::SerinLog
+        | PeerKind::SerinShadow
+        | PeerKind::SerinTls
+        | PeerKind::SerinHttps => {
             let state = dir.join(format!("{name}-state"));
             let mut cmd = pinned(PROXY_CORE, &programs.serin);
             cmd.arg("run")
                 .arg("--listen")
                 .arg(loopback(listen).to_string());
-            // The plain upstreams are flags; the TLS ones need the config
-            // file for their `[stable.tls]` and `[canary.tls]`.
+            // The plain upstreams are flags; the TLS kinds need the config
+            // file for `[stable.tls]` and `[canary.tls]`, or for `[tls]`.
             if config_path.is_some() {
                 cmd.arg("--config").arg(conf);
             } else {
@@ -681,14 +786,14 @@ fn launch(
         }
     };
     let command = describe(&cmd);
-    let g = start(
-        what,
-        &name,
-        cmd,
-        dir,
-        &[loopback(listen)],
-        procs::wait_http_ok,
-    )?;
+    // A TLS-terminating target is ready when it accepts connections; the
+    // runs' error counts then show whether its handshakes work.
+    let ready = if kind.https() {
+        procs::wait_listening
+    } else {
+        procs::wait_http_ok
+    };
+    let g = start(what, &name, cmd, dir, &[loopback(listen)], ready)?;
     if kind == PeerKind::SerinShadow {
         let answer = procs::post_json(loopback(admin), "/shadow", r#"{"percent": 100}"#);
         if !answer.starts_with("HTTP/1.1 200") {
@@ -702,7 +807,7 @@ fn launch(
     Ok(Running {
         kind,
         h1: loopback(listen),
-        tls_client: false,
+        tls_client: kind.https(),
         h2: loopback(h2_port),
         process: Some(g),
         config_path,
@@ -732,7 +837,17 @@ mod tests {
     fn rendered(kind: PeerKind, mode: TlsMode) -> String {
         let up = tls_upstream();
         let (template, _) = template(kind).expect("a kind with a template");
-        let ca = kind.tls().then_some(up.ca.as_path());
+        let served = ServedCert {
+            label: "ECDSA P-256",
+            short: "ecdsa",
+            cert: "/run/https-ecdsa.pem".into(),
+            key: "/run/https-ecdsa-key.pem".into(),
+            cert_and_key: "/run/https-ecdsa-both.pem".into(),
+        };
+        let files = TlsFiles {
+            upstream_ca: kind.tls().then_some(up.ca.as_path()),
+            served: kind.https().then_some(&served),
+        };
         let name = format!("{}-{}", kind.name(), mode.name());
         let vars = proxy_vars(
             kind,
@@ -740,7 +855,7 @@ mod tests {
             &name,
             [8001, 8002, 8003],
             up.ports(mode),
-            ca,
+            files,
         );
         render(template, &vars)
     }
@@ -753,7 +868,11 @@ mod tests {
 
     #[test]
     fn every_template_is_filled_in() {
-        for kind in PeerKind::ORDER.into_iter().chain(PeerKind::TLS_ORDER) {
+        let all = PeerKind::ORDER
+            .into_iter()
+            .chain(PeerKind::TLS_ORDER)
+            .chain(PeerKind::HTTPS_ORDER);
+        for kind in all {
             if template(kind).is_some() {
                 let text = rendered(kind, TlsMode::KeepAlive);
                 assert_eq!(unfilled(&text), None, "{}", kind.name());

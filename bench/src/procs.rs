@@ -245,6 +245,14 @@ pub fn cpu_busy(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
         .collect()
 }
 
+/// Core `core`'s (a `taskset` core number) share in a [`cpu_busy`] result.
+pub fn core_busy(busy: &[f64], core: &str) -> f64 {
+    core.parse::<usize>()
+        .ok()
+        .and_then(|i| busy.get(i).copied())
+        .unwrap_or(0.0)
+}
+
 // === ports and readiness ===
 
 /// `n` distinct free loopback ports (bound to :0, then released).

@@ -13,6 +13,7 @@ use crate::measure::Throughput;
 use crate::results::{spread, RateRuns, Results};
 
 mod fleet;
+mod https;
 mod judges;
 mod tls;
 
@@ -297,6 +298,7 @@ fn markdown(res: &Results) -> String {
     access_log_section(&mut s, res);
     shadow_section(&mut s, res);
     tls::section(&mut s, res);
+    https::section(&mut s, res);
     throughput_section(&mut s, res);
     latency_section(&mut s, res);
     memory_section(&mut s, res);
@@ -318,6 +320,18 @@ fn pss_mib(map: &std::collections::BTreeMap<String, crate::procs::Memory>, name:
 /// generator, the upstream and the proxy alike for milliseconds, far more
 /// than any proxy adds, and the direct connection's own tail shows it.
 const MAX_STEAL_PERCENT: f64 = 2.0;
+
+/// The targets table's judgement of serin's p99 against the better peer's
+/// at one rate, where the hypervisor stole `steal_percent` meanwhile.
+fn p99_judgement(serin: f64, best: f64, steal_percent: f64) -> String {
+    if serin <= 0.0 {
+        "not measured".to_string()
+    } else if steal_percent > MAX_STEAL_PERCENT {
+        format!("not judged: {steal_percent:.1}% steal")
+    } else {
+        verdict(serin <= best).to_string()
+    }
+}
 
 fn targets_section(s: &mut String, res: &Results) {
     let _ = writeln!(s, "\n## Targets (bench/README.md)\n");
@@ -460,6 +474,7 @@ fn targets_section(s: &mut String, res: &Results) {
     }
     shadow_target_rows(s, res);
     tls::target_rows(s, res);
+    https::target_rows(s, res);
     fleet::target_rows(s, res);
 }
 

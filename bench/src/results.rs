@@ -119,6 +119,9 @@ pub struct Results {
     /// TLS origination: the `*-tls` targets (bench/src/tls.rs).
     #[serde(default)]
     pub tls: Option<TlsResults>,
+    /// TLS termination: the `*-https` targets (bench/src/https.rs).
+    #[serde(default)]
+    pub https: Option<HttpsResults>,
     /// serin-shadow's copies in the closed-loop runs and in the open-loop
     /// slices, from its metrics.
     #[serde(default)]
@@ -332,5 +335,61 @@ mod tests {
             })
         );
         assert_eq!(ShadowCopies::from_metrics("serin_shadow_ratio 0\n"), None);
+    }
+}
+
+/// The TLS-termination group (bench/src/https.rs): each `*-https` target
+/// with each certificate.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HttpsResults {
+    /// Targets measured (`nginx-https`, …), in run order.
+    pub targets: Vec<String>,
+    /// One entry per certificate, ECDSA first.
+    pub certs: Vec<CertResults>,
+}
+
+/// What the TLS-termination targets did with one certificate.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CertResults {
+    /// `ECDSA P-256` or `RSA 2048`.
+    pub label: String,
+    /// Closed loop over keep-alive HTTPS connections, HTTP/1.1 (wrk): per
+    /// target, one per round.
+    pub http1: BTreeMap<String, Vec<Throughput>>,
+    /// The same over HTTP/2 (h2load, ALPN `h2`).
+    pub http2: BTreeMap<String, Vec<Throughput>>,
+    /// A new connection and full handshake for every request.
+    pub full: BTreeMap<String, Vec<HandshakeRun>>,
+    /// A new connection for every request, resuming a session.
+    pub resumed: BTreeMap<String, Vec<HandshakeRun>>,
+    /// Open-loop latency at fixed rates over keep-alive HTTPS/1.1 (measured
+    /// with the first certificate only: a kept-alive connection's cost does
+    /// not depend on the key that authenticated it).
+    pub open: Vec<RateRuns>,
+}
+
+/// One run of the handshake generator against one target, with the
+/// target's CPU charged per handshake.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HandshakeRun {
+    /// What the generator saw.
+    pub generator: crate::handshakes::HandshakeResult,
+    /// The target's CPU per completed connection (handshake, one request
+    /// and the close), µs.
+    pub cpu_us: f64,
+    /// Busy share of the proxy core, 0..1.
+    pub proxy_core_busy: f64,
+    /// Busy share of the load generator core, 0..1.
+    pub loadgen_core_busy: f64,
+}
+
+impl HandshakeRun {
+    /// Handshakes per second one core would do at this cost.
+    pub fn per_core(&self) -> f64 {
+        if self.cpu_us > 0.0 {
+            1e6 / self.cpu_us
+        } else {
+            0.0
+        }
     }
 }

@@ -330,7 +330,7 @@ pub(crate) fn open_loop_rate(
             order
                 .iter()
                 .map(|r| {
-                    measure::open_loop(r.h1, rate, Duration::from_secs(seconds), 32)
+                    measure::open_loop(r.h1, rate, Duration::from_secs(seconds), 32, r.tls_client)
                         .map(|o| (r.kind.name(), o))
                         .map_err(|e| std::io::Error::other(format!("{}: {e}", r.kind.name())))
                 })
@@ -721,6 +721,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     let plan = crate::tls::Plan {
         rounds,
         seconds: h1_s,
+        h2_seconds: h2_s,
         connections: res.wrk_connections,
         open_slices,
         open_seconds: open_s,
@@ -728,6 +729,9 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         only: opts.only.clone(),
     };
     crate::tls::run(&mut res, &programs, &dir, &plan, &installed);
+    // Phase 5: TLS termination, with its own upstream and proxies
+    // (bench/src/https.rs).
+    crate::https::run(&mut res, &programs, &dir, &plan, &installed);
 
     let _ = std::fs::remove_dir_all(&dir);
     // The judge simulator and the revert benchmark are not targets: a run

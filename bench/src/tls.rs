@@ -34,8 +34,10 @@ use crate::run;
 pub struct Plan {
     /// Interleaved rounds.
     pub rounds: usize,
-    /// Length of each closed-loop run.
+    /// Length of each closed-loop HTTP/1.1 run.
     pub seconds: u64,
+    /// Length of each closed-loop HTTP/2 run and handshake run.
+    pub h2_seconds: u64,
     /// wrk connections (the plain run's first count).
     pub connections: u32,
     /// Open-loop passes per rate.
@@ -262,7 +264,7 @@ pub fn run(
 }
 
 /// Files one closed-loop result under its target, or notes its failure.
-fn record(
+pub(crate) fn record(
     res: &mut Results,
     map: &mut std::collections::BTreeMap<String, Vec<Throughput>>,
     what: &str,

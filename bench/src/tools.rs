@@ -5,7 +5,6 @@
 //! Every load is bounded: wrk and h2load by duration or request count, and
 //! each tool is run under a hard timeout.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -213,10 +212,10 @@ pub enum H2Bound {
     Requests(u64),
 }
 
-/// `h2load` pinned to the load generator core: HTTP/2 (h2c prior knowledge),
-/// or HTTP/1.1 with `h1`.
+/// `h2load` pinned to the load generator core: HTTP/2 (h2c prior knowledge
+/// for `http://`, ALPN for `https://`, unverified), or HTTP/1.1 with `h1`.
 pub fn h2load(
-    addr: SocketAddr,
+    url: &str,
     connections: u32,
     streams: u32,
     bound: H2Bound,
@@ -239,7 +238,7 @@ pub fn h2load(
     if h1 {
         cmd.arg("--h1");
     }
-    cmd.arg(format!("http://{addr}/"));
+    cmd.arg(url);
     let out = run_bounded(cmd, limit)?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut r = ClosedLoop::default();

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::{
-    med_open, med_tp, open_quartiles, rate_runs, ratio, table_head, tp, tp_spread, verdict,
-    MAX_STEAL_PERCENT,
+    med_open, med_tp, open_quartiles, p99_judgement, rate_runs, ratio, table_head, tp, tp_spread,
+    verdict, MAX_STEAL_PERCENT,
 };
 use crate::loadgen::OpenLoopResult;
 use crate::measure::Throughput;
@@ -62,13 +62,7 @@ pub(super) fn target_rows(s: &mut String, res: &Results) {
         let Some(b) = better(|n| p99(tls, i, n)) else {
             continue;
         };
-        let judged = if serin <= 0.0 {
-            "not measured".to_string()
-        } else if rate.steal_percent > MAX_STEAL_PERCENT {
-            format!("not judged: {:.1}% steal", rate.steal_percent)
-        } else {
-            verdict(serin <= b).to_string()
-        };
+        let judged = p99_judgement(serin, b, rate.steal_percent);
         let _ = writeln!(
             s,
             "| TLS origination: p99 at {:.0} req/s ≤ better of nginx's, haproxy's | ≤ {b:.0} µs | {serin:.0} µs | {judged} |",
