@@ -591,8 +591,19 @@ async fn conflicting_writes_and_expired_watches_lose_nothing() {
     let status = fleet.fleet_status();
     assert_eq!(status["weightBp"], 1500, "{status:#}");
     fleet.all_at(15.0, "weight through m4's API").await;
+    // The leader judges the new epoch on its own outcomes: the failures
+    // that got the canary rolled back are still in every window it was
+    // sent before, and must not roll it back again.
+    let seen = fleet.api.resource_version();
+    eventually(DEADLINE, "the leader judged the new epoch", || async {
+        fleet.api.resource_version() > seen + 10
+    })
+    .await;
     assert_eq!(fleet.fleet_status()["actor"], "api@m4");
     assert_eq!(fleet.fleet_status()["epoch"].as_u64(), Some(epoch + 1));
+    fleet
+        .all_at(15.0, "still at 15% after the leader's passes")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -855,10 +855,14 @@ async fn lead_once(shared: &Shared, may_write_reason: bool) -> Result<bool, Flee
     let mut stable = WindowSnapshot::default();
     let mut canary = WindowSnapshot::default();
     let mut step_requests = 0;
-    for m in &fresh {
+    // Only members that run the fleet's epoch are judged: a report from an
+    // older one is about another course (the outcomes that got the canary
+    // rolled back, say, before an operator raised it again; a member that
+    // leaves the latch restarts its windows).
+    for m in fresh.iter().filter(|m| m.epoch == status.epoch) {
         stable.merge(&window_of(&m.stable));
         canary.merge(&window_of(&m.canary));
-        if m.epoch == status.epoch && m.step == status.step {
+        if m.step == status.step {
             step_requests += m.step_requests;
         }
     }
