@@ -84,7 +84,7 @@ pub struct HandshakeResult {
 /// ALPN `http/1.1`, no certificate verification (see the module header), and
 /// session resumption in memory when `resume`, none otherwise.
 pub fn client_config(resume: bool) -> Arc<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = Arc::new(AcceptAnyCertificate {
         schemes: provider
             .signature_verification_algorithms

@@ -276,10 +276,10 @@ fn tls_client() -> Arc<rustls::ClientConfig> {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             };
             let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
+                rustls::crypto::aws_lc_rs::default_provider(),
             ))
             .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
+            .expect("aws-lc-rs supports the default TLS versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
             Arc::new(config)

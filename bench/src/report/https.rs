@@ -134,7 +134,7 @@ pub(super) fn section(s: &mut String, res: &Results) {
          each proxy speaks plain HTTP/1.1 to the plain upstream, with the same 90/10 split, upstream keep-alive \
          and one worker as the plain targets (`nginx-https.conf`, `haproxy-https.cfg`, `serin-https.toml`). \
          Every proxy serves the same self-signed certificate for `bench.serin.test`, made for the run with \
-         `openssl req`, once ECDSA P-256 and once RSA 2048. nginx and haproxy use OpenSSL, serin rustls (ring). \
+         `openssl req`, once ECDSA P-256 and once RSA 2048. nginx and haproxy use OpenSSL, serin rustls (aws-lc-rs). \
          No client verifies the certificate. Ratios are ÷ the better of nginx-https and haproxy-https; targets: \
          CPU per keep-alive request ≤ {CPU_TARGET:.1}×, full handshakes per second on one core ≥ {HANDSHAKE_TARGET:.1}×, \
          p99 no worse.\n\n\

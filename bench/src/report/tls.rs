@@ -84,7 +84,7 @@ pub(super) fn section(s: &mut String, res: &Results) {
          certificate for `{}` from a CA made for the run) and verifies its certificate against that CA, with \
          the same 90/10 split, upstream keep-alive and one worker as the plain targets \
          (`nginx-tls.conf`, `haproxy-tls.cfg`, `envoy-tls.yaml`, `serin-tls.toml`). nginx and haproxy use \
-         OpenSSL, Envoy BoringSSL, serin rustls (ring). direct-tls is wrk speaking TLS to the upstream itself \
+         OpenSSL, Envoy BoringSSL, serin rustls (aws-lc-rs; ring before 2026-11-29). direct-tls is wrk speaking TLS to the upstream itself \
          (closed loop only: the open-loop generator speaks plain HTTP). Ratios are ÷ the better (lower) of \
          nginx-tls and haproxy-tls; target: CPU per keep-alive request ≤ {CPU_TARGET:.1}× and p99 no worse.\n",
         crate::peers::TLS_SERVER_NAME

@@ -1,4 +1,4 @@
-//! TLS to an upstream (`https://` URLs): rustls's client with the `ring`
+//! TLS to an upstream (`https://` URLs): rustls's client with the `aws-lc-rs`
 //! provider, like the listener.
 //!
 //! - **Trust:** the system's roots (read once at start), plus the PEM
@@ -117,7 +117,7 @@ fn build(
     protocol: UpstreamProtocol,
 ) -> Result<ClientConfig, TlsError> {
     let mut contents = contents.iter();
-    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
+    let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut store = RootCertStore::empty();
     store.add_parsable_certificates(roots.0.iter().cloned());
     if let Some(path) = &tls.ca {
