@@ -68,7 +68,8 @@ struct Head {
     http10: bool,
     fields: Vec<(String, String)>,
     /// The field names `Connection` lists, lowercased, split and trimmed
-    /// from the raw bytes (the escaped values would keep a tab as `\t`).
+    /// from the raw bytes and not escaped (the escaped values would keep a
+    /// tab as `\t`, and a `'` as `\'`).
     connection_names: Vec<String>,
 }
 
@@ -98,12 +99,9 @@ fn parse(head: &[u8]) -> Head {
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("connection"))
             .flat_map(|h| h.value.split(|&b| b == b','))
-            .map(|t| {
-                t.trim_ascii()
-                    .escape_ascii()
-                    .to_string()
-                    .to_ascii_lowercase()
-            })
+            // Not escaped: field names are compared unescaped, and a token
+            // may hold a `'`, which `escape_ascii` would write as `\'`.
+            .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
             .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
             .collect(),
         fields: req
