@@ -57,6 +57,17 @@ enum Cmd {
         #[arg(long, value_delimiter = '|')]
         only: Vec<String>,
     },
+    /// Run only the TLS-termination group (nginx-https, haproxy-https,
+    /// serin-https), add it to bench/results/latest.json and rebuild the
+    /// report. Build serin first (`cargo build --release -p serin-control`).
+    Https {
+        /// One short round.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds of interleaved runs [default: 3, or 1 with --quick].
+        #[arg(long)]
+        rounds: Option<usize>,
+    },
     /// Run only the revert-latency and blast-radius benchmark, add it to
     /// bench/results/latest.json and rebuild the report. Build serin first
     /// (`cargo build --release -p serin-control`).
@@ -153,6 +164,9 @@ fn main() -> ExitCode {
             run::simulate_judge(res, quick);
             Ok::<(), std::convert::Infallible>(())
         }),
+        Cmd::Https { quick, rounds } => {
+            update_latest("https", |res| run::https_only(res, quick, rounds))
+        }
         Cmd::Revert => update_latest("revert", |res| {
             res.revert = serin_bench::revert::run(&run::serin_binary(), 1_000.0)?;
             Ok::<(), std::io::Error>(())

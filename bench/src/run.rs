@@ -764,6 +764,52 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Measures only the TLS-termination group (bench/src/https.rs) into `res`,
+/// for `serin-bench https`: the same tools, pinning and rounds as in
+/// `peers`, with the serin built from this tree (build it first).
+pub fn https_only(res: &mut Results, quick: bool, rounds: Option<usize>) -> Result<(), RunError> {
+    let found = tools::discover();
+    let path_of = |n: &str| {
+        found
+            .iter()
+            .find(|t| t.name == n)
+            .and_then(|t| t.path.clone())
+    };
+    let missing: Vec<&str> = found
+        .iter()
+        .filter(|t| t.required && t.path.is_none())
+        .map(|t| t.name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(RunError::MissingTools(missing.join(", ")));
+    }
+    let programs = Programs {
+        nginx: path_of("nginx").unwrap_or_default(),
+        haproxy: path_of("haproxy"),
+        envoy: path_of("envoy"),
+        serin: serin_binary(),
+    };
+    let installed = |kind: PeerKind| kind.program() != "haproxy" || programs.haproxy.is_some();
+    let rounds = rounds.unwrap_or(if quick { 1 } else { 3 });
+    let plan = crate::tls::Plan {
+        rounds,
+        seconds: if quick { 3 } else { 12 },
+        h2_seconds: if quick { 2 } else { 6 },
+        connections: res.wrk_connections.max(1),
+        open_slices: if quick { 4 } else { 8 * rounds },
+        open_seconds: 1,
+        quick,
+        only: Vec::new(),
+    };
+    procs::pin_self(peers::LOADGEN_CORE);
+    let dir = std::env::temp_dir().join(format!("serin-bench-https-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    res.https = None;
+    crate::https::run(res, &programs, &dir, &plan, &installed);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 /// Runs the judge-quality simulator into `res` (pure computation, no sockets).
 pub fn simulate_judge(res: &mut Results, quick: bool) {
     let started = utc_now();
