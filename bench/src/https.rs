@@ -265,7 +265,10 @@ pub fn run(
         }
     };
     let upstream_pids = upstream.pids();
-    let mut https = HttpsResults::default();
+    let mut https = HttpsResults {
+        rounds: plan.rounds,
+        ..HttpsResults::default()
+    };
     for (i, cert) in certs.iter().enumerate() {
         let started = start_all(res, programs, dir, ports, &kinds, cert, available);
         if started.is_empty() {

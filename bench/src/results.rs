@@ -344,6 +344,9 @@ mod tests {
 pub struct HttpsResults {
     /// Targets measured (`nginx-https`, …), in run order.
     pub targets: Vec<String>,
+    /// Interleaved rounds (`serin-bench https` may run other than the rest).
+    #[serde(default)]
+    pub rounds: usize,
     /// One entry per certificate, ECDSA first.
     pub certs: Vec<CertResults>,
 }

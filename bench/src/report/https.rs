@@ -148,7 +148,7 @@ pub(super) fn section(s: &mut String, res: &Results) {
     for cert in &https.certs {
         let _ = writeln!(s, "### {}\n", cert.label);
         keepalive_table(s, res, https, cert);
-        handshake_table(s, res, https, cert);
+        handshake_table(s, https, cert);
         latency_tables(s, https, cert);
     }
 }
@@ -157,7 +157,7 @@ fn keepalive_table(s: &mut String, res: &Results, https: &HttpsResults, cert: &C
     let _ = writeln!(
         s,
         "Keep-alive connections: HTTP/1.1 by wrk -t1 -c{}, HTTP/2 by h2load -t1 -c16 -m16; median (min–max) of {} rounds.\n",
-        res.wrk_connections, res.rounds
+        res.wrk_connections, https.rounds
     );
     let cpu1 = |n: &str| med_tp(tp(&cert.http1, n), Throughput::cpu_us);
     let cpu2 = |n: &str| med_tp(tp(&cert.http2, n), Throughput::cpu_us);
@@ -200,11 +200,11 @@ fn keepalive_table(s: &mut String, res: &Results, https: &HttpsResults, cert: &C
     let _ = writeln!(s);
 }
 
-fn handshake_table(s: &mut String, res: &Results, https: &HttpsResults, cert: &CertResults) {
+fn handshake_table(s: &mut String, https: &HttpsResults, cert: &CertResults) {
     let _ = writeln!(
         s,
         "New connections, one request each; median (min–max) of {} rounds.\n",
-        res.rounds
+        https.rounds
     );
     table_head(
         s,
@@ -342,6 +342,7 @@ mod tests {
     #[test]
     fn rows_judge_cpu_down_and_handshakes_up_against_the_better_peer() {
         let https = HttpsResults {
+            rounds: 1,
             targets: vec![PEERS[0].into(), PEERS[1].into(), SERIN.into()],
             certs: vec![cert(
                 [(PEERS[0], 30.0), (PEERS[1], 20.0), (SERIN, 22.0)],
