@@ -239,13 +239,7 @@ pub fn syscalls(target: &Running, perf: bool, strace: bool) -> std::io::Result<S
             &dir,
         )?;
         std::thread::sleep(Duration::from_millis(500));
-        let run = tools::h2load(
-            &format!("http://{}/", target.h1),
-            32,
-            1,
-            H2Bound::Requests(n),
-            true,
-        )?;
+        let run = tools::h2load(&target.url(), 32, 1, H2Bound::Requests(n), true)?;
         std::thread::sleep(Duration::from_millis(100));
         procs::signal(counter.pid(), "INT");
         std::thread::sleep(Duration::from_millis(300));
@@ -274,13 +268,7 @@ pub fn syscalls(target: &Running, perf: bool, strace: bool) -> std::io::Result<S
         }
         let mut tracer = procs::Guarded::spawn("strace", c, &log)?;
         std::thread::sleep(Duration::from_millis(800));
-        let run = tools::h2load(
-            &format!("http://{}/", target.h1),
-            32,
-            1,
-            H2Bound::Requests(n),
-            true,
-        )?;
+        let run = tools::h2load(&target.url(), 32, 1, H2Bound::Requests(n), true)?;
         procs::signal(tracer.pid(), "INT");
         std::thread::sleep(Duration::from_millis(500));
         tracer.stop();

@@ -447,12 +447,7 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     if !built {
         return Err(RunError::Build);
     }
-    let programs = Programs {
-        nginx: path_of("nginx").unwrap_or_default(),
-        haproxy: path_of("haproxy"),
-        envoy: path_of("envoy"),
-        serin: serin_binary(),
-    };
+    let programs = programs(&found);
     res.versions.insert(
         "serin".into(),
         sh(&programs.serin.to_string_lossy(), &["--version"]),
@@ -764,17 +759,28 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Measures only the TLS-termination group (bench/src/https.rs) into `res`,
-/// for `serin-bench https`: the same tools, pinning and rounds as in
-/// `peers`, with the serin built from this tree (build it first).
-pub fn https_only(res: &mut Results, quick: bool, rounds: Option<usize>) -> Result<(), RunError> {
-    let found = tools::discover();
+/// Where the peer programs `discover` found are, and the serin built from
+/// this tree.
+fn programs(found: &[tools::Tool]) -> Programs {
     let path_of = |n: &str| {
         found
             .iter()
             .find(|t| t.name == n)
             .and_then(|t| t.path.clone())
     };
+    Programs {
+        nginx: path_of("nginx").unwrap_or_default(),
+        haproxy: path_of("haproxy"),
+        envoy: path_of("envoy"),
+        serin: serin_binary(),
+    }
+}
+
+/// Measures only the TLS-termination group (bench/src/https.rs) into `res`,
+/// for `serin-bench https`: the same tools, pinning and rounds as in
+/// `peers`, with the serin built from this tree (build it first).
+pub fn https_only(res: &mut Results, quick: bool, rounds: Option<usize>) -> Result<(), RunError> {
+    let found = tools::discover();
     let missing: Vec<&str> = found
         .iter()
         .filter(|t| t.required && t.path.is_none())
@@ -783,12 +789,7 @@ pub fn https_only(res: &mut Results, quick: bool, rounds: Option<usize>) -> Resu
     if !missing.is_empty() {
         return Err(RunError::MissingTools(missing.join(", ")));
     }
-    let programs = Programs {
-        nginx: path_of("nginx").unwrap_or_default(),
-        haproxy: path_of("haproxy"),
-        envoy: path_of("envoy"),
-        serin: serin_binary(),
-    };
+    let programs = programs(&found);
     let installed = |kind: PeerKind| kind.program() != "haproxy" || programs.haproxy.is_some();
     let rounds = rounds.unwrap_or(if quick { 1 } else { 3 });
     let plan = crate::tls::Plan {
