@@ -497,26 +497,33 @@ async fn a_canary_slower_than_its_clients_patience_is_reverted_on_latency() {
     };
     let reason = status["reason"].as_str().unwrap();
     assert!(reason.contains("p95"), "{status}");
-    let metrics = serin.api.metrics().await;
-    let abandoned = sample(
-        &metrics,
-        "serin_requests_total{upstream=\"canary\",class=\"abandoned\"}",
-    );
-    assert!(abandoned >= 20.0, "min_requests abandoned: {abandoned}");
+    // The judge may revert before min_requests when every canary sample is
+    // far slower than stable's; what must hold is that each canary request
+    // was counted as abandoned (serin notices a client's close a moment
+    // after the client gives up) and cancelled upstream, never as an error.
+    // A request abandoned before it reached the canary counts too.
+    eventually(
+        Duration::from_secs(10),
+        "every canary request was counted abandoned and cancelled upstream",
+        || async {
+            let metrics = serin.api.metrics().await;
+            let abandoned = sample(
+                &metrics,
+                "serin_requests_total{upstream=\"canary\",class=\"abandoned\"}",
+            );
+            let requests = serin.canary.requests();
+            requests > 0 && abandoned >= requests as f64 && serin.canary.cancelled() == requests
+        },
+    )
+    .await;
     assert_eq!(
         sample(
-            &metrics,
+            &serin.api.metrics().await,
             "serin_requests_total{upstream=\"canary\",class=\"error\"}"
         ),
         0.0,
         "a client leaving is not the canary's error"
     );
-    eventually(
-        Duration::from_secs(10),
-        "every abandoned canary request was cancelled upstream",
-        || async { serin.canary.cancelled() == serin.canary.requests() },
-    )
-    .await;
     serin.stop().await;
 }
 
