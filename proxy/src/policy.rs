@@ -59,6 +59,12 @@ pub(crate) struct ConnMeta {
 }
 
 impl ConnMeta {
+    /// Whether the client connected over TLS.
+    #[inline]
+    pub(crate) fn tls(&self) -> bool {
+        self.proto == "https"
+    }
+
     /// The client's verified identity, if it has one.
     #[inline]
     pub(crate) fn identity(&self) -> Option<&[u8]> {

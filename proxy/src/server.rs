@@ -7,11 +7,13 @@
 //!
 //! A connection is served by one of two protocol adapters, which both call
 //! the same request policy ([`crate::policy`]):
-//! - [`own_h1`]: serin's own HTTP/1.1 loop, for plain-TCP clients when both
-//!   upstreams speak HTTP/1.1, until a request needs hyper;
+//! - [`own_h1`]: serin's own HTTP/1.1 loop, for HTTP/1.x clients over plain
+//!   TCP or TLS ([`client_io`]) when both upstreams speak HTTP/1.1, until a
+//!   request needs hyper;
 //! - [`hyper`]: hyper's server, for HTTP/2 (prior knowledge, or ALPN under
-//!   TLS), TLS, uploads and upgrades.
+//!   TLS), uploads and upgrades.
 
+mod client_io;
 mod hyper;
 pub(crate) mod own_h1;
 mod rewind;
@@ -36,6 +38,7 @@ use crate::stats::WorkerStats;
 use crate::tls;
 use crate::worker::{Shared, Worker};
 use crate::{LocalExec, ProxyConfig};
+use client_io::ClientIo;
 use rewind::Rewind;
 
 /// How long a client has to finish its TLS handshake.
@@ -199,69 +202,68 @@ async fn serve_connection(
     worker: Rc<Worker>,
     builder: Rc<auto::Builder<LocalExec>>,
     _open: OpenConnection,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
     stream: TcpStream,
     peer: SocketAddr,
 ) {
-    let result = match worker.shared.tls.clone() {
-        None => {
-            let meta = conn_meta(peer, "http", None);
-            let (mut shutdown, mut stream) = (shutdown, stream);
-            let read_so_far = if worker.own_h1 {
-                match own_h1::serve(&worker, &meta, &mut stream, &mut shutdown).await {
-                    Some(read) => read.freeze(),
-                    None => return,
-                }
-            } else {
-                bytes::Bytes::new()
-            };
-            // Boxed: hyper's connection state is large, and most connections
-            // never leave serin's own loop.
-            Box::pin(async move {
-                let io = TokioIo::new(Rewind::new(read_so_far, stream));
-                // Boxed: hyper moves each HTTP/2 stream's future into a task
-                // of its own, and moving a pointer costs less than moving
-                // the request's whole state (about 6% of an HTTP/2
-                // request's instructions, measured with callgrind).
-                let service = ::hyper::service::service_fn(move |req| {
-                    Box::pin(hyper::proxy(worker.clone(), meta.clone(), req))
-                });
-                let conn = builder.serve_connection_with_upgrades(io, service);
-                until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
-            })
-            .await
-        }
-        // Boxed: a TLS connection's state is twice a plain one's, and an
-        // unboxed branch would make every plain connection's task that large.
-        Some(acceptor) => {
-            Box::pin(async move {
-                let handshake =
-                    tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-                let stream = match handshake.await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return Ok(());
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return Ok(());
-                    }
-                };
+    let (mut io, meta) = match worker.shared.tls.clone() {
+        None => (ClientIo::Plain(stream), conn_meta(peer, "http", None)),
+        // Boxed: a handshake's state is large, and an unboxed branch would
+        // make every plain connection's task that large.
+        Some(acceptor) => match Box::pin(handshake(&acceptor, stream, peer)).await {
+            Some(stream) => {
                 // Read once here; every request on the connection carries it.
                 let identity = tls::client_identity(stream.get_ref().1);
-                let meta = conn_meta(peer, "https", identity);
-                let service = ::hyper::service::service_fn(move |req| {
-                    Box::pin(hyper::proxy(worker.clone(), meta.clone(), req))
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
-            })
-            .await
-        }
+                (ClientIo::tls(stream), conn_meta(peer, "https", identity))
+            }
+            None => return,
+        },
     };
+    let read_so_far = if worker.own_h1 && !io.is_h2() {
+        match own_h1::serve(&worker, &meta, &mut io, &mut shutdown).await {
+            Some(read) => read.freeze(),
+            None => return,
+        }
+    } else {
+        bytes::Bytes::new()
+    };
+    // Boxed: hyper's connection state is large, and most connections never
+    // leave serin's own loop.
+    let result = Box::pin(async move {
+        let io = TokioIo::new(Rewind::new(read_so_far, io));
+        // Boxed: hyper moves each HTTP/2 stream's future into a task of its
+        // own, and moving a pointer costs less than moving the request's
+        // whole state (about 6% of an HTTP/2 request's instructions,
+        // measured with callgrind).
+        let service = ::hyper::service::service_fn(move |req| {
+            Box::pin(hyper::proxy(worker.clone(), meta.clone(), req))
+        });
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
+    })
+    .await;
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// The TLS handshake with a client, under [`TLS_HANDSHAKE_TIMEOUT`]; `None`
+/// if it failed or timed out.
+async fn handshake(
+    acceptor: &tls::Acceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }
 

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serin_proxy::{Proxy, ProxyConfig, RouteTable, Routes, Target, Upstream, UpstreamProtocol};
-use serin_tests::{closed_port_url, eventually, Behavior, TestUpstream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serin_tests::{closed_port_url, eventually, Behavior, Gate, TestCert, TestUpstream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -113,6 +113,15 @@ impl Response {
     }
 }
 
+async fn tcp_to(addr: SocketAddr) -> TcpStream {
+    let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect to the proxy");
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -121,24 +130,47 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A client socket: plain TCP, or TLS over it.
+trait Wire: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Wire for T {}
+
 /// One client connection that writes raw bytes and parses raw responses.
 /// Bytes read past one response stay buffered for the next.
 struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Wire>,
     buf: Vec<u8>,
 }
 
 impl Client {
     async fn connect(addr: SocketAddr) -> Self {
-        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-            .await
-            .expect("connect timed out")
-            .expect("connect to the proxy");
-        stream.set_nodelay(true).unwrap();
+        let stream = tcp_to(addr).await;
         Self {
-            stream,
+            stream: Box::new(stream),
             buf: Vec::new(),
         }
+    }
+
+    /// A TLS connection offering only `http/1.1` by ALPN, trusting `cert`.
+    async fn connect_tls(addr: SocketAddr, cert: &TestCert) -> Self {
+        let mut config = (*cert.client).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp_to(addr).await))
+            .await
+            .expect("TLS handshake timed out")
+            .expect("TLS handshake with the proxy");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        Self {
+            stream: Box::new(tls),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Closes the connection as a well-behaved client does: over TLS a
+    /// `close_notify` alert, then the end of the TCP stream.
+    async fn leave(mut self) {
+        let _ = tokio::time::timeout(WAIT, self.stream.shutdown()).await;
     }
 
     /// Writes `bytes` in one write.
@@ -1114,9 +1146,9 @@ async fn responses_serin_makes_itself_to_head_requests_have_no_body() {
 // === 12. a client that leaves while the upstream works ===
 
 /// A proxy whose response timeout (120 s) outlasts every wait here, in
-/// front of a stable upstream that answers after 300 s, or at once after
-/// `answer_now`.
-async fn slow_stable() -> (TestUpstream, Proxy) {
+/// front of a stable upstream that answers after 300 s (until a test sets
+/// its behaviour back); it terminates TLS with `tls` if given.
+async fn slow_stable(tls: Option<&TestCert>) -> (TestUpstream, Proxy) {
     let up = TestUpstream::start("stable").await;
     up.set(Behavior {
         delay: Duration::from_secs(300),
@@ -1128,19 +1160,21 @@ async fn slow_stable() -> (TestUpstream, Proxy) {
         Upstream::parse(&closed_port_url(), UpstreamProtocol::Http1).unwrap(),
     );
     config.response_timeout = Duration::from_secs(120);
+    config.tls = tls.map(tls_files);
     let proxy = Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap();
     (up, proxy)
 }
 
 /// After the client `c` left with its request `nth` still at the upstream:
 /// the upstream request was dropped, the request counts as abandoned (in
-/// the judge's window, with no error), and the proxy serves the next client.
-async fn assert_abandoned(up: &TestUpstream, proxy: &Proxy, c: Client, nth: u64) {
+/// the judge's window, with no error), and the proxy serves the `next`
+/// client's request.
+async fn assert_abandoned(up: &TestUpstream, proxy: &Proxy, c: Client, nth: u64, mut next: Client) {
     eventually(WAIT, "the upstream got the request", || async {
         up.requests() == nth
     })
     .await;
-    drop(c);
+    c.leave().await;
     eventually(WAIT, "the proxy dropped the upstream request", || async {
         up.cancelled() == 1
     })
@@ -1155,22 +1189,22 @@ async fn assert_abandoned(up: &TestUpstream, proxy: &Proxy, c: Client, nth: u64)
     let window = stats.window_snapshot(Target::Stable, Instant::now());
     assert_eq!((window.requests, window.errors), (nth, 0));
     up.set(Behavior::default());
-    let mut next = Client::connect(proxy.local_addr()).await;
     next.send(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n").await;
     assert_eq!(next.response().await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_cancels_its_upstream_request_on_the_own_loop() {
-    let (up, proxy) = slow_stable().await;
+    let (up, proxy) = slow_stable(None).await;
     let mut c = Client::connect(proxy.local_addr()).await;
     c.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n").await;
-    assert_abandoned(&up, &proxy, c, 1).await;
+    let next = Client::connect(proxy.local_addr()).await;
+    assert_abandoned(&up, &proxy, c, 1, next).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_cancels_its_upstream_request_on_hypers_path() {
-    let (up, proxy) = slow_stable().await;
+    let (up, proxy) = slow_stable(None).await;
     up.set(Behavior::default());
     let mut c = Client::connect(proxy.local_addr()).await;
     // A body hands the connection to hyper for the rest of its life.
@@ -1182,7 +1216,8 @@ async fn a_client_that_leaves_cancels_its_upstream_request_on_hypers_path() {
         ..Behavior::default()
     });
     c.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n").await;
-    assert_abandoned(&up, &proxy, c, 2).await;
+    let next = Client::connect(proxy.local_addr()).await;
+    assert_abandoned(&up, &proxy, c, 2, next).await;
 }
 
 // === 13. every outcome recorded once ===
@@ -1306,4 +1341,133 @@ async fn a_client_that_leaves_a_quiet_stream_closes_its_upstream_connection_at_o
     .await;
     let totals = stats.totals(Target::Stable);
     assert_eq!((totals.errors, totals.abandoned), (0, 0), "{totals:?}");
+}
+
+// === 14. over TLS ===
+
+/// A proxy terminating TLS with `cert` in front of `stable`, canary down.
+fn start_tls_proxy(stable: &str, cert: &TestCert) -> Proxy {
+    let mut config = ProxyConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        Upstream::parse(stable, UpstreamProtocol::Http1).unwrap(),
+        Upstream::parse(&closed_port_url(), UpstreamProtocol::Http1).unwrap(),
+    );
+    config.response_timeout = WAIT;
+    config.tls = Some(tls_files(cert));
+    Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap()
+}
+
+fn tls_files(cert: &TestCert) -> serin_proxy::TlsFiles {
+    serin_proxy::TlsFiles {
+        cert: cert.cert_path.clone(),
+        key: cert.key_path.clone(),
+        client_auth: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_pipelined_requests_and_a_body_handed_to_hyper_are_served_in_order() {
+    let cert = TestCert::generate();
+    let up = Scripted::start(echo_request).await;
+    let proxy = start_tls_proxy(&up.url, &cert);
+    let mut c = Client::connect_tls(proxy.local_addr(), &cert).await;
+    c.send(
+        concat!(
+            "GET /a HTTP/1.1\r\nHost: app\r\n\r\n",
+            "GET /b HTTP/1.1\r\nHost: app\r\n\r\n",
+            "POST /c HTTP/1.1\r\nHost: app\r\nContent-Length: 11\r\n\r\nhello world",
+            "GET /d HTTP/1.1\r\nHost: app\r\n\r\n",
+        )
+        .as_bytes(),
+    )
+    .await;
+    for want in ["GET /a 0", "GET /b 0", "POST /c 11", "GET /d 0"] {
+        let r = c.response().await;
+        assert_eq!((r.status, r.text().as_str()), (200, want), "{}", r.head);
+        assert_eq!(r.framing, Framing::Length);
+    }
+    // hyper serves the rest of the connection.
+    c.send(b"GET /e HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await;
+    let r = c.response().await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "GET /e 0"),
+        "{}",
+        r.head
+    );
+    c.expect_closed().await;
+    let seen = up.seen();
+    assert_eq!(seen.len(), 5);
+    for request in &seen {
+        assert_eq!(request.field("x-forwarded-proto").as_deref(), Some("https"));
+    }
+    assert_eq!(seen[2].body, b"hello world");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_request_sent_while_the_last_is_at_the_upstream_is_served_next() {
+    let cert = TestCert::generate();
+    let up = TestUpstream::start("stable").await;
+    let gate = Gate::closed();
+    up.set(Behavior {
+        hold: Some(gate.clone()),
+        ..Behavior::default()
+    });
+    let proxy = start_tls_proxy(&up.url(), &cert);
+    let mut c = Client::connect_tls(proxy.local_addr(), &cert).await;
+    c.send(b"GET /first HTTP/1.1\r\nHost: app\r\nx-request-id: first\r\n\r\n")
+        .await;
+    eventually(WAIT, "the upstream got the first request", || async {
+        up.requests() == 1
+    })
+    .await;
+    // serin reads these while it watches the client for a close; they must
+    // wait for the loop, the body one then going to hyper with its bytes.
+    c.send(
+        concat!(
+            "GET / HTTP/1.1\r\nHost: app\r\nx-request-id: second\r\n\r\n",
+            "POST /upload HTTP/1.1\r\nHost: app\r\nx-request-id: third\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .as_bytes(),
+    )
+    .await;
+    gate.open();
+    for id in ["first", "second", "third"] {
+        let r = c.response().await;
+        assert_eq!(
+            (r.status, r.header("x-request-id")),
+            (200, Some(id)),
+            "{}",
+            r.head
+        );
+    }
+    assert_eq!(up.requests(), 3);
+    assert_eq!(up.uploaded(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_large_response_arrives_whole() {
+    let cert = TestCert::generate();
+    let up = TestUpstream::start("stable").await;
+    let proxy = start_tls_proxy(&up.url(), &cert);
+    let mut c = Client::connect_tls(proxy.local_addr(), &cert).await;
+    let size = 3 * 1024 * 1024 + 17;
+    for _ in 0..2 {
+        c.send(format!("GET /download/{size} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+            .await;
+        let r = c.response().await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert_eq!(r.body.len(), size);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_client_that_leaves_cancels_its_upstream_request() {
+    let cert = TestCert::generate();
+    let (up, proxy) = slow_stable(Some(&cert)).await;
+    let mut c = Client::connect_tls(proxy.local_addr(), &cert).await;
+    c.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    let next = Client::connect_tls(proxy.local_addr(), &cert).await;
+    assert_abandoned(&up, &proxy, c, 1, next).await;
 }

@@ -2,8 +2,8 @@
 //! proxy, in RFC 9110's words), asserted on the wire.
 //!
 //! Why it exists: serin parses client requests on two code paths (its own
-//! HTTP/1.1 loop for bodiless plain-TCP requests, hyper for everything
-//! else), so every MUST of RFC 9112 (message syntax, framing, `Host`,
+//! HTTP/1.1 loop for bodiless requests over plain TCP or TLS, hyper for
+//! everything else), so every MUST of RFC 9112 (message syntax, framing, `Host`,
 //! connection management) and RFC 9110 §7.6 (what an intermediary removes,
 //! adds and rewrites) has to hold on each of them, and on TLS and HTTP/2
 //! too. Request smuggling lives exactly in the places where two parsers
@@ -17,7 +17,8 @@
 //!   `hello`), which makes the own loop hand the connection to hyper; a case
 //!   that already frames a body, or holds several requests, is instead sent
 //!   after a warm-up request with a body has moved the connection to hyper;
-//! - `tls`: the raw bytes over TLS (ALPN http/1.1), always hyper's path;
+//! - `tls`: the raw bytes over TLS (ALPN http/1.1): the own loop again, or
+//!   hyper when it hands the connection over, as on `own`;
 //! - `h2`: cases marked `h2`, rebuilt as an HTTP/2 request (h2c, prior
 //!   knowledge): the upstream must receive the same head.
 //!
@@ -111,7 +112,7 @@ struct Case {
     /// Also run over HTTP/2.
     h2: bool,
     /// What the RFC-compliant outcome is instead where hyper parses the
-    /// request (`hyper` and `tls`), when hyper normalises a message that
+    /// request (`hyper`), when hyper normalises a message that
     /// serin's own loop refuses. The README's conformance notes list these.
     behind_hyper: Option<&'static Case>,
 }
@@ -1123,7 +1124,7 @@ async fn run_table(path: Path, cert: Option<&TestCert>) -> Vec<String> {
             exchange_h1(&x, if path == Path::Tls { cert } else { None }).await
         };
         let case = match (path, case.behind_hyper) {
-            (Path::Hyper | Path::Tls, Some(normalised)) => normalised,
+            (Path::Hyper, Some(normalised)) => normalised,
             _ => case,
         };
         let mut want = expected_upstream(case, path, body_variant.is_some());

@@ -100,7 +100,7 @@ async fn answer(
                 .path_and_query()
                 .map_or(b"/", |p| p.as_str().as_bytes()),
             version: parts.version,
-            tls: meta.proto == "https",
+            tls: meta.tls(),
         },
         trace.as_ref(),
     );

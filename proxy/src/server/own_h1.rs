@@ -5,8 +5,8 @@
 //! dispatcher, and its response head is parsed into another map only for
 //! hyper to encode it again. That was a third of serin's CPU per request.
 //! For an HTTP/1.x request without a body, without an upgrade and sent to
-//! an HTTP/1.1 upstream, this loop does the exchange on the raw bytes
-//! instead, as nginx and pingora do: it parses the client's head in place
+//! an HTTP/1.1 upstream, over plain TCP or TLS ([`super::client_io`]), this
+//! loop does the exchange on the raw bytes instead, as nginx and pingora do: it parses the client's head in place
 //! ([`crate::http1::head`]), asks the request policy ([`crate::policy`])
 //! whether and how to forward it, writes the upstream request straight from
 //! it, and writes the client's response head straight from the upstream's.
@@ -18,7 +18,7 @@
 //! the same answer, and its upstream the same bytes, on either.
 
 use std::future::{poll_fn, Future};
-use std::io::{self, Write as _};
+use std::io::Write as _;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::Poll;
@@ -27,11 +27,11 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{Method, Version};
-use tokio::io::{AsyncWriteExt, Interest, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use super::client_io::{ClientIo, Watched};
 use crate::fields::FieldSink;
 use crate::fields::{keeps_alive, Fields};
 use crate::http1::chunked::encode_last_chunk;
@@ -61,7 +61,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 pub(crate) async fn serve(
     worker: &Rc<Worker>,
     meta: &ConnMeta,
-    stream: &mut TcpStream,
+    stream: &mut ClientIo,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<BytesMut> {
     let config = &worker.shared.config;
@@ -81,7 +81,12 @@ pub(crate) async fn serve(
         } else {
             match parse(worker, meta, &buf, &mut scratch) {
                 Parsed::Partial => None,
-                Parsed::Handoff => return Some(buf),
+                Parsed::Handoff => {
+                    if let Some(early) = stream.take_early() {
+                        buf.extend_from_slice(&early);
+                    }
+                    return Some(buf);
+                }
                 Parsed::Ready(request) => Some(request),
             }
         };
@@ -137,7 +142,7 @@ enum Wait {
 
 /// Reads more of a request head. Shutdown ends only an idle connection.
 async fn wait_for_bytes(
-    stream: &mut TcpStream,
+    stream: &mut ClientIo,
     buf: &mut BytesMut,
     mut stop: Pin<&mut impl Future>,
     mut timer: Pin<&mut Sleep>,
@@ -145,26 +150,10 @@ async fn wait_for_bytes(
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(4096);
     }
-    poll_fn(|cx| loop {
-        match stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => match stream.try_read_buf(buf) {
-                Ok(0) => return Poll::Ready(Wait::Closed),
-                Ok(_) => {
-                    // A short read took all the socket had: clear its
-                    // readable mark (no system call), as tokio's own
-                    // `poll_read` does, or the next wait pays a recv(2)
-                    // that finds nothing.
-                    if buf.capacity() > buf.len() {
-                        let _ = stream.try_io(Interest::READABLE, || {
-                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                        });
-                    }
-                    return Poll::Ready(Wait::Bytes);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Poll::Ready(Wait::Closed),
-            },
-            Poll::Ready(Err(_)) => return Poll::Ready(Wait::Closed),
+    poll_fn(|cx| {
+        match stream.poll_fill(cx, buf) {
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Wait::Closed),
+            Poll::Ready(Ok(_)) => return Poll::Ready(Wait::Bytes),
             Poll::Pending => {}
         }
         if buf.is_empty() && stop.as_mut().poll(cx).is_ready() {
@@ -173,7 +162,7 @@ async fn wait_for_bytes(
         if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Wait::Timer);
         }
-        return Poll::Pending;
+        Poll::Pending
     })
     .await
 }
@@ -274,7 +263,7 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
                         } else {
                             Version::HTTP_11
                         },
-                        tls: false,
+                        tls: meta.tls(),
                     }
                 },
                 None,
@@ -411,7 +400,7 @@ pub(crate) fn parse(worker: &Worker, meta: &ConnMeta, buf: &[u8], scratch: &mut 
             authority: fields.value(&HOST).unwrap_or_default(),
             target: path.as_bytes(),
             version,
-            tls: false,
+            tls: meta.tls(),
         },
         trace.as_ref(),
     );
@@ -513,7 +502,7 @@ fn reencode_for(
 async fn exchange(
     worker: &Rc<Worker>,
     meta: &ConnMeta,
-    stream: &mut TcpStream,
+    stream: &mut ClientIo,
     head: &[u8],
     request: &Request,
     scratch: &mut Scratch,
@@ -674,7 +663,7 @@ async fn exchange(
 /// connection stays open.
 async fn refuse(
     worker: &Worker,
-    stream: &mut TcpStream,
+    stream: &mut ClientIo,
     out: &mut Vec<u8>,
     request: &Request,
     refusal: &Refusal,
@@ -697,7 +686,7 @@ async fn refuse(
 /// hyper do (`None`; the dropped [`OutcomeRecord`] counts it as abandoned).
 async fn send_watched(
     worker: &Worker,
-    stream: &TcpStream,
+    stream: &mut ClientIo,
     target: Target,
     upstream_head: &[u8],
     request: &Request,
@@ -709,10 +698,13 @@ async fn send_watched(
 
 /// Waits for `work` unless the client closes or resets its connection first
 /// (`None`). A client that sends more bytes meanwhile (a pipelined request)
-/// is not watched any further: its bytes stay in the socket for the loop,
-/// and a peek past them cannot see the close. Watching costs no system call
-/// until the client's socket turns readable.
-async fn unless_client_leaves<T>(stream: &TcpStream, work: impl Future<Output = T>) -> Option<T> {
+/// is not watched any further: its bytes wait for the loop, and a close
+/// behind them cannot be seen until they are read. See
+/// [`ClientIo::poll_watch`].
+async fn unless_client_leaves<T>(
+    stream: &mut ClientIo,
+    work: impl Future<Output = T>,
+) -> Option<T> {
     let mut work = pin!(work);
     let mut watching = true;
     poll_fn(|cx| {
@@ -720,10 +712,9 @@ async fn unless_client_leaves<T>(stream: &TcpStream, work: impl Future<Output = 
             return Poll::Ready(Some(done));
         }
         if watching {
-            let mut probe = [0u8; 1];
-            match stream.poll_peek(cx, &mut ReadBuf::new(&mut probe)) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(_)) => watching = false,
+            match stream.poll_watch(cx) {
+                Poll::Ready(Watched::Left) => return Poll::Ready(None),
+                Poll::Ready(Watched::Sent) => watching = false,
                 Poll::Pending => {}
             }
         }

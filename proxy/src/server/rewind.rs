@@ -6,15 +6,16 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use super::client_io::ClientIo;
 
 pub(crate) struct Rewind {
     read_so_far: Bytes,
-    io: TcpStream,
+    io: ClientIo,
 }
 
 impl Rewind {
-    pub(crate) fn new(read_so_far: Bytes, io: TcpStream) -> Self {
+    pub(crate) fn new(read_so_far: Bytes, io: ClientIo) -> Self {
         Self { read_so_far, io }
     }
 }
