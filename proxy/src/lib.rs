@@ -22,6 +22,7 @@ mod policy;
 mod reload;
 mod server;
 pub mod shadow;
+mod socket;
 mod spans;
 pub mod split;
 pub mod stats;

@@ -207,7 +207,7 @@ async fn serve_connection(
     peer: SocketAddr,
 ) {
     let (mut io, meta) = match worker.shared.tls.clone() {
-        None => (ClientIo::Plain(stream), conn_meta(peer, "http", None)),
+        None => (ClientIo::plain(stream), conn_meta(peer, "http", None)),
         // Boxed: a handshake's state is large, and an unboxed branch would
         // make every plain connection's task that large.
         Some(acceptor) => match Box::pin(handshake(&acceptor, stream, peer)).await {
@@ -230,7 +230,7 @@ async fn serve_connection(
     // Boxed: hyper's connection state is large, and most connections never
     // leave serin's own loop.
     let result = Box::pin(async move {
-        let io = TokioIo::new(Rewind::new(read_so_far, io));
+        let io = TokioIo::new(Rewind::new(read_so_far, io.into_socket()));
         // Boxed: hyper moves each HTTP/2 stream's future into a task of its
         // own, and moving a pointer costs less than moving the request's
         // whole state (about 6% of an HTTP/2 request's instructions,

@@ -27,7 +27,6 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{Method, Version};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
@@ -82,9 +81,7 @@ pub(crate) async fn serve(
             match parse(worker, meta, &buf, &mut scratch) {
                 Parsed::Partial => None,
                 Parsed::Handoff => {
-                    if let Some(early) = stream.take_early() {
-                        buf.extend_from_slice(&early);
-                    }
+                    buf.extend_from_slice(&stream.take_early());
                     return Some(buf);
                 }
                 Parsed::Ready(request) => Some(request),

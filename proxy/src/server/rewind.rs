@@ -7,15 +7,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::client_io::ClientIo;
+use super::client_io::ClientSocket;
 
 pub(crate) struct Rewind {
     read_so_far: Bytes,
-    io: ClientIo,
+    io: ClientSocket,
 }
 
 impl Rewind {
-    pub(crate) fn new(read_so_far: Bytes, io: ClientIo) -> Self {
+    pub(crate) fn new(read_so_far: Bytes, io: ClientSocket) -> Self {
         Self { read_so_far, io }
     }
 }
