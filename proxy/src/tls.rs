@@ -28,10 +28,10 @@
 //! client verifier each behind an `ArcSwap` of its own, for two reasons:
 //! rustls asks the verifier for the CA names it sends in its
 //! `CertificateRequest` as a borrow, which a verifier loaded per handshake
-//! cannot lend; and a new client CA comes with a new session cache, so a
-//! session made under a CA that was since removed cannot be resumed (a
-//! resumed session skips the client certificate). A new server certificate
-//! keeps the session cache.
+//! cannot lend; and a new client CA comes with new session-ticket keys and
+//! a new session cache, so a session made under a CA that was since removed
+//! cannot be resumed (a resumed session skips the client certificate). A
+//! new server certificate keeps both.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -40,9 +40,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
+use rustls::crypto::aws_lc_rs::Ticketer;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{NoClientAuth, ServerConnection, StoresServerSessions, WebPkiClientVerifier};
+use rustls::server::{NoClientAuth, ServerConnection, WebPkiClientVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::{self, PemObject};
@@ -198,21 +199,31 @@ fn client_verifier(
     builder.build().map_err(|e| error(e.to_string()))
 }
 
-/// A listener config serving `key` and verifying clients with `verifier`;
-/// `sessions` carries an earlier config's session cache over.
+/// A listener config serving `key` and verifying clients with `verifier`.
+///
+/// Sessions resume by stateless tickets (TLS 1.3 and 1.2), encrypted under
+/// keys made at start and rotated every 6 hours, as nginx's and haproxy's
+/// defaults do: any number of clients resume, and serin keeps no state for
+/// them. The session cache is left for TLS 1.2 clients without tickets.
+/// `earlier`, a config this one replaces, passes its ticket keys and
+/// session cache on, so that sessions made under it still resume.
 fn server_config(
     provider: &Arc<CryptoProvider>,
     key: &Arc<CertifiedKey>,
     verifier: &Arc<dyn ClientCertVerifier>,
-    sessions: Option<Arc<dyn StoresServerSessions>>,
+    earlier: Option<&ServerConfig>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier.clone())
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(key.clone())));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    if let Some(sessions) = sessions {
-        config.session_storage = sessions;
+    match earlier {
+        Some(earlier) => {
+            config.ticketer = earlier.ticketer.clone();
+            config.session_storage = earlier.session_storage.clone();
+        }
+        None => config.ticketer = Ticketer::new()?,
     }
     Ok(Arc::new(config))
 }
@@ -377,16 +388,15 @@ impl Reload {
         if key.is_none() && verifier.is_none() {
             return;
         }
-        // A new CA starts a new session cache (see the module's header).
-        let sessions = verifier
-            .is_none()
-            .then(|| self.current.load().session_storage.clone());
+        // A new CA starts new ticket keys and a new session cache (see the
+        // module's header).
+        let earlier = verifier.is_none().then(|| self.current.load_full());
         let (new_key, new_verifier) = (key.as_ref(), verifier.as_ref());
         let config = server_config(
             &self.provider,
             new_key.unwrap_or(&self.key),
             new_verifier.unwrap_or(&self.verifier),
-            sessions,
+            earlier.as_deref(),
         );
         match config {
             Ok(config) => self.current.store(config),
@@ -502,7 +512,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_client_ca_is_loaded_with_a_new_session_cache_and_a_bad_one_keeps_the_old() {
+    fn a_new_client_ca_is_loaded_with_new_resumption_state_and_a_bad_one_keeps_the_old() {
         let (old_ca, new_ca) = (TestCa::new("old CA"), TestCa::new("new CA"));
         let (first, second) = (TestCert::named("first"), TestCert::named("second"));
         let dir = temp_dir("client-ca");
@@ -520,8 +530,10 @@ mod tests {
         std::fs::copy(&old_ca.cert_path, ca).unwrap();
         let mut reload = reload(&files);
         let sessions = |reload: &Reload| reload.current.load().session_storage.clone();
+        let tickets = |reload: &Reload| reload.current.load().ticketer.clone();
         let verifier = reload.verifier.clone();
-        let cache = sessions(&reload);
+        let (cache, keys) = (sessions(&reload), tickets(&reload));
+        assert!(keys.enabled(), "sessions resume by tickets");
 
         // A bad bundle, then one with no certificate: refused, nothing swapped.
         for bad in ["-----BEGIN CERTIFICATE-----\nbroken\n", "no PEM here\n"] {
@@ -530,23 +542,26 @@ mod tests {
             reload.poll();
             assert!(Arc::ptr_eq(&reload.verifier, &verifier), "after {bad:?}");
             assert!(Arc::ptr_eq(&sessions(&reload), &cache), "after {bad:?}");
+            assert!(Arc::ptr_eq(&tickets(&reload), &keys), "after {bad:?}");
         }
         assert_eq!(count(&reload), (0, 2));
 
-        // A renewed certificate keeps the session cache.
+        // A renewed certificate keeps the session cache and ticket keys.
         std::fs::write(&files.cert, &second.cert_pem).unwrap();
         std::fs::write(&files.key, &second.key_pem).unwrap();
         reload.poll();
         assert_eq!(count(&reload), (1, 2));
         assert_eq!(reload.key.cert[0], second.der);
         assert!(Arc::ptr_eq(&sessions(&reload), &cache));
+        assert!(Arc::ptr_eq(&tickets(&reload), &keys));
 
-        // A new CA: a new verifier and a new session cache.
+        // A new CA: a new verifier, session cache and ticket keys.
         std::fs::copy(&new_ca.cert_path, ca).unwrap();
         reload.poll();
         assert_eq!(count(&reload), (2, 2));
         assert!(!Arc::ptr_eq(&reload.verifier, &verifier));
         assert!(!Arc::ptr_eq(&sessions(&reload), &cache));
+        assert!(!Arc::ptr_eq(&tickets(&reload), &keys));
 
         std::fs::remove_file(ca).unwrap();
         let err = check(&files).unwrap_err().to_string();

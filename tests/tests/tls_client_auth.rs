@@ -358,6 +358,32 @@ async fn a_resumed_session_keeps_its_identity() {
     assert_eq!(got.echoed(IDENTITY), [SPIFFE_A], "{}", got.body);
 }
 
+/// Sessions resume by stateless tickets, so every client resumes however
+/// many there are. With rustls's stateful default (a 256-entry cache, two
+/// tickets a client) 200 clients do not fit, and those whose tickets were
+/// evicted make a full handshake again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_for_more_clients_than_a_session_cache_holds() {
+    let clients = TestCa::new("clients");
+    let h = Harness::start(&clients, ClientAuthMode::Optional, |_| {}).await;
+    let configs: Vec<_> = (0..200).map(|_| h.client(b"http/1.1", None)).collect();
+    for client in &configs {
+        let (mut conn, resumed) = h.connect_with(client).await.unwrap();
+        assert!(!resumed);
+        // The session tickets arrive with the first response.
+        conn.get("/", &[]).await.unwrap();
+    }
+    let mut full = Vec::new();
+    for (n, client) in configs.iter().enumerate() {
+        let (mut conn, resumed) = h.connect_with(client).await.unwrap();
+        if !resumed {
+            full.push(n);
+        }
+        conn.get("/", &[]).await.unwrap();
+    }
+    assert!(full.is_empty(), "clients that did not resume: {full:?}");
+}
+
 /// Without TLS no connection has an identity, but the header is still
 /// serin's: on its own HTTP/1.1 loop, on hyper's (h2c), and on an HTTP/1.1
 /// connection the own loop hands to hyper (a request with a body).
