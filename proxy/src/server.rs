@@ -171,6 +171,9 @@ where
 {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
+        // The connection first: one the own loop hands over during a drain
+        // reads its request before it is asked to finish.
+        biased;
         out = conn.as_mut() => return out,
         _ = shutdown.wait_for(|&stop| stop) => graceful(conn.as_mut()),
     }

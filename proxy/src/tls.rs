@@ -201,10 +201,10 @@ fn client_verifier(
 
 /// A listener config serving `key` and verifying clients with `verifier`.
 ///
-/// Sessions resume by stateless tickets (TLS 1.3 and 1.2), encrypted under
-/// keys made at start and rotated every 6 hours, as nginx's and haproxy's
-/// defaults do: any number of clients resume, and serin keeps no state for
-/// them. The session cache is left for TLS 1.2 clients without tickets.
+/// Sessions resume by stateless tickets (TLS 1.3 and 1.2), as with nginx's
+/// and haproxy's defaults, encrypted under keys made at start and rotated
+/// every 6 hours: any number of clients resume, and serin keeps no state
+/// for them. The session cache is left for TLS 1.2 clients without tickets.
 /// `earlier`, a config this one replaces, passes its ticket keys and
 /// session cache on, so that sessions made under it still resume.
 fn server_config(

@@ -95,8 +95,9 @@ pub(crate) struct Worker {
     inflight: Cell<usize>,
     /// Shutdown has begun: connections close after their current response.
     pub(crate) draining: Cell<bool>,
-    /// Both upstreams speak HTTP/1.1, so plain HTTP/1.1 clients are served
-    /// by serin's own loop ([`crate::server::own_h1`]) until a request needs hyper.
+    /// Both upstreams speak HTTP/1.1, so HTTP/1.x clients, over plain TCP
+    /// or TLS, are served by serin's own loop ([`crate::server::own_h1`])
+    /// until a request needs hyper.
     pub(crate) own_h1: bool,
     request_seq: Cell<u64>,
     request_prefix: u64,

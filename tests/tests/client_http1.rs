@@ -113,6 +113,28 @@ impl Response {
     }
 }
 
+/// Bytes waiting unread in the receive queue of the proxy's socket at
+/// `proxy` connected to `client` (IPv4), from `/proc/net/tcp`.
+fn proxy_receive_queue(proxy: SocketAddr, client: SocketAddr) -> Option<u64> {
+    let hex = |addr: SocketAddr| match addr {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => panic!("the tests listen on 127.0.0.1"),
+    };
+    let (local, remote) = (hex(proxy), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        let (_, rx) = columns.get(4)?.split_once(':')?;
+        (columns.get(1) == Some(&local.as_str()) && columns.get(2) == Some(&remote.as_str()))
+            .then(|| u64::from_str_radix(rx, 16).ok())
+            .flatten()
+    })
+}
+
 async fn tcp_to(addr: SocketAddr) -> TcpStream {
     let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
         .await
@@ -139,12 +161,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Wire for T {}
 struct Client {
     stream: Box<dyn Wire>,
     buf: Vec<u8>,
+    /// The connection's (client, proxy) addresses.
+    ends: (SocketAddr, SocketAddr),
 }
 
 impl Client {
     async fn connect(addr: SocketAddr) -> Self {
         let stream = tcp_to(addr).await;
         Self {
+            ends: (stream.local_addr().unwrap(), addr),
             stream: Box::new(stream),
             buf: Vec::new(),
         }
@@ -156,7 +181,9 @@ impl Client {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp_to(addr).await))
+        let tcp = tcp_to(addr).await;
+        let ends = (tcp.local_addr().unwrap(), addr);
+        let tls = tokio::time::timeout(WAIT, connector.connect(name, tcp))
             .await
             .expect("TLS handshake timed out")
             .expect("TLS handshake with the proxy");
@@ -164,13 +191,31 @@ impl Client {
         Self {
             stream: Box::new(tls),
             buf: Vec::new(),
+            ends,
         }
     }
 
     /// Closes the connection as a well-behaved client does: over TLS a
     /// `close_notify` alert, then the end of the TCP stream.
     async fn leave(mut self) {
+        self.close_sending().await;
+    }
+
+    /// Ends the client's sending side (over TLS with `close_notify`); it
+    /// can still read.
+    async fn close_sending(&mut self) {
         let _ = tokio::time::timeout(WAIT, self.stream.shutdown()).await;
+    }
+
+    /// Waits until the proxy has read every byte this client sent: its
+    /// socket's receive queue (`/proc/net/tcp`) is empty. While an upstream
+    /// holds the proxy's answer, only its watch for a close reads.
+    async fn wait_until_proxy_read_all(&self) {
+        let (client, proxy) = self.ends;
+        eventually(WAIT, "the proxy read all the client sent", || async move {
+            proxy_receive_queue(proxy, client) == Some(0)
+        })
+        .await;
     }
 
     /// Writes `bytes` in one write.
@@ -1297,6 +1342,17 @@ async fn complete_responses_are_one_success_each_on_both_paths() {
     assert_eq!((window.requests, window.errors), (2, 0));
 }
 
+/// Reads one request head from `conn` (a raw upstream's side).
+async fn read_request_head(conn: &mut TcpStream) {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while find(&head, b"\r\n\r\n").is_none() {
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the request never came");
+        head.extend_from_slice(&chunk[..n]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_a_quiet_stream_closes_its_upstream_connection_at_once() {
     // An event stream: the head and a first event, then nothing for as
@@ -1305,18 +1361,12 @@ async fn a_client_that_leaves_a_quiet_stream_closes_its_upstream_connection_at_o
     let url = format!("http://{}", listener.local_addr().unwrap());
     let upstream = tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while find(&head, b"\r\n\r\n").is_none() {
-            let n = conn.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "the request never came");
-            head.extend_from_slice(&chunk[..n]);
-        }
+        read_request_head(&mut conn).await;
         conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\n")
             .await
             .unwrap();
         // Serin must close this connection when its client leaves.
-        tokio::time::timeout(WAIT, conn.read(&mut chunk)).await
+        tokio::time::timeout(WAIT, conn.read(&mut [0u8; 4096])).await
     });
     let proxy = start_proxy(&url, &closed_port_url());
     let mut c = Client::connect(proxy.local_addr()).await;
@@ -1432,6 +1482,7 @@ async fn over_tls_a_request_sent_while_the_last_is_at_the_upstream_is_served_nex
         .as_bytes(),
     )
     .await;
+    c.wait_until_proxy_read_all().await;
     gate.open();
     for id in ["first", "second", "third"] {
         let r = c.response().await;
@@ -1470,4 +1521,54 @@ async fn over_tls_a_client_that_leaves_cancels_its_upstream_request() {
     c.send(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n").await;
     let next = Client::connect_tls(proxy.local_addr(), &cert).await;
     assert_abandoned(&up, &proxy, c, 1, next).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_client_that_pipelines_then_closes_its_side_gets_the_whole_response() {
+    // An upstream that streams its answer in three parts, each when the test
+    // says, so that the proxy waits on it more than once.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (go, mut next) = tokio::sync::mpsc::channel::<()>(2);
+    let upstream = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        read_request_head(&mut conn).await;
+        let parts: [&[u8]; 3] = [
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n",
+            b"8\r\ndata: 2\n\r\n",
+            b"0\r\n\r\n",
+        ];
+        for (n, part) in parts.into_iter().enumerate() {
+            if n > 0 {
+                next.recv().await.unwrap();
+            }
+            conn.write_all(part).await.unwrap();
+        }
+        conn
+    });
+    let cert = TestCert::generate();
+    let proxy = start_tls_proxy(&url, &cert);
+    let mut c = Client::connect_tls(proxy.local_addr(), &cert).await;
+    c.send(b"GET /events HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    let deadline = Instant::now() + WAIT;
+    while find(&c.buf, b"data: 1").is_none() {
+        assert!(c.fill(deadline, "the first part").await > 0, "closed early");
+    }
+    // The next request, then the end of what this client sends: a client
+    // that half-closes after its last request still reads the answers.
+    c.send(b"GET /next HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    c.close_sending().await;
+    c.wait_until_proxy_read_all().await;
+    go.send(()).await.unwrap();
+    while find(&c.buf, b"data: 2").is_none() {
+        assert!(
+            c.fill(deadline, "the second part").await > 0,
+            "closed after the first part"
+        );
+    }
+    go.send(()).await.unwrap();
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.text(), "data: 1\ndata: 2\n");
+    drop(upstream.await.unwrap());
 }

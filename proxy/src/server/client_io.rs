@@ -93,15 +93,21 @@ impl ClientIo {
     }
 
     /// Watches a client whose request is at the upstream: `Ready` once it
-    /// leaves or sends more.
+    /// leaves or sends more. A client that has sent more is not read any
+    /// further, as a peek would see those bytes again: a close behind them
+    /// is the loop's to find, and what a client sends meanwhile stays in the
+    /// socket, where TCP's flow control holds it back.
     pub(crate) fn poll_watch(&mut self, cx: &mut Context<'_>) -> Poll<Watched> {
+        if !self.early.is_empty() {
+            return Poll::Ready(Watched::Sent);
+        }
         let read = match &mut self.socket {
             Socket::Plain(tcp) => {
                 let mut probe = [0u8; 1];
                 ready!(tcp.poll_peek(cx, &mut ReadBuf::new(&mut probe)))
             }
             Socket::Tls(tls) => {
-                if self.early.capacity() - self.early.len() < 1024 {
+                if self.early.capacity() < 1024 {
                     self.early.reserve(4096);
                 }
                 ready!(pin!(tls.read_buf(&mut self.early)).poll(cx))

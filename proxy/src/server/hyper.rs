@@ -1,5 +1,5 @@
-//! The hyper adapter: HTTP/2 clients, TLS clients, uploads, upgrades, and
-//! every HTTP/1.1 connection serin's own loop hands over.
+//! The hyper adapter: HTTP/2 clients (h2c, or ALPN `h2` under TLS), uploads,
+//! upgrades, and every HTTP/1.1 connection serin's own loop hands over.
 //!
 //! It turns hyper's request into the policy's terms ([`crate::policy`]) and
 //! the policy's decisions back into hyper's: it moves the request to the

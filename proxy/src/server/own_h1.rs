@@ -6,10 +6,11 @@
 //! hyper to encode it again. That was a third of serin's CPU per request.
 //! For an HTTP/1.x request without a body, without an upgrade and sent to
 //! an HTTP/1.1 upstream, over plain TCP or TLS ([`super::client_io`]), this
-//! loop does the exchange on the raw bytes instead, as nginx and pingora do: it parses the client's head in place
-//! ([`crate::http1::head`]), asks the request policy ([`crate::policy`])
-//! whether and how to forward it, writes the upstream request straight from
-//! it, and writes the client's response head straight from the upstream's.
+//! loop does the exchange on the raw bytes instead, as nginx and pingora
+//! do: it parses the client's head in place ([`crate::http1::head`]), asks
+//! the request policy ([`crate::policy`]) whether and how to forward it,
+//! writes the upstream request straight from it, and writes the client's
+//! response head straight from the upstream's.
 //!
 //! A request with a body, `Expect` or an upgrade, a target not in origin
 //! form, or an HTTP/2 preface hands the connection to hyper
@@ -53,6 +54,9 @@ use crate::worker::Worker;
 
 /// How long an idle keep-alive connection is kept (nginx's default).
 const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(75);
+/// How long closing a connection may wait for the client to take serin's
+/// last bytes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Response bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
 /// Serves requests on `stream` until it closes, or returns the bytes read so
@@ -99,7 +103,11 @@ pub(crate) async fn serve(
             let waited = wait_for_bytes(stream, &mut buf, stop.as_mut(), timer.as_mut()).await;
             match waited {
                 Wait::Bytes => continue,
-                Wait::Closed | Wait::Stopping => return None,
+                Wait::Closed => return None,
+                Wait::Stopping => {
+                    close(stream).await;
+                    return None;
+                }
                 Wait::Timer => {
                     let deadline = match head_started {
                         Some(started) => started + config.header_read_timeout,
@@ -107,6 +115,7 @@ pub(crate) async fn serve(
                     };
                     if Instant::now() >= deadline {
                         tracing::debug!("closing a connection: no complete request head in time");
+                        close(stream).await;
                         return None;
                     }
                     timer.as_mut().reset(deadline);
@@ -118,7 +127,7 @@ pub(crate) async fn serve(
         let keep = exchange(worker, meta, stream, &buf, &request, &mut scratch, &mut out).await;
         buf.advance(request.len);
         if !keep {
-            let _ = stream.shutdown().await;
+            close(stream).await;
             return None;
         }
         if out.capacity() > 2 * WRITE_BATCH {
@@ -128,6 +137,13 @@ pub(crate) async fn serve(
         // clock read less, and an idle connection only closes sooner.
         idle_since = request.start;
     }
+}
+
+/// Ends a connection from serin's side: over TLS with a `close_notify`,
+/// which a client that reads nothing may hold up for at most
+/// [`CLOSE_TIMEOUT`].
+async fn close(stream: &mut ClientIo) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.shutdown()).await;
 }
 
 enum Wait {
