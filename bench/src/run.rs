@@ -459,13 +459,16 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
         .and_then(|b| serde_json::from_slice::<Results>(&b).ok());
     // What this run does not measure is carried over: the fleet benchmark
     // has its own command (`serin-bench fleet`), and a run with `--only`
-    // leaves the judge simulator and the revert benchmark out.
+    // leaves the judge simulator and the revert benchmark out, and the TLS
+    // termination group too unless it names one of its targets (which
+    // then replaces the group's results).
     if let Some(previous) = previous {
         res.micro_previous = previous.micro;
         res.fleet = previous.fleet;
         if !opts.only.is_empty() {
             res.judges = previous.judges;
             res.revert = previous.revert;
+            res.https = previous.https;
         }
     }
     if !opts.no_criterion {
