@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use crate::access_log::FLUSH_INTERVAL;
 use crate::http1::head::MAX_FIELDS;
 use crate::policy::ConnMeta;
+use crate::socket::Socket;
 use crate::stats::WorkerStats;
 use crate::tls;
 use crate::worker::{Shared, Worker};
@@ -210,14 +211,18 @@ async fn serve_connection(
     peer: SocketAddr,
 ) {
     let (mut io, meta) = match worker.shared.tls.clone() {
-        None => (ClientIo::plain(stream), conn_meta(peer, "http", None)),
+        None => (
+            ClientIo::new(Socket::Plain(stream)),
+            conn_meta(peer, "http", None),
+        ),
         // Boxed: a handshake's state is large, and an unboxed branch would
         // make every plain connection's task that large.
         Some(acceptor) => match Box::pin(handshake(&acceptor, stream, peer)).await {
             Some(stream) => {
                 // Read once here; every request on the connection carries it.
                 let identity = tls::client_identity(stream.get_ref().1);
-                (ClientIo::tls(stream), conn_meta(peer, "https", identity))
+                let socket = Socket::Tls(Box::new(stream));
+                (ClientIo::new(socket), conn_meta(peer, "https", identity))
             }
             None => return,
         },

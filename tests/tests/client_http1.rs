@@ -34,13 +34,22 @@ const WAIT: Duration = Duration::from_secs(10);
 /// A proxy in front of `stable` and `canary`, weight 0 (everything to stable
 /// unless a request overrides it).
 fn start_proxy(stable: &str, canary: &str) -> Proxy {
+    Proxy::start(
+        proxy_config(stable, canary),
+        Routes::new(RouteTable::new(0)),
+    )
+    .unwrap()
+}
+
+/// The config of [`start_proxy`], for a test to change before it starts.
+fn proxy_config(stable: &str, canary: &str) -> ProxyConfig {
     let mut config = ProxyConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         Upstream::parse(stable, UpstreamProtocol::Http1).unwrap(),
         Upstream::parse(canary, UpstreamProtocol::Http1).unwrap(),
     );
     config.response_timeout = WAIT;
-    Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap()
+    config
 }
 
 /// The usual setup: a stable upstream, a proxy whose canary is down, and
@@ -1199,11 +1208,7 @@ async fn slow_stable(tls: Option<&TestCert>) -> (TestUpstream, Proxy) {
         delay: Duration::from_secs(300),
         ..Behavior::default()
     });
-    let mut config = ProxyConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        Upstream::parse(&up.url(), UpstreamProtocol::Http1).unwrap(),
-        Upstream::parse(&closed_port_url(), UpstreamProtocol::Http1).unwrap(),
-    );
+    let mut config = proxy_config(&up.url(), &closed_port_url());
     config.response_timeout = Duration::from_secs(120);
     config.tls = tls.map(tls_files);
     let proxy = Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap();
@@ -1397,12 +1402,7 @@ async fn a_client_that_leaves_a_quiet_stream_closes_its_upstream_connection_at_o
 
 /// A proxy terminating TLS with `cert` in front of `stable`, canary down.
 fn start_tls_proxy(stable: &str, cert: &TestCert) -> Proxy {
-    let mut config = ProxyConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        Upstream::parse(stable, UpstreamProtocol::Http1).unwrap(),
-        Upstream::parse(&closed_port_url(), UpstreamProtocol::Http1).unwrap(),
-    );
-    config.response_timeout = WAIT;
+    let mut config = proxy_config(stable, &closed_port_url());
     config.tls = Some(tls_files(cert));
     Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap()
 }

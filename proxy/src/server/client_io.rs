@@ -47,18 +47,10 @@ pub(crate) enum Watched {
 }
 
 impl ClientIo {
-    /// A plain TCP connection.
-    pub(crate) fn plain(stream: TcpStream) -> Self {
+    /// A connection on `socket` (over TLS, its handshake done).
+    pub(crate) fn new(socket: ClientSocket) -> Self {
         Self {
-            socket: Socket::Plain(stream),
-            early: BytesMut::new(),
-        }
-    }
-
-    /// A TLS connection whose handshake is done.
-    pub(crate) fn tls(stream: TlsStream<TcpStream>) -> Self {
-        Self {
-            socket: Socket::Tls(Box::new(stream)),
+            socket,
             early: BytesMut::new(),
         }
     }
