@@ -14,7 +14,7 @@ seconds=${1:-12}
 # A fixed seed by default, so CI replays the same inputs each run and fails only on a change
 # of serin's; FUZZ_SEED=0 lets libFuzzer pick one (exploration).
 seed=${FUZZ_SEED:-1}
-read -r -a targets <<<"${FUZZ_TARGETS:-request_head response_head chunked split config}"
+read -r -a targets <<<"${FUZZ_TARGETS:-request_head response_head chunked split config hpack}"
 
 if [[ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]]; then
     cargo install --locked "cargo-fuzz@$CARGO_FUZZ_VERSION"

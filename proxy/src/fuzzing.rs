@@ -262,3 +262,57 @@ pub fn decode_chunked(pieces: &[&[u8]]) -> Dechunked {
         end: Ok(None),
     }
 }
+
+/// Decodes `input` as two header blocks with one HPACK decoder
+/// (`http2::hpack::Decoder`, with the 4096-byte table serin advertises), so
+/// that the second block sees the dynamic table the first one left: the
+/// first input byte is the first block's length, the rest are the blocks.
+/// Returns the number of fields decoded, or the first error's message.
+///
+/// Asserts that the dynamic table never exceeds its limit, and that the
+/// fields, encoded again by serin's encoder (`encode_status` for a
+/// three-digit `:status`, `encode_field` otherwise), decode back to
+/// themselves.
+pub fn hpack_decode(input: &[u8]) -> Result<usize, String> {
+    use crate::http2::hpack::{encode_field, encode_status, Decoder};
+
+    const TABLE_SIZE: usize = 4096;
+    let Some((&cut, blocks)) = input.split_first() else {
+        return Ok(0);
+    };
+    let (first, second) = blocks.split_at(usize::from(cut).min(blocks.len()));
+    let mut decoder = Decoder::new(TABLE_SIZE);
+    let mut fields = Vec::new();
+    for block in [first, second] {
+        let decoded = decoder.decode(block, |name, value| {
+            fields.push((name.to_vec(), value.to_vec()));
+        });
+        assert!(
+            decoder.table_size() <= TABLE_SIZE,
+            "table size {} above {TABLE_SIZE}",
+            decoder.table_size()
+        );
+        decoded.map_err(|e| e.to_string())?;
+    }
+
+    let mut encoded = Vec::new();
+    for (name, value) in &fields {
+        let status = std::str::from_utf8(value)
+            .ok()
+            .filter(|v| v.len() == 3 && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u16>().ok())
+            .filter(|s| *s >= 100);
+        match status {
+            Some(status) if name == b":status" => encode_status(status, &mut encoded),
+            _ => encode_field(name, value, false, &mut encoded),
+        }
+    }
+    let mut again = Vec::new();
+    Decoder::new(TABLE_SIZE)
+        .decode(&encoded, |name, value| {
+            again.push((name.to_vec(), value.to_vec()));
+        })
+        .expect("serin's encoding decodes");
+    assert_eq!(again, fields, "fields after re-encoding");
+    Ok(fields.len())
+}

@@ -10,11 +10,13 @@
 pub mod access_log;
 mod body;
 pub mod classify;
+mod client_body;
 pub mod defaults;
 pub mod fields;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http1;
+mod http2;
 mod limit;
 mod otlp;
 mod outcome;

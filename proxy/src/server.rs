@@ -10,12 +10,15 @@
 //! - [`own_h1`]: serin's own HTTP/1.1 loop, for HTTP/1.x clients over plain
 //!   TCP or TLS ([`client_io`]) when both upstreams speak HTTP/1.1, until a
 //!   request needs hyper;
-//! - [`hyper`]: hyper's server, for HTTP/2 (prior knowledge, or ALPN under
-//!   TLS), uploads and upgrades.
+//! - [`own_h2`]: serin's own HTTP/2 loop, for every HTTP/2 client (prior
+//!   knowledge, or ALPN `h2` under TLS);
+//! - [`hyper`]: hyper's HTTP/1.1 server, for uploads, upgrades, and every
+//!   HTTP/1.x connection when an upstream speaks HTTP/2.
 
 mod client_io;
 mod hyper;
 pub(crate) mod own_h1;
+mod own_h2;
 mod rewind;
 
 use std::cell::Cell;
@@ -25,20 +28,22 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::hyper::server::conn::http1;
+use bytes::BytesMut;
 use http::HeaderValue;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::access_log::FLUSH_INTERVAL;
 use crate::http1::head::MAX_FIELDS;
+use crate::http2::frame::PREFACE;
 use crate::policy::ConnMeta;
 use crate::socket::Socket;
 use crate::stats::WorkerStats;
 use crate::tls;
 use crate::worker::{Shared, Worker};
-use crate::{LocalExec, ProxyConfig};
+use crate::ProxyConfig;
 use client_io::ClientIo;
 use rewind::Rewind;
 
@@ -181,10 +186,9 @@ where
     conn.await
 }
 
-fn http_builder(config: &ProxyConfig) -> auto::Builder<LocalExec> {
-    let mut builder = auto::Builder::new(LocalExec);
+fn http_builder(config: &ProxyConfig) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .max_buf_size(config.max_header_bytes.max(8192))
@@ -195,16 +199,11 @@ fn http_builder(config: &ProxyConfig) -> auto::Builder<LocalExec> {
         // responses (bench/REPORT.md). Large bodies still stream in chunks.
         .writev(false);
     builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes as u32)
-        .max_concurrent_streams(1024);
-    builder
 }
 
 async fn serve_connection(
     worker: Rc<Worker>,
-    builder: Rc<auto::Builder<LocalExec>>,
+    builder: Rc<http1::Builder>,
     _open: OpenConnection,
     mut shutdown: watch::Receiver<bool>,
     stream: TcpStream,
@@ -227,31 +226,55 @@ async fn serve_connection(
             None => return,
         },
     };
-    let read_so_far = if worker.own_h1 && !io.is_h2() {
+    let read_so_far = if io.is_h2() {
+        BytesMut::new()
+    } else if worker.own_h1 {
         match own_h1::serve(&worker, &meta, &mut io, &mut shutdown).await {
-            Some(read) => read.freeze(),
+            Some(read) => read,
             None => return,
         }
     } else {
-        bytes::Bytes::new()
+        let timeout = worker.config().header_read_timeout;
+        match tokio::time::timeout(timeout, sniff_preface(&mut io)).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(_)) | Err(_) => return,
+        }
     };
+    if io.is_h2() || read_so_far.starts_with(PREFACE) {
+        // Boxed: most connections are HTTP/1.1, and never need its state.
+        Box::pin(own_h2::serve(worker, meta, io, read_so_far, shutdown)).await;
+        return;
+    }
+    let read_so_far = read_so_far.freeze();
     // Boxed: hyper's connection state is large, and most connections never
     // leave serin's own loop.
     let result = Box::pin(async move {
         let io = TokioIo::new(Rewind::new(read_so_far, io.into_socket()));
-        // Boxed: hyper moves each HTTP/2 stream's future into a task of its
-        // own, and moving a pointer costs less than moving the request's
-        // whole state (about 6% of an HTTP/2 request's instructions,
-        // measured with callgrind).
         let service = ::hyper::service::service_fn(move |req| {
             Box::pin(hyper::proxy(worker.clone(), meta.clone(), req))
         });
-        let conn = builder.serve_connection_with_upgrades(io, service);
+        let conn = builder.serve_connection(io, service).with_upgrades();
         until_drained(conn, shutdown, |c| c.graceful_shutdown()).await
     })
     .await;
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Reads a plain-TCP client's first bytes until they are an HTTP/2
+/// preface or cannot become one, for a worker whose HTTP/1.1 clients go
+/// straight to hyper; what it read goes to whichever adapter serves them.
+async fn sniff_preface(io: &mut ClientIo) -> std::io::Result<BytesMut> {
+    let mut read = BytesMut::with_capacity(4096);
+    loop {
+        let n = read.len().min(PREFACE.len());
+        if read[..n] != PREFACE[..n] || n == PREFACE.len() {
+            return Ok(read);
+        }
+        if std::future::poll_fn(|cx| io.poll_fill(cx, &mut read)).await? == 0 {
+            return Ok(read);
+        }
     }
 }
 

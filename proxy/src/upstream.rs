@@ -40,6 +40,7 @@ pub use pool::Pool;
 pub use tls::UpstreamTls;
 pub(crate) use upload::RequestFraming;
 
+use crate::client_body::{ClientBody, ClientBodyError};
 use crate::http1::chunked::ChunkedError;
 use crate::http1::framing::FramingError;
 use crate::http1::head::HeadError;
@@ -259,7 +260,7 @@ pub enum UpstreamError {
     /// The client's request body broke off while it was being forwarded:
     /// the client's fault, never counted against the upstream.
     #[error("the client's request body broke off: {source}")]
-    ClientAborted { source: hyper::Error },
+    ClientAborted { source: ClientBodyError },
     /// No response headers within the response timeout.
     #[error("{url} did not respond within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
@@ -306,12 +307,12 @@ pub enum WireError {
 pub enum RequestBody {
     /// The client's body, complete when the request is sent (none, or
     /// already received).
-    Client(Incoming),
+    Client(ClientBody),
     /// The client's body, still arriving: streamed through, and its end time
     /// noted so that the response timeout can count from it.
     Upload {
         /// The body.
-        body: Incoming,
+        body: ClientBody,
         /// Set when the last frame has gone by.
         ended: UploadEnd,
     },
@@ -335,12 +336,12 @@ pub struct UploadProgress {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         match self.get_mut() {
             RequestBody::Client(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Upload { body, ended } => {

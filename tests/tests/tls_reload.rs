@@ -46,13 +46,14 @@ impl Harness {
         let ders = trusted.iter().map(|c| &c.der).collect::<Vec<_>>();
         Self {
             proxy,
-            client: TestCert::client_trusting(&ders),
+            client: http11_only(TestCert::client_trusting(&ders)),
             _stable: stable,
             _canary: canary,
         }
     }
 
-    /// A new HTTP/1.1-over-TLS connection: the certificate it was given,
+    /// A new HTTP/1.1-over-TLS connection (ALPN `http/1.1`: serin holds a
+    /// client that chose `h2` to HTTP/2): the certificate it was given,
     /// and the sender of its requests.
     async fn connect(&self) -> (CertificateDer<'static>, SendRequest<Empty<Bytes>>) {
         let connector = tokio_rustls::TlsConnector::from(self.client.clone());
@@ -311,4 +312,11 @@ async fn rotations_under_h2load_fail_no_request() {
     );
     assert!(report.contains("status codes: 6000 2xx"), "{report}");
     assert!(rotations >= 1, "no rotation finished while h2load ran");
+}
+
+/// `client` offering only `http/1.1` by ALPN.
+fn http11_only(client: Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
+    let mut client = (*client).clone();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(client)
 }

@@ -17,11 +17,11 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -119,6 +119,21 @@ impl ClientIo {
             tls.flush().await?;
         }
         Ok(())
+    }
+
+    /// Writes some of `bytes` (serin's own HTTP/2 loop, which batches its
+    /// frames and flushes once per batch).
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write(cx, bytes)
+    }
+
+    /// Over TLS, pushes rustls's records to the socket; a no-op on plain TCP.
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
     }
 
     /// Ends the connection from serin's side (over TLS, with a

@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::body::ProxyBody;
+use crate::client_body::ClientBody;
 use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
 use crate::http1::head::write_request_line;
 use crate::outcome::{Observation, OutcomeRecord, RequestFacts, Settled};
@@ -51,7 +52,7 @@ pub(crate) async fn proxy(
     let version = req.version();
     // hyper keeps an HTTP/1.0 connection open only when the response says so.
     let keep_alive_10 = version == Version::HTTP_10 && keeps_alive(req.headers(), 0);
-    let mut resp = answer(worker, meta, req).await;
+    let mut resp = answer(worker, meta, req.map(ClientBody::Hyper)).await;
     *resp.version_mut() = version;
     if keep_alive_10 && !resp.headers().contains_key(CONNECTION) {
         resp.headers_mut()
@@ -60,11 +61,12 @@ pub(crate) async fn proxy(
     Ok(resp)
 }
 
-/// The response to one request: the upstream's, or serin's own.
-async fn answer(
+/// The response to one request, from hyper or from serin's own HTTP/2 loop:
+/// the upstream's, or serin's own.
+pub(crate) async fn answer(
     worker: Rc<Worker>,
     meta: Rc<ConnMeta>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -543,6 +545,16 @@ fn shadow_plan(
     });
     plan.map_err(|why| worker.shadow_stats().record_skipped(why))
         .ok()
+}
+
+/// serin's answer to an HTTP/2 request whose head the own HTTP/2 loop
+/// could not take in (too large): there is no request to hand over.
+pub(crate) fn refuse_head(worker: &Worker, refusal: &Refusal) -> Response<ProxyBody> {
+    let to = Asker {
+        version: Version::HTTP_2,
+        head: false,
+    };
+    refuse(worker, refusal, None, &[], to, Instant::now())
 }
 
 /// What serin's own answers depend on of the request they answer.

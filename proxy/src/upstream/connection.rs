@@ -39,7 +39,7 @@ pub(crate) enum ExchangeError {
     /// The upstream failed.
     Upstream(Http1Error),
     /// The client's request body broke off.
-    Client(hyper::Error),
+    Client(crate::client_body::ClientBodyError),
 }
 
 /// One keep-alive connection to an upstream.

@@ -389,7 +389,9 @@ impl Pool {
         // A failure of the request body we were streaming is the client's
         // doing (it hung up mid-upload), not the upstream's.
         if source.is_user() || source.is_body_write_aborted() {
-            return UpstreamError::ClientAborted { source };
+            return UpstreamError::ClientAborted {
+                source: source.into(),
+            };
         }
         UpstreamError::Broken {
             url: self.upstream.url.clone(),

@@ -33,7 +33,7 @@ pub(crate) enum RequestFraming {
 
 pub(crate) enum UploadError {
     Io(io::Error),
-    Client(hyper::Error),
+    Client(crate::client_body::ClientBodyError),
 }
 
 /// Writes the encoded head and then the request body.
