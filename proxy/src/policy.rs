@@ -223,7 +223,9 @@ fn check_host<F: Fields + ?Sized>(head: &RequestHead<'_, F>) -> Result<(), Refus
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2); empty is allowed (RFC 9112 §3.2).
-fn valid_host(value: &[u8]) -> bool {
+/// Also what an HTTP/2 request's `:authority` must be (RFC 9113 §8.3.1: no
+/// userinfo).
+pub(crate) fn valid_host(value: &[u8]) -> bool {
     if let Some(literal) = value.strip_prefix(b"[") {
         // An IP literal, then an optional port.
         let Some(end) = literal.iter().position(|&b| b == b']') else {

@@ -4,15 +4,15 @@
 //! Why it exists: hyper's HTTP/2 server (through the `h2` crate) cost about
 //! three times the instructions of serin's own HTTP/1.1 loop per request,
 //! most of it in per-stream tasks, locks, channels and moves of large
-//! futures (bench/REPORT.md). This loop keeps the protocol to one task per
-//! connection: it reads frames ([`crate::http2::frame`]), decodes header
-//! blocks ([`crate::http2::hpack`]), checks each request the way RFC 9113
-//! §8 asks, and hands it to the same request path hyper's adapter uses
-//! ([`super::hyper::answer`]: policy, split, upstream, outcome), each in a
-//! task of its own so that a slow upstream holds up only its stream. The
-//! responses come back to the connection, which encodes their heads and
-//! sends their bodies within the client's flow-control windows, batching
-//! every frame that is ready into one write.
+//! futures (bench/REPORT.md). This loop keeps each connection to one task:
+//! it reads frames ([`crate::http2::frame`]), decodes header blocks
+//! ([`crate::http2::hpack`]), checks each request the way RFC 9113 §8 asks,
+//! and hands it to the same request path hyper's adapter uses
+//! ([`super::hyper::answer`]: policy, split, upstream, outcome). The
+//! requests wait side by side, each woken on its own ([`requests`]), so a
+//! slow upstream holds up only its stream. The connection encodes each
+//! answer's head and sends its body within the client's flow-control
+//! windows, batching every frame that is ready into one write.
 //!
 //! Flow control the other way: each request body is an [`Inbox`] the
 //! connection fills; credit goes back to the client (WINDOW_UPDATE) as the
@@ -24,11 +24,12 @@
 //! connection sends GOAWAY, finishes the streams it has, and closes.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::mem;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TE};
@@ -36,7 +37,8 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+mod requests;
 
 use super::client_io::ClientIo;
 use crate::body::ProxyBody;
@@ -46,8 +48,9 @@ use crate::http2::frame::{
     HEADER_LEN, MAX_WINDOW, PREFACE,
 };
 use crate::http2::hpack::{self, Decoder};
-use crate::policy::{ConnMeta, Refusal};
+use crate::policy::{valid_host, ConnMeta, Refusal};
 use crate::worker::Worker;
+use requests::Requests;
 
 /// Streams a client may have open at once (as hyper's server had).
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -59,6 +62,9 @@ const CONNECTION_WINDOW: u32 = 1 << 20;
 /// Frames waiting to be written above which the loop stops reading and
 /// stops taking response bytes, until the client has taken some.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// How many of the streams serin reset it remembers, to ignore what their
+/// clients had already sent.
+const RESETS_REMEMBERED: usize = 64;
 /// HPACK's table size, as every client assumes it (serin never asks for
 /// another).
 const HEADER_TABLE_SIZE: usize = 4096;
@@ -95,10 +101,12 @@ pub(crate) async fn serve(
         unreleased: 0,
         goaway: None,
         failed: false,
-        shared: Rc::new(Shared::default()),
+        reset: VecDeque::new(),
+        requests: Requests::default(),
         credit: Rc::new(Credit::default()),
         released: Vec::new(),
         answered: Vec::new(),
+        ended: Vec::new(),
     };
     conn.start();
     // What was read before the loop took over: the preface, perhaps more.
@@ -153,11 +161,17 @@ struct Connection {
     goaway: Option<u32>,
     /// A connection error was sent: the connection ends once it is written.
     failed: bool,
-    shared: Rc<Shared>,
+    /// The streams serin reset last: what the client sent on them before it
+    /// saw the reset is ignored (RFC 9113 §5.1).
+    reset: VecDeque<u32>,
+    requests: Requests,
     credit: Rc<Credit>,
-    /// Reused buffers for what `credit` and `shared` hand over.
+    /// Reused buffers for what `credit` and `requests` hand over.
     released: Vec<(u32, u32)>,
     answered: Vec<(u32, Response<ProxyBody>)>,
+    /// Reused by `send_bodies`: the streams whose body ended, and whether
+    /// whole.
+    ended: Vec<(u32, bool)>,
 }
 
 /// A header block split over HEADERS and CONTINUATION frames.
@@ -166,29 +180,6 @@ struct Continuation {
     end_stream: bool,
     self_dependent: bool,
     block: Vec<u8>,
-}
-
-/// What the request tasks hand back to their connection.
-#[derive(Default)]
-struct Shared {
-    answered: RefCell<Vec<(u32, Response<ProxyBody>)>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Shared {
-    fn answer(&self, stream: u32, response: Response<ProxyBody>) {
-        self.answered.borrow_mut().push((stream, response));
-        if let Some(waker) = self.waker.borrow().as_ref() {
-            waker.wake_by_ref();
-        }
-    }
-
-    fn register(&self, waker: &Waker) {
-        let mut current = self.waker.borrow_mut();
-        if !current.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            *current = Some(waker.clone());
-        }
-    }
 }
 
 /// A connection's open streams, by id: a few at a time, typically, so a
@@ -260,8 +251,8 @@ struct Stream {
     received: u64,
     /// What the client lets serin send on it.
     send_window: i64,
-    /// The request's task, until it answers.
-    task: Option<JoinHandle<()>>,
+    /// The request's slot in `requests`, until it answers.
+    request: Option<usize>,
     /// The response's head is sent.
     answered: bool,
     /// The response's body, while it is being sent: from `pending` (bytes
@@ -272,12 +263,8 @@ struct Stream {
 
 impl Drop for Stream {
     /// A stream that goes before its end (reset, or the connection lost)
-    /// takes its request with it: the task is cancelled, so the upstream
-    /// exchange is dropped and its outcome counted as abandoned.
+    /// breaks off its request body.
     fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
         if let Some(inbox) = &self.inbox {
             inbox.borrow_mut().reset();
         }
@@ -302,7 +289,6 @@ impl Connection {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.shared.register(cx.waker());
         loop {
             let mut progress = false;
             if !self.failed && self.write.len() < WRITE_HIGH_WATER {
@@ -320,16 +306,22 @@ impl Connection {
                     Poll::Pending => {}
                 }
             }
-            mem::swap(&mut self.answered, &mut *self.shared.answered.borrow_mut());
-            for (stream, response) in mem::take(&mut self.answered) {
+            // Both buffers are taken and put back, so that neither
+            // allocates again once it has room.
+            let mut answered = mem::take(&mut self.answered);
+            self.requests.poll(cx.waker(), &mut answered);
+            for (stream, response) in answered.drain(..) {
                 progress = true;
                 self.respond(stream, response);
             }
-            self.credit.take(cx.waker(), &mut self.released);
-            for (stream, bytes) in mem::take(&mut self.released) {
+            self.answered = answered;
+            let mut released = mem::take(&mut self.released);
+            self.credit.take(cx.waker(), &mut released);
+            for (stream, bytes) in released.drain(..) {
                 progress = true;
                 self.release(stream, bytes);
             }
+            self.released = released;
             if self.sending > 0 && !self.failed {
                 self.send_bodies(cx);
             }
@@ -376,6 +368,7 @@ impl Connection {
         self.goaway = Some(self.last_stream);
         self.failed = true;
         self.streams.clear();
+        self.requests.clear();
         self.sending = 0;
     }
 
@@ -609,7 +602,9 @@ impl Connection {
                 return Err(ConnError(ErrorCode::Protocol));
             }
             self.release(0, header.len as u32);
-            self.reset(id, ErrorCode::StreamClosed);
+            if !self.was_reset(id) {
+                self.reset(id, ErrorCode::StreamClosed);
+            }
             return Ok(());
         };
         if len > stream.recv_window {
@@ -739,6 +734,9 @@ impl Connection {
             return Ok(());
         }
         if id <= self.last_stream {
+            if self.was_reset(id) {
+                return Ok(());
+            }
             return Err(ConnError(ErrorCode::StreamClosed));
         }
         self.last_stream = id;
@@ -780,19 +778,13 @@ impl Connection {
             (body, Some(inbox))
         };
         let req = Request::from_parts(parts, ClientBody::Http2(body));
-        // Boxed: the request's future is large, and the task would move it
-        // several times over; a pointer moves for less (measured with
-        // callgrind: about a tenth of a request's instructions).
         let answer = Box::pin(super::hyper::answer(
             self.worker.clone(),
             self.meta.clone(),
             req,
         ));
-        let shared = self.shared.clone();
-        let task = tokio::task::spawn_local(async move {
-            shared.answer(id, answer.await);
-        });
-        self.open(id, end_stream, inbox, Some(task));
+        let slot = self.requests.push(id, answer);
+        self.open(id, end_stream, inbox, Some(slot));
         if let Some(s) = self.streams.get_mut(&id) {
             s.expected = expected;
         }
@@ -804,7 +796,7 @@ impl Connection {
         id: u32,
         end_stream: bool,
         inbox: Option<Rc<RefCell<Inbox>>>,
-        task: Option<JoinHandle<()>>,
+        request: Option<usize>,
     ) {
         self.streams.insert(
             id,
@@ -816,7 +808,7 @@ impl Connection {
                 expected: None,
                 received: 0,
                 send_window: i64::from(self.peer_stream_window),
-                task,
+                request,
                 answered: false,
                 body: None,
                 pending: Bytes::new(),
@@ -851,7 +843,7 @@ impl Connection {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
-        stream.task = None;
+        stream.request = None;
         stream.answered = true;
         let (head, body) = response.into_parts();
         let at = frame::reserve_header(&mut self.write);
@@ -870,7 +862,7 @@ impl Connection {
     /// Moves the response bodies on, as far as the windows and the write
     /// buffer let them.
     fn send_bodies(&mut self, cx: &mut Context<'_>) {
-        let mut ended = Vec::new();
+        let mut ended = mem::take(&mut self.ended);
         for (&id, stream) in self.streams.iter_mut() {
             let Some(body) = &mut stream.body else {
                 continue;
@@ -939,7 +931,7 @@ impl Connection {
                 ended.push((id, whole));
             }
         }
-        for (id, whole) in ended {
+        for (id, whole) in ended.drain(..) {
             self.sending -= 1;
             if whole {
                 self.sent(id);
@@ -949,6 +941,7 @@ impl Connection {
                 self.reset(id, ErrorCode::Internal);
             }
         }
+        self.ended = ended;
     }
 
     /// A stream's response is all written: the stream closes, at once if
@@ -976,10 +969,25 @@ impl Connection {
     fn reset(&mut self, id: u32, code: ErrorCode) {
         frame::write_rst_stream(&mut self.write, id, code);
         self.remove(id);
+        if self.reset.len() == RESETS_REMEMBERED {
+            self.reset.pop_front();
+        }
+        self.reset.push_back(id);
+    }
+
+    /// Whether serin reset `id` lately.
+    fn was_reset(&self, id: u32) -> bool {
+        self.reset.contains(&id)
     }
 
     fn remove(&mut self, id: u32) {
         if let Some(stream) = self.streams.remove(&id) {
+            // A stream that goes before its answer takes its request with
+            // it: the upstream exchange is dropped, its outcome counted as
+            // abandoned.
+            if let Some(slot) = stream.request {
+                self.requests.cancel(slot);
+            }
             if stream.body.is_some() {
                 self.sending -= 1;
             }
@@ -1082,7 +1090,12 @@ impl HeadReader {
         match name {
             b"method" => once(&mut self.method, Method::from_bytes(value).ok()),
             b"scheme" => once(&mut self.scheme, Scheme::try_from(value).ok()),
-            b"authority" => once(&mut self.authority, Authority::try_from(value).ok()),
+            b"authority" => once(
+                &mut self.authority,
+                valid_host(value)
+                    .then(|| Authority::try_from(value).ok())
+                    .flatten(),
+            ),
             b"path" if !value.is_empty() => {
                 once(&mut self.path, PathAndQuery::try_from(value).ok())
             }
@@ -1146,6 +1159,11 @@ impl HeadReader {
             let (Some(scheme), Some(path)) = (self.scheme, self.path) else {
                 return Err(Unusable::Malformed);
             };
+            // RFC 9113 §8.3.1: an absolute path, or `*` for OPTIONS only.
+            let origin_form = path.as_str().starts_with('/');
+            if !origin_form && (path.as_str() != "*" || method != Method::OPTIONS) {
+                return Err(Unusable::Malformed);
+            }
             // As hyper's server did: the scheme only with an authority, so
             // that the target stays in origin form without one.
             if self.authority.is_some() {
