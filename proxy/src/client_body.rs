@@ -240,7 +240,9 @@ impl Drop for StreamBody {
             inbox.dropped = true;
             let unread: usize = inbox.chunks.drain(..).map(|c| c.len()).sum();
             if unread > 0 {
-                self.credit.release(0, unread);
+                // To the stream's window too, while the client may still
+                // send on it (the connection checks).
+                self.credit.release(self.stream, unread);
             }
         }
     }

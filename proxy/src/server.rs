@@ -226,7 +226,7 @@ async fn serve_connection(
             None => return,
         },
     };
-    let read_so_far = if io.is_h2() {
+    let mut read_so_far = if io.is_h2() {
         BytesMut::new()
     } else if worker.own_h1 {
         match own_h1::serve(&worker, &meta, &mut io, &mut shutdown).await {
@@ -234,12 +234,17 @@ async fn serve_connection(
             None => return,
         }
     } else {
+        BytesMut::with_capacity(4096)
+    };
+    // Not yet known: the own loop hands over the first bytes of a preface
+    // as soon as they are one; the rest decides.
+    if !io.is_h2() && read_so_far.len() < PREFACE.len() && PREFACE.starts_with(&read_so_far) {
         let timeout = worker.config().header_read_timeout;
-        match tokio::time::timeout(timeout, sniff_preface(&mut io)).await {
-            Ok(Ok(read)) => read,
+        match tokio::time::timeout(timeout, sniff_preface(&mut io, &mut read_so_far)).await {
+            Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => return,
         }
-    };
+    }
     if io.is_h2() || read_so_far.starts_with(PREFACE) {
         // Boxed: most connections are HTTP/1.1, and never need its state.
         Box::pin(own_h2::serve(worker, meta, io, read_so_far, shutdown)).await;
@@ -262,18 +267,20 @@ async fn serve_connection(
     }
 }
 
-/// Reads a plain-TCP client's first bytes until they are an HTTP/2
-/// preface or cannot become one, for a worker whose HTTP/1.1 clients go
-/// straight to hyper; what it read goes to whichever adapter serves them.
-async fn sniff_preface(io: &mut ClientIo) -> std::io::Result<BytesMut> {
-    let mut read = BytesMut::with_capacity(4096);
+/// Reads a plain-TCP client's first bytes into `read` until they are an
+/// HTTP/2 preface or cannot become one; what it read goes to whichever
+/// adapter serves the connection.
+async fn sniff_preface(io: &mut ClientIo, read: &mut BytesMut) -> std::io::Result<()> {
     loop {
         let n = read.len().min(PREFACE.len());
         if read[..n] != PREFACE[..n] || n == PREFACE.len() {
-            return Ok(read);
+            return Ok(());
         }
-        if std::future::poll_fn(|cx| io.poll_fill(cx, &mut read)).await? == 0 {
-            return Ok(read);
+        if read.capacity() == read.len() {
+            read.reserve(4096);
+        }
+        if std::future::poll_fn(|cx| io.poll_fill(cx, read)).await? == 0 {
+            return Ok(());
         }
     }
 }

@@ -47,6 +47,7 @@ pub(crate) mod flag {
 
 /// SETTINGS identifiers (RFC 9113 §6.5.2).
 pub(crate) mod setting {
+    pub(crate) const HEADER_TABLE_SIZE: u16 = 0x1;
     pub(crate) const ENABLE_PUSH: u16 = 0x2;
     pub(crate) const MAX_CONCURRENT_STREAMS: u16 = 0x3;
     pub(crate) const INITIAL_WINDOW_SIZE: u16 = 0x4;
@@ -65,6 +66,7 @@ pub(crate) enum ErrorCode {
     FrameSize = 0x6,
     RefusedStream = 0x7,
     Compression = 0x9,
+    EnhanceYourCalm = 0xb,
 }
 
 /// A frame's header.

@@ -389,6 +389,13 @@ pub(crate) fn encode_status(status: u16, out: &mut Vec<u8>) {
     out.push(0x80 | index);
 }
 
+/// Appends a dynamic table size update to 0 (RFC 7541 §6.3): what the
+/// first header block after the peer lowered SETTINGS_HEADER_TABLE_SIZE
+/// must start with (§4.2). 0 always fits, and this encoder never indexes.
+pub(crate) fn encode_table_size_update_to_zero(out: &mut Vec<u8>) {
+    out.push(0x20);
+}
+
 /// Appends one field as a literal without indexing (RFC 7541 §6.2.2), or,
 /// when `sensitive`, as a literal never indexed (§6.2.3: no intermediary
 /// down the line may index it either), with the static table's name index

@@ -55,7 +55,7 @@ impl ClientIo {
         }
     }
 
-    /// Whether ALPN chose HTTP/2, which only hyper serves.
+    /// Whether ALPN chose HTTP/2, which the own HTTP/2 loop serves.
     pub(crate) fn is_h2(&self) -> bool {
         self.socket.is_h2()
     }

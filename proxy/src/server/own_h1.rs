@@ -12,10 +12,11 @@
 //! writes the upstream request straight from it, and writes the client's
 //! response head straight from the upstream's.
 //!
-//! A request with a body, `Expect` or an upgrade, a target not in origin
-//! form, or an HTTP/2 preface hands the connection to hyper
-//! ([`crate::server::hyper`]), with the bytes already read, and hyper serves
-//! it from then on. Both adapters call the same policy, so a request gets
+//! An HTTP/2 preface hands the connection to the own HTTP/2 loop
+//! ([`crate::server::own_h2`]); a request with a body, `Expect` or an
+//! upgrade, or a target not in origin form, to hyper
+//! ([`crate::server::hyper`]). Either gets the bytes already read, and
+//! serves the connection from then on. Both adapters call the same policy, so a request gets
 //! the same answer, and its upstream the same bytes, on either.
 
 use std::future::{poll_fn, Future};

@@ -30,6 +30,7 @@ use std::mem;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TE};
@@ -63,8 +64,20 @@ const CONNECTION_WINDOW: u32 = 1 << 20;
 /// stops taking response bytes, until the client has taken some.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// How many of the streams serin reset it remembers, to ignore what their
-/// clients had already sent.
-const RESETS_REMEMBERED: usize = 64;
+/// clients had already sent: as many as may be open.
+const RESETS_REMEMBERED: usize = MAX_CONCURRENT_STREAMS as usize;
+/// DATA payloads at least this large are kept as slices of the read
+/// buffer; smaller ones are copied.
+const SLICED_DATA: usize = 4096;
+/// How long the close waits for the client to take serin's last bytes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Streams serin may reset for a client's error before it ends the
+/// connection (the `h2` crate's default).
+const MAX_ERROR_RESETS: u32 = 1024;
+/// Streams a client may reset before their answer, beyond which the
+/// connection ends when they are at least half of the streams it opened
+/// (as Envoy's premature-reset rule).
+const MAX_PREMATURE_RESETS: u32 = 100;
 /// HPACK's table size, as every client assumes it (serin never asks for
 /// another).
 const HEADER_TABLE_SIZE: usize = 4096;
@@ -101,6 +114,12 @@ pub(crate) async fn serve(
         unreleased: 0,
         goaway: None,
         failed: false,
+        flush_pending: false,
+        table_size_update: false,
+        premature_resets: 0,
+        error_resets: 0,
+        opened: 0,
+        next_to_send: 0,
         reset: VecDeque::new(),
         requests: Requests::default(),
         credit: Rc::new(Credit::default()),
@@ -123,6 +142,8 @@ pub(crate) async fn serve(
         conn.poll(cx)
     })
     .await;
+    // Over TLS, a close_notify; a client that no longer reads gets a second.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.io.shutdown()).await;
 }
 
 /// One client connection.
@@ -161,6 +182,21 @@ struct Connection {
     goaway: Option<u32>,
     /// A connection error was sent: the connection ends once it is written.
     failed: bool,
+    /// Bytes written into rustls wait for a flush to reach the socket.
+    flush_pending: bool,
+    /// The client lowered SETTINGS_HEADER_TABLE_SIZE: the next header block
+    /// starts with a table size update (RFC 7541 §4.2).
+    table_size_update: bool,
+    /// Streams the client reset before their answer, and streams serin reset
+    /// for an error: past their limits, the connection is an attack
+    /// (CVE-2023-44487, "rapid reset") and ends.
+    premature_resets: u32,
+    error_resets: u32,
+    /// Streams opened, to weigh `premature_resets` against.
+    opened: u32,
+    /// Where `send_bodies` starts its next round, so that every stream gets
+    /// its turn.
+    next_to_send: usize,
     /// The streams serin reset last: what the client sent on them before it
     /// saw the reset is ignored (RFC 9113 §5.1).
     reset: VecDeque<u32>,
@@ -229,10 +265,6 @@ impl Streams {
 
     fn values_mut(&mut self) -> impl Iterator<Item = &mut Stream> {
         self.0.iter_mut().map(|(_, s)| s)
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = (&u32, &mut Stream)> {
-        self.0.iter_mut().map(|(id, s)| (&*id, s))
     }
 }
 
@@ -331,7 +363,7 @@ impl Connection {
                 Poll::Ready(Ok(())) if was_full => progress = true,
                 _ => {}
             }
-            let flushed = self.write.is_empty();
+            let flushed = self.write.is_empty() && !self.flush_pending;
             if flushed && (self.failed || (self.goaway.is_some() && self.streams.is_empty())) {
                 return Poll::Ready(());
             }
@@ -343,7 +375,7 @@ impl Connection {
 
     /// Writes what is queued; `Ready(Ok)` once all of it is written.
     fn flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
-        if self.write.is_empty() {
+        if self.write.is_empty() && !self.flush_pending {
             return Poll::Ready(Ok(()));
         }
         while self.written < self.write.len() {
@@ -355,9 +387,18 @@ impl Connection {
         }
         self.write.clear();
         self.written = 0;
+        // Over TLS, rustls takes the bytes before the socket does: they are
+        // written only once the flush is done, which may take a wakeup.
         match self.io.poll_flush(cx) {
             Poll::Ready(Err(_)) => Poll::Ready(Err(())),
-            _ => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) => {
+                self.flush_pending = false;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                self.flush_pending = true;
+                Poll::Pending
+            }
         }
     }
 
@@ -472,6 +513,14 @@ impl Connection {
                 if payload.len() != 4 {
                     return Err(ConnError(ErrorCode::FrameSize));
                 }
+                if self.streams.get(&stream).is_some_and(|s| !s.answered) {
+                    self.premature_resets += 1;
+                    if self.premature_resets > MAX_PREMATURE_RESETS
+                        && self.premature_resets * 2 >= self.opened
+                    {
+                        return Err(ConnError(ErrorCode::EnhanceYourCalm));
+                    }
+                }
                 self.remove(stream);
                 Ok(())
             }
@@ -518,6 +567,8 @@ impl Connection {
         if !payload.len().is_multiple_of(6) {
             return Err(ConnError(ErrorCode::FrameSize));
         }
+        // The last value counts; applied once, not once per entry.
+        let mut stream_window = None;
         for entry in payload.chunks(6) {
             let id = u16::from_be_bytes([entry[0], entry[1]]);
             let value = frame::u32_at(&entry[2..]);
@@ -527,16 +578,10 @@ impl Connection {
                     if value > MAX_WINDOW {
                         return Err(ConnError(ErrorCode::FlowControl));
                     }
-                    // Every open stream's window moves by the change
-                    // (RFC 9113 §6.9.2), and may go below zero.
-                    let delta = i64::from(value) - i64::from(self.peer_stream_window);
-                    self.peer_stream_window = value;
-                    for stream in self.streams.values_mut() {
-                        stream.send_window += delta;
-                        if stream.send_window > i64::from(MAX_WINDOW) {
-                            return Err(ConnError(ErrorCode::FlowControl));
-                        }
-                    }
+                    stream_window = Some(value);
+                }
+                setting::HEADER_TABLE_SIZE if value < HEADER_TABLE_SIZE as u32 => {
+                    self.table_size_update = true;
                 }
                 setting::MAX_FRAME_SIZE => {
                     if !(DEFAULT_MAX_FRAME_SIZE..=(1 << 24) - 1).contains(&value) {
@@ -547,6 +592,18 @@ impl Connection {
                 // The rest bind a client, or only advise (and serin never
                 // indexes into the client's HPACK table).
                 _ => {}
+            }
+        }
+        if let Some(value) = stream_window {
+            // Every open stream's window moves by the change (RFC 9113
+            // §6.9.2), and may go below zero.
+            let delta = i64::from(value) - i64::from(self.peer_stream_window);
+            self.peer_stream_window = value;
+            for stream in self.streams.values_mut() {
+                stream.send_window += delta;
+                if stream.send_window > i64::from(MAX_WINDOW) {
+                    return Err(ConnError(ErrorCode::FlowControl));
+                }
             }
         }
         frame::write_settings_ack(&mut self.write);
@@ -613,7 +670,14 @@ impl Connection {
             return Ok(());
         }
         stream.recv_window -= len;
-        let data = frame.slice(HEADER_LEN + start..HEADER_LEN + end);
+        // A small payload is copied: a slice would keep the whole read
+        // buffer it came from alive for as long as it waits in the inbox.
+        let payload = &frame[HEADER_LEN + start..HEADER_LEN + end];
+        let data = if payload.len() < SLICED_DATA {
+            Bytes::copy_from_slice(payload)
+        } else {
+            frame.slice(HEADER_LEN + start..HEADER_LEN + end)
+        };
         stream.received += data.len() as u64;
         let end_stream = header.has(flag::END_STREAM);
         let length_broken = match stream.expected {
@@ -641,9 +705,6 @@ impl Connection {
             }
         }
         self.release(id, padding + if taken { 0 } else { data_len });
-        if end_stream {
-            self.close_if_done(id);
-        }
         Ok(())
     }
 
@@ -759,7 +820,7 @@ impl Connection {
                 return Ok(());
             }
             Err(Unusable::TooLarge) => {
-                self.open(id, end_stream, None, None);
+                self.open(id, end_stream, None, None, None);
                 let answer = super::hyper::refuse_head(&self.worker, &Refusal::HeadTooLarge);
                 self.respond(id, answer);
                 return Ok(());
@@ -784,10 +845,7 @@ impl Connection {
             req,
         ));
         let slot = self.requests.push(id, answer);
-        self.open(id, end_stream, inbox, Some(slot));
-        if let Some(s) = self.streams.get_mut(&id) {
-            s.expected = expected;
-        }
+        self.open(id, end_stream, inbox, Some(slot), expected);
         Ok(())
     }
 
@@ -797,7 +855,9 @@ impl Connection {
         end_stream: bool,
         inbox: Option<Rc<RefCell<Inbox>>>,
         request: Option<usize>,
+        expected: Option<u64>,
     ) {
+        self.opened += 1;
         self.streams.insert(
             id,
             Stream {
@@ -805,7 +865,7 @@ impl Connection {
                 inbox,
                 recv_window: i64::from(STREAM_WINDOW),
                 unreleased: 0,
-                expected: None,
+                expected,
                 received: 0,
                 send_window: i64::from(self.peer_stream_window),
                 request,
@@ -835,7 +895,6 @@ impl Connection {
         if let Some(inbox) = stream.inbox.take() {
             inbox.borrow_mut().end(Some(head.fields));
         }
-        self.close_if_done(id);
     }
 
     /// Encodes a stream's response head, and sends its body if it has one.
@@ -847,6 +906,9 @@ impl Connection {
         stream.answered = true;
         let (head, body) = response.into_parts();
         let at = frame::reserve_header(&mut self.write);
+        if mem::take(&mut self.table_size_update) {
+            hpack::encode_table_size_update_to_zero(&mut self.write);
+        }
         hpack::encode_status(head.status.as_u16(), &mut self.write);
         encode_fields(&head.headers, &mut self.write);
         let end_stream = body.is_end_stream();
@@ -860,75 +922,34 @@ impl Connection {
     }
 
     /// Moves the response bodies on, as far as the windows and the write
-    /// buffer let them.
+    /// buffer let them: round by round, each stream at most a frame's worth
+    /// per round, starting one stream further each time, so that a large
+    /// body does not hold up the small ones beside it.
     fn send_bodies(&mut self, cx: &mut Context<'_>) {
         let mut ended = mem::take(&mut self.ended);
-        for (&id, stream) in self.streams.iter_mut() {
-            let Some(body) = &mut stream.body else {
-                continue;
-            };
-            let pending = &mut stream.pending;
-            let outcome = loop {
-                if self.write.len() >= WRITE_HIGH_WATER {
-                    break None;
-                }
-                if !pending.is_empty() {
-                    let window = stream.send_window.min(self.send_window);
-                    if window <= 0 {
-                        break None;
-                    }
-                    let n = pending.len().min(window as usize);
-                    let chunk = pending.split_to(n);
-                    let end = pending.is_empty() && body.is_end_stream();
-                    frame::write_data(&mut self.write, id, &chunk, end, self.peer_max_frame);
-                    stream.send_window -= n as i64;
-                    self.send_window -= n as i64;
-                    if end {
-                        break Some(true);
-                    }
+        let mut out = Outgoing {
+            write: &mut self.write,
+            window: &mut self.send_window,
+            max_frame: self.peer_max_frame,
+            table_size_update: &mut self.table_size_update,
+        };
+        let count = self.streams.len();
+        let mut moved = true;
+        while moved && out.write.len() < WRITE_HIGH_WATER {
+            moved = false;
+            self.next_to_send = (self.next_to_send + 1) % count.max(1);
+            for turn in 0..count {
+                let (id, stream) = &mut self.streams.0[(self.next_to_send + turn) % count];
+                let Some(body) = &mut stream.body else {
                     continue;
+                };
+                let before = out.write.len();
+                let outcome = out.send(cx, *id, body, &mut stream.pending, &mut stream.send_window);
+                moved |= out.write.len() != before;
+                if let Some(whole) = outcome {
+                    stream.body = None;
+                    ended.push((*id, whole));
                 }
-                match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Pending => break None,
-                    Poll::Ready(None) => {
-                        frame::write_data(&mut self.write, id, &[], true, self.peer_max_frame);
-                        break Some(true);
-                    }
-                    Poll::Ready(Some(Err(_))) => break Some(false),
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => {
-                            *pending = data;
-                            if pending.is_empty() && body.is_end_stream() {
-                                frame::write_data(
-                                    &mut self.write,
-                                    id,
-                                    &[],
-                                    true,
-                                    self.peer_max_frame,
-                                );
-                                break Some(true);
-                            }
-                        }
-                        Err(frame) => {
-                            if let Ok(trailers) = frame.into_trailers() {
-                                let at = frame::reserve_header(&mut self.write);
-                                encode_fields(&trailers, &mut self.write);
-                                frame::finish_header_block(
-                                    &mut self.write,
-                                    at,
-                                    id,
-                                    true,
-                                    self.peer_max_frame,
-                                );
-                                break Some(true);
-                            }
-                        }
-                    },
-                }
-            };
-            if let Some(whole) = outcome {
-                stream.body = None;
-                ended.push((id, whole));
             }
         }
         for (id, whole) in ended.drain(..) {
@@ -955,24 +976,24 @@ impl Connection {
         }
     }
 
-    fn close_if_done(&mut self, id: u32) {
-        if self
-            .streams
-            .get(&id)
-            .is_some_and(|s| !s.recv_open && s.answered && s.body.is_none())
-        {
-            self.remove(id);
-        }
-    }
-
-    /// A stream error: RST_STREAM, and the stream is gone.
+    /// A stream error: RST_STREAM, and the stream is gone. A client that
+    /// makes serin reset too many streams loses the connection.
     fn reset(&mut self, id: u32, code: ErrorCode) {
         frame::write_rst_stream(&mut self.write, id, code);
         self.remove(id);
-        if self.reset.len() == RESETS_REMEMBERED {
-            self.reset.pop_front();
+        if code != ErrorCode::NoError {
+            self.error_resets += 1;
+            if self.error_resets > MAX_ERROR_RESETS && !self.failed {
+                self.fail(ErrorCode::EnhanceYourCalm);
+                return;
+            }
         }
-        self.reset.push_back(id);
+        if !self.was_reset(id) {
+            if self.reset.len() == RESETS_REMEMBERED {
+                self.reset.pop_front();
+            }
+            self.reset.push_back(id);
+        }
     }
 
     /// Whether serin reset `id` lately.
@@ -990,6 +1011,72 @@ impl Connection {
             }
             if stream.body.is_some() {
                 self.sending -= 1;
+            }
+        }
+    }
+}
+
+/// What sending a response body needs of its connection.
+struct Outgoing<'a> {
+    write: &'a mut Vec<u8>,
+    /// The connection's send window.
+    window: &'a mut i64,
+    max_frame: usize,
+    table_size_update: &'a mut bool,
+}
+
+impl Outgoing<'_> {
+    /// Sends up to a frame's worth of one stream's body: `Some(whole)` once
+    /// the body has ended (`false`: the upstream broke off).
+    fn send(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: u32,
+        body: &mut ProxyBody,
+        pending: &mut Bytes,
+        stream_window: &mut i64,
+    ) -> Option<bool> {
+        loop {
+            if !pending.is_empty() {
+                let window = (*stream_window).min(*self.window);
+                if window <= 0 {
+                    return None;
+                }
+                let n = pending.len().min(window as usize).min(self.max_frame);
+                let chunk = pending.split_to(n);
+                let end = pending.is_empty() && body.is_end_stream();
+                frame::write_data(self.write, id, &chunk, end, self.max_frame);
+                *stream_window -= n as i64;
+                *self.window -= n as i64;
+                return end.then_some(true);
+            }
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => return None,
+                Poll::Ready(None) => {
+                    frame::write_data(self.write, id, &[], true, self.max_frame);
+                    return Some(true);
+                }
+                Poll::Ready(Some(Err(_))) => return Some(false),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        *pending = data;
+                        if pending.is_empty() && body.is_end_stream() {
+                            frame::write_data(self.write, id, &[], true, self.max_frame);
+                            return Some(true);
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let at = frame::reserve_header(self.write);
+                            if mem::take(self.table_size_update) {
+                                hpack::encode_table_size_update_to_zero(self.write);
+                            }
+                            encode_fields(&trailers, self.write);
+                            frame::finish_header_block(self.write, at, id, true, self.max_frame);
+                            return Some(true);
+                        }
+                    }
+                },
             }
         }
     }
