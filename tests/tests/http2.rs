@@ -43,11 +43,13 @@
 //! steps start right after the preface, before the SETTINGS handshake.
 //!
 //! Tests with logic of their own stay functions below the tables: the
-//! server's first frames and a bad preface, PING, flow control both ways
-//! (windows that the server must respect, and credit it must give back as
-//! the upstream consumes a body), 431 and HPACK state across refused
-//! requests, REFUSED_STREAM, a client reset cancelling the upstream
-//! request, graceful shutdown and a client's GOAWAY, the fields of
+//! server's first frames, a bad preface and one split in two writes, PING,
+//! flow control both ways (windows that the server must respect, and
+//! credit it must give back as the upstream consumes a body), 431 and HPACK
+//! state across refused requests, the size update a lowered
+//! SETTINGS_HEADER_TABLE_SIZE calls for, REFUSED_STREAM, a client reset
+//! cancelling the upstream request, frames on a stream serin reset long
+//! ago, graceful shutdown and a client's GOAWAY, the fields of
 //! responses, and all of it over TLS too. End-to-end cases use hyper's
 //! HTTP/2 client as well. Every wait is bounded by [`WAIT`] and ends as
 //! soon as the expected frame arrives; nothing sleeps.
@@ -105,7 +107,9 @@ const FRAME_SIZE_ERROR: u32 = 0x6;
 const REFUSED_STREAM: u32 = 0x7;
 const CANCEL: u32 = 0x8;
 const COMPRESSION_ERROR: u32 = 0x9;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
 
+const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
 const SETTINGS_ENABLE_PUSH: u16 = 0x2;
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
@@ -281,6 +285,8 @@ fn u32_at(b: &[u8]) -> u32 {
 struct Resp {
     status: u16,
     fields: Vec<(String, String)>,
+    /// The head's header block as sent, before decoding.
+    head_block: Vec<u8>,
     body: Vec<u8>,
     /// The fields of a header block after the body, if any.
     trailers: Option<Vec<(String, String)>>,
@@ -344,6 +350,12 @@ impl H2 {
 
     async fn start(&mut self, values: &[(u16, u32)]) {
         self.send(PREFACE).await;
+        self.settle(values).await;
+    }
+
+    /// The handshake once the preface is sent: our SETTINGS with `values`
+    /// written, the server's read and acknowledged, and its ACK of ours read.
+    async fn settle(&mut self, values: &[(u16, u32)]) {
         self.write(settings(values)).await;
         let (mut theirs, mut acked) = (false, false);
         while !(theirs && acked) {
@@ -387,6 +399,12 @@ impl H2 {
 
     async fn write(&mut self, frame: Frame) {
         self.send(&frame.bytes()).await;
+    }
+
+    /// Writes `frames` at once, before the server can answer any of them.
+    async fn write_burst(&mut self, frames: &[Frame]) {
+        self.send(&frames.iter().flat_map(Frame::bytes).collect::<Vec<_>>())
+            .await;
     }
 
     /// A GET of `path`, ending the stream with its head.
@@ -578,6 +596,7 @@ impl H2 {
     async fn response(&mut self, stream: u32) -> Resp {
         let mut block = Vec::new();
         let mut head: Option<Vec<(String, String)>> = None;
+        let mut head_block = Vec::new();
         let mut body = Vec::new();
         let mut ends = false;
         let mut trailers = None;
@@ -609,9 +628,11 @@ impl H2 {
                     if !f.has(END_HEADERS) {
                         continue;
                     }
-                    let fields = decode_block(&std::mem::take(&mut block));
+                    let raw = std::mem::take(&mut block);
+                    let fields = decode_block(&raw);
                     if head.is_none() {
                         head = Some(fields);
+                        head_block = raw;
                     } else {
                         assert!(ends, "trailers without END_STREAM: {:?}", self.seen);
                         trailers = Some(fields);
@@ -648,6 +669,7 @@ impl H2 {
         Resp {
             status,
             fields,
+            head_block,
             body,
             trailers,
         }
@@ -745,7 +767,25 @@ fn padded(data: &[u8], pad: u8) -> Vec<u8> {
 
 /// `frames` written at once, before the server can answer any of them.
 fn burst(frames: &[Frame]) -> Step {
-    Step::Raw(frames.iter().flat_map(Frame::bytes).collect())
+    Step::Burst(frames.to_vec())
+}
+
+/// GETs of `/` with an uppercase field name, which serin resets with
+/// PROTOCOL_ERROR, on the first `n` client streams (1, 3, 5, ...).
+fn uppercase_requests(n: u32) -> Vec<Frame> {
+    let fields = block(&get_with(&[("X-Upper", "1")]));
+    (0..n)
+        .map(|i| headers(2 * i + 1, END_STREAM | END_HEADERS, &fields))
+        .collect()
+}
+
+/// A rapid reset (CVE-2023-44487): a GET on each of `n` streams from
+/// `first` on, each reset (CANCEL) right after its HEADERS.
+fn rapid_resets(first: u32, n: u32) -> Vec<Frame> {
+    (0..n)
+        .map(|i| first + 2 * i)
+        .flat_map(|stream| [get_on(stream, "/"), rst(stream, CANCEL)])
+        .collect()
 }
 
 // === HPACK by hand (RFC 7541), literals only, no Huffman ===
@@ -946,6 +986,13 @@ fn decode_block(mut block: &[u8]) -> Vec<(String, String)> {
             fields.push((":status".into(), STATIC_STATUSES[index - 8].into()));
             continue;
         }
+        if first & 0xe0 == 0x20 {
+            // RFC 7541 §4.2: a dynamic table size update, only at the start.
+            assert!(fields.is_empty(), "a table size update after {fields:?}");
+            let size = decode_int(&mut block, 5);
+            assert!(size <= 4096, "a table size update to {size}");
+            continue;
+        }
         assert_eq!(
             first & 0xe0,
             0,
@@ -968,9 +1015,10 @@ fn decode_block(mut block: &[u8]) -> Vec<(String, String)> {
 enum Step {
     /// Writes a frame (see "frames to send").
     Write(Frame),
-    /// Writes these bytes at once: several frames (see [`burst`]), or what
-    /// is not a whole frame.
+    /// Writes these bytes at once: what is not a whole frame.
     Raw(Vec<u8>),
+    /// Writes these frames at once (see [`burst`]).
+    Burst(Vec<Frame>),
     /// Reads until the server's SETTINGS ACK.
     SettingsAck,
     /// The upstream holds every answer from now on, until the steps are
@@ -1012,6 +1060,7 @@ impl Step {
     fn stream(&self) -> u32 {
         match self {
             Step::Write(f) => f.stream,
+            Step::Burst(frames) => frames.iter().map(|f| f.stream).max().unwrap_or(0),
             Step::Served(s)
             | Step::Answer(s, ..)
             | Step::Echoes(s, _)
@@ -1186,6 +1235,7 @@ async fn play(step: &Step, c: &mut H2, s: &Setup, gate: &Gate) -> bool {
     match step {
         Step::Write(f) => c.write(f.clone()).await,
         Step::Raw(bytes) => c.send(bytes).await,
+        Step::Burst(frames) => c.write_burst(frames).await,
         Step::SettingsAck => c.expect_settings_ack().await,
         Step::Hold => s.hold(gate),
         Step::Reached(n) => s.upstream_received(*n).await,
@@ -1587,7 +1637,46 @@ fn connection_error_cases() -> Vec<Case> {
             "priority_on_stream_0_is_a_protocol_error",
             steps![priority(0, 1), Goaway(PROTOCOL_ERROR)],
         ),
+        // --- resets without end (each burst ends on the frame that ends
+        // the connection: nothing is left unread to turn the close into a
+        // TCP reset) ---
+        case(
+            // CVE-2023-44487: more than 100 streams reset before their
+            // answer, at least half of those opened.
+            "rapid_reset_of_101_streams_is_enhance_your_calm",
+            steps![
+                Hold,
+                burst(&rapid_resets(1, 101)),
+                Goaway(ENHANCE_YOUR_CALM)
+            ],
+        ),
+        case(
+            "rapid_reset_of_half_the_streams_opened_is_enhance_your_calm",
+            served_then(
+                102,
+                steps![
+                    Hold,
+                    burst(&rapid_resets(205, 102)),
+                    Goaway(ENHANCE_YOUR_CALM)
+                ],
+            ),
+        ),
+        case(
+            // More than 1024 streams serin had to reset for errors.
+            "a_1025th_stream_error_is_enhance_your_calm",
+            steps![burst(&uppercase_requests(1025)), Goaway(ENHANCE_YOUR_CALM)],
+        )
+        .upstream(0),
     ]
+}
+
+/// GETs of `/` on the first `n` streams, each answered 200 in turn, then
+/// `rest`.
+fn served_then(n: u32, rest: Vec<Step>) -> Vec<Step> {
+    (0..n)
+        .map(|i| Step::Served(2 * i + 1))
+        .chain(rest)
+        .collect()
 }
 
 /// Stream errors: the connection goes on after each.
@@ -1811,6 +1900,13 @@ fn stream_error_cases() -> Vec<Case> {
             ],
         ),
         case(
+            // One short of the limit that ends the connection (see
+            // `a_1025th_stream_error_is_enhance_your_calm`).
+            "1024_stream_errors_keep_the_connection",
+            steps![burst(&uppercase_requests(1024)), Rst(2047, PROTOCOL_ERROR)],
+        )
+        .upstream(0),
+        case(
             "a_window_update_of_0_on_a_stream_is_a_protocol_error",
             steps![
                 Hold,
@@ -1967,6 +2063,17 @@ fn served_cases() -> Vec<Case> {
                 Echoes(3, "x-split: yes"),
             ],
         ),
+        // --- resets before the answer, below the rapid-reset limit (see
+        // `rapid_reset_of_101_streams_is_enhance_your_calm`) ---
+        case(
+            "resetting_100_streams_before_their_answer_keeps_the_connection",
+            steps![Hold, burst(&rapid_resets(1, 100))],
+        ),
+        case(
+            // 101 resets, but fewer than half of the 203 streams opened.
+            "resetting_fewer_than_half_the_streams_opened_keeps_the_connection",
+            served_then(102, steps![Hold, burst(&rapid_resets(205, 101))]),
+        ),
         case(
             "the_hpack_dynamic_table_carries_over_between_requests",
             steps![
@@ -2048,6 +2155,52 @@ async fn a_bad_preface_closes_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preface_split_after_its_first_16_bytes_is_still_http2() {
+    // "PRI * HTTP/2.0\r\n\r\n" (18 bytes) alone is a whole HTTP/1.x head:
+    // serin must wait for the rest before it decides.
+    let s = Setup::start().await;
+    for split in [16, 18, 20, 23] {
+        let tcp = TcpStream::connect(s.addr()).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let client = tcp.local_addr().unwrap();
+        let mut c = H2::over(Box::new(tcp));
+        c.send(&PREFACE[..split]).await;
+        wait_until_proxy_read_all(s.addr(), client).await;
+        c.send(&PREFACE[split..]).await;
+        c.settle(&[]).await;
+        c.assert_ok(1).await;
+    }
+}
+
+/// Waits until the proxy has read every byte `client` sent it: the
+/// receive queue of its socket in `/proc/net/tcp` (IPv4) is empty. (A copy
+/// of `client_http1.rs`'s.)
+async fn wait_until_proxy_read_all(proxy: SocketAddr, client: SocketAddr) {
+    let hex = |addr: SocketAddr| {
+        let SocketAddr::V4(v4) = addr else {
+            panic!("the tests listen on 127.0.0.1")
+        };
+        let ip = u32::from_le_bytes(v4.ip().octets());
+        format!("{ip:08X}:{:04X}", v4.port())
+    };
+    // The columns: slot, local address, remote address, state, then the
+    // send and receive queues as `tx:rx`.
+    let (local, remote) = (hex(proxy), hex(client));
+    eventually(WAIT, "the proxy read all the client sent", || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let read_all = table.lines().any(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            columns.len() > 4
+                && columns[1] == local
+                && columns[2] == remote
+                && columns[4].ends_with(":00000000")
+        });
+        async move { read_all }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_is_answered_with_the_same_bytes() {
     let s = Setup::start().await;
     let mut c = s.client().await;
@@ -2092,6 +2245,43 @@ async fn the_hpack_table_stays_in_step_after_refused_requests() {
     let r = c.response(5).await;
     assert!(r.text().contains("x-first: 1\n"), "{}", r.text());
     assert!(r.text().contains("x-second: 2\n"), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_header_table_size_is_followed_by_a_size_update_to_0() {
+    // RFC 7541 §4.2: after the client lowers SETTINGS_HEADER_TABLE_SIZE,
+    // the next header block starts with a size update (0x20: to 0), once.
+    // 0x88 is `:status: 200`, indexed.
+    const UPDATE: &[u8] = &[0x20, 0x88];
+    const NONE: &[u8] = &[0x88];
+    let s = Setup::start().await;
+    for (settings_sent, first, second) in [
+        (vec![], NONE, NONE),
+        (vec![(SETTINGS_HEADER_TABLE_SIZE, 4096)], NONE, NONE),
+        (vec![(SETTINGS_HEADER_TABLE_SIZE, 2048)], UPDATE, NONE),
+        (vec![(SETTINGS_HEADER_TABLE_SIZE, 0)], UPDATE, NONE),
+    ] {
+        let mut c = H2::handshake(s.addr(), &settings_sent).await;
+        for (stream, starts) in [(1, first), (3, second)] {
+            c.send_get(stream, "/").await;
+            let r = c.response(stream).await;
+            assert!(
+                r.head_block.starts_with(starts),
+                "{settings_sent:?}, stream {stream}: {:x?}",
+                r.head_block
+            );
+            assert_eq!((r.status, r.text().as_str()), (200, "stable"), "{r:?}");
+        }
+    }
+    // Lowered mid-connection, after a response: the next one has it.
+    let mut c = s.client().await;
+    c.assert_ok(1).await;
+    c.write(settings(&[(SETTINGS_HEADER_TABLE_SIZE, 0)])).await;
+    c.expect_settings_ack().await;
+    c.send_get(3, "/").await;
+    let r = c.response(3).await;
+    assert!(r.head_block.starts_with(UPDATE), "{:x?}", r.head_block);
+    assert_eq!(r.status, 200, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2434,6 +2624,34 @@ async fn a_client_reset_cancels_the_upstream_request() {
     c.write(window_update(1, 100)).await;
     c.write(priority(1, 0)).await;
     c.assert_ok(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_on_a_stream_reset_100_resets_ago_are_ignored() {
+    // serin remembers as many of its resets as streams may be open: the
+    // rest of a request it reset long ago is not a connection error, and
+    // gets no RST_STREAM either.
+    let s = Setup::start().await;
+    let mut c = s.client().await;
+    let mut requests = uppercase_requests(100);
+    // Streams 1 and 3 have more to come: a body on 1, trailers on 3 (each
+    // on a stream of its own: an RST_STREAM for the one would make serin
+    // remember it anew for the other).
+    requests[0].flags = END_HEADERS;
+    requests[1].flags = END_HEADERS;
+    c.write_burst(&requests).await;
+    c.expect_rst(199, PROTOCOL_ERROR).await;
+    c.write(data(1, 0, b"late")).await;
+    c.write(headers(
+        3,
+        END_STREAM | END_HEADERS,
+        &block(&[("x-trailer", "1")]),
+    ))
+    .await;
+    c.assert_ok(201).await;
+    // Frames on other streams than 201 were kept while its answer came.
+    assert!(c.stash.iter().all(|f| f.stream > 3), "{:?}", c.seen);
+    assert_eq!(s.up.requests(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
