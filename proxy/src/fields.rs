@@ -138,6 +138,29 @@ impl FieldSink for MapSink<'_> {
     }
 }
 
+/// A response head's fields in the form the server side that sends them
+/// takes: hyper a [`HeaderMap`], the own HTTP/2 loop an HPACK block
+/// ([`crate::server::own_h2`]), so that a head is written once, straight
+/// into that form.
+pub(crate) trait ResponseFields {
+    /// Room for about `fields` fields.
+    fn with_capacity(fields: usize) -> Self;
+
+    /// Where the fields go. Values that are slices of `shared` (a parsed
+    /// head kept as [`Bytes`]) may be shared with it instead of copied.
+    fn sink<'a>(&'a mut self, shared: Option<&'a Bytes>) -> impl FieldSink + 'a;
+}
+
+impl ResponseFields for HeaderMap {
+    fn with_capacity(fields: usize) -> Self {
+        HeaderMap::with_capacity(fields)
+    }
+
+    fn sink<'a>(&'a mut self, shared: Option<&'a Bytes>) -> impl FieldSink + 'a {
+        MapSink { map: self, shared }
+    }
+}
+
 /// Where one field's name and value sit in a head's bytes.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Span {

@@ -2747,6 +2747,66 @@ async fn responses_carry_the_proxys_fields_and_no_connection_specific_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upstreams_field_names_reach_the_client_in_lowercase() {
+    // HTTP/1.1 names are case-insensitive and servers (nginx among them)
+    // send `Content-Type`; HTTP/2 forbids uppercase (RFC 9113 §8.2.1), and
+    // a client treats such a response as malformed.
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nServer: Upstream\r\n\
+        Content-Type: text/plain\r\nConnection: keep-alive, X-Hop\r\n\
+        Keep-Alive: timeout=5\r\nX-Hop: dropped\r\nX-Mixed-Case: Value\r\n\
+        X-REQUEST-ID: from-upstream\r\nTransfer-Encoding: chunked\r\n\r\n\
+        5\r\nhello\r\n0\r\n\r\n";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0; 4096];
+                while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                    head.extend_from_slice(&buf[..n]);
+                    // Bodiless GETs: a request ends at its blank line.
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        if conn.write_all(ANSWER).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let config = ProxyConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        Upstream::parse(&format!("http://{upstream}"), UpstreamProtocol::Http1).unwrap(),
+        Upstream::parse(&closed_port_url(), UpstreamProtocol::Http1).unwrap(),
+    );
+    let proxy = Proxy::start(config, Routes::new(RouteTable::new(0))).unwrap();
+    let mut c = H2::handshake(proxy.local_addr(), &[]).await;
+    for stream in [1, 3] {
+        c.send_get(stream, "/").await;
+        let r = c.response(stream).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"), "{r:?}");
+        for (name, _) in &r.fields {
+            assert_eq!(*name, name.to_ascii_lowercase(), "{r:?}");
+        }
+        assert_eq!(r.field("server"), Some("Upstream"), "{r:?}");
+        assert_eq!(r.field("content-type"), Some("text/plain"), "{r:?}");
+        assert_eq!(r.field("x-mixed-case"), Some("Value"), "{r:?}");
+        assert_eq!(r.field("x-request-id"), Some("from-upstream"), "{r:?}");
+        for name in ["connection", "keep-alive", "x-hop", "transfer-encoding"] {
+            assert!(r.field(name).is_none(), "{name} in {r:?}");
+        }
+        // `content-type` by its static name index (31), not a literal name.
+        assert!(
+            r.head_block.windows(2).any(|w| w == [0x0f, 0x10]),
+            "{:x?}",
+            r.head_block
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_response_has_no_body() {
     // RFC 9113 §8.1.1: DATA of non-zero length in a response to HEAD is
     // malformed.

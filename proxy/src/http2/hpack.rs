@@ -399,15 +399,32 @@ pub(crate) fn encode_table_size_update_to_zero(out: &mut Vec<u8>) {
 /// Appends one field as a literal without indexing (RFC 7541 §6.2.2), or,
 /// when `sensitive`, as a literal never indexed (§6.2.3: no intermediary
 /// down the line may index it either), with the static table's name index
-/// when the name is one of its names, a literal name otherwise. `name` is
-/// lowercase already. No Huffman.
+/// when the name is one of its names, a literal name otherwise. The name is
+/// sent in lowercase, as HTTP/2 requires (RFC 9113 §8.2.1), whatever its
+/// case in an HTTP/1.1 upstream's response. No Huffman.
 pub(crate) fn encode_field(name: &[u8], value: &[u8], sensitive: bool, out: &mut Vec<u8>) {
     let first = out.len();
-    match static_name_index(name) {
+    let uppercase = name.iter().any(u8::is_ascii_uppercase);
+    let index = if !uppercase {
+        static_name_index(name)
+    } else if name.len() <= LONGEST_STATIC_NAME {
+        let mut lower = [0; LONGEST_STATIC_NAME];
+        let lower = &mut lower[..name.len()];
+        lower.copy_from_slice(name);
+        lower.make_ascii_lowercase();
+        static_name_index(lower)
+    } else {
+        None
+    };
+    match index {
         Some(index) => encode_integer(usize::from(index), 4, out),
         None => {
             out.push(0x00);
+            let at = out.len();
             encode_string(name, out);
+            if uppercase {
+                out[at..].make_ascii_lowercase();
+            }
         }
     }
     if sensitive {
@@ -442,6 +459,10 @@ fn encode_integer(value: usize, prefix_bits: u8, out: &mut Vec<u8>) {
     }
     out.push(rest as u8);
 }
+
+/// The length of the static table's longest name
+/// (`access-control-allow-origin`).
+const LONGEST_STATIC_NAME: usize = 27;
 
 /// The lowest static table index with this name, if any.
 fn static_name_index(name: &[u8]) -> Option<u8> {
@@ -1158,6 +1179,30 @@ mod tests {
         ] {
             assert_eq!(static_name_index(name.as_bytes()), None, "{name}");
         }
+        let longest = STATIC_TABLE.iter().map(|(n, _)| n.len()).max();
+        assert_eq!(longest, Some(LONGEST_STATIC_NAME));
+    }
+
+    #[test]
+    fn names_in_any_case_are_sent_in_lowercase() {
+        let long = format!("X-{}", "Long".repeat(10));
+        for (name, indexed) in [
+            ("Content-Type", true),
+            ("ACCESS-CONTROL-ALLOW-ORIGIN", true),
+            ("X-Custom", false),
+            (long.as_str(), false),
+        ] {
+            let mut out = Vec::new();
+            encode_field(name.as_bytes(), b"Value", false, &mut out);
+            // A static name index fits the first byte; a literal name starts 0x00.
+            assert_eq!(out[0] != 0x00, indexed, "{name}");
+            let lower = name.to_ascii_lowercase();
+            assert_eq!(
+                decode_fresh(&out),
+                Ok(fields(&[(&lower, "Value")])),
+                "{name}"
+            );
+        }
     }
 
     #[test]
@@ -1245,7 +1290,7 @@ mod tests {
                 let max_len = if rng.below(4) == 0 { 400 } else { 40 };
                 let value = rng.bytes(max_len);
                 encode_field(&name, &value, rng.below(2) == 0, &mut block);
-                sent.push((name, value));
+                sent.push((name.to_ascii_lowercase(), value));
             }
             assert_eq!(decode(&mut decoder, &block), Ok(sent));
             // The encoder never indexes.

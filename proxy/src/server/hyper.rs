@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::client_body::ClientBody;
-use crate::fields::{keeps_alive, FieldSink, Fields, MapSink};
+use crate::fields::{keeps_alive, FieldSink, Fields, MapSink, ResponseFields};
 use crate::http1::head::write_request_line;
 use crate::outcome::{Observation, OutcomeRecord, RequestFacts, Settled};
 use crate::policy::{
@@ -52,7 +52,10 @@ pub(crate) async fn proxy(
     let version = req.version();
     // hyper keeps an HTTP/1.0 connection open only when the response says so.
     let keep_alive_10 = version == Version::HTTP_10 && keeps_alive(req.headers(), 0);
-    let mut resp = answer(worker, meta, req.map(ClientBody::Hyper)).await;
+    let answered: Answered<HeaderMap> = answer(worker, meta, req.map(ClientBody::Hyper)).await;
+    let mut resp = Response::new(answered.body);
+    *resp.status_mut() = answered.status;
+    *resp.headers_mut() = answered.fields;
     *resp.version_mut() = version;
     if keep_alive_10 && !resp.headers().contains_key(CONNECTION) {
         resp.headers_mut()
@@ -61,13 +64,21 @@ pub(crate) async fn proxy(
     Ok(resp)
 }
 
-/// The response to one request, from hyper or from serin's own HTTP/2 loop:
+/// An answer to one request: its status, its fields in the form `H` that the
+/// side sending it takes ([`ResponseFields`]), and its body.
+pub(crate) struct Answered<H> {
+    pub(crate) status: StatusCode,
+    pub(crate) fields: H,
+    pub(crate) body: ProxyBody,
+}
+
+/// The answer to one request, from hyper or from serin's own HTTP/2 loop:
 /// the upstream's, or serin's own.
-pub(crate) async fn answer(
+pub(crate) async fn answer<H: ResponseFields>(
     worker: Rc<Worker>,
     meta: Rc<ConnMeta>,
     req: Request<ClientBody>,
-) -> Response<ProxyBody> {
+) -> Answered<H> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let client_id = parts.headers.get(&X_REQUEST_ID).cloned();
@@ -247,9 +258,8 @@ pub(crate) async fn answer(
                 .then(|| resp.fields().value(&UPGRADE).map(HeaderValue::from_bytes))
                 .flatten()
                 .and_then(Result::ok);
-            let mut headers = HeaderMap::new();
-            let mut body = resp_split(resp, &answering, &mut headers);
-            let mut out = Response::new(());
+            let mut fields = H::with_capacity(resp.fields().spans.len() + 3);
+            let mut body = resp_split(resp, &answering, &mut fields);
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 if let (Some(client), Some(tunnel), Some(protocol)) =
                     (client_upgrade, body.take_tunnel(), protocol)
@@ -257,50 +267,38 @@ pub(crate) async fn answer(
                     // An upgrade is rare and long: its id is copied for its logs.
                     let id = String::from_utf8_lossy(request_id).into_owned();
                     tokio::task::spawn_local(splice(client, tunnel, id));
-                    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                    headers.insert(UPGRADE, protocol);
+                    let mut sink = fields.sink(None);
+                    sink.field(b"connection", b"upgrade");
+                    sink.field(b"upgrade", protocol.as_bytes());
                 }
             }
-            *out.status_mut() = status;
-            *out.headers_mut() = headers;
-            out.map(|()| ProxyBody::upstream(UpstreamBody::Http1(body), record))
+            Answered {
+                status,
+                fields,
+                body: ProxyBody::upstream(UpstreamBody::Http1(body), record),
+            }
         }
         Ok(Answer::Http2(resp)) => {
             record.headers(resp.status(), resp.headers());
             let (head, body) = resp.into_parts();
-            let mut headers = HeaderMap::with_capacity(head.headers.len() + 3);
-            write_response_fields(
-                &head.headers,
-                &answering,
-                &mut MapSink {
-                    map: &mut headers,
-                    shared: None,
-                },
-            );
-            let mut out = Response::new(ProxyBody::upstream(UpstreamBody::Http2(body), record));
-            *out.status_mut() = head.status;
-            *out.headers_mut() = headers;
-            out
+            let mut fields = H::with_capacity(head.headers.len() + 3);
+            write_response_fields(&head.headers, &answering, &mut fields.sink(None));
+            Answered {
+                status: head.status,
+                fields,
+                body: ProxyBody::upstream(UpstreamBody::Http2(body), record),
+            }
         }
     }
 }
 
-/// The response head into `headers`, through the policy; returns the body.
+/// The response head into `out`, through the policy; returns the body.
 fn resp_split(
     resp: UpstreamResponse,
     answering: &Answering<'_>,
-    headers: &mut HeaderMap,
+    out: &mut impl ResponseFields,
 ) -> crate::upstream::ResponseBody {
-    resp.split(|fields, head| {
-        write_response_fields(
-            &fields,
-            answering,
-            &mut MapSink {
-                map: headers,
-                shared: Some(head),
-            },
-        )
-    })
+    resp.split(|fields, head| write_response_fields(&fields, answering, &mut out.sink(Some(head))))
 }
 
 /// An upstream's answer, as each protocol gives it.
@@ -549,7 +547,7 @@ fn shadow_plan(
 
 /// serin's answer to an HTTP/2 request whose head the own HTTP/2 loop
 /// could not take in (too large): there is no request to hand over.
-pub(crate) fn refuse_head(worker: &Worker, refusal: &Refusal) -> Response<ProxyBody> {
+pub(crate) fn refuse_head<H: ResponseFields>(worker: &Worker, refusal: &Refusal) -> Answered<H> {
     let to = Asker {
         version: Version::HTTP_2,
         head: false,
@@ -567,49 +565,45 @@ struct Asker {
 
 /// The response serin makes itself for `refusal`, and the body bytes the
 /// client gets.
-fn answer_locally(
+fn answer_locally<H: ResponseFields>(
     worker: &Worker,
     refusal: &Refusal,
     fell_back: bool,
     request_id: &[u8],
     to: Asker,
-) -> (Response<ProxyBody>, u64) {
+) -> (Answered<H>, u64) {
     let answer = local_answer(refusal);
-    let mut headers = HeaderMap::with_capacity(6);
-    write_local_fields(
-        &answer,
-        worker.config(),
-        fell_back,
-        request_id,
-        &mut MapSink {
-            map: &mut headers,
-            shared: None,
-        },
-    );
-    if answer.close && to.version < Version::HTTP_2 {
-        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    let mut fields = H::with_capacity(6);
+    {
+        let mut sink = fields.sink(None);
+        write_local_fields(&answer, worker.config(), fell_back, request_id, &mut sink);
+        if answer.close && to.version < Version::HTTP_2 {
+            sink.field(b"connection", b"close");
+        }
     }
-    let mut resp = Response::new(ProxyBody::fixed(answer.text));
-    *resp.status_mut() = answer.status;
-    *resp.headers_mut() = headers;
     let sent = if to.head { 0 } else { answer.text.len() as u64 };
-    (resp, sent)
+    let answered = Answered {
+        status: answer.status,
+        fields,
+        body: ProxyBody::fixed(answer.text),
+    };
+    (answered, sent)
 }
 
 /// serin's answer to a request it refuses before sending it anywhere, with
 /// its access-log line and span settled.
-fn refuse(
+fn refuse<H: ResponseFields>(
     worker: &Worker,
     refusal: &Refusal,
     observation: Option<Observation>,
     request_id: &[u8],
     to: Asker,
     start: Instant,
-) -> Response<ProxyBody> {
+) -> Answered<H> {
     let (resp, sent) = answer_locally(worker, refusal, false, request_id, to);
     if let Some(observation) = observation {
         let upstream = local_answer(refusal).upstream;
-        let settled = Settled::refused(upstream, resp.status(), sent, start.elapsed());
+        let settled = Settled::refused(upstream, resp.status, sent, start.elapsed());
         worker.settle(observation, &settled);
     }
     resp

@@ -35,15 +35,17 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use http_body::Body as _;
 use tokio::sync::watch;
 
 mod requests;
 
 use super::client_io::ClientIo;
+use super::hyper::Answered;
 use crate::body::ProxyBody;
 use crate::client_body::{ClientBody, Credit, Inbox, StreamBody};
+use crate::fields::{FieldSink, ResponseFields};
 use crate::http2::frame::{
     self, flag, kind, setting, ErrorCode, FrameHeader, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW,
     HEADER_LEN, MAX_WINDOW, PREFACE,
@@ -204,7 +206,7 @@ struct Connection {
     credit: Rc<Credit>,
     /// Reused buffers for what `credit` and `requests` hand over.
     released: Vec<(u32, u32)>,
-    answered: Vec<(u32, Response<ProxyBody>)>,
+    answered: Vec<(u32, Answered<HpackBlock>)>,
     /// Reused by `send_bodies`: the streams whose body ended, and whether
     /// whole.
     ended: Vec<(u32, bool)>,
@@ -898,19 +900,23 @@ impl Connection {
     }
 
     /// Encodes a stream's response head, and sends its body if it has one.
-    fn respond(&mut self, id: u32, response: Response<ProxyBody>) {
+    fn respond(&mut self, id: u32, answered: Answered<HpackBlock>) {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
         stream.request = None;
         stream.answered = true;
-        let (head, body) = response.into_parts();
+        let Answered {
+            status,
+            fields,
+            body,
+        } = answered;
         let at = frame::reserve_header(&mut self.write);
         if mem::take(&mut self.table_size_update) {
             hpack::encode_table_size_update_to_zero(&mut self.write);
         }
-        hpack::encode_status(head.status.as_u16(), &mut self.write);
-        encode_fields(&head.headers, &mut self.write);
+        hpack::encode_status(status.as_u16(), &mut self.write);
+        self.write.extend_from_slice(&fields.0);
         let end_stream = body.is_end_stream();
         frame::finish_header_block(&mut self.write, at, id, end_stream, self.peer_max_frame);
         if end_stream {
@@ -1082,6 +1088,39 @@ impl Outgoing<'_> {
     }
 }
 
+/// A response head's fields as an HPACK block ([`ResponseFields`]):
+/// encoded as the answer is made, from the upstream's parsed head and
+/// serin's own fields, with no header map in between, and copied into the
+/// connection's write buffer after the status.
+pub(crate) struct HpackBlock(Vec<u8>);
+
+impl ResponseFields for HpackBlock {
+    fn with_capacity(fields: usize) -> Self {
+        // About what a short name and value take.
+        HpackBlock(Vec::with_capacity(fields * 24))
+    }
+
+    fn sink<'a>(&'a mut self, _shared: Option<&'a Bytes>) -> impl FieldSink + 'a {
+        HpackSink(&mut self.0)
+    }
+}
+
+struct HpackSink<'a>(&'a mut Vec<u8>);
+
+impl FieldSink for HpackSink<'_> {
+    /// One field, less one HTTP/2 forbids (RFC 9113 §8.2.2). A value that is
+    /// new on every response goes as a literal never indexed, as
+    /// [`crate::fields::MapSink`] marks it.
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if is_connection_specific(name) {
+            return;
+        }
+        let sensitive =
+            name.eq_ignore_ascii_case(b"x-request-id") || name.eq_ignore_ascii_case(b"traceparent");
+        hpack::encode_field(name, value, sensitive, self.0);
+    }
+}
+
 /// Appends a head's fields, less those HTTP/2 forbids (RFC 9113 §8.2.2).
 fn encode_fields(fields: &HeaderMap, out: &mut Vec<u8>) {
     for (name, value) in fields {
@@ -1096,11 +1135,17 @@ fn encode_fields(fields: &HeaderMap, out: &mut Vec<u8>) {
     }
 }
 
+/// In any case: the names come from HTTP/1.1 upstreams too.
 fn is_connection_specific(name: &[u8]) -> bool {
-    matches!(
-        name,
-        b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade"
-    )
+    [
+        &b"connection"[..],
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+    .iter()
+    .any(|forbidden| name.eq_ignore_ascii_case(forbidden))
 }
 
 /// Why a decoded head cannot be served.

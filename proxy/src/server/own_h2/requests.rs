@@ -16,12 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
-use http::Response;
-
-use crate::body::ProxyBody;
+use super::HpackBlock;
+use crate::server::hyper::Answered;
 
 /// One request's future: the answer to a stream.
-pub(super) type Answer = Pin<Box<dyn Future<Output = Response<ProxyBody>>>>;
+pub(super) type Answer = Pin<Box<dyn Future<Output = Answered<HpackBlock>>>>;
 
 /// The requests at work on one connection.
 #[derive(Default)]
@@ -128,7 +127,7 @@ impl Requests {
     pub(super) fn poll(
         &mut self,
         connection: &Waker,
-        answered: &mut Vec<(u32, Response<ProxyBody>)>,
+        answered: &mut Vec<(u32, Answered<HpackBlock>)>,
     ) {
         {
             let mut woken = self.queue.woken.lock().unwrap_or_else(|e| e.into_inner());
