@@ -193,7 +193,7 @@ pub fn memory_with_connections(target: &Running, n: usize) -> std::io::Result<Me
     Ok(m)
 }
 
-/// Syscalls the proxy makes per proxied HTTP/1.1 request.
+/// Syscalls the proxy makes per proxied request.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Syscalls {
     /// All syscalls per request (perf's `raw_syscalls:sys_enter`, or strace).
@@ -204,10 +204,21 @@ pub struct Syscalls {
     pub counted_by: String,
 }
 
-/// Counts the proxy's syscalls over a fixed number of keep-alive HTTP/1.1
-/// requests (h2load --h1 -n), with perf (low overhead) and strace -c (the
-/// breakdown; slower, so over fewer requests).
-pub fn syscalls(target: &Running, perf: bool, strace: bool) -> std::io::Result<Syscalls> {
+/// Counts the proxy's syscalls over a fixed number of keep-alive requests,
+/// with perf (low overhead) and strace -c (the breakdown; slower, so over
+/// fewer requests): HTTP/1.1 from `h2load --h1 -c32`, or with `h2` h2c
+/// from `h2load -c16 -m16`, as the closed loop sends them.
+pub fn syscalls(target: &Running, perf: bool, strace: bool, h2: bool) -> std::io::Result<Syscalls> {
+    let load = |n: u64| {
+        let (connections, streams) = if h2 { (16, 16) } else { (32, 1) };
+        tools::h2load(
+            &target.url(),
+            connections,
+            streams,
+            H2Bound::Requests(n),
+            !h2,
+        )
+    };
     let tids: Vec<u32> = target
         .pids()
         .iter()
@@ -239,7 +250,7 @@ pub fn syscalls(target: &Running, perf: bool, strace: bool) -> std::io::Result<S
             &dir,
         )?;
         std::thread::sleep(Duration::from_millis(500));
-        let run = tools::h2load(&target.url(), 32, 1, H2Bound::Requests(n), true)?;
+        let run = load(n)?;
         std::thread::sleep(Duration::from_millis(100));
         procs::signal(counter.pid(), "INT");
         std::thread::sleep(Duration::from_millis(300));
@@ -268,7 +279,7 @@ pub fn syscalls(target: &Running, perf: bool, strace: bool) -> std::io::Result<S
         }
         let mut tracer = procs::Guarded::spawn("strace", c, &log)?;
         std::thread::sleep(Duration::from_millis(800));
-        let run = tools::h2load(&target.url(), 32, 1, H2Bound::Requests(n), true)?;
+        let run = load(n)?;
         procs::signal(tracer.pid(), "INT");
         std::thread::sleep(Duration::from_millis(500));
         tracer.stop();

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::loadgen::OpenLoopResult;
-use crate::measure::Throughput;
+use crate::measure::{Syscalls, Throughput};
 use crate::results::{spread, RateRuns, Results};
 
 mod fleet;
@@ -230,6 +230,11 @@ fn markdown(res: &Results) -> String {
             Box::new(|n: &str| med_tp(tp(&res.h2, n), Throughput::cpu_us)),
             2,
         ),
+        (
+            "user CPU µs per HTTP/2 request".into(),
+            Box::new(|n: &str| med_tp(tp(&res.h2, n), |t| t.user_us)),
+            2,
+        ),
     ];
     let mut rows = rows;
     for (conns, map) in &res.h1_more {
@@ -274,7 +279,7 @@ fn markdown(res: &Results) -> String {
             let _ = writeln!(s);
         }
     }
-    let mem_rows: [(&str, Figure); 3] = [
+    let mem_rows: [(&str, Figure); 4] = [
         ("PSS idle, MiB", Box::new(|n: &str| pss_mib(&res.idle, n))),
         (
             "PSS with 1,000 connections, MiB",
@@ -283,6 +288,10 @@ fn markdown(res: &Results) -> String {
         (
             "syscalls per HTTP/1.1 request",
             Box::new(|n: &str| res.syscalls.get(n).map(|c| c.per_request).unwrap_or(0.0)),
+        ),
+        (
+            "syscalls per HTTP/2 request",
+            Box::new(|n: &str| res.syscalls_h2.get(n).map(|c| c.per_request).unwrap_or(0.0)),
         ),
     ];
     for (label, f) in &mem_rows {
@@ -293,6 +302,7 @@ fn markdown(res: &Results) -> String {
         }
         let _ = writeln!(s);
     }
+    https::summary_rows(&mut s, res, &peers);
 
     targets_section(&mut s, res);
     access_log_section(&mut s, res);
@@ -388,6 +398,13 @@ fn targets_section(s: &mut String, res: &Results) {
         s,
         "| syscalls per HTTP/1.1 request | ≤ 4.1 | {sys:.2} | {} |",
         verdict(sys > 0.0 && sys <= 4.1)
+    );
+    let cpu_h2 = |n: &str| med_tp(tp(&res.h2, n), Throughput::cpu_us);
+    let c2 = cpu_h2("serin") / best(&cpu_h2, true);
+    let _ = writeln!(
+        s,
+        "| CPU per HTTP/2 (h2c) request ÷ better of nginx, haproxy | ≤ 0.9× | {c2:.2}× | {} |",
+        verdict(c2 <= 0.9)
     );
     let r = rps("serin") / best(&rps, false);
     let _ = writeln!(
@@ -855,9 +872,9 @@ fn memory_section(s: &mut String, res: &Results) {
     );
     let _ = writeln!(
         s,
-        "| target | idle PSS MiB | idle RSS MiB | 1,000 conns PSS MiB | 1,000 conns RSS MiB | syscalls / HTTP/1.1 request | most frequent (per request, strace) |"
+        "| target | idle PSS MiB | idle RSS MiB | 1,000 conns PSS MiB | 1,000 conns RSS MiB | syscalls / HTTP/1.1 request | most frequent (per request, strace) | syscalls / HTTP/2 request | most frequent (per request, strace) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for n in res.targets.iter().filter(|n| *n != "direct") {
         let mib = |k: Option<u64>| {
             k.map(|k| format!("{:.1}", k as f64 / 1024.0))
@@ -865,27 +882,36 @@ fn memory_section(s: &mut String, res: &Results) {
         };
         let idle = res.idle.get(n);
         let conns = res.conns_1000.get(n);
-        let sc = res.syscalls.get(n);
+        let count = |sc: Option<&Syscalls>| {
+            sc.map(|c| format!("{:.2}", c.per_request))
+                .unwrap_or("–".into())
+        };
+        let top = |sc: Option<&Syscalls>| {
+            sc.map(|c| {
+                c.top
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+        };
+        let (h1, h2) = (res.syscalls.get(n), res.syscalls_h2.get(n));
         let _ = writeln!(
             s,
-            "| {n} | {} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {} | {} | {} |",
             mib(idle.map(|m| m.pss_kib)),
             mib(idle.map(|m| m.rss_kib)),
             mib(conns.map(|m| m.pss_kib)),
             mib(conns.map(|m| m.rss_kib)),
-            sc.map(|c| format!("{:.2}", c.per_request))
-                .unwrap_or("–".into()),
-            sc.map(|c| c
-                .top
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "))
-                .unwrap_or_default(),
+            count(h1),
+            top(h1),
+            count(h2),
+            top(h2),
         );
     }
     if let Some(c) = res.syscalls.get("serin") {
-        let _ = writeln!(s, "\nSyscalls counted with {} (`h2load --h1 -c32`, keep-alive on both sides); the breakdown comes from `strace -c -f` over 20,000 requests, which slows the proxy and so changes how many events each `epoll_wait` returns.", c.counted_by);
+        let _ = writeln!(s, "\nSyscalls counted with {} (HTTP/1.1: `h2load --h1 -c32`; HTTP/2: h2c, `h2load -c16 -m16`; keep-alive on both sides, HTTP/1.1 to the upstream); the breakdown comes from `strace -c -f` over 20,000 requests, which slows the proxy and so changes how many events each `epoll_wait` returns.", c.counted_by);
     }
 }
 

@@ -99,6 +99,9 @@ pub struct Results {
     pub conns_1000: BTreeMap<String, Memory>,
     /// Syscalls per HTTP/1.1 request.
     pub syscalls: BTreeMap<String, Syscalls>,
+    /// Syscalls per HTTP/2 (h2c) request.
+    #[serde(default)]
+    pub syscalls_h2: BTreeMap<String, Syscalls>,
     /// Criterion hot-path benchmarks.
     pub micro: Vec<MicroBench>,
     /// Criterion results of the previous report, for the regression note.

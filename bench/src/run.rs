@@ -686,18 +686,27 @@ pub fn peers(opts: &Options) -> Result<(), RunError> {
                 .push(format!("{name}: 1,000-connection memory failed: {e}")),
         }
         std::thread::sleep(Duration::from_millis(500));
-        let measured = quiet(&mut res, &format!("{name} syscalls"), || {
-            measure::syscalls(r, perf, strace && !quick)
-        });
-        match measured {
-            Ok(s) => {
-                eprintln!(
-                    "{name:8} syscalls/request: {:.2} ({})",
-                    s.per_request, s.counted_by
-                );
-                res.syscalls.insert(name.into(), s);
+        for (protocol, h2) in [("HTTP/1.1", false), ("HTTP/2", true)] {
+            let measured = quiet(&mut res, &format!("{name} {protocol} syscalls"), || {
+                measure::syscalls(r, perf, strace && !quick, h2)
+            });
+            match measured {
+                Ok(s) => {
+                    eprintln!(
+                        "{name:8} syscalls per {protocol} request: {:.2} ({})",
+                        s.per_request, s.counted_by
+                    );
+                    let map = if h2 {
+                        &mut res.syscalls_h2
+                    } else {
+                        &mut res.syscalls
+                    };
+                    map.insert(name.into(), s);
+                }
+                Err(e) => res
+                    .notes
+                    .push(format!("{name}: {protocol} syscall count failed: {e}")),
             }
-            Err(e) => res.notes.push(format!("{name}: syscall count failed: {e}")),
         }
         if r.kind == PeerKind::Serin && perf {
             res.waited_seconds += procs::wait_for_quiet(Duration::from_secs(1800)).as_secs_f64();

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use super::{
     fmt_spread, med_open, med_tp, open_quartiles, p99_judgement, rate_runs, ratio, table_head, tp,
-    tp_spread, verdict, MAX_STEAL_PERCENT,
+    tp_spread, verdict, Figure, MAX_STEAL_PERCENT,
 };
 use crate::measure::Throughput;
 use crate::results::{spread, CertResults, HandshakeRun, HttpsResults, Results};
@@ -76,17 +76,63 @@ fn ratio_row(
     }
 }
 
+/// The group's rows of the summary table: serin-https's figure and its
+/// ratio to each peer's `*-https` target (none for the plain-only ones).
+pub(super) fn summary_rows(s: &mut String, res: &Results, peers: &[&str]) {
+    let Some(https) = &res.https else {
+        return;
+    };
+    let https_name = |n: &str| format!("{n}-https");
+    for cert in &https.certs {
+        let rows: [(String, Figure<'_>, usize); 4] = [
+            (
+                format!("CPU µs per keep-alive HTTPS/1.1 request ({})", cert.label),
+                Box::new(|n| med_tp(tp(&cert.http1, n), Throughput::cpu_us)),
+                2,
+            ),
+            (
+                format!("CPU µs per keep-alive HTTPS/2 request ({})", cert.label),
+                Box::new(|n| med_tp(tp(&cert.http2, n), Throughput::cpu_us)),
+                2,
+            ),
+            (
+                format!("full handshakes/s on one core ({})", cert.label),
+                Box::new(|n| med_hs(hs(&cert.full, n), HandshakeRun::per_core)),
+                0,
+            ),
+            (
+                format!("resumed handshakes/s on one core ({})", cert.label),
+                Box::new(|n| med_hs(hs(&cert.resumed, n), HandshakeRun::per_core)),
+                0,
+            ),
+        ];
+        for (label, f, digits) in &rows {
+            let sv = f(SERIN);
+            let _ = write!(s, "| {label} | {sv:.digits$} |");
+            for p in peers {
+                let peer = https_name(p);
+                if PEERS.contains(&peer.as_str()) {
+                    let _ = write!(s, " {} |", ratio(sv, f(&peer)));
+                } else {
+                    let _ = write!(s, " – |");
+                }
+            }
+            let _ = writeln!(s);
+        }
+    }
+}
+
 /// The group's rows of the targets table.
 pub(super) fn target_rows(s: &mut String, res: &Results) {
     let Some(https) = &res.https else {
         return;
     };
-    if let Some(first) = https.certs.first() {
-        for (proto, map) in [("HTTP/1.1", &first.http1), ("HTTP/2", &first.http2)] {
+    for cert in &https.certs {
+        for (proto, map) in [("HTTP/1.1", &cert.http1), ("HTTP/2", &cert.http2)] {
             let cpu = |n: &str| med_tp(tp(map, n), Throughput::cpu_us);
             let label = format!(
                 "TLS termination ({}): CPU per keep-alive {proto} request ÷ better of nginx, haproxy",
-                first.label
+                cert.label
             );
             ratio_row(s, &label, cpu(SERIN), better(cpu, false), CPU_TARGET, true);
         }
