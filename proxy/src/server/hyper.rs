@@ -4,9 +4,11 @@
 //! It turns hyper's request into the policy's terms ([`crate::policy`]) and
 //! the policy's decisions back into hyper's: it moves the request to the
 //! upstream (HTTP/1.1 heads are encoded by the same functions as on the own
-//! loop; h2c heads go into a header map), the response head into a header
-//! map that shares the upstream's bytes, and the body through
-//! [`ProxyBody`], which settles the request's outcome at its end.
+//! loop; h2c heads go into a header map), the response head into the form
+//! the sending side takes ([`ResponseFields`]: for hyper a header map that
+//! shares the upstream's bytes, for the own HTTP/2 loop an HPACK block), and
+//! the body through [`ProxyBody`], which settles the request's outcome at
+//! its end.
 
 use std::convert::Infallible;
 use std::rc::Rc;

@@ -10,9 +10,11 @@
 //! and hands it to the same request path hyper's adapter uses
 //! ([`super::hyper::answer`]: policy, split, upstream, outcome). The
 //! requests wait side by side, each woken on its own ([`requests`]), so a
-//! slow upstream holds up only its stream. The connection encodes each
-//! answer's head and sends its body within the client's flow-control
-//! windows, batching every frame that is ready into one write.
+//! slow upstream holds up only its stream. Each answer's head is encoded
+//! as it is made, straight from the upstream's parsed head into HPACK
+//! ([`HpackBlock`]); the connection writes it and sends the body within the
+//! client's flow-control windows, batching every frame that is ready into
+//! one write.
 //!
 //! Flow control the other way: each request body is an [`Inbox`] the
 //! connection fills; credit goes back to the client (WINDOW_UPDATE) as the
