@@ -210,14 +210,13 @@ pub struct Syscalls {
 /// from `h2load -c16 -m16`, as the closed loop sends them.
 pub fn syscalls(target: &Running, perf: bool, strace: bool, h2: bool) -> std::io::Result<Syscalls> {
     let load = |n: u64| {
-        let (connections, streams) = if h2 { (16, 16) } else { (32, 1) };
-        tools::h2load(
-            &target.url(),
-            connections,
-            streams,
-            H2Bound::Requests(n),
-            !h2,
-        )
+        // nginx and haproxy take h2c on a port of its own.
+        let (url, connections, streams) = if h2 {
+            (target.h2_url(), 16, 16)
+        } else {
+            (target.url(), 32, 1)
+        };
+        tools::h2load(&url, connections, streams, H2Bound::Requests(n), !h2)
     };
     let tids: Vec<u32> = target
         .pids()

@@ -6,8 +6,9 @@
 //! in a [`HeaderMap`]; on serin's own HTTP/1.1 path ([`crate::server::own_h1`])
 //! they are still in the raw bytes of the head, and building a map just to
 //! read three of them would cost more than the rest of the request. The
-//! rewrites write fields either as HTTP/1.1 wire bytes or into a map. These
-//! two traits let each rule be written once for every path.
+//! rewrites write fields as HTTP/1.1 wire bytes, into a map, or as HPACK
+//! (the own HTTP/2 loop's responses). These traits let each rule be written
+//! once for every path.
 
 use crate::policy::X_REQUEST_ID;
 use crate::trace::TRACEPARENT;
@@ -102,12 +103,11 @@ impl FieldSink for Vec<u8> {
 /// parsed head kept as [`Bytes`]) are shared with it instead of copied.
 ///
 /// Fields whose value is new on every request (`x-request-id`,
-/// `traceparent`) are marked sensitive, which HTTP/2 sends as a literal
-/// never indexed (RFC 7541 §6.2.3). Indexed, each response would insert its
-/// id into the connection's HPACK table, evict an entry the next response
-/// could have reused, and lengthen the chain of same-named entries every
-/// later encode walks and compares: measured at about a tenth of the
-/// instructions serin spends on a small HTTP/2 request.
+/// `traceparent`) are marked sensitive, which HTTP/2 (a request to an h2c
+/// upstream) sends as a literal never indexed (RFC 7541 §6.2.3). Indexed,
+/// each request would insert its id into the connection's HPACK table,
+/// evict an entry the next could have reused, and lengthen the chain of
+/// same-named entries every later encode walks and compares.
 pub(crate) struct MapSink<'a> {
     pub(crate) map: &'a mut HeaderMap,
     pub(crate) shared: Option<&'a Bytes>,

@@ -77,7 +77,8 @@ fn ratio_row(
 }
 
 /// The group's rows of the summary table: serin-https's figure and its
-/// ratio to each peer's `*-https` target (none for the plain-only ones).
+/// ratio to each peer's `*-https` target (none for the plain-only ones),
+/// labelled so, as the table's columns name the plain targets.
 pub(super) fn summary_rows(s: &mut String, res: &Results, peers: &[&str]) {
     let Some(https) = &res.https else {
         return;
@@ -86,22 +87,31 @@ pub(super) fn summary_rows(s: &mut String, res: &Results, peers: &[&str]) {
     for cert in &https.certs {
         let rows: [(String, Figure<'_>, usize); 4] = [
             (
-                format!("CPU µs per keep-alive HTTPS/1.1 request ({})", cert.label),
+                format!(
+                    "*-https*: CPU µs per keep-alive HTTPS/1.1 request ({})",
+                    cert.label
+                ),
                 Box::new(|n| med_tp(tp(&cert.http1, n), Throughput::cpu_us)),
                 2,
             ),
             (
-                format!("CPU µs per keep-alive HTTPS/2 request ({})", cert.label),
+                format!(
+                    "*-https*: CPU µs per keep-alive HTTPS/2 request ({})",
+                    cert.label
+                ),
                 Box::new(|n| med_tp(tp(&cert.http2, n), Throughput::cpu_us)),
                 2,
             ),
             (
-                format!("full handshakes/s on one core ({})", cert.label),
+                format!("*-https*: full handshakes/s on one core ({})", cert.label),
                 Box::new(|n| med_hs(hs(&cert.full, n), HandshakeRun::per_core)),
                 0,
             ),
             (
-                format!("resumed handshakes/s on one core ({})", cert.label),
+                format!(
+                    "*-https*: resumed handshakes/s on one core ({})",
+                    cert.label
+                ),
                 Box::new(|n| med_hs(hs(&cert.resumed, n), HandshakeRun::per_core)),
                 0,
             ),

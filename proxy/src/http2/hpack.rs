@@ -420,11 +420,11 @@ pub(crate) fn encode_field(name: &[u8], value: &[u8], sensitive: bool, out: &mut
         Some(index) => encode_integer(usize::from(index), 4, out),
         None => {
             out.push(0x00);
+            encode_integer(name.len(), 7, out);
+            // After the length: a length byte may look like a letter.
             let at = out.len();
-            encode_string(name, out);
-            if uppercase {
-                out[at..].make_ascii_lowercase();
-            }
+            out.extend_from_slice(name);
+            out[at..].make_ascii_lowercase();
         }
     }
     if sensitive {
@@ -1185,13 +1185,17 @@ mod tests {
 
     #[test]
     fn names_in_any_case_are_sent_in_lowercase() {
-        let long = format!("X-{}", "Long".repeat(10));
-        for (name, indexed) in [
+        // Lengths whose prefix byte is an ASCII capital (65 is `A`, 90 `Z`;
+        // 127 + 65 = 192 puts one in the integer's continuation byte).
+        let long = |len: usize| format!("X-{}", "N".repeat(len - 2));
+        let longs = [long(42), long(65), long(90), long(192), long(217)];
+        let mut names = vec![
             ("Content-Type", true),
             ("ACCESS-CONTROL-ALLOW-ORIGIN", true),
             ("X-Custom", false),
-            (long.as_str(), false),
-        ] {
+        ];
+        names.extend(longs.iter().map(|l| (l.as_str(), false)));
+        for (name, indexed) in names {
             let mut out = Vec::new();
             encode_field(name.as_bytes(), b"Value", false, &mut out);
             // A static name index fits the first byte; a literal name starts 0x00.
@@ -1285,7 +1289,8 @@ mod tests {
             for _ in 0..rng.below(30) {
                 let name = match rng.below(3) {
                     0 => STATIC_TABLE[rng.below(STATIC_TABLE.len())].0.to_vec(),
-                    _ => rng.bytes(40),
+                    1 => rng.bytes(40),
+                    _ => rng.bytes(300),
                 };
                 let max_len = if rng.below(4) == 0 { 400 } else { 40 };
                 let value = rng.bytes(max_len);

@@ -1079,7 +1079,7 @@ impl Outgoing<'_> {
                             if mem::take(self.table_size_update) {
                                 hpack::encode_table_size_update_to_zero(self.write);
                             }
-                            encode_fields(&trailers, self.write);
+                            encode_trailers(&trailers, self.write);
                             frame::finish_header_block(self.write, at, id, true, self.max_frame);
                             return Some(true);
                         }
@@ -1117,14 +1117,16 @@ impl FieldSink for HpackSink<'_> {
         if is_connection_specific(name) {
             return;
         }
+        // What RFC 9113 §8.2.1 forbids in a value; httparse lets none through.
+        debug_assert!(!value.iter().any(|b| matches!(b, 0 | b'\r' | b'\n')));
         let sensitive =
             name.eq_ignore_ascii_case(b"x-request-id") || name.eq_ignore_ascii_case(b"traceparent");
         hpack::encode_field(name, value, sensitive, self.0);
     }
 }
 
-/// Appends a head's fields, less those HTTP/2 forbids (RFC 9113 §8.2.2).
-fn encode_fields(fields: &HeaderMap, out: &mut Vec<u8>) {
+/// Appends a body's trailers, less those HTTP/2 forbids (RFC 9113 §8.2.2).
+fn encode_trailers(fields: &HeaderMap, out: &mut Vec<u8>) {
     for (name, value) in fields {
         if !is_connection_specific(name.as_str().as_bytes()) {
             hpack::encode_field(
@@ -1139,15 +1141,13 @@ fn encode_fields(fields: &HeaderMap, out: &mut Vec<u8>) {
 
 /// In any case: the names come from HTTP/1.1 upstreams too.
 fn is_connection_specific(name: &[u8]) -> bool {
-    [
-        &b"connection"[..],
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-    ]
-    .iter()
-    .any(|forbidden| name.eq_ignore_ascii_case(forbidden))
+    match name.len() {
+        7 => name.eq_ignore_ascii_case(b"upgrade"),
+        10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
+        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
+        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+        _ => false,
+    }
 }
 
 /// Why a decoded head cannot be served.

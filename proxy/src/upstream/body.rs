@@ -94,8 +94,8 @@ impl UpstreamResponse {
         self.body
     }
 
-    /// Takes the head out of the buffer as shared bytes, for a caller that
-    /// builds a header map whose values point into it, and returns the body.
+    /// Takes the head out of the buffer as shared bytes, for a caller whose
+    /// fields may point into it (a header map's values), and returns the body.
     /// A body that arrived with the head is taken too, so the connection is
     /// free before the response is even passed on.
     pub(crate) fn split(mut self, f: impl FnOnce(RawFields<'_>, &Bytes)) -> ResponseBody {
