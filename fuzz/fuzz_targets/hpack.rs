@@ -10,7 +10,8 @@
 //! so there are never more fields than bytes; decoding is deterministic (the
 //! same input, the same fields or the same error); every error has a
 //! message; and the fields, encoded again by serin's encoder
-//! (`encode_status`, `encode_field`), decode back to themselves.
+//! (`encode_status`, `encode_field`), decode back to themselves, names in
+//! lowercase (what the encoder sends).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
