@@ -361,10 +361,13 @@ impl Outgoing<'_> {
         let upstream = pool.upstream();
         let timeout = self.worker.config().response_timeout;
         let send = async {
-            let h2 = match upstream.protocol {
+            // The protocol the pool has learned, else learned now. Boxed:
+            // learning connects (with TLS), a future half the size of the
+            // rest of the request's, and needed once per `auto` upstream.
+            let h2 = match pool.protocol() {
                 UpstreamProtocol::Http1 => false,
                 UpstreamProtocol::Http2 => true,
-                UpstreamProtocol::Auto => pool.speaks_h2(sent_at).await?,
+                UpstreamProtocol::Auto => Box::pin(pool.speaks_h2(sent_at)).await?,
             };
             if h2 {
                 // Boxed: HTTP/2's future is large and rare; unboxed it would
