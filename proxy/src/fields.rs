@@ -130,7 +130,7 @@ impl FieldSink for MapSink<'_> {
             _ => HeaderValue::from_bytes(value),
         };
         if let Ok(mut value) = value {
-            if name == X_REQUEST_ID || name == TRACEPARENT {
+            if new_on_every_request(name.as_str().as_bytes()) {
                 value.set_sensitive(true);
             }
             self.map.append(name, value);
@@ -159,6 +159,13 @@ impl ResponseFields for HeaderMap {
     fn sink<'a>(&'a mut self, shared: Option<&'a Bytes>) -> impl FieldSink + 'a {
         MapSink { map: self, shared }
     }
+}
+
+/// Whether field `name` (in any case) has a value new on every request,
+/// which HTTP/2 sends never indexed ([`MapSink`] says why).
+pub(crate) fn new_on_every_request(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes())
+        || name.eq_ignore_ascii_case(TRACEPARENT.as_str().as_bytes())
 }
 
 /// Where one field's name and value sit in a head's bytes.

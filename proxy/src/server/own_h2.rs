@@ -47,7 +47,7 @@ use super::client_io::ClientIo;
 use super::hyper::Answered;
 use crate::body::ProxyBody;
 use crate::client_body::{ClientBody, Credit, Inbox, StreamBody};
-use crate::fields::{FieldSink, ResponseFields};
+use crate::fields::{new_on_every_request, FieldSink, ResponseFields};
 use crate::http2::frame::{
     self, flag, kind, setting, ErrorCode, FrameHeader, DEFAULT_MAX_FRAME_SIZE, DEFAULT_WINDOW,
     HEADER_LEN, MAX_WINDOW, PREFACE,
@@ -913,10 +913,7 @@ impl Connection {
             fields,
             body,
         } = answered;
-        let at = frame::reserve_header(&mut self.write);
-        if mem::take(&mut self.table_size_update) {
-            hpack::encode_table_size_update_to_zero(&mut self.write);
-        }
+        let at = start_header_block(&mut self.write, &mut self.table_size_update);
         hpack::encode_status(status.as_u16(), &mut self.write);
         self.write.extend_from_slice(&fields.0);
         let end_stream = body.is_end_stream();
@@ -1075,10 +1072,7 @@ impl Outgoing<'_> {
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
-                            let at = frame::reserve_header(self.write);
-                            if mem::take(self.table_size_update) {
-                                hpack::encode_table_size_update_to_zero(self.write);
-                            }
+                            let at = start_header_block(self.write, self.table_size_update);
                             encode_trailers(&trailers, self.write);
                             frame::finish_header_block(self.write, at, id, true, self.max_frame);
                             return Some(true);
@@ -1119,24 +1113,27 @@ impl FieldSink for HpackSink<'_> {
         }
         // What RFC 9113 §8.2.1 forbids in a value; httparse lets none through.
         debug_assert!(!value.iter().any(|b| matches!(b, 0 | b'\r' | b'\n')));
-        let sensitive =
-            name.eq_ignore_ascii_case(b"x-request-id") || name.eq_ignore_ascii_case(b"traceparent");
-        hpack::encode_field(name, value, sensitive, self.0);
+        hpack::encode_field(name, value, new_on_every_request(name), self.0);
     }
 }
 
-/// Appends a body's trailers, less those HTTP/2 forbids (RFC 9113 §8.2.2).
+/// Appends a body's trailers, by the same rules as a head's fields.
 fn encode_trailers(fields: &HeaderMap, out: &mut Vec<u8>) {
+    let mut sink = HpackSink(out);
     for (name, value) in fields {
-        if !is_connection_specific(name.as_str().as_bytes()) {
-            hpack::encode_field(
-                name.as_str().as_bytes(),
-                value.as_bytes(),
-                value.is_sensitive(),
-                out,
-            );
-        }
+        sink.field(name.as_str().as_bytes(), value.as_bytes());
     }
+}
+
+/// Starts a header block (HEADERS frame) in `write`, with the table size
+/// update the client is owed first; returns where it starts, for
+/// `frame::finish_header_block`.
+fn start_header_block(write: &mut Vec<u8>, table_size_update: &mut bool) -> usize {
+    let at = frame::reserve_header(write);
+    if mem::take(table_size_update) {
+        hpack::encode_table_size_update_to_zero(write);
+    }
+    at
 }
 
 /// In any case: the names come from HTTP/1.1 upstreams too.
