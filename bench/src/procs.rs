@@ -357,16 +357,18 @@ pub fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
 /// Waits until no `rustc`/`cargo` (other than this process's own ancestors,
 /// e.g. the `cargo run` that started it) is running and no other user's
 /// process is using more than 5% of a core, so that nothing else competes
-/// for the two cores. Returns how long it waited.
+/// for the two cores. Returns how long it waited: zero when the first look
+/// (half a second of sampling) finds the machine quiet, which is not waiting.
 pub fn wait_for_quiet(limit: Duration) -> Duration {
     let start = Instant::now();
     let mut told = false;
     loop {
         let busy = machine_busy(Duration::from_millis(500));
         if busy.is_empty() {
-            if told {
-                eprintln!("  machine quiet again; measuring");
+            if !told {
+                return Duration::ZERO;
             }
+            eprintln!("  machine quiet again; measuring");
             return start.elapsed();
         }
         if start.elapsed() > limit {
