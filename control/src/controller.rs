@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use serin_proxy::{OutcomeCursor, RouteTable, Routes, Stats, Target, WindowSnapshot};
 use tokio::sync::{mpsc, Mutex};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use crate::defaults;
 use crate::judge::{Evidence, Judge, JudgePolicy, Look, PolicyError, Secs, Verdict};
@@ -313,6 +313,8 @@ struct Inner {
     config: ControllerConfig,
     rollbacks: [AtomicU64; 4],
     evaluations: AtomicU64,
+    /// Wakeups of the judge loop (see [`Controller::looks`]).
+    looks: AtomicU64,
     /// The rollout's phase, as an index into [`Phase::ALL`], for readers
     /// that cannot wait for the rollout lock (metrics). Set with the routes.
     phase: std::sync::atomic::AtomicUsize,
@@ -413,6 +415,7 @@ impl Controller {
             config,
             rollbacks: Default::default(),
             evaluations: AtomicU64::new(0),
+            looks: AtomicU64::new(0),
             phase: Default::default(),
             fleet: FleetView::default(),
             changes: tokio::sync::watch::channel(0).0,
@@ -461,6 +464,12 @@ impl Controller {
     /// How many times the judge loop has evaluated the windows.
     pub fn evaluations(&self) -> u64 {
         self.inner.evaluations.load(Relaxed)
+    }
+
+    /// How many times the judge loop has woken to look at the request
+    /// counts (most looks on an idle proxy evaluate nothing).
+    pub fn looks(&self) -> u64 {
+        self.inner.looks.load(Relaxed)
     }
 
     /// `GET /status`.
@@ -997,30 +1006,45 @@ impl Inner {
     }
 }
 
-/// Looks every `interval`, and at once when the data plane reports a run of
-/// errors; evaluates when a request completed since the last look, or after
-/// `idle` without one. Ends when the controller is gone.
+/// The longest the judge loop waits between looks while no request
+/// completes (unless `interval` is longer): the first look after traffic
+/// resumes comes at most this late. A run of errors wakes it at once anyway.
+const IDLE_LOOK_LIMIT: Duration = Duration::from_millis(100);
+
+/// Looks every `interval` while requests complete, and at once when the data
+/// plane reports a run of errors; evaluates when a request completed since
+/// the last look, or after `idle` without one. Each look that finds no new
+/// request doubles the wait before the next, up to [`IDLE_LOOK_LIMIT`]: an
+/// idle sidecar wakes about ten times a second rather than a hundred (each
+/// wakeup of a parked thread costs tens of µs of kernel time on a VM).
+/// Ends when the controller is gone.
 async fn judge_loop(inner: Weak<Inner>, interval: Duration, idle: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let longest_wait = interval.max(IDLE_LOOK_LIMIT);
+    let mut wait = interval;
     let mut last: Option<((u64, u64), Instant)> = None;
     let Some(stats) = inner.upgrade().map(|i| i.stats.clone()) else {
         return;
     };
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stats.error_run_alarm().notified() => {}
         }
         let Some(inner) = inner.upgrade() else { return };
+        inner.looks.fetch_add(1, Relaxed);
         let now = Instant::now();
         let counts = (
             inner.stats.request_count(Target::Stable),
             inner.stats.request_count(Target::Canary),
         );
         if let Some((seen, at)) = last {
-            if seen == counts && now.saturating_duration_since(at) < idle {
-                continue;
+            if seen == counts {
+                wait = (wait * 2).min(longest_wait);
+                if now.saturating_duration_since(at) < idle {
+                    continue;
+                }
+            } else {
+                wait = interval;
             }
         }
         last = Some((counts, now));

@@ -401,7 +401,7 @@ async fn a_step_without_traffic_holds_and_says_so_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn idle_windows_are_not_evaluated_every_tick() {
+async fn idle_windows_are_not_evaluated_every_tick_nor_looked_at() {
     let tmp = TempDir::new("controller-idle");
     let Running {
         controller: c,
@@ -416,6 +416,15 @@ async fn idle_windows_are_not_evaluated_every_tick() {
         (1..=7).contains(&idle),
         "{idle} evaluations in 5 idle seconds"
     );
+    // Looks 10, 20, 40 and 80 ms apart, then every 100 ms: about 50 in 5 s
+    // rather than one per tick.
+    let idle_looks = c.looks();
+    assert!(
+        (45..=60).contains(&idle_looks),
+        "{idle_looks} looks in 5 idle seconds"
+    );
+    // Traffic brings the loop back to one look, and one evaluation, per tick
+    // (the first look after the idle spell comes at most 100 ms late).
     healthy_traffic(&stats, 100).await;
     let busy = c.evaluations() - idle;
     assert!(busy >= 90, "{busy} evaluations in 100 busy ticks");
