@@ -423,10 +423,22 @@ async fn idle_windows_are_not_evaluated_every_tick_nor_looked_at() {
         (45..=60).contains(&idle_looks),
         "{idle_looks} looks in 5 idle seconds"
     );
-    // Traffic brings the loop back to one look, and one evaluation, per tick
-    // (the first look after the idle spell comes at most 100 ms late).
+    // Stable's traffic alone (the canary at weight 0, between rollouts)
+    // cannot bring a verdict nearer: the loop keeps to a look per 100 ms.
+    for _ in 0..100 {
+        feed(&stats, Target::Stable, 10, false);
+        tick().await;
+    }
+    let stable_looks = c.looks() - idle_looks;
+    assert!(
+        (9..=12).contains(&stable_looks),
+        "{stable_looks} looks in 1 s of stable-only traffic"
+    );
+    // Canary traffic brings back one look, and one evaluation, per tick (the
+    // first look after the quiet spell comes at most 100 ms late).
+    let before = c.evaluations();
     healthy_traffic(&stats, 100).await;
-    let busy = c.evaluations() - idle;
+    let busy = c.evaluations() - before;
     assert!(busy >= 90, "{busy} evaluations in 100 busy ticks");
 }
 
