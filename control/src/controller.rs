@@ -1016,9 +1016,9 @@ const IDLE_LOOK_LIMIT: Duration = Duration::from_millis(100);
 /// the data plane reports a run of errors; evaluates when a request
 /// completed since the last look, or after `idle` without one.
 ///
-/// Only the canary's outcomes can bring a verdict nearer, so each look that
-/// finds no new canary request doubles the wait before the next, up to
-/// [`IDLE_LOOK_LIMIT`]. A sidecar that is idle, or between rollouts (canary
+/// A verdict turns on the canary's outcomes (stable's are the baseline they
+/// are held against), so each look that finds no new canary request doubles
+/// the wait before the next, up to [`IDLE_LOOK_LIMIT`]. A sidecar that is idle, or between rollouts (canary
 /// at weight 0), wakes about ten times a second rather than a hundred: each
 /// wakeup of a parked thread costs tens of µs of kernel time on a VM, which
 /// made these looks 1.3% of a core on an idle proxy. Ends when the

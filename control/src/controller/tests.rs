@@ -424,7 +424,7 @@ async fn idle_windows_are_not_evaluated_every_tick_nor_looked_at() {
         "{idle_looks} looks in 5 idle seconds"
     );
     // Stable's traffic alone (the canary at weight 0, between rollouts)
-    // cannot bring a verdict nearer: the loop keeps to a look per 100 ms.
+    // keeps the loop to a look per 100 ms.
     for _ in 0..100 {
         feed(&stats, Target::Stable, 10, false);
         tick().await;
