@@ -440,6 +440,19 @@ async fn idle_windows_are_not_evaluated_every_tick_nor_looked_at() {
     healthy_traffic(&stats, 100).await;
     let busy = c.evaluations() - before;
     assert!(busy >= 90, "{busy} evaluations in 100 busy ticks");
+    // A canary with weight whose requests stop completing may be hanging:
+    // stable's traffic keeps the loop at one look per tick.
+    c.set_weight(10.0).await.unwrap();
+    let before = c.looks();
+    for _ in 0..100 {
+        feed(&stats, Target::Stable, 10, false);
+        tick().await;
+    }
+    let hanging_looks = c.looks() - before;
+    assert!(
+        hanging_looks >= 90,
+        "{hanging_looks} looks in 100 ticks with a silent canary at 10%"
+    );
 }
 
 #[tokio::test(start_paused = true)]
