@@ -1007,28 +1007,29 @@ impl Inner {
 }
 
 /// The longest the judge loop waits between looks while it backs off (unless
-/// `interval` is longer): the first look after traffic returns comes at
-/// most this late. A run of errors wakes it at once anyway.
+/// `interval` is longer): the first look after the canary gets requests
+/// again comes at most this late.
 const IDLE_LOOK_LIMIT: Duration = Duration::from_millis(100);
 
 /// Looks every `interval`, and at once when the data plane reports a run of
 /// errors; evaluates when a request completed since the last look, or after
 /// `idle` without one.
 ///
-/// Where no verdict can be near, each look that finds nothing new doubles
-/// the wait before the next, up to [`IDLE_LOOK_LIMIT`]: when no request at
-/// all completed since the last look (an idle proxy), or when no canary
-/// request did and the route table sends the canary nothing by weight or
-/// shadow (between rollouts; a request sent by an override header still
-/// brings the loop back). A canary that has weight keeps the full pace even
-/// while none of its requests completes: it may be hanging. Such a sidecar
-/// wakes about ten times a second rather than a hundred; each wakeup of a
-/// parked thread costs tens of µs of kernel time on a VM, which made these
-/// looks 1.3% of a core on an idle proxy. Ends when the controller is gone.
+/// While the route table sends the canary nothing by weight or shadow (no
+/// rollout running, rolled back, an unadopted fleet member), no verdict can
+/// revert anything, so each look that finds no new canary outcome doubles
+/// the wait before the next, up to [`IDLE_LOOK_LIMIT`]; a request an
+/// override header sends to the canary brings the full pace back. Such a
+/// sidecar wakes about ten times a second rather than a hundred: each
+/// wakeup of a parked thread costs tens of µs of kernel time on a VM, which
+/// made these looks 1.3% of a core on an idle proxy. A canary with weight
+/// or shadow share keeps the full pace whatever its traffic: one whose
+/// requests stop completing may be hanging. Ends when the controller is
+/// gone.
 async fn judge_loop(inner: Weak<Inner>, interval: Duration, idle: Duration) {
     let longest_wait = interval.max(IDLE_LOOK_LIMIT);
     let mut wait = interval;
-    let mut looked: Option<(u64, u64)> = None;
+    let mut canary_seen = None;
     let mut last: Option<((u64, u64), Instant)> = None;
     let Some(stats) = inner.upgrade().map(|i| i.stats.clone()) else {
         return;
@@ -1049,15 +1050,12 @@ async fn judge_loop(inner: Weak<Inner>, interval: Duration, idle: Duration) {
             let table = inner.routes.load();
             table.canary_weight_bp > 0 || table.shadow_bp > 0
         };
-        let quiet = looked.is_some_and(|seen| {
-            seen == counts || (!canary_routed && seen.1 == counts.1)
-        });
-        wait = if quiet {
+        wait = if !canary_routed && canary_seen == Some(counts.1) {
             (wait * 2).min(longest_wait)
         } else {
             interval
         };
-        looked = Some(counts);
+        canary_seen = Some(counts.1);
         if let Some((seen, at)) = last {
             if seen == counts && now.saturating_duration_since(at) < idle {
                 continue;

@@ -400,6 +400,17 @@ async fn a_step_without_traffic_holds_and_says_so_once() {
     );
 }
 
+/// The judge loop's looks over 100 ticks in which stable serves
+/// `stable_requests` a tick and the canary nothing.
+async fn looks_in_100_ticks(c: &Controller, stats: &Stats, stable_requests: u64) -> u64 {
+    let before = c.looks();
+    for _ in 0..100 {
+        feed(stats, Target::Stable, stable_requests, false);
+        tick().await;
+    }
+    c.looks() - before
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_windows_are_not_evaluated_every_tick_nor_looked_at() {
     let tmp = TempDir::new("controller-idle");
@@ -425,33 +436,34 @@ async fn idle_windows_are_not_evaluated_every_tick_nor_looked_at() {
     );
     // Stable's traffic alone (the canary at weight 0, between rollouts)
     // keeps the loop to a look per 100 ms.
-    for _ in 0..100 {
-        feed(&stats, Target::Stable, 10, false);
-        tick().await;
-    }
-    let stable_looks = c.looks() - idle_looks;
+    let stable_looks = looks_in_100_ticks(&c, &stats, 10).await;
     assert!(
         (9..=12).contains(&stable_looks),
         "{stable_looks} looks in 1 s of stable-only traffic"
     );
-    // Canary traffic brings back one look, and one evaluation, per tick (the
-    // first look after the quiet spell comes at most 100 ms late).
+    // Requests an override header sends to the weight-0 canary bring back
+    // one look, and one evaluation, per tick (the first look after the quiet
+    // spell comes at most 100 ms late).
     let before = c.evaluations();
     healthy_traffic(&stats, 100).await;
     let busy = c.evaluations() - before;
     assert!(busy >= 90, "{busy} evaluations in 100 busy ticks");
-    // A canary with weight whose requests stop completing may be hanging:
-    // stable's traffic keeps the loop at one look per tick.
+    // A canary with a share of the traffic keeps the full pace whatever its
+    // traffic: one whose requests stop completing may be hanging, with
+    // stable busy or (at a share of 100%, or on a quiet proxy) not.
+    c.shadow(Some(10.0)).await.unwrap();
+    let shadowing = looks_in_100_ticks(&c, &stats, 0).await;
+    assert!(shadowing >= 90, "{shadowing} looks in 100 ticks shadowing");
     c.set_weight(10.0).await.unwrap();
-    let before = c.looks();
-    for _ in 0..100 {
-        feed(&stats, Target::Stable, 10, false);
-        tick().await;
-    }
-    let hanging_looks = c.looks() - before;
+    let stable_busy = looks_in_100_ticks(&c, &stats, 10).await;
     assert!(
-        hanging_looks >= 90,
-        "{hanging_looks} looks in 100 ticks with a silent canary at 10%"
+        stable_busy >= 90,
+        "{stable_busy} looks in 100 ticks with a silent canary at 10%"
+    );
+    let all_quiet = looks_in_100_ticks(&c, &stats, 0).await;
+    assert!(
+        all_quiet >= 90,
+        "{all_quiet} looks in 100 quiet ticks with the canary at 10%"
     );
 }
 
